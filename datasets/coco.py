@@ -1,0 +1,217 @@
+"""COCO object detection (and instance segmentation) dataset.
+
+Layout expected under --coco_path (as distributed by cocodataset.org):
+    train2017/*.jpg   val2017/*.jpg   annotations/instances_{train,val}2017.json
+Targets hold boxes in absolute xyxy pixels; `transforms.Normalize` turns them into the normalized
+(cx, cy, w, h) that the model predicts.
+"""
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torchvision
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from . import transforms as T
+
+LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+
+
+class CocoDetection(torchvision.datasets.CocoDetection):
+    """torchvision's CocoDetection returning (image, target) with target tensors as described in
+    `ConvertCocoPolysToMask`, passed through `transforms` (which take and return (image, target)).
+
+    The annotation file is checked when the dataset is built, so a bad file or a missing image fails
+    before any training time is spent.
+    """
+
+    def __init__(self, img_folder, ann_file, transforms, return_masks: bool):
+        try:
+            super().__init__(img_folder, ann_file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from e
+        except (AssertionError, KeyError, TypeError) as e:
+            # pycocotools indexes the file while loading it; a non-dict file or a missing key lands here.
+            raise ValueError(f"annotation file {ann_file} is not in COCO format ({type(e).__name__}: {e}); "
+                             "expected a dict with 'images', 'annotations' and 'categories'") from e
+        check_coco_annotations(self.coco.dataset, ann_file, return_masks)
+        check_images_exist(self.coco.dataset["images"], img_folder, ann_file)
+        # Not `self.transforms`: torchvision's base class would apply it to the raw annotation list.
+        self._transforms = transforms
+        self.prepare = ConvertCocoPolysToMask(return_masks)
+
+    def __getitem__(self, idx: int):
+        image_id = self.ids[idx]
+        path = os.path.join(self.root, self.coco.loadImgs(image_id)[0]["file_name"])
+        try:
+            with Image.open(path) as f:
+                image = f.convert("RGB")
+        except OSError as e:  # PIL raises OSError subclasses for unreadable or truncated images
+            raise OSError(f"cannot decode image {path} (image id {image_id}): {e}") from e
+        annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+        image, target = self.prepare(image, {"image_id": image_id, "annotations": annotations})
+        if self._transforms is not None:
+            image, target = self._transforms(image, target)
+        return image, target
+
+
+def check_coco_annotations(dataset: Dict[str, Any], ann_file, return_masks: bool = False) -> None:
+    """Raise a ValueError naming `ann_file` and the key when a COCO annotation dict lacks what training needs
+    (with `return_masks`, also a 'segmentation' on every non-crowd annotation)."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(dataset.get(key), list):
+            raise ValueError(f"annotation file {ann_file}: missing or non-list top-level key '{key}'")
+    required = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+                "categories": ("id",)}
+    for key, fields in required.items():
+        for i, entry in enumerate(dataset[key]):
+            missing = [field for field in fields if field not in entry]
+            if missing:
+                raise ValueError(f"annotation file {ann_file}: {key}[{i}] lacks key '{missing[0]}'")
+    for i, ann in enumerate(dataset["annotations"]):
+        if len(ann["bbox"]) != 4:
+            raise ValueError(f"annotation file {ann_file}: annotations[{i}]['bbox'] must be [x, y, w, h], "
+                             f"got {ann['bbox']}")
+        # Only --masks reads segmentations; crowd annotations are dropped before that.
+        if return_masks and ann.get("iscrowd", 0) == 0 and "segmentation" not in ann:
+            raise ValueError(f"annotation file {ann_file}: annotations[{i}] lacks key 'segmentation', "
+                             "which --masks needs")
+
+
+def check_images_exist(images: List[Dict[str, Any]], img_folder, ann_file) -> None:
+    """Raise FileNotFoundError naming the first image of `ann_file` that is absent from `img_folder`."""
+    if not os.path.isdir(img_folder):
+        raise FileNotFoundError(f"image folder {img_folder} (for {ann_file}) does not exist")
+    present = set(os.listdir(img_folder))  # one listing instead of a stat per image: COCO has 118k
+    missing = [img["file_name"] for img in images
+               if img["file_name"] not in present and not os.path.isfile(os.path.join(img_folder, img["file_name"]))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {ann_file} are missing, e.g. "
+                                f"{os.path.join(img_folder, missing[0])}")
+
+
+def check_category_ids(coco: COCO, ann_file, num_classes: Optional[int]) -> None:
+    """Raise a ValueError when a category id of `ann_file` does not fit a classifier of `num_classes` classes
+    (ids must be < num_classes; the extra "no object" class is added by the model). None skips the check."""
+    if num_classes is None:
+        return
+    ids = [cat["id"] for cat in coco.dataset["categories"]] + [ann["category_id"] for ann in coco.dataset["annotations"]]
+    too_large = [i for i in ids if i >= num_classes]
+    if too_large:
+        raise ValueError(f"category id {max(too_large)} in {ann_file} does not fit --num_classes {num_classes}: "
+                         f"category ids must be < num_classes; pass --num_classes {max(too_large) + 1} or more")
+
+
+def convert_coco_poly_to_mask(segmentations: List[Any], height: int, width: int) -> torch.Tensor:
+    """Rasterize COCO segmentations (polygon lists or RLEs) into boolean masks [N, height, width]."""
+    masks = []
+    for segmentation in segmentations:
+        if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+            rles = segmentation  # already a compressed RLE
+        else:
+            rles = coco_mask.frPyObjects(segmentation, height, width)
+        mask = coco_mask.decode(rles)
+        if mask.ndim == 3:  # one layer per polygon of the object: their union is the object
+            mask = mask.any(axis=2)
+        masks.append(torch.as_tensor(mask, dtype=torch.bool))
+    if not masks:
+        return torch.zeros((0, height, width), dtype=torch.bool)
+    return torch.stack(masks)
+
+
+class ConvertCocoPolysToMask:
+    """Turn (PIL image, {'image_id', 'annotations': COCO annotation list}) into (image, target tensors).
+
+    Crowd annotations are dropped, boxes go from COCO (x, y, w, h) to (x0, y0, x1, y1) clamped to the image,
+    and boxes left empty are dropped. The target holds boxes, labels, image_id, area, iscrowd, orig_size and
+    size (both (h, w)), plus masks when `return_masks` and keypoints when the annotations have them.
+    """
+
+    def __init__(self, return_masks: bool = False):
+        self.return_masks = return_masks
+
+    def __call__(self, image: Image.Image, target: Dict[str, Any]) -> Tuple[Image.Image, Dict[str, Any]]:
+        width, height = image.size
+        annotations = [obj for obj in target["annotations"] if obj.get("iscrowd", 0) == 0]
+
+        boxes = torch.as_tensor([obj["bbox"] for obj in annotations], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=width)
+        boxes[:, 1::2].clamp_(min=0, max=height)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+
+        out = {
+            "boxes": boxes[keep],
+            "labels": torch.tensor([obj["category_id"] for obj in annotations], dtype=torch.int64)[keep],
+            "image_id": torch.tensor([target["image_id"]]),
+            "area": torch.tensor([obj["area"] for obj in annotations], dtype=torch.float32)[keep],
+            "iscrowd": torch.tensor([obj.get("iscrowd", 0) for obj in annotations], dtype=torch.int64)[keep],
+        }
+        if self.return_masks:
+            segmentations = [obj["segmentation"] for obj in annotations]
+            out["masks"] = convert_coco_poly_to_mask(segmentations, height, width)[keep]
+        if annotations and "keypoints" in annotations[0]:
+            keypoints = torch.as_tensor([obj["keypoints"] for obj in annotations], dtype=torch.float32)
+            out["keypoints"] = keypoints.view(keypoints.shape[0], -1, 3)[keep]
+        out["orig_size"] = torch.as_tensor([int(height), int(width)])
+        out["size"] = torch.as_tensor([int(height), int(width)])
+        return image, out
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def make_coco_transforms(image_set: str) -> T.Compose:
+    """The original DETR augmentation: for 'train', a flip, then either multi-scale resizing (shorter side
+    480..800, longer side <= 1333) or a resize + random crop + multi-scale resize; for 'val', shorter side
+    800. Both end with ToTensor and ImageNet normalization."""
+    normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    scales = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+    if image_set == "train":
+        return T.Compose([
+            T.RandomHorizontalFlip(),
+            T.RandomSelect(
+                T.RandomResize(scales, max_size=1333),
+                T.Compose([
+                    T.RandomResize([400, 500, 600]),
+                    T.RandomSizeCrop(384, 600),
+                    T.RandomResize(scales, max_size=1333),
+                ]),
+            ),
+            normalize,
+        ])
+    if image_set == "val":
+        return T.Compose([T.RandomResize([800], max_size=1333), normalize])
+    raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+
+
+def coco_paths(root, image_set: str, flag: str = "--coco_path") -> Tuple[Path, Path]:
+    """(image folder, instances annotation file) of `image_set` under a COCO-layout `root`; raises
+    FileNotFoundError naming `flag` and the expected layout when either is missing."""
+    if image_set not in ("train", "val"):
+        raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+    if root is None:
+        raise FileNotFoundError(f"{flag} is required: a folder holding {LAYOUT}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{flag} {root} does not exist; it must be a folder holding {LAYOUT}")
+    img_folder = root / f"{image_set}2017"
+    ann_file = root / "annotations" / f"instances_{image_set}2017.json"
+    for path in (img_folder, ann_file):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {flag} {root} must hold {LAYOUT}")
+    return img_folder, ann_file
+
+
+def build(image_set: str, args) -> CocoDetection:
+    """COCO `image_set` ('train' or 'val') from `args.coco_path`, with masks when `args.masks`."""
+    img_folder, ann_file = coco_paths(args.coco_path, image_set)
+    dataset = CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(image_set),
+                            return_masks=getattr(args, "masks", False))
+    check_category_ids(dataset.coco, ann_file, getattr(args, "num_classes", None))
+    return dataset

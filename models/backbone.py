@@ -1,0 +1,160 @@
+"""The CNN backbone: a torchvision ResNet with frozen batch norm, returning padded feature maps and their masks."""
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+
+from util.misc import NestedTensor, is_main_process
+
+from .position_encoding import build_position_encoding
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
+
+    DETR trains with 2 images per GPU; batch statistics that small are noise, so the ImageNet statistics are
+    kept as they are. Unlike torchvision.ops.FrozenBatchNorm2d, eps is added before rsqrt as in BatchNorm2d,
+    so eval outputs equal those of nn.BatchNorm2d with the same buffers.
+    """
+
+    def __init__(self, n: int, eps: float = 1e-5):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+        self.eps = eps
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # BatchNorm2d checkpoints carry a counter this module has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Fold into one scale and shift: fewer ops, and the reshapes keep it fuser-friendly.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class BackboneBase(nn.Module):
+    """Wraps a ResNet body; returns the chosen stages as NestedTensors with the padding mask resized to each."""
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool):
+        super().__init__()
+        for name, parameter in backbone.named_parameters():
+            # The stem and layer1 stay frozen even when the backbone trains: they carry generic low-level
+            # filters and freezing them saves memory.
+            trainable = train_backbone and any(s in name for s in ("layer2", "layer3", "layer4"))
+            parameter.requires_grad_(trainable)
+        if return_interm_layers:
+            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+        else:
+            return_layers = {"layer4": "0"}
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        xs = self.body(tensor_list.tensors)
+        m = tensor_list.mask
+        assert m is not None
+        out: Dict[str, NestedTensor] = {}
+        for name, x in xs.items():
+            # Nearest resizing of the padding mask to the feature size: a feature cell is padding when the
+            # pixel it samples is.
+            mask = F.interpolate(m[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[name] = NestedTensor(x, mask)
+        return out
+
+
+# torchvision's ImageNet weights (IMAGENET1K_V1), by the file names torch.hub caches them under.
+IMAGENET_WEIGHTS = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
+    "resnet152": "resnet152-394f9c45.pth",
+}
+
+
+def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]]:
+    """The state_dict chosen by --backbone_weights: 'imagenet', 'none', or a path to a state_dict file."""
+    if weights in ("none", "", None):
+        return None
+    if weights != "imagenet":
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"--backbone_weights {weights!r}: no such file. Give 'imagenet', 'none' "
+                                    "(train from scratch) or the path of a ResNet state_dict file.")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        return state.get("model", state) if isinstance(state, dict) else state
+    if name not in IMAGENET_WEIGHTS:
+        raise ValueError(f"--backbone {name}: no ImageNet weights known; use --backbone_weights none or a file")
+    file_name = IMAGENET_WEIGHTS[name]
+    url = "https://download.pytorch.org/models/" + file_name
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(
+            f"--backbone_weights imagenet: could not load {file_name} for {name} ({type(e).__name__}: {e}). "
+            f"It is looked for at {cached} (set TORCH_HOME to move it) and otherwise downloaded from {url}. "
+            "Options: put that file there, pass --backbone_weights PATH to a local ResNet state_dict, or "
+            "--backbone_weights none to train the backbone from scratch.") from e
+
+
+class Backbone(BackboneBase):
+    """A torchvision ResNet with FrozenBatchNorm2d; `dilation` trades the last stage's stride for dilation (DC5)."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 weights: str = "none"):
+        if not name.startswith("resnet") or not hasattr(torchvision.models, name):
+            raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, "
+                             "resnet101, resnet152)")
+        body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                                                 norm_layer=FrozenBatchNorm2d)
+        # As in the original, only the main process loads pretrained weights: the others receive them through
+        # DistributedDataParallel's initial broadcast.
+        state = load_backbone_weights(name, weights) if is_main_process() else None
+        if state is not None:
+            missing, unexpected = body.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            unexpected = [k for k in unexpected if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise RuntimeError(f"backbone weights do not fit {name}: missing {missing[:10]}, "
+                                   f"unexpected {unexpected[:10]}")
+        num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        super().__init__(body, train_backbone, num_channels, return_interm_layers)
+
+
+class Joiner(nn.Sequential):
+    """Backbone followed by the position encoding of each returned feature map."""
+
+    def __init__(self, backbone: nn.Module, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+
+    def forward(self, tensor_list: NestedTensor):
+        xs = self[0](tensor_list)
+        out: List[NestedTensor] = []
+        pos: List[Tensor] = []
+        for x in xs.values():
+            out.append(x)
+            pos.append(self[1](x).to(x.tensors.dtype))
+        return out, pos
+
+
+def build_backbone(args) -> Joiner:
+    """Backbone + position encoding from the flags; the backbone trains when --lr_backbone > 0."""
+    position_embedding = build_position_encoding(args)
+    train_backbone = args.lr_backbone > 0
+    return_interm_layers = args.masks
+    backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
+                        weights=getattr(args, "backbone_weights", "imagenet"))
+    model = Joiner(backbone, position_embedding)
+    model.num_channels = backbone.num_channels
+    return model

@@ -1,0 +1,290 @@
+"""DETR: the detector, its set-prediction loss (SetCriterion) and the box post-processor."""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util import box_ops
+from util.misc import (NestedTensor, accuracy, get_world_size, interpolate, is_dist_avail_and_initialized,
+                       nested_tensor_from_tensor_list)
+
+from .backbone import build_backbone
+from .matcher import build_matcher
+from .transformer import build_transformer
+
+
+class DETR(nn.Module):
+    """Backbone -> 1x1 projection -> transformer -> per-query class logits and boxes.
+
+    forward takes a NestedTensor (padded batch + mask), a 4-D batch [B, 3, H, W], or a list of [3, H, W]
+    images of any sizes, and returns a dict with
+      pred_logits [B, num_queries, num_classes + 1] (the last class is "no object"),
+      pred_boxes  [B, num_queries, 4]: (cx, cy, w, h) normalized by each image's own (unpadded) size,
+      aux_outputs (with aux_loss): the same two entries for every decoder layer but the last.
+    """
+
+    def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
+                 aux_loss: bool = False):
+        super().__init__()
+        self.num_queries = num_queries
+        self.transformer = transformer
+        hidden_dim = transformer.d_model
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.backbone = backbone
+        self.aux_loss = aux_loss
+
+    def forward(self, samples: NestedTensor):
+        if not isinstance(samples, NestedTensor):
+            samples = to_nested_tensor(samples)
+        features, pos = self.backbone(samples)
+        src, mask = features[-1].decompose()
+        assert mask is not None
+        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        outputs_class = self.class_embed(hs)
+        outputs_coord = self.bbox_embed(hs).sigmoid()
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+        return out
+
+    @torch.jit.unused
+    def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor):
+        # A list of dicts is not a TorchScript Dict[str, Tensor] value, so scripting leaves this out (use
+        # aux_loss=False for a scripted model, as the hub models do).
+        return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+@torch.jit.unused
+def to_nested_tensor(samples) -> NestedTensor:
+    """A NestedTensor from a 4-D batch (no padding) or a list of 3-D images (padded to the largest)."""
+    if isinstance(samples, Tensor):
+        if samples.dim() == 3:
+            samples = samples.unsqueeze(0)
+        if samples.dim() != 4:
+            raise ValueError(f"DETR expects images [B, 3, H, W] or [3, H, W], got a tensor of shape "
+                             f"{list(samples.shape)}")
+        _check_channels(samples.shape[1])
+        # A batch of equal-sized images has no padding: an all-False mask, built without a per-image loop.
+        mask = torch.zeros((samples.shape[0], samples.shape[2], samples.shape[3]), dtype=torch.bool,
+                           device=samples.device)
+        return NestedTensor(samples, mask)
+    if isinstance(samples, (list, tuple)):
+        for img in samples:
+            if not isinstance(img, Tensor) or img.dim() != 3:
+                raise ValueError("DETR expects a list of images [3, H, W]; got an element of shape "
+                                 f"{list(img.shape) if isinstance(img, Tensor) else type(img).__name__}")
+            _check_channels(img.shape[0])
+        return nested_tensor_from_tensor_list(list(samples))
+    raise TypeError(f"DETR expects a NestedTensor, a tensor or a list of tensors, got {type(samples).__name__}")
+
+
+def _check_channels(c: int) -> None:
+    if c != 3:
+        raise ValueError(f"DETR expects RGB images with 3 channels, got {c} channels")
+
+
+class SetCriterion(nn.Module):
+    """The DETR loss: match predictions to targets (Hungarian), then supervise each matched pair.
+
+    losses is a subset of 'labels', 'boxes', 'cardinality', 'masks'. With aux_outputs present, every
+    decoder layer is matched and supervised on its own, its terms suffixed _0, _1, ...
+    """
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
+                 losses: List[str]):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = losses
+        # Most queries match nothing; down-weighting the "no object" class keeps it from swamping the
+        # classification loss (the paper's factor 10).
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def loss_labels(self, outputs, targets, indices, num_boxes, log: bool = True) -> Dict[str, Tensor]:
+        """Cross-entropy over all queries; unmatched ones target the no-object class."""
+        src_logits = outputs["pred_logits"]
+        idx = _get_src_permutation_idx(indices)
+        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
+                                    device=src_logits.device)
+        target_classes[idx] = target_classes_o
+        losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if log:
+            # Logged only: the error rate of the matched queries' classes.
+            losses["class_error"] = 100 - accuracy(src_logits[idx], target_classes_o)[0]
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        """Logged only: |number of queries not predicting no-object - number of targets|, averaged."""
+        pred_logits = outputs["pred_logits"]
+        tgt_lengths = torch.as_tensor([len(t["labels"]) for t in targets], device=pred_logits.device)
+        card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        """L1 and GIoU between matched boxes, both normalized cxcywh, summed and divided by num_boxes."""
+        idx = _get_src_permutation_idx(indices)
+        src_boxes = outputs["pred_boxes"][idx]
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src_boxes),
+                                                               box_ops.box_cxcywh_to_xyxy(target_boxes)))
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+        """Focal and dice losses between matched predicted masks (upsampled) and the target masks."""
+        from .segmentation import dice_loss, sigmoid_focal_loss
+
+        src_idx = _get_src_permutation_idx(indices)
+        tgt_idx = _get_tgt_permutation_idx(indices)
+        src_masks = outputs["pred_masks"][src_idx]
+        target_masks, _ = nested_tensor_from_tensor_list([t["masks"] for t in targets]).decompose()
+        target_masks = target_masks.to(src_masks)[tgt_idx]
+        # Predictions are at 1/4 of the feature resolution; compare at the (padded) image resolution.
+        src_masks = interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
+                                align_corners=False)
+        src_masks = src_masks[:, 0].flatten(1)
+        target_masks = target_masks.flatten(1).view(src_masks.shape)
+        return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
+                "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
+
+    def get_loss(self, loss: str, outputs, targets, indices, num_boxes, **kwargs) -> Dict[str, Tensor]:
+        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality,
+                    "boxes": self.loss_boxes, "masks": self.loss_masks}
+        if loss not in loss_map:
+            raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
+        return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """outputs: the model's dict; targets: per image, 'labels' [n] and 'boxes' [n, 4] normalized cxcywh
+        (and 'masks' [n, H, W] for the mask loss). Returns every loss term, weighted by nothing."""
+        outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        indices = self.matcher(outputs_without_aux, targets)
+
+        # The box losses are averaged over the targets of the whole (distributed) batch, so every process
+        # divides by the same number.
+        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
+                                    device=outputs["pred_logits"].device)
+        if is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(num_boxes)
+        num_boxes = torch.clamp(num_boxes / get_world_size(), min=1).item()
+
+        losses: Dict[str, Tensor] = {}
+        for loss in self.losses:
+            losses.update(self.get_loss(loss, outputs, targets, indices, num_boxes))
+
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            indices = self.matcher(aux_outputs, targets)
+            for loss in self.losses:
+                if loss == "masks":  # intermediate layers have no masks: too costly
+                    continue
+                kwargs = {"log": False} if loss == "labels" else {}
+                l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
+                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+        return losses
+
+
+def _get_src_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for (src, _) in indices])
+    return batch_idx, src_idx
+
+
+def _get_tgt_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    batch_idx = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
+    tgt_idx = torch.cat([tgt for (_, tgt) in indices])
+    return batch_idx, tgt_idx
+
+
+class PostProcess(nn.Module):
+    """Model outputs -> per image {'scores', 'labels', 'boxes'} with boxes in absolute xyxy pixels."""
+
+    @torch.no_grad()
+    def forward(self, outputs: Dict[str, Tensor], target_sizes: Tensor) -> List[Dict[str, Tensor]]:
+        """target_sizes [B, 2]: each image's (height, width), usually its original size."""
+        out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
+        if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
+            raise ValueError(f"target_sizes must be [batch, 2] = [{len(out_logits)}, 2], "
+                             f"got {list(target_sizes.shape)}")
+        prob = F.softmax(out_logits, -1)
+        scores, labels = prob[..., :-1].max(-1)
+        boxes = box_ops.box_cxcywh_to_xyxy(out_bbox)
+        img_h, img_w = target_sizes.unbind(1)
+        scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
+        boxes = boxes * scale[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron with ReLU between layers (the box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        dims = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + dims, dims + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return x
+
+
+def default_num_classes(dataset_file: str) -> int:
+    """The class-head size the original used: 91 for COCO (max category id + 1), 250 for COCO panoptic."""
+    return {"coco": 91, "coco_panoptic": 250}.get(dataset_file, 20)
+
+
+def build(args):
+    """(model, criterion, postprocessors) from the parsed main.py flags."""
+    num_classes = getattr(args, "num_classes", None) or default_num_classes(args.dataset_file)
+    device = torch.device(args.device)
+
+    backbone = build_backbone(args)
+    transformer = build_transformer(args)
+    model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
+                 aux_loss=args.aux_loss)
+    if args.masks:
+        from .segmentation import DETRsegm
+        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
+    matcher = build_matcher(args)
+
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.masks:
+        weight_dict["loss_mask"] = args.mask_loss_coef
+        weight_dict["loss_dice"] = args.dice_loss_coef
+    if args.aux_loss:
+        aux_weight_dict = {}
+        for i in range(args.dec_layers - 1):
+            aux_weight_dict.update({f"{k}_{i}": v for k, v in weight_dict.items()})
+        weight_dict.update(aux_weight_dict)
+
+    losses = ["labels", "boxes", "cardinality"]
+    if args.masks:
+        losses += ["masks"]
+    criterion = SetCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
+                             losses=losses)
+    criterion.to(device)
+
+    postprocessors = {"bbox": PostProcess()}
+    if args.masks:
+        from .segmentation import PostProcessPanoptic, PostProcessSegm
+        postprocessors["segm"] = PostProcessSegm()
+        if args.dataset_file == "coco_panoptic":
+            is_thing_map = {i: i <= 90 for i in range(201)}
+            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
+        elif getattr(args, "thing_classes", None) is not None:
+            # Datasets of the project's own (the synthetic panoptic one) name their thing classes.
+            things = set(args.thing_classes)
+            postprocessors["panoptic"] = PostProcessPanoptic({i: i in things for i in range(num_classes + 1)},
+                                                             threshold=0.85)
+    return model, criterion, postprocessors

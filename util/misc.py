@@ -1,0 +1,309 @@
+"""Small shared pieces: padded image batches, metric logging, and torch.distributed helpers."""
+import datetime
+import os
+import subprocess
+import time
+from collections import defaultdict, deque
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class NestedTensor:
+    """A padded batch of images `tensors` [B, C, H, W] with `mask` [B, H, W], True on padding."""
+
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
+        mask = self.mask
+        if mask is not None:
+            mask = mask.to(device, non_blocking=non_blocking)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def decompose(self):
+        return self.tensors, self.mask
+
+    def __repr__(self):
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+
+
+def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
+    """Zero-pad images [C, H_i, W_i] at the bottom and right to one batch; the mask marks the padding.
+
+    Written with F.pad rather than in-place copies into a preallocated batch so that the same code runs
+    eagerly, under torch.jit.script, and in ONNX export.
+    """
+    if len(tensor_list) == 0:
+        raise ValueError("nested_tensor_from_tensor_list: got an empty list of images")
+    for img in tensor_list:
+        if img.dim() != 3:
+            raise ValueError(f"expected images of shape [C, H, W], got one of shape {list(img.shape)}")
+        if img.shape[0] != tensor_list[0].shape[0]:
+            raise ValueError("all images of a batch must have the same number of channels")
+    max_h = max([int(img.shape[1]) for img in tensor_list])
+    max_w = max([int(img.shape[2]) for img in tensor_list])
+    padded: List[Tensor] = []
+    masks: List[Tensor] = []
+    for img in tensor_list:
+        pad = [0, max_w - int(img.shape[2]), 0, max_h - int(img.shape[1])]
+        padded.append(F.pad(img, pad))
+        valid = torch.zeros((int(img.shape[1]), int(img.shape[2])), dtype=torch.uint8, device=img.device)
+        masks.append(F.pad(valid, pad, value=1).bool())
+    return NestedTensor(torch.stack(padded), torch.stack(masks))
+
+
+def collate_fn(batch):
+    """Collate (image, target) pairs into (NestedTensor of images, tuple of targets)."""
+    images, targets = tuple(zip(*batch))
+    return nested_tensor_from_tensor_list(list(images)), targets
+
+
+def interpolate(input: Tensor, size: Optional[List[int]] = None, scale_factor: Optional[float] = None,
+                mode: str = "nearest", align_corners: Optional[bool] = None) -> Tensor:
+    """F.interpolate that also accepts empty batches."""
+    return F.interpolate(input, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners)
+
+
+@torch.no_grad()
+def accuracy(output: Tensor, target: Tensor, topk=(1,)) -> List[Tensor]:
+    """Top-k accuracy in percent of `output` [N, C] against `target` [N]; 0 for an empty target."""
+    if target.numel() == 0:
+        return [torch.zeros([], device=output.device)]
+    maxk = max(topk)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.view(1, -1).expand(maxk, -1))
+    return [correct[:k].reshape(-1).float().sum(0) * (100.0 / target.shape[0]) for k in topk]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging
+
+class SmoothedValue:
+    """Tracks a series of values; reports the median/average over a window and the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        """Sum count and total over processes (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self) -> float:
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self) -> float:
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque)
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Keeps named SmoothedValues and prints progress lines with ETA while iterating."""
+
+    def __init__(self, delimiter: str = "\t"):
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if not isinstance(v, (float, int)):
+                raise TypeError(f"MetricLogger.update: {k} must be a number or a one-element tensor, got {type(v)}")
+            self.meters[k].update(v)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq: int, header: Optional[str] = None):
+        """Yield from `iterable`, printing every `print_freq` steps the meters, ETA, step and data time."""
+        header = header or ""
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        n = len(iterable)
+        width = len(str(n))
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == n - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (n - i - 1)))
+                parts = [header, f"[{i:{width}d}/{n}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                print(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s / it)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_gather(data: Any) -> List[Any]:
+    """Gather any picklable object from every process; returns the list ordered by rank."""
+    if get_world_size() == 1:
+        return [data]
+    gathered: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(input_dict: Dict[str, Tensor], average: bool = True) -> Dict[str, Tensor]:
+    """Sum (or average) each value of a dict of scalar tensors over processes; same keys on every process."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())
+        values = torch.stack([input_dict[k] for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def get_sha() -> str:
+    """The git commit, state and branch of this checkout, for the run's log."""
+    cwd = os.path.dirname(os.path.abspath(__file__))
+
+    def run(command):
+        return subprocess.check_output(command, cwd=cwd, stderr=subprocess.DEVNULL).decode("ascii").strip()
+
+    sha, diff, branch = "N/A", "clean", "N/A"
+    try:
+        sha = run(["git", "rev-parse", "HEAD"])
+        subprocess.check_output(["git", "diff"], cwd=cwd)
+        diff = "has uncommited changes" if run(["git", "diff-index", "HEAD"]) else "clean"
+        branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"])
+    except Exception:
+        pass
+    return f"sha: {sha}, status: {diff}, branch: {branch}"
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on all processes but the master; print(..., force=True) still prints."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_
+
+
+def save_on_master(*args, **kwargs) -> None:
+    """torch.save on the main process only. A path is written atomically: to a temporary file, then renamed,
+    so a process killed while saving leaves the previous file intact."""
+    if not is_main_process():
+        return
+    if len(args) >= 2 and isinstance(args[1], (str, os.PathLike)):
+        path = os.fspath(args[1])
+        tmp = f"{path}.tmp.{os.getpid()}"
+        torch.save(args[0], tmp, *args[2:], **kwargs)
+        os.replace(tmp, path)
+    else:
+        torch.save(*args, **kwargs)
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.distributed, rank, world_size, gpu from torchrun/launch or Slurm variables, and join the group.
+
+    Falls back to a single process when neither is present. The backend is nccl on GPUs and gloo on CPUs.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        source = "torchrun/torch.distributed.launch environment"
+        args.rank = int(env["RANK"])
+        args.world_size = int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        source = "Slurm environment"
+        args.rank = int(env["SLURM_PROCID"])
+        args.world_size = int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+    else:
+        print("Not using distributed mode (no RANK/WORLD_SIZE or multi-task SLURM_* variables)")
+        args.distributed = False
+        args.rank, args.world_size, args.gpu = 0, 1, 0
+        return
+    args.distributed = True
+    use_cuda = torch.cuda.is_available() and str(getattr(args, "device", "cuda")).startswith("cuda")
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    print(f"| distributed init from the {source} (rank {args.rank} of {args.world_size}, "
+          f"backend {args.dist_backend}): {args.dist_url}", flush=True)
+    timeout = datetime.timedelta(seconds=int(getattr(args, "dist_timeout", 1800)))
+    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
