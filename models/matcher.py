@@ -2,7 +2,6 @@
 from typing import Dict, List, Tuple
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
@@ -39,6 +38,9 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(bs, num_queries, -1).cpu()
+
+        # Imported here so that torch.hub, which installs only torch and torchvision, can build the models.
+        from scipy.optimize import linear_sum_assignment
 
         sizes = [len(t["boxes"]) for t in targets]
         indices = []
