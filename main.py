@@ -3,7 +3,26 @@
 One process by default; `torchrun --nproc_per_node=N main.py ...` for several (see the README).
 """
 import argparse
+import datetime
+import json
+import os
+import random
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+import datasets
+import util.misc as utils
+from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.synthetic import add_synthetic_args
+from engine import evaluate, train_one_epoch
+from models import build_model
+from util.checkpoint import (load_checkpoint, load_state_dict_checked, load_state_dict_for_finetuning,
+                             model_state_from)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,6 +98,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="device to use for training / testing (falls back to cpu when CUDA is absent)")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint (a path or an https URL)")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="when --resume is not given, resume from output_dir/checkpoint.pth if it exists "
+                             "(what a requeued cluster job needs)")
+    parser.add_argument("--finetune", default="",
+                        help="start from this checkpoint's weights (path or URL) but not its optimizer or epoch; "
+                             "parameters whose shapes differ (e.g. a class head for another --num_classes) are "
+                             "re-initialized, and named")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
@@ -86,10 +112,237 @@ def get_args_parser() -> argparse.ArgumentParser:
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_timeout", default=1800, type=int,
+                        help="seconds to wait for the other processes (rendezvous, collectives) before failing")
+    parser.add_argument("--no_plots", dest="plots", action="store_false",
+                        help="do not write predictions.png and curves.png to output_dir after each epoch")
+    add_synthetic_args(parser)
     return parser
 
 
-if __name__ == "__main__":
+# What `--dataset_file synthetic` trains with unless a flag says otherwise: a model and schedule sized so a
+# 2-core CPU reaches a useful AP in minutes. Any flag given on the command line wins.
+SYNTHETIC_DEFAULTS = dict(
+    backbone="resnet18", backbone_weights="none", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
+    dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
+    weight_decay=1e-4, epochs=30, lr_drop=25, num_workers=1, output_dir="outputs/synthetic",
+)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The dests of the options that appear in argv (so dataset-specific defaults never override them)."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
+
+
+def apply_dataset_defaults(args, given: set) -> None:
+    """Fill in the synthetic dataset's defaults for every flag not given explicitly."""
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
+        for k, v in SYNTHETIC_DEFAULTS.items():
+            if k not in given:
+                setattr(args, k, v)
+
+
+def parse_args(argv=None):
+    """Parse main.py's flags and apply the dataset-specific defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()])
-    args = parser.parse_args()
-    sys.exit("main(args) comes with the training loop")
+    args = parser.parse_args(argv)
+    apply_dataset_defaults(args, given_flags(parser, argv))
+    return args
+
+
+def rng_state() -> dict:
+    """Every random generator training draws from, so a resumed run continues exactly where it stopped."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_args(args) -> None:
+    """Refuse flag combinations that would fail later, after time was spent."""
+    if args.frozen_weights is not None and not args.masks:
+        raise SystemExit("--frozen_weights trains only the mask head of a box model: it needs --masks")
+    if args.frozen_weights is not None and not os.path.isfile(args.frozen_weights):
+        raise SystemExit(f"--frozen_weights {args.frozen_weights!r}: no such file")
+    if args.resume and not args.resume.startswith(("http://", "https://")) and not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume {args.resume!r}: no such file")
+    if args.batch_size < 1:
+        raise SystemExit("--batch_size must be at least 1")
+
+
+def choose_device(requested: str) -> torch.device:
+    """The requested device, or the CPU (with a message) when CUDA is asked for but absent."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {requested}: no CUDA device is available here, using the CPU instead")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def main(args):
+    check_args(args)
+    utils.init_distributed_mode(args)
+    print("git:\n  {}\n".format(utils.get_sha()))
+    device = choose_device(args.device)
+    args.device = str(device)
+    print(args)
+
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    # The data first: a wrong path or a bad annotation file fails here, before the model is built.
+    if args.num_classes is None:
+        args.num_classes = datasets.default_num_classes(args)
+    if args.masks and args.dataset_file == "synthetic_panoptic":
+        args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
+    dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
+    dataset_val = build_dataset(image_set="val", args=args)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
+                                                          else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print("number of params:", n_parameters)
+
+    param_dicts = [
+        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
+         "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+    if args.distributed:
+        sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                 collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    if dataset_train is not None:
+        if args.distributed:
+            sampler_train = DistributedSampler(dataset_train, seed=args.seed)
+        else:
+            sampler_train = RandomSampler(dataset_train)
+        batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)
+        data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
+                                       collate_fn=utils.collate_fn, num_workers=args.num_workers)
+
+    if args.dataset_file == "coco_panoptic":
+        # Box AP of a panoptic model is measured against the COCO instance annotations.
+        coco_val = datasets.coco.build("val", args)
+        base_ds = get_coco_api_from_dataset(coco_val)
+    else:
+        base_ds = get_coco_api_from_dataset(dataset_val)
+
+    if args.frozen_weights is not None:
+        checkpoint = load_checkpoint(args.frozen_weights)
+        load_state_dict_checked(model_without_ddp.detr, model_state_from(checkpoint, args.frozen_weights),
+                                f"--frozen_weights {args.frozen_weights}")
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume and args.auto_resume and output_dir is not None and (output_dir / "checkpoint.pth").exists():
+        args.resume = str(output_dir / "checkpoint.pth")
+        print(f"--auto_resume: resuming from {args.resume}")
+    if args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        load_state_dict_for_finetuning(model_without_ddp, model_state_from(checkpoint, args.finetune),
+                                       f"--finetune {args.finetune}")
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume),
+                                f"--resume {args.resume}")
+        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            if "rng" in checkpoint:
+                set_rng_state(checkpoint["rng"])
+
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
+                                              args.output_dir)
+        if output_dir is not None:
+            utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+        return test_stats
+
+    print("Start training")
+    start_time = time.time()
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
+                                      args.clip_max_norm)
+        lr_scheduler.step()
+        if output_dir is not None:
+            checkpoint_paths = [output_dir / "checkpoint.pth"]
+            # Keep a copy before each learning-rate drop and every 100 epochs.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+                checkpoint_paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+            for checkpoint_path in checkpoint_paths:
+                utils.save_on_master({
+                    "model": model_without_ddp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "epoch": epoch,
+                    "args": args,
+                    "rng": rng_state(),
+                }, checkpoint_path)
+
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
+                                              args.output_dir)
+
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     "epoch": epoch,
+                     "n_parameters": n_parameters}
+
+        if output_dir is not None and utils.is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
+                (output_dir / "eval").mkdir(exist_ok=True)
+                filenames = ["latest.pth"]
+                if epoch % 50 == 0:
+                    filenames.append(f"{epoch:03}.pth")
+                for name in filenames:
+                    utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+            if args.plots:
+                from util.visualize import save_training_pictures
+                save_training_pictures(model_without_ddp, postprocessors, dataset_val, output_dir, device)
+
+    total_time = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    return test_stats
+
+
+
+
+
+if __name__ == "__main__":
+    main(parse_args())

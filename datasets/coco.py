@@ -94,12 +94,14 @@ def check_images_exist(images: List[Dict[str, Any]], img_folder, ann_file) -> No
                                 f"{os.path.join(img_folder, missing[0])}")
 
 
-def check_category_ids(coco: COCO, ann_file, num_classes: Optional[int]) -> None:
-    """Raise a ValueError when a category id of `ann_file` does not fit a classifier of `num_classes` classes
-    (ids must be < num_classes; the extra "no object" class is added by the model). None skips the check."""
+def check_category_ids(dataset: Dict[str, Any], ann_file, num_classes: Optional[int]) -> None:
+    """Raise a ValueError when a category id of the annotation dict `dataset` (read from `ann_file`) does not
+    fit a classifier of `num_classes` classes: ids must be < num_classes, the model adds the "no object"
+    class itself. None skips the check."""
     if num_classes is None:
         return
-    ids = [cat["id"] for cat in coco.dataset["categories"]] + [ann["category_id"] for ann in coco.dataset["annotations"]]
+    ids = [cat["id"] for cat in dataset.get("categories", [])]
+    ids += [ann["category_id"] for ann in dataset.get("annotations", []) if "category_id" in ann]
     too_large = [i for i in ids if i >= num_classes]
     if too_large:
         raise ValueError(f"category id {max(too_large)} in {ann_file} does not fit --num_classes {num_classes}: "
@@ -208,10 +210,15 @@ def coco_paths(root, image_set: str, flag: str = "--coco_path") -> Tuple[Path, P
     return img_folder, ann_file
 
 
+def build_from_folder(root, image_set: str, transforms, args, flag: str = "--coco_path") -> CocoDetection:
+    """CocoDetection over the COCO-layout folder `root` (named by `flag` in errors), with masks when
+    `args.masks`, its category ids checked against `args.num_classes` when that is set."""
+    img_folder, ann_file = coco_paths(root, image_set, flag)
+    dataset = CocoDetection(img_folder, ann_file, transforms=transforms, return_masks=getattr(args, "masks", False))
+    check_category_ids(dataset.coco.dataset, ann_file, getattr(args, "num_classes", None))
+    return dataset
+
+
 def build(image_set: str, args) -> CocoDetection:
     """COCO `image_set` ('train' or 'val') from `args.coco_path`, with masks when `args.masks`."""
-    img_folder, ann_file = coco_paths(args.coco_path, image_set)
-    dataset = CocoDetection(img_folder, ann_file, transforms=make_coco_transforms(image_set),
-                            return_masks=getattr(args, "masks", False))
-    check_category_ids(dataset.coco, ann_file, getattr(args, "num_classes", None))
-    return dataset
+    return build_from_folder(args.coco_path, image_set, make_coco_transforms(image_set), args)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from util.box_ops import masks_to_boxes
 
-from .coco import make_coco_transforms
+from .coco import check_category_ids, check_images_exist, make_coco_transforms
 
 
 def rgb2id(color: np.ndarray) -> np.ndarray:
@@ -63,20 +63,15 @@ class CocoPanoptic:
 
     def validate(self, check_segments: bool = False) -> None:
         """Check that every image and panoptic PNG exists (and, with check_segments, that every segment of
-        the JSON is present in its PNG: this decodes every PNG) before any training starts."""
-        img_names = set(os.listdir(self.img_folder)) if os.path.isdir(self.img_folder) else set()
-        png_names = set(os.listdir(self.ann_folder)) if os.path.isdir(self.ann_folder) else set()
-        for idx in range(len(self)):
-            info = self._info(idx)
-            img_name = info["file_name"].replace(".png", ".jpg")
-            if img_name not in img_names:
-                raise FileNotFoundError(f"image {Path(self.img_folder) / img_name} listed in {self.ann_file} is missing")
-            if "segments_info" in info:
-                if info["file_name"] not in png_names:
-                    raise FileNotFoundError(f"panoptic PNG {Path(self.ann_folder) / info['file_name']} listed in "
-                                            f"{self.ann_file} is missing")
-                if check_segments:
-                    self._load_masks(info)
+        the JSON is present in its PNG: this decodes every PNG), so that bad data fails before training."""
+        check_images_exist(self.coco["images"], self.img_folder, self.ann_file)
+        present = set(os.listdir(self.ann_folder)) if os.path.isdir(self.ann_folder) else set()
+        for ann in self.coco.get("annotations", []):
+            if ann["file_name"] not in present:
+                raise FileNotFoundError(f"panoptic PNG {Path(self.ann_folder) / ann['file_name']} listed in "
+                                        f"{self.ann_file} is missing")
+            if check_segments:
+                self._load_masks(ann)
 
     def _load_masks(self, info: dict) -> torch.Tensor:
         """Binary masks [N, H, W] uint8 of the segments of one annotation, in segments_info order."""
@@ -149,4 +144,7 @@ def build(image_set: str, args) -> CocoPanoptic:
     dataset = CocoPanoptic(img_folder, ann_folder, ann_file, transforms=make_coco_transforms(image_set),
                            return_masks=args.masks)
     dataset.validate()
+    segments = [seg for ann in dataset.coco.get("annotations", []) for seg in ann.get("segments_info", [])]
+    check_category_ids({"categories": dataset.coco.get("categories", []), "annotations": segments}, ann_file,
+                       getattr(args, "num_classes", None))
     return dataset

@@ -278,8 +278,8 @@ def test_post_process_panoptic_two_halves():
     expected = np.ones((2 * h, 2 * w), dtype=np.int64)
     expected[:, :6] = 0
     np.testing.assert_array_equal(ids, expected)
-    assert res[0]["segments_info"] == [{"id": 0, "isthing": True, "category_id": 1, "area": 24},
-                                       {"id": 1, "isthing": False, "category_id": 3, "area": 24}]
+    assert res[0]["segments_info"] == [{"id": 0, "isthing": True, "category_id": 1, "area": 48},
+                                       {"id": 1, "isthing": False, "category_id": 3, "area": 48}]
     # target_sizes defaults to processed_sizes
     res = post(outputs, [(h, w)])
     assert decode(res[0]["png_string"]).shape == (h, w)

@@ -28,12 +28,13 @@ class NestedTensor:
     def decompose(self):
         return self.tensors, self.mask
 
-    def __repr__(self):
-        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+    def __repr__(self) -> str:
+        return "NestedTensor(tensors=" + str(self.tensors.shape) + ", mask=" + str(self.mask is not None) + ")"
 
 
 def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
-    """Zero-pad images [C, H_i, W_i] at the bottom and right to one batch; the mask marks the padding.
+    """Zero-pad tensors [C_i, H_i, W_i] at the end of every dimension to one batch [B, C, H, W]; the mask
+    [B, H, W] is True on the padded pixels. (Target masks [N_i, H, W] with different N_i pad the same way.)
 
     Written with F.pad rather than in-place copies into a preallocated batch so that the same code runs
     eagerly, under torch.jit.script, and in ONNX export.
@@ -42,18 +43,17 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
         raise ValueError("nested_tensor_from_tensor_list: got an empty list of images")
     for img in tensor_list:
         if img.dim() != 3:
-            raise ValueError(f"expected images of shape [C, H, W], got one of shape {list(img.shape)}")
-        if img.shape[0] != tensor_list[0].shape[0]:
-            raise ValueError("all images of a batch must have the same number of channels")
+            raise ValueError(f"expected tensors of shape [C, H, W], got one of shape {list(img.shape)}")
+    max_c = max([int(img.shape[0]) for img in tensor_list])
     max_h = max([int(img.shape[1]) for img in tensor_list])
     max_w = max([int(img.shape[2]) for img in tensor_list])
     padded: List[Tensor] = []
     masks: List[Tensor] = []
     for img in tensor_list:
-        pad = [0, max_w - int(img.shape[2]), 0, max_h - int(img.shape[1])]
-        padded.append(F.pad(img, pad))
+        pad_hw = [0, max_w - int(img.shape[2]), 0, max_h - int(img.shape[1])]
+        padded.append(F.pad(img, pad_hw + [0, max_c - int(img.shape[0])]))
         valid = torch.zeros((int(img.shape[1]), int(img.shape[2])), dtype=torch.uint8, device=img.device)
-        masks.append(F.pad(valid, pad, value=1).bool())
+        masks.append(F.pad(valid, pad_hw, value=1).bool())
     return NestedTensor(torch.stack(padded), torch.stack(masks))
 
 

@@ -1,0 +1,74 @@
+"""Datasets: `build_dataset(image_set, args)` picks one from --dataset_file."""
+import json
+from pathlib import Path
+from typing import Dict
+
+import torch.utils.data
+import torchvision
+
+from . import coco, synthetic
+
+DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
+
+
+def _unknown_dataset(dataset_file: str) -> ValueError:
+    return ValueError(f"--dataset_file {dataset_file!r} is not supported; choose one of {', '.join(DATASET_FILES)}")
+
+
+def build_dataset(image_set: str, args):
+    """The dataset of `image_set` ('train' or 'val') named by `args.dataset_file`."""
+    if args.dataset_file == "coco":
+        return coco.build(image_set, args)
+    if args.dataset_file == "coco_panoptic":
+        from .coco_panoptic import build as build_coco_panoptic  # imported here: panopticapi is optional
+        return build_coco_panoptic(image_set, args)
+    if args.dataset_file == "synthetic":
+        return synthetic.build(image_set, args)
+    if args.dataset_file == "synthetic_panoptic":
+        return synthetic.build_panoptic(image_set, args)
+    raise _unknown_dataset(args.dataset_file)
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind `dataset` (through any Subset wrappers), or None if it has none."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, torchvision.datasets.CocoDetection):
+        return dataset.coco
+    return None
+
+
+def default_num_classes(args) -> int:
+    """Classifier size when --num_classes is not given: 91 for COCO and 250 for COCO panoptic (their max
+    category id + 1, as in the original), otherwise max category id + 1 of the training annotations."""
+    if args.dataset_file == "coco":
+        return 91
+    if args.dataset_file == "coco_panoptic":
+        return 250
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
+        return max(_categories(args)) + 1
+    raise _unknown_dataset(args.dataset_file)
+
+
+def default_is_thing_map(args) -> Dict[int, bool]:
+    """{category id: is a thing} for the panoptic post-processor: ids <= 90 for COCO panoptic (as in the
+    original), the `isthing` flags of the training annotations for synthetic_panoptic."""
+    if args.dataset_file == "coco_panoptic":
+        return {i: i <= 90 for i in range(201)}
+    if args.dataset_file == "synthetic_panoptic":
+        return {i: bool(isthing) for i, isthing in _categories(args).items()}
+    raise ValueError(f"--dataset_file {args.dataset_file!r} has no panoptic categories; "
+                     "use coco_panoptic or synthetic_panoptic")
+
+
+def _categories(args) -> Dict[int, int]:
+    """{category id: isthing} read from the synthetic training annotations (generated first if needed):
+    the instances file for 'synthetic', the panoptic one (things and stuff) for 'synthetic_panoptic'."""
+    root = synthetic.prepare_root(args)
+    kind = "panoptic" if args.dataset_file == "synthetic_panoptic" else "instances"
+    ann_file = Path(root) / "annotations" / f"{kind}_train2017.json"
+    try:
+        data = json.loads(ann_file.read_text())
+        return {int(cat["id"]): int(cat.get("isthing", 1)) for cat in data["categories"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the categories of {ann_file}: {e}") from e

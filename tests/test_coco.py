@@ -1,0 +1,179 @@
+"""datasets/coco.py: COCO annotations to target tensors, and clear errors for bad datasets."""
+import json
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import build_dataset, coco, get_coco_api_from_dataset
+from datasets.coco import ConvertCocoPolysToMask, convert_coco_poly_to_mask
+
+
+def square(x, y, side):
+    return [x, y, x + side, y, x + side, y + side, x, y + side]
+
+
+def write_coco(root, images=None, annotations=None, categories=None, split="train"):
+    """A tiny COCO-layout dataset: three 40x30 images; image 3 has no annotations."""
+    (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    if images is None:
+        images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 30, "width": 40} for i in (1, 2, 3)]
+    for img in images:
+        Image.new("RGB", (img["width"], img["height"]), (40, 80, 120)).save(
+            root / f"{split}2017" / img["file_name"])
+    if annotations is None:
+        annotations = [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0,
+             "segmentation": [square(5, 5, 10)]},
+            # a crowd annotation: dropped
+            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 1,
+             "segmentation": {"counts": [0, 10, 1190], "size": [30, 40]}},
+            # extends past the right edge: clamped to x1 = 40
+            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [30, 10, 20, 5], "area": 100, "iscrowd": 0,
+             "segmentation": [square(30, 10, 10)]},
+            # zero width: dropped
+            {"id": 4, "image_id": 2, "category_id": 7, "bbox": [10, 10, 0, 5], "area": 0, "iscrowd": 0,
+             "segmentation": [square(10, 10, 1)]},
+        ]
+    if categories is None:
+        categories = [{"id": i, "name": f"c{i}"} for i in (3, 4, 7)]
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return ann_file
+
+
+def args_for(root, **overrides):
+    return Namespace(**{"dataset_file": "coco", "coco_path": str(root), "masks": False, "num_classes": None,
+                        **overrides})
+
+
+def test_convert_coco_poly_to_mask():
+    masks = convert_coco_poly_to_mask([[square(2, 3, 4)], [square(0, 0, 2), square(6, 6, 2)]], 10, 12)
+    assert masks.shape == (2, 10, 12) and masks.dtype == torch.bool
+    assert masks[0].sum() == 16 and masks[0, 3:7, 2:6].all()
+    assert masks[1].sum() == 8  # the union of the object's two polygons
+    assert convert_coco_poly_to_mask([], 10, 12).shape == (0, 10, 12)
+
+
+def test_convert_drops_crowd_and_degenerate_and_clamps():
+    image = Image.new("RGB", (40, 30))
+    annotations = [
+        {"bbox": [5, 5, 10, 10], "category_id": 3, "area": 100, "iscrowd": 0, "segmentation": [square(5, 5, 10)],
+         "keypoints": [6, 6, 2, 8, 8, 1]},
+        {"bbox": [0, 0, 20, 20], "category_id": 4, "area": 400, "iscrowd": 1, "segmentation": [square(0, 0, 20)],
+         "keypoints": [0, 0, 0, 0, 0, 0]},
+        {"bbox": [-5, 25, 20, 10], "category_id": 5, "area": 50, "segmentation": [square(0, 25, 5)],
+         "keypoints": [1, 26, 2, 0, 0, 0]},  # no 'iscrowd' key: not crowd
+        {"bbox": [10, 35, 5, 5], "category_id": 6, "area": 25, "iscrowd": 0, "segmentation": [square(10, 29, 1)],
+         "keypoints": [0, 0, 0, 0, 0, 0]},  # below the image: empty after clamping
+    ]
+    _, target = ConvertCocoPolysToMask(return_masks=True)(image, {"image_id": 9, "annotations": annotations})
+    assert target["boxes"].tolist() == [[5, 5, 15, 15], [0, 25, 15, 30]]
+    assert target["labels"].tolist() == [3, 5]
+    assert target["area"].tolist() == [100, 50] and target["area"].dtype == torch.float32
+    assert target["iscrowd"].tolist() == [0, 0]
+    assert target["image_id"].tolist() == [9]
+    assert target["orig_size"].tolist() == [30, 40] and target["size"].tolist() == [30, 40]
+    assert target["masks"].shape == (2, 30, 40) and target["masks"][0].sum() == 100
+    assert target["keypoints"].shape == (2, 2, 3) and target["keypoints"][1, 0].tolist() == [1, 26, 2]
+
+
+def test_convert_empty_annotations():
+    _, target = ConvertCocoPolysToMask(return_masks=True)(Image.new("RGB", (40, 30)),
+                                                          {"image_id": 1, "annotations": []})
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert target["masks"].shape == (0, 30, 40)
+
+
+def test_dataset_targets_through_build(tmp_path):
+    write_coco(tmp_path)
+    dataset = coco.build_from_folder(tmp_path, "train", transforms=None, args=args_for(tmp_path, masks=True))
+    assert len(dataset) == 3 and get_coco_api_from_dataset(torch.utils.data.Subset(dataset, [0])) is dataset.coco
+    image, target = dataset[1]  # image id 2: one clamped box, one degenerate dropped
+    assert image.size == (40, 30)
+    assert target["boxes"].tolist() == [[30, 10, 40, 15]] and target["labels"].tolist() == [7]
+    assert target["masks"].shape == (1, 30, 40)
+    _, target = dataset[2]  # image id 3: no annotations, kept with empty targets
+    assert target["image_id"].tolist() == [3] and target["boxes"].shape == (0, 4)
+
+    # The real build adds the original augmentation; val resizes the shorter side to 800.
+    write_coco(tmp_path, split="val")
+    image, target = build_dataset("val", args_for(tmp_path))[0]
+    assert image.shape == (3, 800, 1066)
+    assert torch.allclose(target["boxes"], torch.tensor([[10 / 40, 10 / 30, 10 / 40, 10 / 30]]))
+
+
+def test_missing_dataset_path_names_flag_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--coco_path.*train2017"):
+        coco.build("train", args_for(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="--coco_path is required"):
+        coco.build("train", Namespace(coco_path=None, masks=False))
+    (tmp_path / "train2017").mkdir()
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json is missing.*--coco_path"):
+        coco.build("train", args_for(tmp_path))
+
+
+def test_malformed_annotation_file_is_named(tmp_path):
+    ann_file = write_coco(tmp_path)
+    ann_file.write_text('{"images": [')
+    with pytest.raises(ValueError, match="instances_train2017.json is not valid JSON"):
+        coco.build("train", args_for(tmp_path))
+    ann_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="instances_train2017.json is not in COCO format"):
+        coco.build("train", args_for(tmp_path))
+    ann_file.write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(ValueError, match="instances_train2017.json.*'categories'"):
+        coco.build("train", args_for(tmp_path))
+
+
+def test_missing_annotation_keys_are_named(tmp_path):
+    write_coco(tmp_path, annotations=[{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 2, 2]}])
+    with pytest.raises(ValueError, match=r"instances_train2017.json: annotations\[0\] lacks key 'area'"):
+        coco.build("train", args_for(tmp_path))
+    write_coco(tmp_path, annotations=[{"id": 1, "category_id": 3, "bbox": [0, 0, 2, 2], "area": 4}])
+    with pytest.raises(ValueError, match="instances_train2017.json.*image_id"):
+        coco.build("train", args_for(tmp_path))
+    write_coco(tmp_path, annotations=[{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 2, 2], "area": 4}])
+    coco.build("train", args_for(tmp_path))  # fine without masks...
+    with pytest.raises(ValueError, match="lacks key 'segmentation', which --masks needs"):
+        coco.build("train", args_for(tmp_path, masks=True))
+
+
+def test_category_id_beyond_num_classes(tmp_path):
+    write_coco(tmp_path)
+    args = args_for(tmp_path)
+    args.num_classes = 7
+    with pytest.raises(ValueError, match="category id 7 in .*instances_train2017.json.*--num_classes 7"):
+        coco.build("train", args)
+    args.num_classes = 8
+    assert len(coco.build("train", args)) == 3
+
+
+def test_missing_and_undecodable_images(tmp_path):
+    write_coco(tmp_path)
+    (tmp_path / "train2017" / "000000000002.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="000000000002.jpg"):
+        coco.build("train", args_for(tmp_path))
+    (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"not a jpeg")
+    dataset = coco.build("train", args_for(tmp_path))  # building does not decode images
+    dataset[0]
+    with pytest.raises(OSError, match="cannot decode image .*000000000002.jpg"):
+        dataset[1]
+
+
+def test_make_coco_transforms_train_sizes(tmp_path):
+    import random
+    random.seed(0)
+    image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
+    target = {"boxes": torch.tensor([[10.0, 10, 200, 150]]), "labels": torch.tensor([1]),
+              "area": torch.tensor([190.0 * 140]), "iscrowd": torch.tensor([0]), "size": torch.tensor([300, 400])}
+    transforms = coco.make_coco_transforms("train")
+    for _ in range(5):
+        out, out_target = transforms(image, target)
+        assert min(out.shape[-2:]) in range(480, 801, 32) and max(out.shape[-2:]) <= 1333
+        assert ((out_target["boxes"] >= 0) & (out_target["boxes"] <= 1)).all()
+    with pytest.raises(ValueError, match="image_set"):
+        coco.make_coco_transforms("test")

@@ -1,0 +1,202 @@
+"""datasets/synthetic.py: deterministic, self-consistent instances and panoptic annotations, built like COCO."""
+import argparse
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+
+import datasets
+from datasets import synthetic
+
+PARAMS = dict(seed=3, num_train=40, num_val=8, image_size=128)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic") / "data", **PARAMS)
+
+
+def load(root, kind, split="train"):
+    return json.loads((root / "annotations" / f"{kind}_{split}2017.json").read_text())
+
+
+def args_for(root, **overrides):
+    return Namespace(**{"dataset_file": "synthetic", "coco_path": None, "synthetic_path": str(root),
+                        "synthetic_seed": PARAMS["seed"], "synthetic_train_size": PARAMS["num_train"],
+                        "synthetic_val_size": PARAMS["num_val"], "synthetic_image_size": PARAMS["image_size"],
+                        "masks": False, "num_classes": None, **overrides})
+
+
+def test_same_seed_same_bytes_other_seed_differs(root, tmp_path):
+    again = synthetic.generate(tmp_path / "again", **PARAMS)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert len(files) == 2 * (PARAMS["num_train"] + PARAMS["num_val"]) + 4 + 1
+    for name in files:
+        assert (root / name).read_bytes() == (again / name).read_bytes(), name
+    first = Path("train2017") / "000000000001.jpg"
+    assert np.array_equal(np.asarray(Image.open(root / first)), np.asarray(Image.open(again / first)))
+    other = synthetic.generate(tmp_path / "other", **dict(PARAMS, seed=4, num_train=4, num_val=1))
+    assert load(other, "instances")["annotations"] != load(root, "instances")["annotations"][:4]
+    assert (other / first).read_bytes() != (root / first).read_bytes()
+
+
+def test_instances_are_self_consistent(root):
+    data = load(root, "instances")
+    size = PARAMS["image_size"]
+    assert [c["name"] for c in data["categories"]] == ["circle", "square", "triangle", "star", "cross"]
+    assert [c["id"] for c in data["categories"]] == [1, 2, 3, 4, 5]
+    assert all(c["supercategory"] == "shape" for c in data["categories"])
+    assert len(data["images"]) == PARAMS["num_train"]
+    assert all(img["file_name"] == f"{img['id']:012d}.jpg" and img["height"] == img["width"] == size
+               for img in data["images"])
+    per_image = {img["id"]: 0 for img in data["images"]}
+    for ann in data["annotations"]:
+        per_image[ann["image_id"]] += 1
+        assert ann["iscrowd"] == 0 and ann["category_id"] in range(1, 6)
+        (flat,) = ann["segmentation"]
+        polygon = np.array(flat).reshape(-1, 2)
+        assert ann["area"] == round(synthetic.polygon_area(polygon), 2)
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= size and y + h <= size
+        assert np.allclose([x, y, x + w, y + h], [*polygon.min(0), *polygon.max(0)], atol=0.011)
+        # The polygon as training rasterizes it covers about its geometric area.
+        pixels = coco_mask.decode(coco_mask.frPyObjects([flat], size, size)).sum()
+        assert abs(pixels - ann["area"]) <= 0.15 * ann["area"] + 6
+        assert 0.1 * size / 2 <= max(w, h) and max(w, h) <= 0.5 * size + 0.02
+    counts = list(per_image.values())
+    assert max(counts) <= synthetic.MAX_OBJECTS and min(counts) == 0 and max(counts) >= 4
+    assert len({ann["category_id"] for ann in data["annotations"]}) == 5
+    assert len({ann["id"] for ann in data["annotations"]}) == len(data["annotations"])
+
+
+def test_panoptic_pngs_match_segments(root):
+    size = PARAMS["image_size"]
+    for split in ("train", "val"):
+        panoptic, instances = load(root, "panoptic", split), load(root, "instances", split)
+        isthing = {c["id"]: c["isthing"] for c in panoptic["categories"]}
+        assert isthing == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0}
+        assert [c["name"] for c in panoptic["categories"][5:]] == ["sky", "water", "ground"]
+        assert panoptic["images"] == instances["images"]
+        things_by_image = {img["id"]: [] for img in instances["images"]}
+        for ann in instances["annotations"]:
+            things_by_image[ann["image_id"]].append(ann)
+        for ann in panoptic["annotations"]:
+            assert ann["file_name"] == f"{ann['image_id']:012d}.png"
+            rgb = np.asarray(Image.open(root / f"panoptic_{split}2017" / ann["file_name"]), dtype=np.int64)
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+            segments = ann["segments_info"]
+            assert sorted(np.unique(ids).tolist()) == sorted(s["id"] for s in segments)  # no unlabelled pixel
+            for s in segments:
+                mask = ids == s["id"]
+                assert s["area"] == mask.sum() and s["iscrowd"] == 0
+                ys, xs = np.nonzero(mask)
+                assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            # Things come first, in the order of the instance annotations: visible part of the whole shape.
+            things = [s for s in segments if isthing[s["category_id"]]]
+            assert 2 <= len(segments) - len(things) <= 3
+            assert [s["category_id"] for s in things] == [a["category_id"] for a in things_by_image[ann["image_id"]]]
+            for s, instance in zip(things, things_by_image[ann["image_id"]]):
+                full = coco_mask.decode(coco_mask.frPyObjects(instance["segmentation"], size, size))[..., 0] > 0
+                visible = ids == s["id"]
+                assert not (visible & ~full).any()
+                assert visible.sum() >= synthetic.MIN_VISIBLE * full.sum()
+
+
+def test_generation_is_skipped_redone_and_safe(tmp_path):
+    params = dict(PARAMS, num_train=2, num_val=1)
+    root = synthetic.generate(tmp_path / "d", **params)
+    stamp = (root / "annotations" / "instances_train2017.json").stat().st_mtime_ns
+    synthetic.generate(root, **params)
+    assert (root / "annotations" / "instances_train2017.json").stat().st_mtime_ns == stamp
+    synthetic.generate(root, **dict(params, num_train=3))  # other parameters: generated again
+    assert len(load(root, "instances")["images"]) == 3
+    assert synthetic.read_marker(root)["num_train"] == 3
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="mine.*--synthetic_path"):
+        synthetic.generate(foreign, **params)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
+    params = dict(PARAMS, num_train=2, num_val=1)
+    real_write_split = synthetic.write_split
+
+    def interrupted(root, split, *args):
+        real_write_split(root, split, *args)
+        if split == "val":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_split", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(tmp_path / "d", **params)
+    assert list(tmp_path.iterdir()) == [tmp_path / ".d.lock"]  # nothing half-written is left
+    monkeypatch.setattr(synthetic, "write_split", real_write_split)
+    synthetic.generate(tmp_path / "d", **params)
+    assert synthetic.read_marker(tmp_path / "d")["num_train"] == 2
+
+
+def test_build_gives_normalized_targets(root):
+    dataset = datasets.build_dataset("train", args_for(root, masks=True))
+    assert len(dataset) == PARAMS["num_train"]
+    assert datasets.get_coco_api_from_dataset(dataset) is dataset.coco
+    sizes = {112, 120, 128, 136, 144}
+    seen_boxes = 0
+    for idx in range(10):
+        image, target = dataset[idx]
+        assert image.shape[0] == 3 and image.shape[1] == image.shape[2] and image.shape[1] in sizes
+        boxes = target["boxes"]
+        assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2:] > 0).all()
+        assert target["labels"].dtype == torch.int64 and set(target["labels"].tolist()) <= {1, 2, 3, 4, 5}
+        assert target["masks"].shape == (len(boxes), *image.shape[1:])
+        seen_boxes += len(boxes)
+    assert seen_boxes > 0
+    image, _ = datasets.build_dataset("val", args_for(root))[0]
+    assert image.shape == (3, 128, 128)
+
+
+def test_build_checks_num_classes_and_dataset_file(root):
+    with pytest.raises(ValueError, match="category id 5 in .*instances_train2017.json.*--num_classes 5"):
+        datasets.build_dataset("train", args_for(root, num_classes=5))
+    assert len(datasets.build_dataset("train", args_for(root, num_classes=6))) == PARAMS["num_train"]
+    with pytest.raises(ValueError, match="--dataset_file 'voc'.*coco, coco_panoptic, synthetic, synthetic_panoptic"):
+        datasets.build_dataset("train", args_for(root, dataset_file="voc"))
+
+
+def test_default_num_classes_and_thing_map(root):
+    assert datasets.default_num_classes(Namespace(dataset_file="coco")) == 91
+    assert datasets.default_num_classes(Namespace(dataset_file="coco_panoptic")) == 250
+    assert datasets.default_num_classes(args_for(root)) == 6
+    assert datasets.default_num_classes(args_for(root, dataset_file="synthetic_panoptic")) == 9
+    assert datasets.default_is_thing_map(args_for(root, dataset_file="synthetic_panoptic")) == {
+        1: True, 2: True, 3: True, 4: True, 5: True, 6: False, 7: False, 8: False}
+    assert datasets.default_is_thing_map(Namespace(dataset_file="coco_panoptic"))[90] is True
+    # --coco_path pointing at a generated dataset is used as it is, whatever the --synthetic_* flags say.
+    assert synthetic.prepare_root(args_for("unused", coco_path=str(root), synthetic_train_size=1)) == root
+
+
+def test_build_panoptic(root):
+    dataset = datasets.build_dataset("val", args_for(root, dataset_file="synthetic_panoptic", masks=True))
+    assert len(dataset) == PARAMS["num_val"]
+    image, target = dataset[0]
+    assert image.shape == (3, 128, 128)
+    assert {6, 7, 8} & set(target["labels"].tolist())  # stuff segments are targets too
+    assert target["masks"].shape[0] == len(target["labels"])
+    with pytest.raises(ValueError, match="category id 8 in .*panoptic_val2017.json.*--num_classes 8"):
+        datasets.build_dataset("val", args_for(root, dataset_file="synthetic_panoptic", num_classes=8))
+
+
+def test_add_synthetic_args():
+    parser = synthetic.add_synthetic_args(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert (args.synthetic_path, args.synthetic_seed, args.synthetic_train_size, args.synthetic_val_size,
+            args.synthetic_image_size) == ("data/synthetic", 0, 1600, 200, 128)
+    assert all(action.help for action in parser._actions if action.dest.startswith("synthetic_"))
