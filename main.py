@@ -250,10 +250,10 @@ def main(args):
         data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
                                        collate_fn=utils.collate_fn, num_workers=args.num_workers)
 
-    if args.dataset_file == "coco_panoptic":
-        # Box AP of a panoptic model is measured against the COCO instance annotations.
-        coco_val = datasets.coco.build("val", args)
-        base_ds = get_coco_api_from_dataset(coco_val)
+    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
+        # Box AP of a panoptic model is measured against the instance annotations of the same images.
+        instances = datasets.coco if args.dataset_file == "coco_panoptic" else datasets.synthetic
+        base_ds = get_coco_api_from_dataset(instances.build("val", args))
     else:
         base_ds = get_coco_api_from_dataset(dataset_val)
 

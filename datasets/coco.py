@@ -14,7 +14,6 @@ import torch
 import torchvision
 from PIL import Image
 from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
 
 from . import transforms as T
 

@@ -24,6 +24,10 @@ class CocoEvaluator:
     ('bbox', 'segm'); `.coco_eval[iou_type]` is the pycocotools COCOeval holding `.stats` and `.eval`."""
 
     def __init__(self, coco_gt: COCO, iou_types: Sequence[str]):
+        if coco_gt is None:
+            raise ValueError("CocoEvaluator needs the ground-truth COCO object; got None (get_coco_api_from_dataset "
+                             "returns None for datasets without COCO instance annotations, e.g. panoptic ones: "
+                             "use the instances dataset of the same images)")
         for iou_type in iou_types:
             if iou_type not in ("bbox", "segm"):
                 raise ValueError(f"CocoEvaluator: unsupported iou_type {iou_type!r}; expected 'bbox' or 'segm'")

@@ -122,12 +122,15 @@ class Backbone(BackboneBase):
         # DistributedDataParallel's initial broadcast.
         state = load_backbone_weights(name, weights) if is_main_process() else None
         if state is not None:
-            missing, unexpected = body.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = body.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # shape mismatches raise even with strict=False
+                raise RuntimeError(f"--backbone_weights {weights}: backbone weights do not fit {name}: {e}") from e
             missing = [k for k in missing if not k.startswith("fc.")]
             unexpected = [k for k in unexpected if not k.startswith("fc.")]
             if missing or unexpected:
-                raise RuntimeError(f"backbone weights do not fit {name}: missing {missing[:10]}, "
-                                   f"unexpected {unexpected[:10]}")
+                raise RuntimeError(f"--backbone_weights {weights}: backbone weights do not fit {name}: "
+                                   f"missing {missing[:10]}, unexpected {unexpected[:10]}")
         num_channels = 512 if name in ("resnet18", "resnet34") else 2048
         super().__init__(body, train_backbone, num_channels, return_interm_layers)
 

@@ -33,8 +33,11 @@ class NetworkUsed(RuntimeError):
     pass
 
 
-def block_network(monkeypatch) -> List[str]:
-    """Make every way out (sockets, urllib, torch.hub downloads) raise; returns the list of attempts made."""
+def block_network(monkeypatch, hub_cache: bool = False) -> List[str]:
+    """Make every way out (sockets, urllib, torch.hub downloads) raise; returns the list of attempts made.
+
+    With hub_cache, torch.hub.load_state_dict_from_url stays usable for files already in torch.hub's cache
+    (it only downloads what is missing, and downloads are blocked)."""
     attempts: List[str] = []
 
     def refuse(what):
@@ -49,5 +52,6 @@ def block_network(monkeypatch) -> List[str]:
     monkeypatch.setattr(urllib.request, "urlopen", refuse("urllib.request.urlopen"))
     monkeypatch.setattr(torch.hub, "urlopen", refuse("torch.hub.urlopen"), raising=False)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse("torch.hub.download_url_to_file"))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse("torch.hub.load_state_dict_from_url"))
+    if not hub_cache:
+        monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse("torch.hub.load_state_dict_from_url"))
     return attempts

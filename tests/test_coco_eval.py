@@ -153,3 +153,5 @@ def test_prepare_for_coco_formats():
     assert mask_util.area(dict(segm["segmentation"], counts=segm["segmentation"]["counts"].encode())) == 4
     with pytest.raises(ValueError, match="iou_type"):
         CocoEvaluator(COCO(), ["keypoints"])
+    with pytest.raises(ValueError, match="ground-truth COCO object; got None"):
+        CocoEvaluator(None, ["bbox"])
