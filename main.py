@@ -125,7 +125,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 SYNTHETIC_DEFAULTS = dict(
     backbone="resnet18", backbone_weights="none", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
     dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=30, lr_drop=25, num_workers=1, output_dir="outputs/synthetic",
+    weight_decay=1e-4, epochs=14, lr_drop=11, num_workers=1, output_dir="outputs/synthetic",
 )
 
 
@@ -173,6 +173,17 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_states(states) -> None:
+    """Continue this process's generators from a checkpoint's 'rng': one rng_state() per process (a single
+    dict in checkpoints of single-process runs written before that), used only if the process count is the same."""
+    states = [states] if isinstance(states, dict) else list(states)
+    if len(states) != utils.get_world_size():
+        print(f"--resume: the checkpoint holds the random states of {len(states)} process(es) but this run has "
+              f"{utils.get_world_size()}; continuing with freshly seeded generators instead")
+        return
+    set_rng_state(states[utils.get_rank()])
 
 
 def check_args(args) -> None:
@@ -281,7 +292,7 @@ def main(args):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
             if "rng" in checkpoint:
-                set_rng_state(checkpoint["rng"])
+                restore_rng_states(checkpoint["rng"])
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
@@ -299,7 +310,12 @@ def main(args):
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm)
         lr_scheduler.step()
+        # Where every generator stands for the next epoch: saved in the checkpoint, and restored after this
+        # epoch's evaluation and pictures (they draw from the same global generators: the val loader's seed,
+        # the val transforms), so that a run resumed from checkpoint.pth continues exactly like this one.
+        training_rng = rng_state()
         if output_dir is not None:
+            rng_states = utils.all_gather(training_rng)  # every process draws its own augmentations
             checkpoint_paths = [output_dir / "checkpoint.pth"]
             # Keep a copy before each learning-rate drop and every 100 epochs.
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
@@ -311,7 +327,7 @@ def main(args):
                     "lr_scheduler": lr_scheduler.state_dict(),
                     "epoch": epoch,
                     "args": args,
-                    "rng": rng_state(),
+                    "rng": rng_states,
                 }, checkpoint_path)
 
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
@@ -335,6 +351,7 @@ def main(args):
             if args.plots:
                 from util.visualize import save_training_pictures
                 save_training_pictures(model_without_ddp, postprocessors, dataset_val, output_dir, device)
+        set_rng_state(training_rng)
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
