@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
@@ -130,13 +131,14 @@ SYNTHETIC_DEFAULTS = dict(
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> set:
-    """The dests of the options that appear in argv (so dataset-specific defaults never override them)."""
-    given = set()
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if any(a == opt or a.startswith(opt + "=") for a in argv):
-                given.add(action.dest)
-    return given
+    """The dests of the options that appear in argv (so dataset-specific defaults never override them).
+
+    argv is parsed by `parser` itself into a namespace pre-filled with a marker, which argparse leaves in place
+    of its defaults: so an abbreviated flag (`--epoch 5` for --epochs) or `--flag=value` counts as given too."""
+    not_given = object()
+    probe = argparse.Namespace(**{a.dest: not_given for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=probe)
+    return {dest for dest, value in vars(probe).items() if value is not not_given}
 
 
 def apply_dataset_defaults(args, given: set) -> None:
@@ -184,6 +186,49 @@ def restore_rng_states(states) -> None:
               f"{utils.get_world_size()}; continuing with freshly seeded generators instead")
         return
     set_rng_state(states[utils.get_rank()])
+
+
+# The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
+# them change no weight shape (--dilation, --nheads), so its weights would load and silently mean something else.
+ARCHITECTURE_FLAGS = ("backbone", "dilation", "position_embedding", "hidden_dim", "nheads", "enc_layers",
+                      "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes", "masks")
+
+
+def architecture_differences(saved_args, args) -> List[str]:
+    """'--flag: checkpoint X, this run Y' for every ARCHITECTURE_FLAGS value that differs between the args a
+    checkpoint was trained with and this run's (flags the checkpoint does not record are not compared)."""
+    aliases = {"v2": "sine", "v3": "learned"}  # the original's old names of the position encodings
+    differences = []
+    for name in ARCHITECTURE_FLAGS:
+        if saved_args is None or not hasattr(saved_args, name) or getattr(saved_args, name) is None:
+            continue
+        saved, current = getattr(saved_args, name), getattr(args, name, None)
+        if aliases.get(saved, saved) != aliases.get(current, current):
+            differences.append(f"--{name}: checkpoint {saved!r}, this run {current!r}")
+    return differences
+
+
+def drop_log_lines_from(log_path: Path, first_epoch: int) -> None:
+    """Keep only the lines of log.txt for epochs before first_epoch. A run stopped after logging an epoch but
+    before saving its checkpoint redoes that epoch when resumed; without this its line would appear twice."""
+    if not log_path.exists():
+        return
+    kept, dropped = [], 0
+    for line in log_path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed process, or an empty one
+            dropped += bool(line.strip())
+            continue
+        if epoch < first_epoch:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log_path)
+        print(f"{log_path}: removed {dropped} line(s) of epochs from {first_epoch} on, which are redone now")
 
 
 def check_args(args) -> None:
@@ -285,6 +330,18 @@ def main(args):
                                        f"--finetune {args.finetune}")
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
+        differences = architecture_differences(checkpoint.get("args") if isinstance(checkpoint, dict) else None,
+                                               args)
+        if differences:
+            # The flags say what to change; the weights that do not fit, if any, are listed after them.
+            details = "\n".join(differences)
+            try:
+                load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume), "its weights")
+            except ValueError as e:
+                details += "\n" + str(e)
+            raise ValueError(f"--resume {args.resume} was trained with another model configuration:\n{details}\n"
+                             "Pass the checkpoint's values of these flags, or use another --output_dir "
+                             "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth).")
         load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume),
                                 f"--resume {args.resume}")
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
@@ -293,6 +350,8 @@ def main(args):
             args.start_epoch = checkpoint["epoch"] + 1
             if "rng" in checkpoint:
                 restore_rng_states(checkpoint["rng"])
+            if output_dir is not None and utils.is_main_process():
+                drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
@@ -314,22 +373,6 @@ def main(args):
         # epoch's evaluation and pictures (they draw from the same global generators: the val loader's seed,
         # the val transforms), so that a run resumed from checkpoint.pth continues exactly like this one.
         training_rng = rng_state()
-        if output_dir is not None:
-            rng_states = utils.all_gather(training_rng)  # every process draws its own augmentations
-            checkpoint_paths = [output_dir / "checkpoint.pth"]
-            # Keep a copy before each learning-rate drop and every 100 epochs.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
-                checkpoint_paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-            for checkpoint_path in checkpoint_paths:
-                utils.save_on_master({
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "epoch": epoch,
-                    "args": args,
-                    "rng": rng_states,
-                }, checkpoint_path)
-
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir)
 
@@ -351,6 +394,25 @@ def main(args):
             if args.plots:
                 from util.visualize import save_training_pictures
                 save_training_pictures(model_without_ddp, postprocessors, dataset_val, output_dir, device)
+        # The checkpoint comes after the log line: it marks the epoch as done. A run stopped before it (a
+        # preempted job) redoes the epoch when resumed, and drop_log_lines_from removes the line written
+        # before the stop, so that log.txt holds each epoch once.
+        if output_dir is not None:
+            rng_states = utils.all_gather(training_rng)  # every process draws its own augmentations
+            checkpoint_paths = [output_dir / "checkpoint.pth"]
+            # Keep a copy before each learning-rate drop and every 100 epochs.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+                checkpoint_paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+            for checkpoint_path in checkpoint_paths:
+                utils.save_on_master({
+                    "model": model_without_ddp.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "epoch": epoch,
+                    "args": args,
+                    "rng": rng_states,
+                }, checkpoint_path)
+
         set_rng_state(training_rng)
 
     total_time = time.time() - start_time

@@ -46,11 +46,21 @@ def test_nested_tensor_of_equal_sizes_has_no_padding():
     ([], "empty"),
     ([torch.rand(3, 4)], "[C, H, W]"),
     ([torch.rand(1, 3, 4, 4)], "[C, H, W]"),
-    ([torch.rand(3, 4, 4), torch.rand(1, 4, 4)], "channels"),
 ])
 def test_nested_tensor_rejects_bad_lists(images, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         nested_tensor_from_tensor_list(images)
+
+
+def test_nested_tensor_pads_the_first_dimension_too():
+    # Target masks [N_i, H, W] of images with different object counts batch the same way as images.
+    a = torch.ones(1, 2, 2)
+    b = torch.ones(3, 3, 1)
+    tensors, mask = nested_tensor_from_tensor_list([a, b]).decompose()
+    assert tensors.shape == (2, 3, 3, 2)
+    assert tensors[0].sum() == 4 and tensors[0, 0, :2, :2].eq(1).all()
+    assert tensors[1].sum() == 9 and tensors[1, :, :, 0].eq(1).all()
+    assert torch.equal(mask[1], torch.tensor([[False, True]] * 3))
 
 
 def test_nested_tensor_from_tensor_list_under_torchscript():

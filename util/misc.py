@@ -53,7 +53,7 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
         pad_hw = [0, max_w - int(img.shape[2]), 0, max_h - int(img.shape[1])]
         padded.append(F.pad(img, pad_hw + [0, max_c - int(img.shape[0])]))
         valid = torch.zeros((int(img.shape[1]), int(img.shape[2])), dtype=torch.uint8, device=img.device)
-        masks.append(F.pad(valid, pad_hw, value=1).bool())
+        masks.append(F.pad(valid, pad_hw, value=1.0).to(torch.bool))
     return NestedTensor(torch.stack(padded), torch.stack(masks))
 
 
@@ -268,7 +268,12 @@ def save_on_master(*args, **kwargs) -> None:
     if len(args) >= 2 and isinstance(args[1], (str, os.PathLike)):
         path = os.fspath(args[1])
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save(args[0], tmp, *args[2:], **kwargs)
+        try:
+            torch.save(args[0], tmp, *args[2:], **kwargs)
+        except BaseException:  # a full disk, an interrupt: do not leave a partial copy filling the disk
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
     else:
         torch.save(*args, **kwargs)
@@ -300,10 +305,38 @@ def init_distributed_mode(args) -> None:
     args.dist_backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(args.gpu)
+    if not 0 <= args.rank < args.world_size:
+        raise ValueError(f"rank {args.rank} is not below the world size {args.world_size} given by the {source}")
     print(f"| distributed init from the {source} (rank {args.rank} of {args.world_size}, "
           f"backend {args.dist_backend}): {args.dist_url}", flush=True)
-    timeout = datetime.timedelta(seconds=int(getattr(args, "dist_timeout", 1800)))
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
-    dist.barrier()
+    timeout_s = int(getattr(args, "dist_timeout", 1800))
+    try:
+        # The timeout bounds the rendezvous too (TCPStore connection and join, file store), not only collectives.
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size,
+                                rank=args.rank, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.barrier()
+    except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, DistNetworkError, gloo's "Wait timeout"
+        raise RuntimeError(rendezvous_failure_message(args, timeout_s, e)) from e
     setup_for_distributed(args.rank == 0)
+
+
+def rendezvous_failure_message(args, timeout_s: int, error: BaseException) -> str:
+    """What went wrong when joining the process group, and what to check, by kind of --dist_url."""
+    lines = [f"rank {args.rank} of {args.world_size} could not join the other processes (within --dist_timeout "
+             f"{timeout_s} s): {type(error).__name__}: {error}"]
+    url = str(args.dist_url)
+    if url == "env://":
+        address = f"{os.environ.get('MASTER_ADDR', '(unset)')}:{os.environ.get('MASTER_PORT', '(unset)')}"
+        lines.append(f"Check that MASTER_ADDR:MASTER_PORT = {address} is the rank-0 machine and reachable from here "
+                     "(name, firewall), that nothing else uses that port, that all WORLD_SIZE = "
+                     f"{args.world_size} processes were started (torchrun: the same --nnodes and --nproc_per_node on "
+                     "every node) and that they all got the same address.")
+    elif url.startswith("file://"):
+        lines.append(f"Check that {url[len('file://'):]} is on a file system every node sees, that it is not left "
+                     "over from an earlier run (use a new name for each job), and that all "
+                     f"{args.world_size} processes were started with this --dist_url.")
+    else:
+        lines.append(f"Check that {url} is reachable from every process and that all {args.world_size} processes "
+                     "were started with this --dist_url.")
+    lines.append("--dist_timeout sets how many seconds to wait.")
+    return "\n".join(lines)

@@ -29,7 +29,8 @@ def unnormalize(image: torch.Tensor) -> torch.Tensor:
     return (image.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
 
 
-def draw_boxes(ax, boxes, labels, scores: Optional[Sequence[float]], names: Dict[int, str]) -> None:
+def draw_boxes(ax, boxes, labels, scores: Optional[Sequence[float]], names: Dict[int, str],
+               fontsize: float = 7) -> None:
     """Draw xyxy pixel boxes with 'name score' labels on a matplotlib axis."""
     from matplotlib.patches import Rectangle
     for i, (box, label) in enumerate(zip(boxes, labels)):
@@ -39,7 +40,7 @@ def draw_boxes(ax, boxes, labels, scores: Optional[Sequence[float]], names: Dict
         text = names.get(int(label), str(int(label)))
         if scores is not None:
             text += f" {float(scores[i]):.2f}"
-        ax.text(x0, y0, text, fontsize=7, color="white", va="bottom",
+        ax.text(x0, y0, text, fontsize=fontsize, color="white", va="bottom",
                 bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
 
 
@@ -124,3 +125,137 @@ def save_training_pictures(model, postprocessors, dataset_val, output_dir, devic
                              category_names(dataset_val))
     if (output_dir / "log.txt").exists():
         save_curves_picture(output_dir / "log.txt", output_dir / "curves.png")
+
+
+# Pictures of predictions on arbitrary images (predict.py, attention.py) ------------------------------------
+
+# COCO's 80 detection categories under their official ids; the gaps (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+# are ids reserved by the dataset but never annotated. DETR's COCO models predict these ids directly (91
+# classes: ids 0..90), so a label is looked up here as it is.
+COCO_NAMES: Dict[int, str] = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train", 8: "truck",
+    9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign", 14: "parking meter", 15: "bench",
+    16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep", 21: "cow", 22: "elephant", 23: "bear",
+    24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella", 31: "handbag", 32: "tie", 33: "suitcase",
+    34: "frisbee", 35: "skis", 36: "snowboard", 37: "sports ball", 38: "kite", 39: "baseball bat",
+    40: "baseball glove", 41: "skateboard", 42: "surfboard", 43: "tennis racket", 44: "bottle",
+    46: "wine glass", 47: "cup", 48: "fork", 49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple",
+    54: "sandwich", 55: "orange", 56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut",
+    61: "cake", 62: "chair", 63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet",
+    72: "tv", 73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+# The 53 stuff categories of COCO panoptic (ids 92..200; "-merged" ones merge several COCO-stuff classes).
+# Panoptic DETR models predict things (COCO_NAMES) and these with one head of 250 classes.
+COCO_PANOPTIC_STUFF_NAMES: Dict[int, str] = {
+    92: "banner", 93: "blanket", 95: "bridge", 100: "cardboard", 107: "counter", 109: "curtain",
+    112: "door-stuff", 118: "floor-wood", 119: "flower", 122: "fruit", 125: "gravel", 128: "house",
+    130: "light", 133: "mirror-stuff", 138: "net", 141: "pillow", 144: "platform", 145: "playingfield",
+    147: "railroad", 148: "river", 149: "road", 151: "roof", 154: "sand", 155: "sea", 156: "shelf", 159: "snow",
+    161: "stairs", 166: "tent", 168: "towel", 171: "wall-brick", 175: "wall-stone", 176: "wall-tile",
+    177: "wall-wood", 178: "water-other", 180: "window-blind", 181: "window-other", 184: "tree-merged",
+    185: "fence-merged", 186: "ceiling-merged", 187: "sky-other-merged", 188: "cabinet-merged",
+    189: "table-merged", 190: "floor-other-merged", 191: "pavement-merged", 192: "mountain-merged",
+    193: "grass-merged", 194: "dirt-merged", 195: "paper-merged", 196: "food-other-merged",
+    197: "building-other-merged", 198: "rock-merged", 199: "wall-other-merged", 200: "rug-merged",
+}
+
+PICTURE_DPI = 100
+
+
+def image_axes(width: int, height: int, min_side: int = 512):
+    """(fig, ax, scale): a figure that is nothing but one axis showing data coordinates [0, width] x [0, height]
+    (y down, as in images), enlarged by the integer `scale` so its longer side has at least `min_side`
+    pixels. A point (x, y) of the image lands at pixel (x * scale, y * scale) of the saved PNG (dpi
+    PICTURE_DPI, no bbox_inches): pictures of small images get readable labels and tests can find the boxes."""
+    plt = _pyplot()
+    scale = max(1, -(-min_side // max(width, height)))  # ceil division
+    fig = plt.figure(figsize=(width * scale / PICTURE_DPI, height * scale / PICTURE_DPI), dpi=PICTURE_DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.axis("off")
+    return fig, ax, scale
+
+
+def label_fontsize(width: int, height: int, scale: int) -> float:
+    """Points for box labels: about 1/50 of the picture's longer side, within 8..16 points."""
+    return float(min(16.0, max(8.0, max(width, height) * scale / 50 * 72 / PICTURE_DPI)))
+
+
+def keep_texts_inside(ax) -> None:
+    """Move every text of `ax` (with its background patch) that sticks out of the axis back inside it: the label
+    of a box at the top or right border of the image would otherwise be cut off."""
+    fig = ax.figure
+    fig.canvas.draw()  # lays the texts out, so their extents are known
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        patch = text.get_bbox_patch()
+        extent = (patch if patch is not None else text).get_window_extent(renderer)
+        dx = max(0.0, frame.x0 - extent.x0) - max(0.0, extent.x1 - frame.x1)
+        dy = max(0.0, frame.y0 - extent.y0) - max(0.0, extent.y1 - frame.y1)
+        if dx or dy:
+            x, y = ax.transData.transform(text.get_position())
+            text.set_position(ax.transData.inverted().transform((x + dx, y + dy)))
+
+
+def save_detections_picture(image, boxes, labels, scores, names: Dict[int, str], path,
+                            min_side: int = 512) -> int:
+    """Save `image` (PIL or [H, W, 3] uint8) with xyxy pixel `boxes` and their 'name score' labels drawn on it,
+    coloured by class (color_for), as a PNG. Returns the picture's scale factor (see image_axes)."""
+    import numpy as np
+    plt = _pyplot()
+    rgb = np.asarray(image)
+    height, width = rgb.shape[:2]
+    fig, ax, scale = image_axes(width, height, min_side)
+    ax.imshow(rgb, extent=(0, width, height, 0))
+    draw_boxes(ax, boxes, labels, scores, names, fontsize=label_fontsize(width, height, scale))
+    keep_texts_inside(ax)
+    fig.savefig(path, dpi=PICTURE_DPI)
+    plt.close(fig)
+    return scale
+
+
+def segment_color(index: int):
+    """A distinct RGB colour (floats in [0, 1]) for the index-th segment of a picture: tab10 first, then hues
+    spread by the golden ratio so that neighbours in the list never look alike."""
+    import colorsys
+    if index < 10:
+        return tuple(_pyplot().get_cmap("tab10")(index)[:3])
+    return colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.9)
+
+
+def save_panoptic_picture(image, segment_ids, segments_info: List[dict], names: Dict[int, str], path,
+                          min_side: int = 512) -> None:
+    """Save `image` with each panoptic segment tinted in its own colour and a legend (name, share of the image)
+    beside it. segment_ids [H, W]: the segment id of every pixel; segments_info: [{'id', 'category_id', ...}]."""
+    import numpy as np
+    from matplotlib.patches import Patch
+    plt = _pyplot()
+    rgb = np.asarray(image, dtype=np.float64) / 255.0
+    height, width = rgb.shape[:2]
+    tinted = rgb.copy()
+    handles = []
+    for k, segment in enumerate(segments_info):
+        inside = segment_ids == segment["id"]
+        if not inside.any():  # merged into another segment of the same stuff class
+            continue
+        color = np.asarray(segment_color(k))
+        tinted[inside] = 0.4 * rgb[inside] + 0.6 * color
+        name = names.get(int(segment["category_id"]), str(segment["category_id"]))
+        handles.append(Patch(color=color, label=f"{name} {100.0 * inside.mean():.0f}%"))
+    fig, ax, scale = image_axes(width, height, min_side)
+    ax.imshow(tinted, extent=(0, width, height, 0))
+    fontsize = label_fontsize(width, height, scale)
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=fontsize,
+                  frameon=False, ncol=1 + len(handles) // 25)
+    else:
+        ax.text(width / 2, height / 2, "no segment above the threshold", ha="center", va="center",
+                fontsize=fontsize, color="white", bbox=dict(facecolor="black", alpha=0.6, edgecolor="none"))
+    # The legend sits outside the axis: a tight bounding box keeps all of it in the file.
+    fig.savefig(path, dpi=PICTURE_DPI, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)

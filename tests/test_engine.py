@@ -1,0 +1,143 @@
+"""engine.py: one training epoch is the plain weighted-loss / clip / step loop and reports its averages; a
+non-finite loss stops before the step; evaluation scores predictions with COCO's metrics."""
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
+
+import main as main_py
+import util.misc as utils
+from conftest import OracleDETR, tiny_detr_and_optimizer, tiny_flags
+from datasets import get_coco_api_from_dataset, synthetic
+from engine import evaluate, train_one_epoch
+from models import build_model
+
+
+@pytest.fixture(scope="module")
+def args(synthetic_root):
+    args = main_py.parse_args(tiny_flags(synthetic_root))
+    args.num_classes = 6
+    return args
+
+
+@pytest.fixture(scope="module")
+def batches(args):
+    """Two training batches of 2 images each (no augmentation randomness left: drawn once here)."""
+    dataset = synthetic.build("train", args)
+    return [utils.collate_fn([dataset[i] for i in range(j, j + 2)]) for j in (0, 2)]
+
+
+@pytest.fixture(scope="module")
+def val_dataset(args):
+    return synthetic.build("val", args)
+
+
+def model_and_optimizer(args):
+    model, criterion, _, optimizer = tiny_detr_and_optimizer(args)
+    return model, criterion, optimizer
+
+
+def total_grad_norm(model):
+    return torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+
+
+def test_an_epoch_is_the_weighted_loss_clip_step_loop(args, batches):
+    model, criterion, optimizer = model_and_optimizer(args)
+    stats = train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), epoch=0, max_norm=0.1)
+
+    # The same steps written out.
+    reference, criterion_ref, optimizer_ref = model_and_optimizer(args)
+    reference.train()
+    weights = criterion_ref.weight_dict
+    losses, terms = [], []
+    for samples, targets in batches:
+        loss_dict = criterion_ref(reference(samples), targets)
+        loss = sum(loss_dict[k] * weights[k] for k in loss_dict if k in weights)
+        optimizer_ref.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.1)
+        optimizer_ref.step()
+        losses.append(loss.item())
+        terms.append({k: v.item() for k, v in loss_dict.items()})
+
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, p_ref), name
+    # Every parameter that trains moved, the frozen ones (stem and layer1 of the backbone) did not.
+    initial, _, _ = model_and_optimizer(args)
+    for (name, p), p0 in zip(model.named_parameters(), initial.parameters()):
+        assert torch.equal(p, p0) != p.requires_grad, name
+
+    # Epoch averages of the total, of each weighted term, and of each raw term.
+    assert stats["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert set(weights) == {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    for k in weights:
+        assert stats[k] == pytest.approx(sum(t[k] * weights[k] for t in terms) / 2, rel=1e-6), k
+    for k in terms[0]:
+        assert stats[f"{k}_unscaled"] == pytest.approx(sum(t[k] for t in terms) / 2, rel=1e-6), k
+    assert stats["lr"] == args.lr and stats["loss"] > 0
+    assert 0 <= stats["class_error"] <= 100
+
+
+def test_max_norm_clips_the_gradient_and_zero_disables_it(args, batches):
+    norms = {}
+    for max_norm in (0.0, 0.1):
+        model, criterion, optimizer = model_and_optimizer(args)
+        train_one_epoch(model, criterion, batches[:1], optimizer, torch.device("cpu"), epoch=0, max_norm=max_norm)
+        norms[max_norm] = total_grad_norm(model)  # the gradient of the step, as the step saw it
+    assert norms[0.0] > 1  # an untrained DETR's gradient is large: clipping has work to do
+    assert norms[0.1] == pytest.approx(0.1, rel=1e-4)
+
+
+def test_a_non_finite_loss_exits_before_the_step(args, batches, capsys):
+    model, criterion, optimizer = model_and_optimizer(args)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = criterion.forward
+
+    def infinite_boxes(outputs, targets):
+        losses = forward(outputs, targets)
+        losses["loss_bbox_0"] = losses["loss_bbox_0"] + math.inf
+        return losses
+    criterion.forward = infinite_boxes
+    with pytest.raises(SystemExit) as raised:
+        train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), epoch=0, max_norm=0.1)
+    assert raised.value.code == 1
+    printed = capsys.readouterr().out
+    assert "Loss is inf, stopping training" in printed and "'loss_bbox_0': inf" in printed
+    assert "'loss_ce': " in printed
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert optimizer.state_dict()["state"] == {}
+
+
+def run_evaluation(model, args, dataset, batch_size=2):
+    _, criterion, postprocessors = build_model(args)
+    loader = DataLoader(dataset, batch_size, sampler=SequentialSampler(dataset), collate_fn=utils.collate_fn)
+    return evaluate(model, criterion, postprocessors, loader, get_coco_api_from_dataset(dataset),
+                    torch.device("cpu"), output_dir="")
+
+
+def test_evaluating_the_ground_truth_scores_ap_1(args, val_dataset):
+    oracle = OracleDETR(val_dataset, num_classes=6, num_queries=args.num_queries)
+    stats, coco_evaluator = run_evaluation(oracle, args, val_dataset)
+    assert sorted(coco_evaluator.img_ids) == sorted(val_dataset.ids)
+    ap = stats["coco_eval_bbox"]
+    assert len(ap) == 12
+    assert ap[0] == pytest.approx(1.0) and ap[1] == pytest.approx(1.0) and ap[2] == pytest.approx(1.0)
+    assert ap[8] == pytest.approx(1.0)  # AR with 100 detections: every object found
+    # Losses of exact boxes with confident classes.
+    assert stats["loss_bbox_unscaled"] == pytest.approx(0, abs=1e-5)
+    assert stats["loss_giou_unscaled"] == pytest.approx(0, abs=1e-5)
+    assert stats["class_error"] == 0 and stats["cardinality_error_unscaled"] == 0
+    assert stats["loss"] == pytest.approx(stats["loss_ce"], rel=1e-3)
+
+
+def test_evaluating_noisy_boxes_scores_between_0_and_1_whatever_the_batch_size(args, val_dataset):
+    oracle = OracleDETR(val_dataset, num_classes=6, num_queries=args.num_queries, noise=0.08)
+    stats, _ = run_evaluation(oracle, args, val_dataset, batch_size=2)
+    assert 0.05 < stats["coco_eval_bbox"][0] < 0.95
+    assert stats["coco_eval_bbox"][1] > stats["coco_eval_bbox"][0]  # AP50 is easier than AP
+    assert stats["loss_bbox_unscaled"] > 0.01
+    # Batching changes the losses' averaging, never the COCO metrics.
+    stats_3, _ = run_evaluation(oracle, args, val_dataset, batch_size=3)
+    assert stats_3["coco_eval_bbox"] == stats["coco_eval_bbox"]

@@ -1,0 +1,410 @@
+"""main.py end to end on a tiny model and the session's synthetic dataset: the files a run writes, resuming,
+atomic checkpoints, refusing bad input before training, the CPU fallback, and fine-tuning."""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import datasets
+import main as main_py
+import util.misc as utils
+from conftest import file_digest, load_checkpoint_safely, run_main, tiny_flags
+from models import build_model
+
+# Dropout on, so that a resumed run also needs the model's own draws from torch's generator to continue.
+RESUME_FLAGS = ("--dropout", "0.1", "--lr_drop", "3")
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_root, tmp_path_factory):
+    """Output folder of 4 epochs in one go (LR drop after the 3rd)."""
+    out = tmp_path_factory.mktemp("straight")
+    run_main(tiny_flags(synthetic_root, out, "--epochs", "4", *RESUME_FLAGS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(synthetic_root, tmp_path_factory):
+    """Output folder of 2 epochs, then a second command resuming from its checkpoint.pth up to epoch 4; also
+    a copy of the checkpoint after epoch 2."""
+    out = tmp_path_factory.mktemp("resumed")
+    run_main(tiny_flags(synthetic_root, out, "--epochs", "2", *RESUME_FLAGS))
+    shutil.copy(out / "checkpoint.pth", out / "after_epoch_2.pth")
+    shutil.copy(out / "log.txt", out / "after_epoch_2.log")
+    run_main(tiny_flags(synthetic_root, out, "--epochs", "4", *RESUME_FLAGS, "--resume", str(out / "checkpoint.pth")))
+    return out
+
+
+@pytest.fixture
+def previous_run(resumed_run, tmp_path):
+    """A fresh output folder holding the checkpoint and log of a finished epoch (epoch index 1)."""
+    shutil.copy(resumed_run / "after_epoch_2.pth", tmp_path / "checkpoint.pth")
+    shutil.copy(resumed_run / "after_epoch_2.log", tmp_path / "log.txt")
+    return tmp_path
+
+
+def assert_same_logs(log_a, log_b, tol=1e-6):
+    assert len(log_a) == len(log_b)
+    for a, b in zip(log_a, log_b):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], list):
+                assert a[k] == pytest.approx(b[k], abs=tol), k
+            else:
+                assert a[k] == pytest.approx(b[k], abs=tol, rel=tol), (a["epoch"], k)
+
+
+# ---------------------------------------------------------------------------------------------- output files
+
+def test_a_run_writes_the_originals_files(straight_run):
+    checkpoint = load_checkpoint_safely(straight_run / "checkpoint.pth")
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= checkpoint.keys()
+    assert checkpoint["epoch"] == 3
+    args = checkpoint["args"]
+    assert isinstance(args, argparse.Namespace) and args.epochs == 4 and args.num_classes == 6
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 4
+    # lr 2e-4 (the synthetic default), dropped x0.1 after the third epoch.
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == pytest.approx([2e-5, 2e-5])
+    model, _, _ = build_model(args)
+    model.load_state_dict(checkpoint["model"], strict=True)
+
+    log = read_log(straight_run / "log.txt")
+    assert [row["epoch"] for row in log] == [0, 1, 2, 3]
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for row in log:
+        assert row["n_parameters"] == n_parameters
+        for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_lr",
+                    "train_class_error", "test_loss", "test_loss_ce", "test_loss_bbox", "test_loss_giou",
+                    "test_class_error", "train_loss_bbox_0", "test_cardinality_error_unscaled"):
+            assert isinstance(row[key], float), key
+        assert len(row["test_coco_eval_bbox"]) == 12
+        assert all(-1 <= v <= 1 for v in row["test_coco_eval_bbox"])
+        # The logged total is the weighted sum of its terms (weights 1, 5, 2 for ce, bbox, giou).
+        terms = [k for k in row if k.startswith("train_loss_") and not k.endswith("_unscaled")]
+        assert len(terms) == 6
+        assert row["train_loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
+    assert [row["train_lr"] for row in log] == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5])
+
+    # A copy before the LR drop (after epoch index 2, as lr_drop is 3), and no other.
+    assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0002.pth"]
+    assert load_checkpoint_safely(straight_run / "checkpoint0002.pth")["epoch"] == 2
+    assert not list(straight_run.glob("**/*.tmp*")), "temporary files left behind"
+
+    coco_eval = torch.load(straight_run / "eval" / "latest.pth", weights_only=False)
+    assert coco_eval["precision"].shape == (10, 101, 5, 4, 3)  # IoU thresholds, recall, classes, areas, maxDets
+    assert sorted(p.name for p in (straight_run / "eval").iterdir()) == ["000.pth", "latest.pth"]
+
+    for name in ("predictions.png", "curves.png"):
+        data = (straight_run / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, name
+
+
+def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(straight_run, synthetic_root, tmp_path):
+    checkpoint = straight_run / "checkpoint.pth"
+    stats, _ = run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--resume", str(checkpoint)))
+    last = read_log(straight_run / "log.txt")[-1]
+    assert stats["coco_eval_bbox"] == pytest.approx(last["test_coco_eval_bbox"], abs=1e-12)
+    assert stats["loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+    coco_eval = torch.load(tmp_path / "eval.pth", weights_only=False)
+    assert coco_eval["precision"].shape == (10, 101, 5, 4, 3)
+    assert not (tmp_path / "log.txt").exists() and not (tmp_path / "checkpoint.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+
+def test_resuming_continues_exactly_as_an_uninterrupted_run(straight_run, resumed_run):
+    straight, resumed = read_log(straight_run / "log.txt"), read_log(resumed_run / "log.txt")
+    assert [row["epoch"] for row in resumed] == [0, 1, 2, 3]
+    assert_same_logs(straight, resumed)
+    a = load_checkpoint_safely(straight_run / "checkpoint.pth")
+    b = load_checkpoint_safely(resumed_run / "checkpoint.pth")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6, msg=k)
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(state_a["exp_avg_sq"], state_b["exp_avg_sq"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_resuming_with_a_data_loader_worker_continues_exactly(synthetic_root, tmp_path):
+    # With workers, the augmentations are drawn in another process, seeded from torch's generator here.
+    flags = ("--num_workers", "1", "--no_plots", *RESUME_FLAGS)
+    run_main(tiny_flags(synthetic_root, tmp_path / "straight", "--epochs", "3", *flags))
+    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "1", *flags))
+    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "3", *flags,
+                        "--resume", str(tmp_path / "resumed" / "checkpoint.pth")))
+    assert_same_logs(read_log(tmp_path / "straight" / "log.txt"), read_log(tmp_path / "resumed" / "log.txt"))
+    a = load_checkpoint_safely(tmp_path / "straight" / "checkpoint.pth")["model"]
+    b = load_checkpoint_safely(tmp_path / "resumed" / "checkpoint.pth")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_checkpoints_hold_the_random_state_of_every_process(resumed_run):
+    rng = load_checkpoint_safely(resumed_run / "checkpoint.pth")["rng"]
+    assert isinstance(rng, list) and len(rng) == 1
+    assert {"torch", "python", "numpy"} <= rng[0].keys()
+
+
+def test_checkpoints_of_another_process_count_resume_with_fresh_generators(capsys, monkeypatch):
+    state = main_py.rng_state()
+    monkeypatch.setattr(main_py, "set_rng_state", lambda s: pytest.fail("restored another process's state"))
+    main_py.restore_rng_states([state, state])
+    assert "random states of 2 process(es) but this run has 1" in capsys.readouterr().out
+
+
+def test_single_dict_rng_of_older_checkpoints_is_restored():
+    import random
+    state = main_py.rng_state()
+    expected = (torch.rand(3), random.random())
+    main_py.restore_rng_states(state)
+    assert (torch.rand(3), random.random()) == (pytest.approx(expected[0]), expected[1])
+
+
+# ---------------------------------------------------------------------------------------------- saving safely
+
+def crash_while_writing(monkeypatch, name_starts="checkpoint"):
+    """Make torch.save write the start of a file whose name starts with `name_starts`, and then fail, as a
+    full disk or a killed job would; other files are saved as usual."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not Path(f).name.startswith(name_starts):
+            return real_save(obj, f, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 only the first bytes")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    utils.save_on_master({"model": {"w": torch.ones(3)}, "epoch": 0}, path)
+    before = file_digest(path)
+    crash_while_writing(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        utils.save_on_master({"model": {"w": torch.zeros(3)}, "epoch": 1}, path)
+    assert file_digest(path) == before
+    assert load_checkpoint_safely(path)["epoch"] == 0
+    assert list(tmp_path.iterdir()) == [path], "the partial temporary file was left behind"
+
+
+def test_a_crash_while_training_saves_a_checkpoint_leaves_the_previous_one(previous_run, synthetic_root,
+                                                                         monkeypatch):
+    before = file_digest(previous_run / "checkpoint.pth")
+    crash_while_writing(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "3", *RESUME_FLAGS,
+                            "--resume", str(previous_run / "checkpoint.pth")))
+    assert file_digest(previous_run / "checkpoint.pth") == before
+    assert load_checkpoint_safely(previous_run / "checkpoint.pth")["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def coco_copy(synthetic_root, tmp_path):
+    """A copy of the session's dataset (it has the COCO layout) that a test may damage."""
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_root, root, ignore=shutil.ignore_patterns("panoptic*"))
+    return root
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if main.py gets as far as training."""
+    def train_one_epoch(*args, **kwargs):
+        pytest.fail("training started despite bad input")
+    monkeypatch.setattr(main_py, "train_one_epoch", train_one_epoch)
+
+
+@pytest.fixture
+def output_with_history(tmp_path):
+    """An output folder holding earlier results, which no failing command may change; returns (folder, check)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"an earlier checkpoint")
+    (out / "log.txt").write_text('{"epoch": 0}\n')
+
+    def unchanged():
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.txt"]
+        assert (out / "checkpoint.pth").read_bytes() == b"an earlier checkpoint"
+        assert (out / "log.txt").read_text() == '{"epoch": 0}\n'
+    return out, unchanged
+
+
+def coco_flags(root, output_dir, *extra):
+    return ["--dataset_file", "coco", "--coco_path", str(root), "--device", "cpu", "--output_dir", str(output_dir),
+            *extra]
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_missing_dataset_folder_names_the_flag_and_the_layout(tmp_path, no_training, output_with_history,
+                                                                monkeypatch):
+    out, unchanged = output_with_history
+    monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the data was checked"))
+    with pytest.raises(FileNotFoundError) as error:
+        main_py.main(main_py.parse_args(coco_flags(tmp_path / "nowhere", out)))
+    message = str(error.value)
+    assert "--coco_path" in message and str(tmp_path / "nowhere") in message
+    assert "train2017/" in message and "annotations/instances_{train,val}2017.json" in message
+    unchanged()
+
+
+@pytest.mark.parametrize("damage, error, expected", [
+    (lambda root: (root / "annotations" / "instances_train2017.json").write_text('{"images": [{"id": 1,'),
+     ValueError, ["instances_train2017.json", "not valid JSON"]),
+    (lambda root: edit_json(root / "annotations" / "instances_val2017.json", lambda d: d.pop("annotations")),
+     ValueError, ["instances_val2017.json", "'annotations'"]),
+    (lambda root: edit_json(root / "annotations" / "instances_train2017.json",
+                            lambda d: d["annotations"][0].update(category_id=9)),
+     ValueError, ["category id 9", "instances_train2017.json", "--num_classes 6", "--num_classes 10"]),
+    (lambda root: (root / "train2017" / "000000000005.jpg").unlink(),
+     FileNotFoundError, ["instances_train2017.json", "missing", "train2017/000000000005.jpg"]),
+], ids=["malformed_json", "missing_key", "category_id_too_large", "missing_image"])
+def test_bad_annotations_fail_before_the_model_is_built(coco_copy, damage, error, expected, no_training,
+                                                        output_with_history, monkeypatch):
+    out, unchanged = output_with_history
+    damage(coco_copy)
+    monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the data was checked"))
+    with pytest.raises(error) as raised:
+        main_py.main(main_py.parse_args(coco_flags(coco_copy, out, "--num_classes", "6")))
+    for text in expected:
+        assert text in str(raised.value)
+    unchanged()
+
+
+def test_an_image_that_cannot_be_decoded_is_named(coco_copy, previous_run, synthetic_root):
+    broken = coco_copy / "train2017" / "000000000003.jpg"
+    broken.write_bytes(b"this is not a JPEG file")
+    before, log_before = file_digest(previous_run / "checkpoint.pth"), (previous_run / "log.txt").read_text()
+    with pytest.raises(OSError) as raised:
+        run_main(tiny_flags(synthetic_root, previous_run, "--coco_path", str(coco_copy), "--epochs", "3",
+                            *RESUME_FLAGS, "--resume", str(previous_run / "checkpoint.pth")))
+    assert "cannot decode image" in str(raised.value) and str(broken) in str(raised.value)
+    assert file_digest(previous_run / "checkpoint.pth") == before
+    assert (previous_run / "log.txt").read_text() == log_before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--frozen_weights", "box_model.pth"], ["--frozen_weights", "--masks"]),
+    (["--resume", "no/such/checkpoint.pth"], ["--resume", "no/such/checkpoint.pth", "no such file"]),
+    (["--masks", "--frozen_weights", "no/such/box_model.pth"], ["--frozen_weights", "no/such/box_model.pth"]),
+])
+def test_bad_flags_stop_at_once(flags, expected, synthetic_root, no_training, output_with_history, monkeypatch):
+    out, unchanged = output_with_history
+    monkeypatch.setattr(main_py, "build_dataset", lambda *a, **k: pytest.fail("went on past the flag check"))
+    with pytest.raises(SystemExit) as raised:
+        main_py.main(main_py.parse_args(tiny_flags(synthetic_root, out, *flags)))
+    for text in expected:
+        assert text in str(raised.value.code)
+    unchanged()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--dec_layers", "3"], ["missing keys", "transformer.decoder.layers.2.linear1.weight"]),
+    (["--num_queries", "9"], ["shape mismatches", "query_embed.weight: checkpoint [8, 32] vs model [9, 32]"]),
+    (["--num_classes", "8"], ["class_embed.weight: checkpoint [7, 32] vs model [9, 32]", "--finetune"]),
+], ids=["more_decoder_layers", "more_queries", "more_classes"])
+def test_resuming_a_checkpoint_of_another_architecture_lists_the_keys(flags, expected, resumed_run, synthetic_root,
+                                                                      no_training, tmp_path):
+    checkpoint = resumed_run / "after_epoch_2.pth"
+    before = file_digest(checkpoint)
+    with pytest.raises(ValueError) as raised:
+        main_py.main(main_py.parse_args(tiny_flags(synthetic_root, tmp_path, *flags, "--resume", str(checkpoint))))
+    message = str(raised.value)
+    assert f"--resume {checkpoint}" in message
+    for text in expected:
+        assert text in message
+    assert file_digest(checkpoint) == before
+
+
+def test_a_non_finite_loss_stops_training_with_status_1(previous_run, synthetic_root, monkeypatch, capsys):
+    from models.detr import SetCriterion
+    loss_labels = SetCriterion.loss_labels
+
+    def nan_loss_labels(self, *args, **kwargs):
+        losses = loss_labels(self, *args, **kwargs)
+        losses["loss_ce"] = losses["loss_ce"] * float("nan")
+        return losses
+    monkeypatch.setattr(SetCriterion, "loss_labels", nan_loss_labels)
+    checkpoint_before = file_digest(previous_run / "checkpoint.pth")
+    log_before = (previous_run / "log.txt").read_text()
+    with pytest.raises(SystemExit) as raised:
+        run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "4", *RESUME_FLAGS,
+                            "--resume", str(previous_run / "checkpoint.pth")))
+    assert raised.value.code == 1
+    printed = capsys.readouterr().out
+    assert "Loss is nan, stopping training" in printed
+    assert "'loss_ce': nan" in printed and "'loss_bbox': " in printed and "'loss_giou': " in printed
+    assert file_digest(previous_run / "checkpoint.pth") == checkpoint_before
+    assert (previous_run / "log.txt").read_text() == log_before
+
+
+# ---------------------------------------------------------------------------------------------- device, classes
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, tmp_path):
+    stats, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--device", "cuda",
+                                         "--resume", str(straight_run / "checkpoint.pth")))
+    assert "--device cuda: no CUDA device is available here, using the CPU instead" in printed
+    assert "device='cpu'" in printed  # the args as printed
+    assert stats["coco_eval_bbox"] == pytest.approx(read_log(straight_run / "log.txt")[-1]["test_coco_eval_bbox"])
+
+
+def test_num_classes_defaults_to_the_largest_category_id_plus_one(synthetic_root, coco_copy):
+    args = main_py.parse_args(tiny_flags(synthetic_root))
+    assert args.num_classes is None
+    assert datasets.default_num_classes(args) == 6  # categories 1..5
+    edit_json(coco_copy / "annotations" / "instances_train2017.json",
+              lambda d: d["categories"].append({"id": 11, "name": "hexagon", "supercategory": "shape"}))
+    assert datasets.default_num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
+                                                                      str(coco_copy)))) == 12
+    assert main_py.parse_args(tiny_flags(synthetic_root, "", "--num_classes", "20")).num_classes == 20
+
+
+def test_finetune_reinitializes_only_the_class_head(resumed_run, synthetic_root, tmp_path, monkeypatch):
+    evaluated = []
+    real_evaluate = main_py.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        evaluated.append(model)
+        return real_evaluate(model, *args, **kwargs)
+    monkeypatch.setattr(main_py, "evaluate", evaluate)
+    checkpoint = resumed_run / "after_epoch_2.pth"
+    flags = tiny_flags(synthetic_root, tmp_path, "--num_classes", "9")
+    _, printed = run_main(flags + ["--eval", "--finetune", str(checkpoint)])
+    assert (f"Loaded --finetune {checkpoint}; re-initialized because their shapes differ: "
+            "class_embed.weight: checkpoint [7, 32] vs model [10, 32]; class_embed.bias: checkpoint [7] vs model [10]"
+            in printed)
+    (model,) = evaluated
+    loaded, state = load_checkpoint_safely(checkpoint)["model"], model.state_dict()
+    assert state.keys() == loaded.keys()
+    for k in state:
+        if not k.startswith("class_embed."):
+            assert torch.equal(state[k], loaded[k]), k
+    # The new head is the one a fresh model of this seed starts with.
+    torch.manual_seed(42)
+    fresh, _, _ = build_model(main_py.parse_args(flags + ["--num_classes", "9"]))
+    assert torch.equal(state["class_embed.weight"], fresh.state_dict()["class_embed.weight"])
+    assert state["class_embed.bias"].shape == (10,)
+
+
+def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
+    args = main_py.parse_args(["--dataset_file", "synthetic", "--epoch", "5", "--lr_backbone=0", "--no_aux_loss"])
+    assert (args.epochs, args.lr_backbone, args.aux_loss) == (5, 0.0, False)
+    assert args.lr == main_py.SYNTHETIC_DEFAULTS["lr"] and args.backbone == "resnet18"
+    assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
