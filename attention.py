@@ -31,7 +31,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from main import choose_device  # noqa: E402
 from predict import HUB_ENTRIES, load_detector, read_image  # noqa: E402
-from util.visualize import color_for, draw_boxes, keep_texts_inside  # noqa: E402
+from util.visualize import color_for, draw_boxes, keep_texts_inside, text_color_on  # noqa: E402
 
 MAX_POINTS = 6
 
@@ -135,7 +135,7 @@ def save_encoder_attention_picture(image, maps: AttentionMaps, points: Sequence[
         for target in (axes[0], ax):
             target.plot([x], [y], marker="o", markersize=9, markerfacecolor=color, markeredgecolor="white",
                         markeredgewidth=1.5)
-        axes[0].annotate(str(k + 1), (x, y), xytext=(6, 6), textcoords="offset points", color="white",
+        axes[0].annotate(str(k + 1), (x, y), xytext=(6, 6), textcoords="offset points", color=text_color_on(color),
                          fontsize=10, fontweight="bold",
                          bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"))
         row, col = feature_cell((x, y), (height, width), feature_size)

@@ -1,7 +1,7 @@
 """Export a DETR to ONNX with a dynamic batch size, height and width, then check it against PyTorch.
 
     python export_onnx.py --resume outputs/synthetic/checkpoint.pth --output detr.onnx
-    python export_onnx.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth --output detr_r50.onnx --check photo.jpg
+    python export_onnx.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth --output r50.onnx --check photo.jpg
 
 The ONNX model takes `images`, a float32 batch [B, 3, H, W] resized and normalized as predict.py does (ImageNet
 mean and std) and all of one size (there is no padding mask), and returns `pred_logits` [B, Q, classes + 1]

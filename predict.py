@@ -15,10 +15,11 @@ Written to --output_dir:
                             pixels of the image as given; pycocotools' COCO.loadRes reads it
     images.json             [{id, file_name, height, width}]: which file each image_id is
 
-image_id is the number a file is named by (COCO's 000000000139.jpg is 139) when every file is named by a
-distinct number, otherwise the image's position in the list (0, 1, ...). Class names come from the
-annotation files of the checkpoint's dataset when they are at hand, from COCO's category table for COCO
-models, or from --categories.
+image_id is, with --annotations FILE (a COCO-format annotation file), the id FILE gives the image's file name,
+so that results.json evaluates against FILE; otherwise the number a file is named by (COCO's
+000000000139.jpg is 139) when every file is named by a distinct number, else the image's position in the list
+(0, 1, ...). Class names come from --annotations, else from the annotation files of the checkpoint's dataset
+when they are at hand, else from COCO's category table for COCO models.
 
 A path that does not exist, or a folder without images, stops the run before anything is computed. An image
 that cannot be decoded is reported and skipped: the others are still processed, the run ends with the list of
@@ -122,13 +123,15 @@ def resize_transform(size: int) -> T.Compose:
 
 
 def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretrained: Optional[str] = None,
-                  device="cpu", size: Optional[int] = None, categories: Optional[str] = None) -> Detector:
+                  device="cpu", size: Optional[int] = None, annotations: Optional[str] = None) -> Detector:
     """The model of a main.py checkpoint (`resume`) or of a hubconf.py entry point (`hub`, with the weights of
     the checkpoint file `pretrained`, random ones without), in eval mode on `device`. `size` overrides the
-    input resolution; `categories`, a COCO-format JSON file, overrides the class names."""
+    input resolution; the categories of `annotations`, a COCO-format JSON file, override the class names."""
     device = torch.device(device)
     if (resume is None) == (hub is None):
         raise ValueError("give either --resume CHECKPOINT or --hub NAME")
+    if pretrained and not hub:
+        raise ValueError("--pretrained goes with --hub; a main.py checkpoint is given with --resume")
     if resume is not None:
         checkpoint = load_checkpoint(resume)
         state = model_state_from(checkpoint, resume)
@@ -156,8 +159,8 @@ def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretr
         names = {**COCO_NAMES, **COCO_PANOPTIC_STUFF_NAMES} if panoptic else dict(COCO_NAMES)
     if size is not None:
         transform = resize_transform(size)
-    if categories is not None:
-        names = names_from_annotations(Path(categories))
+    if annotations is not None:
+        names = names_from_annotations(Path(annotations))
     model.to(device).eval()
     return Detector(model, postprocessors, transform, names, device)
 
@@ -217,8 +220,21 @@ def read_image(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(f).convert("RGB")
 
 
-def image_ids(paths: Sequence[Path]) -> List[int]:
-    """COCO image ids: the numbers the files are named by when all are (and differ), else 0, 1, 2, ..."""
+def image_ids(paths: Sequence[Path], annotations: Optional[Path] = None) -> List[int]:
+    """COCO image ids: those the annotation file `annotations` gives the files' names; without one, the numbers
+    the files are named by when all are (and differ), else 0, 1, 2, ..."""
+    if annotations is not None:
+        try:
+            listed = {Path(image["file_name"]).name: int(image["id"])
+                      for image in json.loads(Path(annotations).read_text())["images"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read image ids from {annotations}: {type(e).__name__}: {e}; it must be a "
+                             "COCO-format JSON file with 'images': [{'id', 'file_name'}, ...]") from e
+        missing = [p.name for p in paths if p.name not in listed]
+        if missing:
+            raise ValueError(f"{len(missing)} image(s) are not among the images of --annotations {annotations}, "
+                             f"e.g. {missing[0]}; leave --annotations out to number the images instead")
+        return [listed[p.name] for p in paths]
     stems = [p.stem for p in paths]
     if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
         return [int(s) for s in stems]
@@ -259,9 +275,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=4, type=int, help="images per forward pass")
     parser.add_argument("--size", default=None, type=int,
                         help="resize the shorter side to this (default: as the model's validation images)")
-    parser.add_argument("--categories", default=None,
-                        help="a COCO-format JSON file whose 'categories' name the classes (default: the "
-                             "checkpoint's dataset, or COCO's names for COCO models)")
+    parser.add_argument("--annotations", default=None,
+                        help="a COCO-format annotation file: its categories name the classes and its images give "
+                             "each image's id by file name (default: the names of the checkpoint's dataset, or "
+                             "COCO's for COCO models; ids from the file names)")
     parser.add_argument("--device", default="cuda", help="falls back to the CPU when CUDA is absent")
     return parser
 
@@ -270,18 +287,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("predict.py: --batch_size must be at least 1")
-    if args.pretrained and not args.hub:
-        raise SystemExit("predict.py: --pretrained goes with --hub; a main.py checkpoint is given with --resume")
     try:
         paths = list_images(args.images)  # before the model is built: a typo fails at once
+        ids = image_ids(paths, args.annotations)
         detector = load_detector(args.resume, args.hub, args.pretrained, choose_device(args.device), args.size,
-                                 args.categories)
+                                 args.annotations)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"predict.py: error: {e}")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ids, names = image_ids(paths), output_names(paths)
+    names = output_names(paths)
     results, images, failures = [], [], []
     start = time.time()
     for first in range(0, len(paths), args.batch_size):

@@ -62,7 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--cluster {args.cluster} runs on this machine only: pass --nodes 1")
     if args.cluster == "debug" and args.ngpus != 1:
         parser.error("--cluster debug runs one task in this process: pass --ngpus 1")
+    if args.cluster != "slurm" and uses_local_gpus(args) and args.ngpus > torch.cuda.device_count():
+        parser.error(f"--ngpus {args.ngpus}: this machine has {torch.cuda.device_count()} GPU(s); ask for at most "
+                     "that many, or pass --device cpu for CPU processes")
     return args
+
+
+def uses_local_gpus(args: argparse.Namespace) -> bool:
+    """Whether tasks run on this machine (--cluster local or debug) get GPUs: main.py would fall back to the CPU
+    without them, or with --device cpu."""
+    return args.device.startswith("cuda") and torch.cuda.is_available()
 
 
 def shared_folder(job_dir: str) -> Path:
@@ -108,11 +117,13 @@ class Trainer(submitit.helpers.Checkpointable):
         new_args = copy.deepcopy(self.args)
         new_args.output_dir = new_args.output_dir.replace("%j", str(submitit.JobEnvironment().job_id))
         new_args.auto_resume = True
-        if os.path.isfile(os.path.join(new_args.output_dir, "checkpoint.pth")):
+        checkpoint = os.path.join(new_args.output_dir, "checkpoint.pth")
+        if os.path.isfile(checkpoint):
             new_args.resume = ""  # this run's own checkpoint wins over a --resume given at submission
         if new_args.dist_url.startswith("file://"):
             new_args.dist_url = new_dist_url(new_args.job_dir)
-        print(f"Requeuing, to resume from {new_args.output_dir}/checkpoint.pth", flush=True)
+        print(f"Requeuing: the job will resume from {checkpoint}" if os.path.isfile(checkpoint) else
+              f"Requeuing: no {checkpoint} yet, the job will start over", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(new_args))
 
 
@@ -120,8 +131,8 @@ def make_executor(args: argparse.Namespace) -> submitit.Executor:
     """The submitit executor of --cluster, with the job's resources."""
     executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     gpus_per_node = args.ngpus
-    if args.cluster != "slurm":
-        gpus_per_node = min(args.ngpus, torch.cuda.device_count())
+    if args.cluster != "slurm" and not uses_local_gpus(args):
+        gpus_per_node = 0  # CPU processes, talking gloo
     executor.update_parameters(
         name="detr",
         nodes=args.nodes,

@@ -8,12 +8,6 @@ import torch
 
 import main as main_py
 
-# The tests' models are tiny: a second thread buys little, and on a shared, busy machine the OpenMP threads
-# spin-wait on each other and run ~50x slower. One thread unless the caller chose otherwise.
-DEFAULT_NUM_THREADS = torch.get_num_threads()
-if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(1)
-
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC_DIR = os.path.join(REPO_ROOT, "..", "shared", "spec")
 

@@ -208,9 +208,11 @@ def test_backbone_weights_errors(tmp_path):
         Backbone("resnet18", True, False, False, weights=str(tmp_path / "missing.pth"))
     wrong = tmp_path / "resnet34.pth"  # same layer names as resnet18, more blocks
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
-    with pytest.raises(RuntimeError, match=f"(?s)--backbone_weights {re.escape(str(wrong))}: .*do not fit resnet18.*unexpected.*layer1.2"):
+    flag = re.escape(f"--backbone_weights {wrong}: ")
+    with pytest.raises(RuntimeError, match=f"(?s){flag}.*do not fit resnet18.*unexpected.*layer1.2"):
         Backbone("resnet18", True, False, False, weights=str(wrong))
     wrong = tmp_path / "resnet50.pth"  # same keys in the first blocks, other shapes
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), wrong)
-    with pytest.raises(RuntimeError, match=f"(?s)--backbone_weights {re.escape(str(wrong))}: .*do not fit resnet18.*size mismatch"):
+    flag = re.escape(f"--backbone_weights {wrong}: ")
+    with pytest.raises(RuntimeError, match=f"(?s){flag}.*do not fit resnet18.*size mismatch"):
         Backbone("resnet18", True, False, False, weights=str(wrong))

@@ -203,7 +203,8 @@ def test_aux_losses_have_suffixes_and_equal_the_per_layer_losses():
     g = torch.Generator().manual_seed(0)
 
     def layer_outputs():
-        return {"pred_logits": torch.randn(2, 4, 6, generator=g), "pred_boxes": torch.rand(2, 4, 4, generator=g) * 0.5 + 0.2}
+        return {"pred_logits": torch.randn(2, 4, 6, generator=g),
+                "pred_boxes": torch.rand(2, 4, 4, generator=g) * 0.5 + 0.2}
 
     targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]

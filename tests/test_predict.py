@@ -1,10 +1,11 @@
 """predict.py: pictures with the boxes where the detections are, COCO results pycocotools reads, panoptic
 pictures, and clear errors for bad input. Tiny models with fixed heads make the expected boxes known."""
-import argparse
 import contextlib
 import io
 import json
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from pycocotools.coco import COCO
 
 import predict
 from tool_checkpoints import tiny_checkpoint
-from util.visualize import color_for, image_axes, keep_texts_inside, draw_boxes
+from util.visualize import color_for, draw_boxes, image_axes, keep_texts_inside
 
 BOX = (0.5, 0.45, 0.5, 0.4)  # cx, cy, w, h: xyxy (0.25, 0.25, 0.75, 0.65) of any image
 LABEL = 2  # "square" in the synthetic dataset
@@ -54,7 +55,8 @@ def test_boxes_are_drawn_and_written_where_the_detections_are(fixed_checkpoint, 
 
     # results.json: each image's boxes in its own pixels, although both went through the model in one padded batch.
     results = json.loads((out / "results.json").read_text())
-    listed = {entry["file_name"].rsplit("/", 1)[-1]: entry["id"] for entry in json.loads((out / "images.json").read_text())}
+    images_json = json.loads((out / "images.json").read_text())
+    listed = {entry["file_name"].rsplit("/", 1)[-1]: entry["id"] for entry in images_json}
     assert sorted(listed) == ["tall.jpg", "wide.png"]
     expected = {"wide.png": [25.0, 15.0, 50.0, 24.0], "tall.jpg": [12.0, 20.0, 24.0, 32.0]}
     for name, bbox in expected.items():
@@ -92,7 +94,6 @@ def test_labels_at_the_border_stay_inside_the_picture():
     patch = ax.texts[0].get_bbox_patch().get_window_extent()
     assert frame.x0 - 0.5 <= patch.x0 and patch.x1 <= frame.x1 + 0.5
     assert frame.y0 - 0.5 <= patch.y0 and patch.y1 <= frame.y1 + 0.5
-    import matplotlib.pyplot as plt
     plt.close(fig)
 
 
@@ -182,11 +183,17 @@ def test_panoptic_model_gets_a_panoptic_picture(synthetic_root, tmp_path):
 
 
 def test_image_ids_and_category_names(tmp_path):
-    from pathlib import Path
     assert predict.image_ids([Path("000000000139.jpg"), Path("7.png")]) == [139, 7]
     assert predict.image_ids([Path("1.jpg"), Path("cat.jpg")]) == [0, 1]
     assert predict.image_ids([Path("a/1.jpg"), Path("b/001.jpg")]) == [0, 1]  # the same number twice
     assert predict.output_names([Path("a/x.jpg"), Path("b/x.png")]) == ["00000_x", "00001_x"]
+    # With an annotation file, the ids it gives the file names: results.json then evaluates against it.
+    annotations = tmp_path / "instances.json"
+    images = [{"id": 17, "file_name": "sub/cat.jpg"}, {"id": 4, "file_name": "dog.jpg"}]
+    annotations.write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    assert predict.image_ids([Path("x/dog.jpg"), Path("cat.jpg")], annotations) == [4, 17]
+    with pytest.raises(ValueError, match="not among the images.*cow.jpg"):
+        predict.image_ids([Path("dog.jpg"), Path("cow.jpg")], annotations)
 
     args = predict.main_args_parser().parse_args(["--dataset_file", "coco", "--num_classes", "91"])
     assert predict.dataset_names(args)[90] == "toothbrush" and predict.dataset_names(args)[1] == "person"
@@ -199,4 +206,3 @@ def test_image_ids_and_category_names(tmp_path):
     assert predict.dataset_names(args) == {1: "bolt", 3: "nut"}
     with pytest.raises(ValueError, match="cannot read category names"):
         predict.names_from_annotations(tmp_path / "annotations")
-    assert isinstance(args, argparse.Namespace)

@@ -1,7 +1,6 @@
 """run_with_submitit.py: its flags and Slurm script, the Trainer's environment and requeue, and end to end through
 submitit's local executor on this CPU: the same training as torchrun, a preempted job that resumes exactly, and
 the refusal to resume a checkpoint of another model configuration."""
-import argparse
 import os
 import shutil
 import signal
@@ -12,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
 import main as main_py
 import run_with_submitit
-from conftest import REPO_ROOT, load_checkpoint_safely, run_main, tiny_flags
+from conftest import REPO_ROOT, run_main, tiny_flags
 from test_multinode import (assert_same_training, finish, read_log, run, start, torchrun_reference,
                             training_flags)
 
@@ -51,13 +51,21 @@ def test_dataset_defaults_apply_as_in_main_and_given_flags_win(tmp_path):
     assert args.dist_url == "env://"
 
 
-def test_local_and_debug_clusters_refuse_what_they_cannot_run(capsys):
+def test_local_and_debug_clusters_refuse_what_they_cannot_run(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_with_submitit.parse_args(["--cluster", "local"])  # --nodes 4 by default
     assert "--cluster local runs on this machine only: pass --nodes 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_with_submitit.parse_args(["--cluster", "debug", "--nodes", "1", "--ngpus", "2"])
     assert "--ngpus 1" in capsys.readouterr().err
+    # On a machine with one GPU: two GPU tasks cannot run, two CPU processes can.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    local = ["--cluster", "local", "--nodes", "1", "--ngpus", "2"]
+    with pytest.raises(SystemExit):
+        run_with_submitit.parse_args(local)
+    assert "--ngpus 2: this machine has 1 GPU(s)" in capsys.readouterr().err
+    assert run_with_submitit.parse_args(local + ["--device", "cpu"]).ngpus == 2
 
 
 def fake_slurm(folder: Path) -> Path:
@@ -193,8 +201,8 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_r
     reference = torchrun_reference(synthetic_root, tmp_path_factory)
     job_dir = tmp_path / "jobs"
     launcher = start(local_job(synthetic_root, job_dir), log_path=tmp_path / "launcher.log")
-    # Wait until the second epoch's first iteration is done, then signal every task as Slurm does before it
-    # preempts a job (submitit's signal, USR2): the epoch is cut in the middle.
+    # Wait until the second epoch's first iteration is done, then signal every task as Slurm does when it
+    # preempts a job (SIGTERM, which submitit ignores, then its USR2): the epoch is cut in the middle.
     deadline = time.monotonic() + 240
     task_log = None
     while task_log is None or "Epoch: [1]  [0/2]" not in task_log.read_text():
@@ -205,15 +213,16 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_r
         task_log = logs[0] if logs else None
     tasks = task_processes(launcher.pid)
     assert len(tasks) == 2
-    for pid in tasks:
-        os.kill(pid, signal.SIGUSR2)
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        for pid in tasks:
+            os.kill(pid, sig)
     finish(launcher)
     assert launcher.returncode == 0, (tmp_path / "launcher.log").read_text()[-5000:]
 
     out = job_output(job_dir)
     log = task_log.read_text()
     # Requeued once; the second run resumed from the checkpoint of epoch 0 and redid epoch 1.
-    assert log.count("Requeuing, to resume from") == 1
+    assert log.count(f"Requeuing: the job will resume from {out}/checkpoint.pth") == 1
     assert log.count(f"--auto_resume: resuming from {out}/checkpoint.pth") == 1
     assert log.count("Epoch: [0]  [0/2]") == 1 and log.count("Epoch: [1]  [0/2]") == 2
     assert [row["epoch"] for row in read_log(out / "log.txt")] == [0, 1]

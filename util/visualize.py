@@ -1,7 +1,7 @@
 """Pictures of results: predicted boxes beside the ground truth, and training curves."""
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,10 +16,24 @@ def _pyplot():
     return plt
 
 
-def color_for(label: int):
+def distinct_color(index: int) -> Tuple[float, float, float]:
+    """A stable RGB colour (floats in [0, 1]) per index: tab10's ten colours first, then hues spread by the golden
+    ratio, so that no two of the first hundred indices look alike (COCO's class ids go up to 90)."""
+    import colorsys
+    if index < 10:
+        return tuple(float(v) for v in _pyplot().get_cmap("tab10")(index)[:3])
+    return colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.8, 0.85)
+
+
+def color_for(label: int) -> Tuple[float, float, float]:
     """A distinct, stable colour per class id."""
-    plt = _pyplot()
-    return plt.get_cmap("tab10")(label % 10)
+    return distinct_color(int(label))
+
+
+def text_color_on(color) -> str:
+    """'black' or 'white', whichever reads better on the background `color` (by its luminance)."""
+    r, g, b = color[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.6 else "white"
 
 
 def unnormalize(image: torch.Tensor) -> torch.Tensor:
@@ -40,7 +54,7 @@ def draw_boxes(ax, boxes, labels, scores: Optional[Sequence[float]], names: Dict
         text = names.get(int(label), str(int(label)))
         if scores is not None:
             text += f" {float(scores[i]):.2f}"
-        ax.text(x0, y0, text, fontsize=fontsize, color="white", va="bottom",
+        ax.text(x0, y0, text, fontsize=fontsize, color=text_color_on(c), va="bottom",
                 bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
 
 
@@ -219,15 +233,6 @@ def save_detections_picture(image, boxes, labels, scores, names: Dict[int, str],
     return scale
 
 
-def segment_color(index: int):
-    """A distinct RGB colour (floats in [0, 1]) for the index-th segment of a picture: tab10 first, then hues
-    spread by the golden ratio so that neighbours in the list never look alike."""
-    import colorsys
-    if index < 10:
-        return tuple(_pyplot().get_cmap("tab10")(index)[:3])
-    return colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.75, 0.9)
-
-
 def save_panoptic_picture(image, segment_ids, segments_info: List[dict], names: Dict[int, str], path,
                           min_side: int = 512) -> None:
     """Save `image` with each panoptic segment tinted in its own colour and a legend (name, share of the image)
@@ -243,7 +248,7 @@ def save_panoptic_picture(image, segment_ids, segments_info: List[dict], names: 
         inside = segment_ids == segment["id"]
         if not inside.any():  # merged into another segment of the same stuff class
             continue
-        color = np.asarray(segment_color(k))
+        color = np.asarray(distinct_color(k))
         tinted[inside] = 0.4 * rgb[inside] + 0.6 * color
         name = names.get(int(segment["category_id"]), str(segment["category_id"]))
         handles.append(Patch(color=color, label=f"{name} {100.0 * inside.mean():.0f}%"))
