@@ -17,6 +17,7 @@ from pycocotools import mask as coco_mask
 
 from . import transforms as T
 
+MAX_IMAGES_TO_PROBE = 20000
 LAYOUT = "train2017/, val2017/ and annotations/instances_{train,val}2017.json"
 
 
@@ -91,6 +92,16 @@ def check_images_exist(images: List[Dict[str, Any]], img_folder, ann_file) -> No
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) listed in {ann_file} are missing, e.g. "
                                 f"{os.path.join(img_folder, missing[0])}")
+    if len(images) <= MAX_IMAGES_TO_PROBE:
+        # Reading each header (not the pixels) catches files that are not images before training starts;
+        # past this count (COCO's 118k) it would cost more than it saves, and __getitem__ still names the file.
+        for img in images:
+            path = os.path.join(img_folder, img["file_name"])
+            try:
+                with Image.open(path):
+                    pass
+            except OSError as e:
+                raise OSError(f"cannot decode image {path} (listed in {ann_file}): {e}") from e
 
 
 def check_category_ids(dataset: Dict[str, Any], ann_file, num_classes: Optional[int]) -> None:

@@ -152,13 +152,18 @@ def test_category_id_beyond_num_classes(tmp_path):
     assert len(coco.build("train", args)) == 3
 
 
-def test_missing_and_undecodable_images(tmp_path):
+def test_missing_and_undecodable_images(tmp_path, monkeypatch):
     write_coco(tmp_path)
     (tmp_path / "train2017" / "000000000002.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="000000000002.jpg"):
         coco.build("train", args_for(tmp_path))
     (tmp_path / "train2017" / "000000000002.jpg").write_bytes(b"not a jpeg")
-    dataset = coco.build("train", args_for(tmp_path))  # building does not decode images
+    # Small datasets have every image header read at build time, before any training.
+    with pytest.raises(OSError, match="cannot decode image .*000000000002.jpg"):
+        coco.build("train", args_for(tmp_path))
+    # Past the probing limit, the file is named when it is first read.
+    monkeypatch.setattr(coco, "MAX_IMAGES_TO_PROBE", 0)
+    dataset = coco.build("train", args_for(tmp_path))
     dataset[0]
     with pytest.raises(OSError, match="cannot decode image .*000000000002.jpg"):
         dataset[1]

@@ -287,9 +287,10 @@ def test_bad_annotations_fail_before_the_model_is_built(coco_copy, damage, error
     unchanged()
 
 
-def test_an_image_that_cannot_be_decoded_is_named(coco_copy, previous_run, synthetic_root):
+def test_an_image_that_cannot_be_decoded_is_named(coco_copy, previous_run, synthetic_root, monkeypatch):
     broken = coco_copy / "train2017" / "000000000003.jpg"
     broken.write_bytes(b"this is not a JPEG file")
+    monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the images were checked"))
     before, log_before = file_digest(previous_run / "checkpoint.pth"), (previous_run / "log.txt").read_text()
     with pytest.raises(OSError) as raised:
         run_main(tiny_flags(synthetic_root, previous_run, "--coco_path", str(coco_copy), "--epochs", "3",
