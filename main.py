@@ -52,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "torch.hub's cache under TORCH_HOME or downloaded), 'none' (train from scratch), "
                              "or the path of a ResNet state_dict file")
 
+    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                        help="normalization in the backbone: 'frozen' batch norm as in the original (for "
+                             "pretrained weights) or trainable 'batch' norm with every layer trained (for "
+                             "--backbone_weights none, where frozen statistics would mean no normalization)")
+
     # * Transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="Number of encoding layers in the transformer")
     parser.add_argument("--dec_layers", default=6, type=int, help="Number of decoding layers in the transformer")
@@ -124,7 +129,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 # What `--dataset_file synthetic` trains with unless a flag says otherwise: a model and schedule sized so a
 # 2-core CPU reaches a useful AP in minutes. Any flag given on the command line wins.
 SYNTHETIC_DEFAULTS = dict(
-    backbone="resnet18", backbone_weights="none", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
+    backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
     dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
     weight_decay=1e-4, epochs=14, lr_drop=11, num_workers=1, output_dir="outputs/synthetic",
 )

@@ -46,12 +46,14 @@ class FrozenBatchNorm2d(nn.Module):
 class BackboneBase(nn.Module):
     """Wraps a ResNet body; returns the chosen stages as NestedTensors with the padding mask resized to each."""
 
-    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool):
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+                 train_stem: bool = False):
         super().__init__()
         for name, parameter in backbone.named_parameters():
-            # The stem and layer1 stay frozen even when the backbone trains: they carry generic low-level
-            # filters and freezing them saves memory.
-            trainable = train_backbone and any(s in name for s in ("layer2", "layer3", "layer4"))
+            # The stem and layer1 stay frozen even when the backbone trains: pretrained, they carry generic
+            # low-level filters, and freezing them saves memory. (A backbone trained from scratch has no such
+            # filters, so `train_stem` trains them too.)
+            trainable = train_backbone and (train_stem or any(s in name for s in ("layer2", "layer3", "layer4")))
             parameter.requires_grad_(trainable)
         if return_interm_layers:
             return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
@@ -108,16 +110,22 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
             "--backbone_weights none to train the backbone from scratch.") from e
 
 
+# --backbone_norm: 'frozen' (the original's FrozenBatchNorm2d, right for pretrained weights) or 'batch'
+# (trainable BatchNorm2d, for a backbone trained from scratch, where frozen identity statistics would leave
+# the ResNet without any normalization).
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+
+
 class Backbone(BackboneBase):
     """A torchvision ResNet with FrozenBatchNorm2d; `dilation` trades the last stage's stride for dilation (DC5)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 weights: str = "none"):
+                 weights: str = "none", norm: str = "frozen"):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, "
                              "resnet101, resnet152)")
         body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                 norm_layer=FrozenBatchNorm2d)
+                                                 norm_layer=NORM_LAYERS[norm])
         # As in the original, only the main process loads pretrained weights: the others receive them through
         # DistributedDataParallel's initial broadcast.
         state = load_backbone_weights(name, weights) if is_main_process() else None
@@ -132,7 +140,7 @@ class Backbone(BackboneBase):
                 raise RuntimeError(f"--backbone_weights {weights}: backbone weights do not fit {name}: "
                                    f"missing {missing[:10]}, unexpected {unexpected[:10]}")
         num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-        super().__init__(body, train_backbone, num_channels, return_interm_layers)
+        super().__init__(body, train_backbone, num_channels, return_interm_layers, train_stem=(norm == "batch"))
 
 
 class Joiner(nn.Sequential):
@@ -156,8 +164,11 @@ def build_backbone(args) -> Joiner:
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
     return_interm_layers = args.masks
+    norm = getattr(args, "backbone_norm", "frozen")
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
-                        weights=getattr(args, "backbone_weights", "imagenet"))
+                        weights=getattr(args, "backbone_weights", "imagenet"), norm=norm)
     model = Joiner(backbone, position_embedding)
     model.num_channels = backbone.num_channels
     return model

@@ -5,6 +5,7 @@ Also home of the launch helpers and of the two-process torchrun reference run th
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,7 @@ def torchrun_reference(root, tmp_path_factory) -> Path:
     """Output folder of `torchrun --nproc_per_node 2 main.py <training_flags>`: computed once per session."""
     out = tmp_path_factory.getbasetemp() / "torchrun_2_processes"
     if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
         run(torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                      "main.py", *training_flags(root), "--output_dir", str(out)))
         (out / "done").touch()

@@ -127,16 +127,80 @@ def save_curves_picture(log_path, path) -> None:
 def category_names(dataset) -> Dict[int, str]:
     """{category id: name} from a COCO-style dataset, or {} when it has none."""
     coco = getattr(dataset, "coco", None)
+    if isinstance(coco, dict):  # a panoptic dataset keeps the raw json
+        return {int(c["id"]): c["name"] for c in coco.get("categories", [])}
     if coco is None or not hasattr(coco, "cats"):
         return {}
     return {int(k): v["name"] for k, v in coco.cats.items()}
 
 
+def tint_by_category(rgb, segment_ids, categories: Dict[int, int]):
+    """`rgb` [H, W, 3] floats with every segment (id -> category id) tinted in its category's colour."""
+    import numpy as np
+    tinted = rgb.copy()
+    for segment_id, category in categories.items():
+        inside = segment_ids == segment_id
+        tinted[inside] = 0.35 * rgb[inside] + 0.65 * np.asarray(color_for(category)[:3])
+    return tinted
+
+
+@torch.no_grad()
+def save_panoptic_training_picture(model, postprocessor, dataset, path, device, names: Dict[int, str],
+                                   num_images: int = 4) -> None:
+    """Ground-truth panoptic segments (left) beside the predicted ones (right) for the first val images, each
+    category in one colour on both sides, with a legend of the categories shown."""
+    import io
+
+    import numpy as np
+    from matplotlib.patches import Patch
+    from PIL import Image
+    plt = _pyplot()
+    n = min(num_images, len(dataset))
+    fig, axes = plt.subplots(n, 2, figsize=(6, 3 * n), squeeze=False)
+    was_training = model.training
+    model.eval()
+    shown = set()
+    for row in range(n):
+        image, target = dataset[row]
+        h, w = image.shape[-2:]
+        rgb = unnormalize(image).numpy().astype(np.float64)
+        gt_ids = np.zeros((h, w), dtype=np.int64)
+        gt_categories = {}
+        for k, (mask, label) in enumerate(zip(target["masks"], target["labels"])):
+            gt_ids[mask.bool().numpy()] = k + 1
+            gt_categories[k + 1] = int(label)
+        result = postprocessor(model([image.to(device)]), torch.tensor([[h, w]], device=device))[0]
+        pred_rgb = np.asarray(Image.open(io.BytesIO(result["png_string"])).convert("RGB"), dtype=np.int64)
+        pred_ids = pred_rgb[..., 0] + 256 * pred_rgb[..., 1] + 65536 * pred_rgb[..., 2]
+        pred_categories = {s["id"]: int(s["category_id"]) for s in result["segments_info"]}
+        for col, (title, ids, categories) in enumerate([("ground truth", gt_ids, gt_categories),
+                                                        ("prediction", pred_ids, pred_categories)]):
+            ax = axes[row][col]
+            ax.imshow(tint_by_category(rgb, ids, categories))
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+            shown.update(categories.values())
+    if was_training:
+        model.train()
+    handles = [Patch(color=color_for(c), label=names.get(c, str(c))) for c in sorted(shown)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def save_training_pictures(model, postprocessors, dataset_val, output_dir, device) -> None:
-    """predictions.png and curves.png in output_dir, refreshed after each epoch."""
+    """predictions.png (panoptic.png for panoptic models) and curves.png in output_dir, refreshed after each
+    epoch."""
     output_dir = Path(output_dir)
-    save_predictions_picture(model, postprocessors["bbox"], dataset_val, output_dir / "predictions.png", device,
-                             category_names(dataset_val))
+    names = category_names(dataset_val)
+    if "panoptic" in postprocessors:
+        save_panoptic_training_picture(model, postprocessors["panoptic"], dataset_val, output_dir / "panoptic.png",
+                                       device, names)
+    else:
+        save_predictions_picture(model, postprocessors["bbox"], dataset_val, output_dir / "predictions.png",
+                                 device, names)
     if (output_dir / "log.txt").exists():
         save_curves_picture(output_dir / "log.txt", output_dir / "curves.png")
 
