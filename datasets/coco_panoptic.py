@@ -16,18 +16,9 @@ import torch
 from PIL import Image
 
 from util.box_ops import masks_to_boxes
+from util.panoptic import rgb2id
 
 from .coco import check_category_ids, check_images_exist, make_coco_transforms
-
-
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic colors [H, W, 3] -> segment ids [H, W] (panopticapi's when installed)."""
-    try:
-        from panopticapi.utils import rgb2id as _rgb2id
-        return _rgb2id(color)
-    except ImportError:
-        color = color.astype(np.int64)
-        return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
 class CocoPanoptic:

@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from util.panoptic import id2rgb
+
 from . import transforms as T
 from .coco import CocoDetection, IMAGENET_MEAN, IMAGENET_STD, build_from_folder, check_category_ids
 
@@ -209,11 +211,6 @@ def categories(panoptic: bool = False) -> List[Dict[str, Any]]:
     return things + stuff
 
 
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids [H, W] to the COCO panoptic colour encoding [H, W, 3] (id = R + 256 G + 256^2 B)."""
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2 % 256], -1).astype(np.uint8)
-
-
 def segment_bbox(mask: np.ndarray) -> List[int]:
     """[x, y, w, h] of the pixels of `mask`, in whole pixels as COCO panoptic's."""
     ys, xs = np.nonzero(mask)
@@ -258,7 +255,7 @@ def write_split(root: Path, split: str, seed: int, num_images: int, image_size: 
             if visible.any():  # a stuff region can be hidden entirely by shapes
                 segments.append({"id": int(category_id * 1000), "category_id": int(category_id),
                                  "area": int(visible.sum()), "bbox": segment_bbox(visible), "iscrowd": 0})
-        Image.fromarray(id_to_rgb(segment_ids)).save(root / f"panoptic_{split}2017" / f"{stem}.png")
+        Image.fromarray(id2rgb(segment_ids)).save(root / f"panoptic_{split}2017" / f"{stem}.png")
         panoptic.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments})
 
     info = {"description": "DETR synthetic shapes", "seed": seed, "generator_version": GENERATOR_VERSION}

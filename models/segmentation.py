@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from util.misc import NestedTensor
+from util.panoptic import id2rgb, rgb2id  # noqa: F401 (rgb2id is re-exported for users)
 
 from .detr import to_nested_tensor
 
@@ -236,26 +237,6 @@ class PostProcessSegm(nn.Module):
             cur = cur_mask[:, :img_h, :img_w].unsqueeze(1)
             results[i]["masks"] = F.interpolate(cur.float(), size=tuple(tt.tolist()), mode="nearest").byte()
         return results
-
-
-def id2rgb(id_map: np.ndarray) -> np.ndarray:
-    """Panoptic segment ids [H, W] -> COCO panoptic colors [H, W, 3] uint8 (id = R + 256 G + 256^2 B)."""
-    try:
-        from panopticapi.utils import id2rgb as _id2rgb
-        return _id2rgb(id_map)
-    except ImportError:
-        id_map = id_map.astype(np.int64)
-        return np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536 % 256], axis=-1).astype(np.uint8)
-
-
-def rgb2id(color: np.ndarray) -> np.ndarray:
-    """COCO panoptic colors [H, W, 3] -> segment ids [H, W]."""
-    try:
-        from panopticapi.utils import rgb2id as _rgb2id
-        return _rgb2id(color)
-    except ImportError:
-        color = color.astype(np.int64)
-        return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
 class PostProcessPanoptic(nn.Module):
