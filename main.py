@@ -194,9 +194,11 @@ def restore_rng_states(states) -> None:
 
 
 # The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
-# them change no weight shape (--dilation, --nheads), so its weights would load and silently mean something else.
-ARCHITECTURE_FLAGS = ("backbone", "dilation", "position_embedding", "hidden_dim", "nheads", "enc_layers",
-                      "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes", "masks")
+# them change no weight's shape or name (--dilation, --nheads, --backbone_norm), so its weights would load and
+# silently mean something else.
+ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
+                      "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
+                      "masks")
 
 
 def architecture_differences(saved_args, args) -> List[str]:

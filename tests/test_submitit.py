@@ -256,8 +256,9 @@ def test_a_job_stopped_between_its_log_line_and_its_checkpoint_logs_each_epoch_o
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, named", [
     (("--hidden_dim", "16"), "--hidden_dim: checkpoint 32, this run 16"),
-    # Changes no weight's shape: the weights alone would load.
+    # These change no weight's shape or name: the weights alone would load.
     (("--nheads", "4"), "--nheads: checkpoint 2, this run 4"),
+    (("--backbone_norm", "frozen"), "--backbone_norm: checkpoint 'batch', this run 'frozen'"),
 ])
 def test_a_requeued_job_refuses_a_checkpoint_of_another_configuration(finished_run, synthetic_root, tmp_path,
                                                                       flags, named):
