@@ -33,6 +33,7 @@ class DETRsegm(nn.Module):
     def __init__(self, detr: nn.Module, freeze_detr: bool = False):
         super().__init__()
         self.detr = detr
+        self.freeze_detr = freeze_detr
         if freeze_detr:
             # Freeze before the heads exist, so that only DETR's parameters are affected.
             for p in self.detr.parameters():
@@ -45,6 +46,16 @@ class DETRsegm(nn.Module):
         last_channels = detr.input_proj.in_channels
         fpn_dims = [last_channels // 2, last_channels // 4, last_channels // 8]
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, fpn_dims, hidden_dim)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but a frozen detector's batch norms (--backbone_norm batch) stay in eval mode:
+        their running statistics are part of the detector and must not drift while the mask head trains."""
+        super().train(mode)
+        if self.freeze_detr:
+            for m in self.detr.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, samples: NestedTensor):
         """samples: a NestedTensor, a list of [3, H_i, W_i] images, or a [B, 3, H, W] batch."""

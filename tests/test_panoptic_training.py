@@ -1,0 +1,66 @@
+"""The two-stage panoptic recipe through main.py on the synthetic panoptic data: boxes first, then the mask head
+on the frozen detector, evaluated with box AP, segm AP and PQ."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_checkpoint_safely, run_main, tiny_flags
+
+# The mask head's group norms need hidden_dim + nheads and hidden_dim / 2..16 to be multiples of 8.
+PANOPTIC_FLAGS = ["--dataset_file", "synthetic_panoptic", "--hidden_dim", "128", "--nheads", "8", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, synthetic_root):
+    out = tmp_path_factory.mktemp("panoptic")
+    boxes, masks = out / "boxes", out / "masks"
+    run_main(tiny_flags(synthetic_root, boxes, *PANOPTIC_FLAGS))
+    stats, printed = run_main(tiny_flags(synthetic_root, masks, *PANOPTIC_FLAGS, "--masks",
+                                         "--frozen_weights", str(boxes / "checkpoint.pth")))
+    return boxes, masks, stats, printed
+
+
+@pytest.mark.slow
+def test_mask_stage_logs_box_segm_and_panoptic_metrics(two_stage):
+    _, masks, stats, printed = two_stage
+    line = json.loads((masks / "log.txt").read_text().splitlines()[-1])
+    assert len(line["test_coco_eval_bbox"]) == 12 and len(line["test_coco_eval_masks"]) == 12
+    for key in ("PQ_all", "PQ_th", "PQ_st"):
+        assert set(line[f"test_{key}"]) == {"pq", "sq", "rq", "n"}
+    # 5 thing and 3 stuff categories exist; the 8 val images hold every stuff class and some things.
+    assert line["test_PQ_st"]["n"] == 3 and 1 <= line["test_PQ_th"]["n"] <= 5
+    assert line["test_PQ_all"]["n"] == line["test_PQ_th"]["n"] + line["test_PQ_st"]["n"]
+    assert "PQ" in printed and "Stuff" in printed
+    pngs = list((masks / "panoptic_eval").glob("*.png"))
+    assert len(pngs) == 8
+
+
+@pytest.mark.slow
+def test_mask_stage_trains_only_the_mask_head(two_stage):
+    boxes, masks, _, _ = two_stage
+    detector = load_checkpoint_safely(boxes / "checkpoint.pth")["model"]
+    segm = load_checkpoint_safely(masks / "checkpoint.pth")["model"]
+    assert set(segm) == {f"detr.{k}" for k in detector} | {k for k in segm if not k.startswith("detr.")}
+    assert any(k.startswith("mask_head.") for k in segm) and any(k.startswith("bbox_attention.") for k in segm)
+    for k, v in detector.items():
+        assert torch.equal(segm[f"detr.{k}"], v), k
+
+
+@pytest.mark.slow
+def test_panoptic_picture_shows_ground_truth_beside_prediction(two_stage):
+    _, masks, _, _ = two_stage
+    picture = Image.open(masks / "panoptic.png")
+    assert picture.size[0] > 300 and picture.size[1] > 600
+    assert len(set(picture.convert("RGB").getdata())) > 50  # images with tinted segments, not a blank canvas
+
+
+def test_frozen_weights_of_another_architecture_is_refused(tmp_path, synthetic_root):
+    box_run = tmp_path / "boxes"
+    run_main(tiny_flags(synthetic_root, box_run, *PANOPTIC_FLAGS))
+    # The same flags but another number of queries: the detector's query embeddings do not fit.
+    with pytest.raises(ValueError, match=r"(?s)--frozen_weights .*query_embed.weight: checkpoint \[8, 128\]"):
+        run_main(tiny_flags(synthetic_root, tmp_path / "masks", *PANOPTIC_FLAGS, "--num_queries", "12", "--masks",
+                            "--frozen_weights", str(box_run / "checkpoint.pth")))
+    assert not (tmp_path / "masks" / "checkpoint.pth").exists()
