@@ -46,8 +46,8 @@ from datasets.synthetic import STUFF_IDS, THING_IDS, make_synthetic_transforms
 from main import choose_device, get_args_parser as main_args_parser
 from models import build_model
 from models.detr import PostProcess
-from models.segmentation import rgb2id
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
+from util.panoptic import rgb2id
 from util.visualize import COCO_NAMES, COCO_PANOPTIC_STUFF_NAMES, save_detections_picture, save_panoptic_picture
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

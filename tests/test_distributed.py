@@ -32,7 +32,9 @@ def free_port() -> int:
 
 
 def tiny_args(root):
-    args = main_py.parse_args(tiny_flags(root))
+    # Frozen batch norm, as with pretrained backbones: trainable batch norm computes its statistics per
+    # process, so only the frozen kind makes a step on two halves equal to one on the whole batch.
+    args = main_py.parse_args(tiny_flags(root, "", "--backbone_norm", "frozen"))
     args.num_classes = 6
     return args
 

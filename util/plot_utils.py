@@ -37,11 +37,16 @@ def ewm_mean(values: Sequence[float], com: float) -> np.ndarray:
 
 
 def _as_paths(paths, what: str) -> List[Path]:
+    """A path, or an iterable of them (a list, Path.glob(...)), as a non-empty list of Paths."""
     if isinstance(paths, (str, PurePath)):
         paths = [paths]
-    if not isinstance(paths, (list, tuple)) or not paths:
-        raise ValueError(f"{what} must be a path or a non-empty list of paths, got {paths!r}")
-    return [Path(p) for p in paths]
+    try:
+        paths = [Path(p) for p in paths]
+    except TypeError:
+        paths = []
+    if not paths:
+        raise ValueError(f"{what} must be a path or a non-empty list of paths")
+    return paths
 
 
 def _run_names(paths: Sequence[Path], name_of) -> List[str]:

@@ -16,18 +16,14 @@ def _pyplot():
     return plt
 
 
-def distinct_color(index: int) -> Tuple[float, float, float]:
-    """A stable RGB colour (floats in [0, 1]) per index: tab10's ten colours first, then hues spread by the golden
-    ratio, so that no two of the first hundred indices look alike (COCO's class ids go up to 90)."""
-    import colorsys
-    if index < 10:
-        return tuple(float(v) for v in _pyplot().get_cmap("tab10")(index)[:3])
-    return colorsys.hsv_to_rgb((index * 0.618034) % 1.0, 0.8, 0.85)
-
-
 def color_for(label: int) -> Tuple[float, float, float]:
-    """A distinct, stable colour per class id."""
-    return distinct_color(int(label))
+    """A stable RGB colour (floats in [0, 1]) per class id (or any index): tab10's ten colours for 0-9, then hues
+    stepped by the golden ratio, so that ids up to COCO's 90 do not repeat tab10's cycle and nearby ids differ."""
+    import colorsys
+    label = int(label)
+    if label < 10:
+        return tuple(float(v) for v in _pyplot().get_cmap("tab10")(label)[:3])
+    return colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.8, 0.85)
 
 
 def text_color_on(color) -> str:
@@ -306,18 +302,18 @@ def save_panoptic_picture(image, segment_ids, segments_info: List[dict], names: 
     plt = _pyplot()
     rgb = np.asarray(image, dtype=np.float64) / 255.0
     height, width = rgb.shape[:2]
-    tinted = rgb.copy()
+    # A colour per segment rather than per category, so that touching objects of one class stay apart.
+    colour_of = {}
     handles = []
-    for k, segment in enumerate(segments_info):
-        inside = segment_ids == segment["id"]
-        if not inside.any():  # merged into another segment of the same stuff class
+    for segment in segments_info:
+        share = float((segment_ids == segment["id"]).mean())
+        if share == 0:  # merged into another segment of the same stuff class
             continue
-        color = np.asarray(distinct_color(k))
-        tinted[inside] = 0.4 * rgb[inside] + 0.6 * color
+        colour_of[segment["id"]] = len(colour_of)
         name = names.get(int(segment["category_id"]), str(segment["category_id"]))
-        handles.append(Patch(color=color, label=f"{name} {100.0 * inside.mean():.0f}%"))
+        handles.append(Patch(color=color_for(colour_of[segment["id"]]), label=f"{name} {100 * share:.0f}%"))
     fig, ax, scale = image_axes(width, height, min_side)
-    ax.imshow(tinted, extent=(0, width, height, 0))
+    ax.imshow(tint_by_category(rgb, segment_ids, colour_of), extent=(0, width, height, 0))
     fontsize = label_fontsize(width, height, scale)
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=fontsize,
