@@ -69,12 +69,17 @@ def save_predictions_picture(model, postprocessor, dataset, path, device, names:
         outputs = model([image.to(device)])
         result = postprocessor(outputs, torch.tensor([[h, w]], device=device))[0]
         keep = result["scores"] > threshold
+        title = f"prediction (score > {threshold})"
+        if not keep.any():
+            # An early model is rarely that confident: show its best guesses rather than an empty panel.
+            keep = result["scores"] >= result["scores"].topk(min(3, len(result["scores"])))[0][-1]
+            title = f"top {int(keep.sum())} predictions (all scores <= {threshold})"
         rgb = unnormalize(image)
         from util.box_ops import box_cxcywh_to_xyxy
         gt = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])
         for col, (title, boxes, labels, scores) in enumerate([
                 ("ground truth", gt, target["labels"], None),
-                (f"prediction (score > {threshold})", result["boxes"][keep].cpu(), result["labels"][keep].cpu(),
+                (title, result["boxes"][keep].cpu(), result["labels"][keep].cpu(),
                  result["scores"][keep].cpu())]):
             ax = axes[row][col]
             ax.imshow(rgb)
@@ -112,7 +117,8 @@ def save_curves_picture(log_path, path) -> None:
         ax_ap.plot(epochs, [r["test_coco_eval_bbox"][1] for r in rows], marker="o", label="box AP50")
     ax_ap.set_xlabel("epoch")
     ax_ap.set_ylabel("AP")
-    ax_ap.set_ylim(0, 1)
+    best = max([r["test_coco_eval_bbox"][1] for r in rows if "test_coco_eval_bbox" in r] or [0.0])
+    ax_ap.set_ylim(0, min(1.0, max(0.05, 1.2 * best)))
     ax_ap.legend()
     ax_ap.grid(alpha=0.3)
     fig.tight_layout()
