@@ -80,9 +80,10 @@ def feature_cell(point: Tuple[float, float], image_size: Tuple[int, int], featur
     return min(int(y / height * h), h - 1), min(int(x / width * w), w - 1)
 
 
-def _panels(count: int, columns: int = 4, size: float = 3.2):
-    rows = -(-count // columns)
-    cols = min(count, columns)
+def _panels(count: int, max_columns: int = 4, size: float = 3.2):
+    """A figure of `count` panels in rows of at most `max_columns`, the rows as even as possible."""
+    rows = -(-count // max_columns)
+    cols = -(-count // rows)
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, (size + 0.3) * rows + 0.4), squeeze=False)
     for ax in axes.flat[count:]:
         ax.axis("off")
@@ -171,18 +172,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_objects", default=8, type=int, help="show at most this many objects, best first")
     parser.add_argument("--points", nargs="+", type=parse_point, default=None, metavar="X,Y",
                         help=f"pixels whose encoder attention to draw (default: the detected boxes' centres, "
-                             f"at most {MAX_POINTS}, or four points spread over the image)")
+                             f"one per feature cell, at most {MAX_POINTS}; or four points spread over the image)")
     parser.add_argument("--size", default=None, type=int, help="resize the shorter side to this (default: as "
                                                                "the model's validation images)")
     parser.add_argument("--device", default="cuda", help="falls back to the CPU when CUDA is absent")
     return parser
 
 
-def default_points(boxes: Tensor, width: int, height: int) -> List[Tuple[float, float]]:
-    """Centres of `boxes` (xyxy), or four points spread over the image when there is none."""
-    if len(boxes):
-        return [(float(x0 + x1) / 2, float(y0 + y1) / 2) for x0, y0, x1, y1 in boxes[:MAX_POINTS].tolist()]
-    return [(width * fx, height * fy) for fy in (0.3, 0.7) for fx in (0.3, 0.7)]
+def default_points(boxes: Tensor, width: int, height: int, feature_size: Tuple[int, int]) -> List[Tuple[float, float]]:
+    """Centres of `boxes` (xyxy), one per feature cell (two points of one cell have the same map), at most
+    MAX_POINTS; four points spread over the image when there is no box."""
+    points, cells = [], set()
+    for x0, y0, x1, y1 in boxes.tolist():
+        point = ((x0 + x1) / 2, (y0 + y1) / 2)
+        cell = feature_cell(point, (height, width), feature_size)
+        if cell not in cells and len(points) < MAX_POINTS:
+            points.append(point)
+            cells.add(cell)
+    return points or [(width * fx, height * fy) for fy in (0.3, 0.7) for fx in (0.3, 0.7)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -217,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_decoder_attention_picture(image, maps, queries, boxes, result["labels"][queries].cpu(),
                                    result["scores"][queries].cpu(), detector.names, decoder_path,
                                    title=f"decoder cross-attention, last layer ({h}x{w} feature map)")
-    points = args.points or default_points(boxes, width, height)
+    points = args.points or default_points(boxes, width, height, (h, w))
     save_encoder_attention_picture(image, maps, points, encoder_path,
                                    title=f"encoder self-attention, last layer ({h}x{w} feature map)")
     print(f"{len(queries)} object(s) above {args.threshold}: {decoder_path}; {len(points)} point(s): {encoder_path}")

@@ -52,6 +52,13 @@ def test_feature_cell_of_a_pixel():
     assert attention.feature_cell((96, 64), (64, 96), (2, 3)) == (1, 2)  # the far border stays inside
 
 
+def test_default_points_are_box_centres_one_per_cell():
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [4.0, 4.0, 24.0, 24.0], [60.0, 30.0, 90.0, 60.0]])
+    # The first two centres, (10, 10) and (14, 14), lie in one 32 x 32 cell: only the first is kept.
+    assert attention.default_points(boxes, 96, 64, (2, 3)) == [(10.0, 10.0), (75.0, 45.0)]
+    assert len(attention.default_points(torch.zeros(0, 4), 96, 64, (2, 3))) == 4
+
+
 def test_command_writes_both_pictures(checkpoint, tmp_path):
     image = tmp_path / "shapes.png"
     pixels = np.zeros((80, 120, 3), np.uint8)
