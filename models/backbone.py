@@ -124,6 +124,10 @@ class Backbone(BackboneBase):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, "
                              "resnet101, resnet152)")
+        if dilation and name in ("resnet18", "resnet34"):
+            # torchvision's BasicBlock (resnet18/34) has no dilated form; fail here rather than deep inside it.
+            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50, resnet101, resnet152); {name} "
+                             "has basic blocks, which torchvision cannot dilate. Drop --dilation or change --backbone")
         body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                  norm_layer=NORM_LAYERS[norm])
         # As in the original, only the main process loads pretrained weights: the others receive them through

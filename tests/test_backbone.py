@@ -110,6 +110,12 @@ def test_dilation_keeps_stride_16_in_the_last_stage():
     assert all(block.conv2.dilation == (2, 2) for block in backbone.body.layer4[1:])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_dilation_of_a_basic_block_resnet_is_a_clear_error(name):
+    with pytest.raises(ValueError, match=f"--dilation.*{name}"):
+        Backbone(name, train_backbone=False, return_interm_layers=False, dilation=True)
+
+
 def test_unknown_backbone_is_rejected():
     with pytest.raises(ValueError, match="vgg16"):
         Backbone("vgg16", True, False, False)
