@@ -10,10 +10,32 @@ import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
 
 
+def to_float32(value):
+    """`value` (a model's outputs: tensors in dicts and lists) with every floating tensor in float32."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_float32(v) for v in value)
+    return value
+
+
+def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool = False):
+    """model(samples); with `amp`, the forward runs under bfloat16 autocast and its outputs come back in
+    float32, so the losses, the matching and the post-processing stay in full precision."""
+    if not amp:
+        return model(samples)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        outputs = model(samples)
+    return to_float32(outputs)
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0) -> Dict[str, float]:
-    """Train for one pass over data_loader; returns the epoch averages of every logged value."""
+                    max_norm: float = 0, amp: bool = False) -> Dict[str, float]:
+    """Train for one pass over data_loader; returns the epoch averages of every logged value.
+    `amp`: bfloat16 autocast for the forward pass (see run_model); off, the steps are plain fp32."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -26,7 +48,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
-        outputs = model(samples)
+        outputs = run_model(model, samples, device, amp)
         loss_dict = criterion(outputs, targets)
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -60,7 +82,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
-             base_ds, device: torch.device, output_dir: Optional[str]):
+             base_ds, device: torch.device, output_dir: Optional[str], amp: bool = False):
     """Losses and COCO metrics (bbox, segm, PQ as the postprocessors allow) over data_loader.
 
     Returns (stats, coco_evaluator): stats holds the averaged losses plus coco_eval_bbox / coco_eval_masks
@@ -85,7 +107,7 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-        outputs = model(samples)
+        outputs = run_model(model, samples, device, amp)
         loss_dict = criterion(outputs, targets)
         weight_dict = criterion.weight_dict
 
