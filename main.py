@@ -38,7 +38,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
     parser.add_argument("--amp", action="store_true",
                         help="run the model's forward pass under bfloat16 autocast (CPU or GPU; losses stay in "
-                             "fp32). Faster where bfloat16 is fast; off by default, as fp32 is the original's numerics")
+                             "fp32). Faster where bfloat16 is fast; off by default (fp32 is the original's numerics) "
+                             "except for the synthetic datasets")
+    parser.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 forward pass (undoes --amp)")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -134,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 SYNTHETIC_DEFAULTS = dict(
     backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
     dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=14, lr_drop=11, num_workers=1, output_dir="outputs/synthetic",
+    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, num_workers=1, output_dir="outputs/synthetic",
 )
 
 

@@ -183,9 +183,12 @@ def test_amp_training_steps_like_fp32_within_bfloat16_precision(args, batches):
     assert grads[1].norm().item() == pytest.approx(grads[0].norm().item(), rel=0.05)
 
 
-def test_amp_flag_defaults_off(synthetic_root):
+def test_amp_is_off_by_default_except_for_synthetic_data(synthetic_root):
+    assert main_py.parse_args(["--coco_path", "coco"]).amp is False  # COCO keeps the original's fp32
+    assert main_py.parse_args(["--coco_path", "coco", "--amp"]).amp is True
+    # The synthetic datasets default to it; --no_amp wins, as every flag given does.
+    assert main_py.parse_args(["--dataset_file", "synthetic"]).amp is True
     assert main_py.parse_args(tiny_flags(synthetic_root)).amp is False
-    assert main_py.parse_args(tiny_flags(synthetic_root, "", "--amp")).amp is True
 
 
 def test_amp_with_the_mask_head_gives_float32_masks_and_finite_losses(args, batches):
