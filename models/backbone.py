@@ -117,7 +117,8 @@ NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
 class Backbone(BackboneBase):
-    """A torchvision ResNet with FrozenBatchNorm2d; `dilation` trades the last stage's stride for dilation (DC5)."""
+    """A torchvision ResNet with the `norm` layers of NORM_LAYERS (the original's FrozenBatchNorm2d by default);
+    `dilation` trades the last stage's stride for dilation (DC5)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  weights: str = "none", norm: str = "frozen"):
@@ -128,6 +129,8 @@ class Backbone(BackboneBase):
             # torchvision's BasicBlock (resnet18/34) has no dilated form; fail here rather than deep inside it.
             raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50, resnet101, resnet152); {name} "
                              "has basic blocks, which torchvision cannot dilate. Drop --dilation or change --backbone")
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
         body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
                                                  norm_layer=NORM_LAYERS[norm])
         # As in the original, only the main process loads pretrained weights: the others receive them through
@@ -169,8 +172,6 @@ def build_backbone(args) -> Joiner:
     train_backbone = args.lr_backbone > 0
     return_interm_layers = args.masks
     norm = getattr(args, "backbone_norm", "frozen")
-    if norm not in NORM_LAYERS:
-        raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
                         weights=getattr(args, "backbone_weights", "imagenet"), norm=norm)
     model = Joiner(backbone, position_embedding)

@@ -116,6 +116,11 @@ def test_dilation_of_a_basic_block_resnet_is_a_clear_error(name):
         Backbone(name, train_backbone=False, return_interm_layers=False, dilation=True)
 
 
+def test_unknown_backbone_norm_is_rejected_by_the_backbone_itself():
+    with pytest.raises(ValueError, match="--backbone_norm must be one of .*'group'"):
+        Backbone("resnet18", True, False, False, norm="group")
+
+
 def test_unknown_backbone_is_rejected():
     with pytest.raises(ValueError, match="vgg16"):
         Backbone("vgg16", True, False, False)

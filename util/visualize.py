@@ -5,6 +5,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from util.panoptic import rgb2id
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,17 +71,17 @@ def save_predictions_picture(model, postprocessor, dataset, path, device, names:
         outputs = model([image.to(device)])
         result = postprocessor(outputs, torch.tensor([[h, w]], device=device))[0]
         keep = result["scores"] > threshold
-        title = f"prediction (score > {threshold})"
+        prediction_title = f"prediction (score > {threshold})"
         if not keep.any():
             # An early model is rarely that confident: show its best guesses rather than an empty panel.
             keep = result["scores"] >= result["scores"].topk(min(3, len(result["scores"])))[0][-1]
-            title = f"top {int(keep.sum())} predictions (all scores <= {threshold})"
+            prediction_title = f"top {int(keep.sum())} predictions (all scores <= {threshold})"
         rgb = unnormalize(image)
         from util.box_ops import box_cxcywh_to_xyxy
         gt = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h])
         for col, (title, boxes, labels, scores) in enumerate([
                 ("ground truth", gt, target["labels"], None),
-                (title, result["boxes"][keep].cpu(), result["labels"][keep].cpu(),
+                (prediction_title, result["boxes"][keep].cpu(), result["labels"][keep].cpu(),
                  result["scores"][keep].cpu())]):
             ax = axes[row][col]
             ax.imshow(rgb)
@@ -172,8 +174,8 @@ def save_panoptic_training_picture(model, postprocessor, dataset, path, device, 
             gt_ids[mask.bool().numpy()] = k + 1
             gt_categories[k + 1] = int(label)
         result = postprocessor(model([image.to(device)]), torch.tensor([[h, w]], device=device))[0]
-        pred_rgb = np.asarray(Image.open(io.BytesIO(result["png_string"])).convert("RGB"), dtype=np.int64)
-        pred_ids = pred_rgb[..., 0] + 256 * pred_rgb[..., 1] + 65536 * pred_rgb[..., 2]
+        pred_rgb = np.asarray(Image.open(io.BytesIO(result["png_string"])).convert("RGB"))
+        pred_ids = rgb2id(pred_rgb)
         pred_categories = {s["id"]: int(s["category_id"]) for s in result["segments_info"]}
         for col, (title, ids, categories) in enumerate([("ground truth", gt_ids, gt_categories),
                                                         ("prediction", pred_ids, pred_categories)]):
