@@ -48,6 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # * Backbone
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="Name of the convolutional backbone to use")
+    parser.add_argument("--feature_stride", default=32, type=int, choices=(8, 16, 32),
+                        help="Stride of the feature map the transformer reads: 32 is the original (the ResNet's "
+                             "layer4); 16 or 8 end the backbone after layer3 or layer2, a finer map from a shorter "
+                             "network")
     parser.add_argument("--dilation", action="store_true",
                         help="If true, we replace stride with dilation in the last convolutional block (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
@@ -73,6 +77,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nheads", default=8, type=int,
                         help="Number of attention heads inside the transformer's attentions")
     parser.add_argument("--num_queries", default=100, type=int, help="Number of query slots")
+    parser.add_argument("--two_stage", action="store_true",
+                        help="Queries from the encoder: every encoder token proposes a class and a box (with a "
+                             "loss of its own, terms suffixed _enc) and the num_queries best proposals seed the "
+                             "decoder, whose boxes refine them. Trains much faster from scratch; off in the original")
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="size of the class head minus one (max category id + 1); default: 91 for coco, "
@@ -203,7 +211,7 @@ def restore_rng_states(states) -> None:
 # silently mean something else.
 ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
                       "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
-                      "masks")
+                      "masks", "feature_stride", "two_stage")
 
 
 def architecture_differences(saved_args, args) -> List[str]:

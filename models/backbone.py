@@ -47,7 +47,7 @@ class BackboneBase(nn.Module):
     """Wraps a ResNet body; returns the chosen stages as NestedTensors with the padding mask resized to each."""
 
     def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
-                 train_stem: bool = False):
+                 train_stem: bool = False, last_layer: int = 4):
         super().__init__()
         for name, parameter in backbone.named_parameters():
             # The stem and layer1 stay frozen even when the backbone trains: pretrained, they carry generic
@@ -55,10 +55,11 @@ class BackboneBase(nn.Module):
             # filters, so `train_stem` trains them too.)
             trainable = train_backbone and (train_stem or any(s in name for s in ("layer2", "layer3", "layer4")))
             parameter.requires_grad_(trainable)
+        # The body ends at stage `last_layer` (4 in the original; IntermediateLayerGetter drops later stages).
         if return_interm_layers:
-            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+            return_layers = {f"layer{i}": str(i - 1) for i in range(1, last_layer + 1)}
         else:
-            return_layers = {"layer4": "0"}
+            return_layers = {f"layer{last_layer}": "0"}
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
 
@@ -115,13 +116,17 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
 # the ResNet without any normalization).
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
+# --feature_stride: the stride of the feature map the transformer reads -> the ResNet stage that ends the body.
+FEATURE_STRIDES = {8: 2, 16: 3, 32: 4}
+
 
 class Backbone(BackboneBase):
     """A torchvision ResNet with the `norm` layers of NORM_LAYERS (the original's FrozenBatchNorm2d by default);
-    `dilation` trades the last stage's stride for dilation (DC5)."""
+    `dilation` trades the last stage's stride for dilation (DC5); `stride` 8 or 16 ends the body after layer2
+    or layer3 (a finer feature map from a shorter network) instead of the original's layer4 (stride 32)."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 weights: str = "none", norm: str = "frozen"):
+                 weights: str = "none", norm: str = "frozen", stride: int = 32):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, "
                              "resnet101, resnet152)")
@@ -129,6 +134,11 @@ class Backbone(BackboneBase):
             # torchvision's BasicBlock (resnet18/34) has no dilated form; fail here rather than deep inside it.
             raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50, resnet101, resnet152); {name} "
                              "has basic blocks, which torchvision cannot dilate. Drop --dilation or change --backbone")
+        if stride not in FEATURE_STRIDES:
+            raise ValueError(f"--feature_stride must be one of {sorted(FEATURE_STRIDES)}, got {stride!r}")
+        if dilation and stride != 32:
+            raise ValueError(f"--dilation changes the stride of layer4, which --feature_stride {stride} leaves "
+                             "out; use one of the two")
         if norm not in NORM_LAYERS:
             raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
         body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
@@ -146,8 +156,11 @@ class Backbone(BackboneBase):
             if missing or unexpected:
                 raise RuntimeError(f"--backbone_weights {weights}: backbone weights do not fit {name}: "
                                    f"missing {missing[:10]}, unexpected {unexpected[:10]}")
-        num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-        super().__init__(body, train_backbone, num_channels, return_interm_layers, train_stem=(norm == "batch"))
+        last_layer = FEATURE_STRIDES[stride]
+        # Each stage doubles the channels: layer4 has 512 (basic blocks) or 2048 (bottlenecks).
+        num_channels = (512 if name in ("resnet18", "resnet34") else 2048) >> (4 - last_layer)
+        super().__init__(body, train_backbone, num_channels, return_interm_layers, train_stem=(norm == "batch"),
+                         last_layer=last_layer)
 
 
 class Joiner(nn.Sequential):
@@ -173,7 +186,8 @@ def build_backbone(args) -> Joiner:
     return_interm_layers = args.masks
     norm = getattr(args, "backbone_norm", "frozen")
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
-                        weights=getattr(args, "backbone_weights", "imagenet"), norm=norm)
+                        weights=getattr(args, "backbone_weights", "imagenet"), norm=norm,
+                        stride=getattr(args, "feature_stride", 32))
     model = Joiner(backbone, position_embedding)
     model.num_channels = backbone.num_channels
     return model

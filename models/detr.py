@@ -21,18 +21,35 @@ class DETR(nn.Module):
     images of any sizes, and returns a dict with
       pred_logits [B, num_queries, num_classes + 1] (the last class is "no object"),
       pred_boxes  [B, num_queries, 4]: (cx, cy, w, h) normalized by each image's own (unpadded) size,
-      aux_outputs (with aux_loss): the same two entries for every decoder layer but the last.
+      aux_outputs (with aux_loss): the same two entries for every decoder layer but the last,
+      enc_outputs (with two_stage): the encoder's proposals, pred_logits [B, HW, num_classes + 1], pred_boxes.
     """
 
+    two_stage: torch.jit.Final[bool]  # a constant for TorchScript, which then compiles only the branch in use
+
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, two_stage: bool = False):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.two_stage = two_stage
+        if two_stage:
+            # Queries from the encoder (see forward_queries_from_encoder): every encoder token proposes a box and
+            # class; these heads replace the learned query embedding.
+            self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+            self.enc_output_norm = nn.LayerNorm(hidden_dim)
+            self.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
+            self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+            # The decoder refines the proposals it starts from: its class logits and boxes are offsets from
+            # theirs, zero at initialization, so that training starts from the proposals' own detections.
+            for layer in (self.class_embed, self.bbox_embed.layers[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        else:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -43,19 +60,93 @@ class DETR(nn.Module):
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         assert mask is not None
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
-        outputs_class = self.class_embed(hs)
-        outputs_coord = self.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if self.aux_loss:
-            out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+        out, _, _ = self.predict(self.input_proj(src), mask, pos[-1])
         return out
+
+    def predict(self, src: Tensor, mask: Tensor, pos: Tensor) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """From the projected features src [B, d, H, W] with their padding mask and position encoding:
+        (the output dict of forward, the decoder states [layers, B, Q, d], the encoder memory [B, d, H, W])."""
+        if self.two_stage:
+            hs, memory, top, enc_logits, enc_boxes, anchors = self.forward_queries_from_encoder(src, mask, pos)
+            # Offsets from the selected proposals (which are not back-propagated through).
+            reference = enc_boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
+            reference_logits = enc_logits.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
+            outputs_coord = (self.bbox_embed(hs) + inverse_sigmoid(reference)).sigmoid()
+            outputs_class = self.class_embed(hs) + reference_logits
+        else:
+            hs, memory = self.transformer(src, mask, self.query_embed.weight, pos)
+            outputs_coord = self.bbox_embed(hs).sigmoid()
+            outputs_class = self.class_embed(hs)
+            enc_logits, enc_boxes, anchors = hs.new_empty(0), hs.new_empty(0), hs.new_empty(0)
+        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        # TorchScript cannot type a dict mixing tensors and lists or dicts: scripted models (export, inference)
+        # return the final layer only.
+        if not torch.jit.is_scripting():
+            if self.aux_loss:
+                out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
+            if self.two_stage:
+                out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}
+        return out, hs, memory
+
+    def forward_queries_from_encoder(self, src: Tensor, mask: Tensor, pos: Tensor):
+        """The --two_stage transformer pass. Each encoder output token proposes a class and a box, the box as
+        an offset (in inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
+        The num_queries best-scoring proposals become the decoder's queries: the token's state as content and
+        its position encoding as query position; predict() then refines their logits and boxes. The proposals
+        are supervised on their own (the criterion's enc_outputs), which gives the backbone and encoder a dense
+        training signal from the first step.
+
+        Returns (hs [layers, B, Q, d], memory [B, d, H, W], the selected token indices [B, Q], proposal logits
+        [B, HW, C + 1], proposal boxes [B, HW, 4])."""
+        bs, c, h, w = src.shape
+        src_seq = src.flatten(2).permute(2, 0, 1)
+        pos_seq = pos.flatten(2).permute(2, 0, 1)
+        mask_seq = mask.flatten(1)
+        memory = self.transformer.encoder(src_seq, src_key_padding_mask=mask_seq, pos=pos_seq)  # [HW, B, d]
+
+        tokens = self.enc_output_norm(self.enc_output(memory.transpose(0, 1)))  # [B, HW, d]
+        enc_logits = self.enc_class_embed(tokens)
+        anchors = token_anchors(mask)
+        enc_boxes = (self.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
+
+        # Best object score per token (padding never proposes), then the top num_queries tokens.
+        scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
+        k = min(self.num_queries, h * w)
+        top = scores.topk(k, dim=1)[1]  # [B, Q]
+        tgt = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)  # [Q, B, d]
+        query_pos = pos_seq.transpose(0, 1).gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)
+        hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
+                                      query_pos=query_pos)
+        return (hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w), top, enc_logits, enc_boxes,
+                anchors)
 
     @torch.jit.unused
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor):
         # A list of dicts is not a TorchScript Dict[str, Tensor] value, so scripting leaves this out (use
         # aux_loss=False for a scripted model, as the hub models do).
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """log(x / (1 - x)), with x clamped into [eps, 1 - eps] so that 0 and 1 stay finite."""
+    x = x.clamp(min=eps, max=1 - eps)
+    return torch.log(x / (1 - x))
+
+
+def token_anchors(mask: Tensor, size: float = 0.25) -> Tensor:
+    """Anchor boxes [B, H * W, 4] (cx, cy, w, h) for the cells of a feature map with padding mask [B, H, W]:
+    each cell's centre and a `size` x `size` box, normalized by the image's unpadded extent (as the predicted
+    boxes are). Padding cells get centres past 1."""
+    valid = ~mask
+    valid_h = valid[:, :, 0].sum(1).clamp(min=1).to(torch.float32)  # [B]
+    valid_w = valid[:, 0, :].sum(1).clamp(min=1).to(torch.float32)
+    h, w = mask.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32, device=mask.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=mask.device) + 0.5
+    cy = (ys[None, :, None] / valid_h[:, None, None]).expand(-1, h, w)
+    cx = (xs[None, None, :] / valid_w[:, None, None]).expand(-1, h, w)
+    wh = torch.full_like(cx, size)
+    return torch.stack([cx, cy, wh, wh], -1).flatten(1, 2)
 
 
 @torch.jit.unused
@@ -167,7 +258,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs: the model's dict; targets: per image, 'labels' [n] and 'boxes' [n, 4] normalized cxcywh
         (and 'masks' [n, H, W] for the mask loss). Returns every loss term, weighted by nothing."""
-        outputs_without_aux = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        outputs_without_aux = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "enc_outputs")}
         indices = self.matcher(outputs_without_aux, targets)
 
         # The box losses are averaged over the targets of the whole (distributed) batch, so every process
@@ -190,7 +281,33 @@ class SetCriterion(nn.Module):
                 kwargs = {"log": False} if loss == "labels" else {}
                 l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+
+        if "enc_outputs" in outputs:
+            # --two_stage: the encoder's dense proposals are supervised like a decoder layer, but assigned by
+            # position, which does not change as they learn: each object to the token nearest its centre.
+            enc_outputs = outputs["enc_outputs"]
+            indices = match_to_nearest_anchor(enc_outputs["anchors"], targets)
+            for loss in self.losses:
+                if loss == "masks":
+                    continue
+                kwargs = {"log": False} if loss == "labels" else {}
+                l_dict = self.get_loss(loss, enc_outputs, targets, indices, num_boxes, **kwargs)
+                losses.update({f"{k}_enc": v for k, v in l_dict.items()})
         return losses
+
+
+@torch.no_grad()
+def match_to_nearest_anchor(anchors: Tensor, targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    """Per image, (token indices, target indices): every target gets the token whose anchor centre is nearest
+    to its box centre (L1), one token per target, so that two objects centred in one cell get two tokens."""
+    from scipy.optimize import linear_sum_assignment
+
+    indices = []
+    for image_anchors, t in zip(anchors, targets):
+        cost = torch.cdist(image_anchors[:, :2].float(), t["boxes"][:, :2].float(), p=1).cpu()
+        rows, cols = linear_sum_assignment(cost.numpy())
+        indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+    return indices
 
 
 def _get_src_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
@@ -252,7 +369,7 @@ def build(args):
     backbone = build_backbone(args)
     transformer = build_transformer(args)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                 aux_loss=args.aux_loss)
+                 aux_loss=args.aux_loss, two_stage=getattr(args, "two_stage", False))
     if args.masks:
         from .segmentation import DETRsegm
         model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
@@ -267,6 +384,9 @@ def build(args):
         for i in range(args.dec_layers - 1):
             aux_weight_dict.update({f"{k}_{i}": v for k, v in weight_dict.items()})
         weight_dict.update(aux_weight_dict)
+    if getattr(args, "two_stage", False):
+        weight_dict.update({"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef,
+                            "loss_giou_enc": args.giou_loss_coef})
 
     losses = ["labels", "boxes", "cardinality"]
     if args.masks:

@@ -67,16 +67,7 @@ class DETRsegm(nn.Module):
         src, mask = features[-1].decompose()
         assert mask is not None
         src_proj = self.detr.input_proj(src)
-        hs, memory = self.detr.transformer(src_proj, mask, self.detr.query_embed.weight, pos[-1])
-
-        outputs_class = self.detr.class_embed(hs)
-        outputs_coord = self.detr.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        # TorchScript cannot type a dict mixing tensors and the aux list; scripted models (export,
-        # inference) return the final layer only.
-        if not torch.jit.is_scripting():
-            if self.detr.aux_loss:
-                out["aux_outputs"] = self.detr._set_aux_loss(outputs_class, outputs_coord)
+        out, hs, memory = self.detr.predict(src_proj, mask, pos[-1])
 
         # Attention of the last decoder layer's queries over the encoder memory: one map per head.
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
