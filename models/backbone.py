@@ -62,6 +62,7 @@ class BackboneBase(nn.Module):
             return_layers = {f"layer{last_layer}": "0"}
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
+        self.last_layer = last_layer
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
         xs = self.body(tensor_list.tensors)

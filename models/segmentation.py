@@ -42,9 +42,11 @@ class DETRsegm(nn.Module):
         self.bbox_attention = MHAttentionMap(hidden_dim, hidden_dim, nheads, dropout=0.0)
         # The FPN inputs are the backbone's layer3, layer2, layer1 outputs; in a ResNet each stage has half
         # the channels of the next one, so they follow from layer4's width (what input_proj reads):
-        # [1024, 512, 256] for ResNet-50/101, [256, 128, 64] for ResNet-18/34.
+        # [1024, 512, 256] for ResNet-50/101, [256, 128, 64] for ResNet-18/34. A backbone that ends early
+        # (--feature_stride 16 or 8) has fewer finer stages; its finest one fills the missing levels.
         last_channels = detr.input_proj.in_channels
-        fpn_dims = [last_channels // 2, last_channels // 4, last_channels // 8]
+        finer_stages = getattr(detr.backbone[0], "last_layer", 4) - 1
+        fpn_dims = [last_channels >> min(i + 1, finer_stages) for i in range(3)]
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, fpn_dims, hidden_dim)
 
     def train(self, mode: bool = True):
@@ -71,9 +73,18 @@ class DETRsegm(nn.Module):
 
         # Attention of the last decoder layer's queries over the encoder memory: one map per head.
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
-        seg_masks = self.mask_head(src_proj, bbox_mask, [features[2].tensors, features[1].tensors, features[0].tensors])
+        seg_masks = self.mask_head(src_proj, bbox_mask, fpn_inputs(features))
         out["pred_masks"] = seg_masks.view(bs, self.detr.num_queries, seg_masks.shape[-2], seg_masks.shape[-1])
         return out
+
+
+def fpn_inputs(features: List[NestedTensor]) -> List[Tensor]:
+    """The mask head's three FPN inputs, coarse to fine: the backbone stages before the last one (layer3,
+    layer2, layer1 in the original), the finest repeated when the backbone has fewer than three of them."""
+    finer = [features[i].tensors for i in range(len(features) - 2, -1, -1)]
+    while len(finer) < 3:
+        finer.append(finer[-1])
+    return finer
 
 
 def _expand(tensor: Tensor, length: int) -> Tensor:

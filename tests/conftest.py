@@ -35,7 +35,9 @@ def tiny_flags(root, output_dir="", *extra: str) -> List[str]:
              "--synthetic_image_size", str(SYNTHETIC_SIZES["image_size"]),
              "--hidden_dim", "32", "--nheads", "2", "--dim_feedforward", "64", "--enc_layers", "1",
              "--dec_layers", "2", "--num_queries", "8", "--batch_size", "4", "--num_workers", "0",
-             "--dropout", "0", "--device", "cpu", "--no_amp", "--output_dir", str(output_dir)]
+             "--dropout", "0", "--device", "cpu", "--no_amp", "--output_dir", str(output_dir),
+             # The original's learned queries on the stride-32 map; tests/test_two_stage.py covers the others.
+             "--no_two_stage", "--feature_stride", "32"]
     return flags + list(extra)
 
 

@@ -70,8 +70,8 @@ def test_a_run_writes_the_originals_files(straight_run):
     args = checkpoint["args"]
     assert isinstance(args, argparse.Namespace) and args.epochs == 4 and args.num_classes == 6
     assert checkpoint["lr_scheduler"]["last_epoch"] == 4
-    # lr 2e-4 (the synthetic default), dropped x0.1 after the third epoch.
-    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == pytest.approx([2e-5, 2e-5])
+    # lr 1e-3 (the synthetic detection default), dropped x0.1 after the third epoch.
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == pytest.approx([1e-4, 1e-4])
     model, _, _ = build_model(args)
     model.load_state_dict(checkpoint["model"], strict=True)
 
@@ -90,7 +90,7 @@ def test_a_run_writes_the_originals_files(straight_run):
         terms = [k for k in row if k.startswith("train_loss_") and not k.endswith("_unscaled")]
         assert len(terms) == 6
         assert row["train_loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
-    assert [row["train_lr"] for row in log] == pytest.approx([2e-4, 2e-4, 2e-4, 2e-5])
+    assert [row["train_lr"] for row in log] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
 
     # A copy before the LR drop (after epoch index 2, as lr_drop is 3), and no other.
     assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0002.pth"]
@@ -407,5 +407,8 @@ def test_finetune_reinitializes_only_the_class_head(resumed_run, synthetic_root,
 def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     args = main_py.parse_args(["--dataset_file", "synthetic", "--epoch", "5", "--lr_backbone=0", "--no_aux_loss"])
     assert (args.epochs, args.lr_backbone, args.aux_loss) == (5, 0.0, False)
-    assert args.lr == main_py.SYNTHETIC_DEFAULTS["lr"] and args.backbone == "resnet18"
+    assert args.lr == main_py.synthetic_defaults("synthetic")["lr"] == 1e-3 and args.backbone == "resnet18"
+    assert args.two_stage and args.feature_stride == 8
+    panoptic = main_py.parse_args(["--dataset_file", "synthetic_panoptic"])
+    assert not panoptic.two_stage and panoptic.feature_stride == 32 and panoptic.lr == 2e-4
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults

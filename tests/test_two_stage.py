@@ -1,0 +1,191 @@
+"""--two_stage (decoder queries from the encoder's proposals) and --feature_stride (a backbone ending early)."""
+import warnings
+
+import pytest
+import torch
+
+import main as main_py
+from helpers import tiny_args, tiny_model
+from models.backbone import Backbone
+from models.detr import inverse_sigmoid, match_to_nearest_anchor, token_anchors
+from util.misc import nested_tensor_from_tensor_list
+
+
+def two_images():
+    torch.manual_seed(1)
+    return nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 64, 96)])
+
+
+def test_token_anchors_are_cell_centres_of_the_unpadded_image():
+    mask = torch.zeros(1, 2, 4, dtype=torch.bool)
+    mask[0, :, 3] = True  # the last column is padding: the image is 3 cells wide
+    anchors = token_anchors(mask, size=0.25)[0]
+    assert anchors.shape == (8, 4)
+    # Row-major cells: centres (x + 0.5) / 3 and (y + 0.5) / 2, so the padding column lies past 1.
+    expected_cx = torch.tensor([0.5, 1.5, 2.5, 3.5] * 2) / 3
+    expected_cy = torch.tensor([0.25] * 4 + [0.75] * 4)
+    torch.testing.assert_close(anchors[:, 0], expected_cx)
+    torch.testing.assert_close(anchors[:, 1], expected_cy)
+    assert torch.equal(anchors[:, 2:], torch.full((8, 2), 0.25))
+
+
+def test_inverse_sigmoid_inverts_sigmoid_and_stays_finite():
+    x = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(inverse_sigmoid(x).sigmoid(), x)
+    assert torch.isfinite(inverse_sigmoid(torch.tensor([0.0, 1.0, 3.0]))).all()
+
+
+def test_objects_are_assigned_to_the_nearest_free_token():
+    # A 2 x 2 grid of anchors at 0.25 / 0.75.
+    anchors = token_anchors(torch.zeros(1, 2, 2, dtype=torch.bool))
+    # Two objects centred in the top-left cell, one in the bottom-right cell.
+    boxes = torch.tensor([[0.20, 0.20, 0.1, 0.1], [0.30, 0.26, 0.2, 0.2], [0.80, 0.70, 0.3, 0.3]])
+    (rows, cols), = match_to_nearest_anchor(anchors, [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])}])
+    assigned = dict(zip(cols.tolist(), rows.tolist()))
+    assert assigned[2] == 3  # bottom-right
+    assert sorted([assigned[0], assigned[1]]) in ([0, 1], [0, 2])  # two distinct tokens, top-left one of them
+    # The pair with the least total distance: object 1 (x 0.30) moves to the top-right cell, object 0 stays.
+    assert assigned[0] == 0 and assigned[1] == 1
+    # An image without objects gets no pair.
+    (rows, cols), = match_to_nearest_anchor(anchors, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
+    assert rows.numel() == 0 and cols.numel() == 0
+
+
+def test_two_stage_outputs_and_state_dict():
+    model, criterion, _ = tiny_model("--two_stage", "--num_classes", "4")
+    names = set(model.state_dict())
+    assert "query_embed.weight" not in names
+    assert {"enc_output.weight", "enc_output_norm.weight", "enc_class_embed.weight",
+            "enc_bbox_embed.layers.2.weight"} <= names
+    out = model(two_images())
+    b, q = 2, 5
+    assert out["pred_logits"].shape == (b, q, 5) and out["pred_boxes"].shape == (b, q, 4)
+    h, w = 3, 4  # 96 x 128 at stride 32
+    assert out["enc_outputs"]["pred_logits"].shape == (b, h * w, 5)
+    assert out["enc_outputs"]["pred_boxes"].shape == (b, h * w, 4)
+    assert len(out["aux_outputs"]) == 1
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+
+
+def test_decoder_starts_from_the_best_proposals():
+    """At initialization the decoder's offsets are zero: its outputs are the top-scoring proposals of the
+    unpadded cells, in score order."""
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4")
+    model.eval()
+    samples = two_images()
+    with torch.no_grad():
+        out = model(samples)
+    enc_logits, enc_boxes = out["enc_outputs"]["pred_logits"], out["enc_outputs"]["pred_boxes"]
+    scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0]
+    # Image 1 is 64 x 96 in a 96 x 128 batch: at stride 32 its cells are the top-left 2 x 3 of 3 x 4.
+    valid = torch.zeros(3, 4, dtype=torch.bool)
+    valid[:2, :3] = True
+    for i, cells in enumerate([torch.ones(3, 4, dtype=torch.bool), valid]):
+        cell_scores = scores[i].masked_fill(~cells.flatten(), -1)
+        top = cell_scores.topk(5).indices
+        assert cells.flatten()[top].all()
+        torch.testing.assert_close(out["pred_logits"][i], enc_logits[i, top])
+        torch.testing.assert_close(out["pred_boxes"][i], enc_boxes[i, top])
+
+
+def test_criterion_supervises_the_proposals():
+    model, criterion, _ = tiny_model("--two_stage", "--num_classes", "4")
+    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(criterion.weight_dict)
+    out = model(two_images())
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    losses = criterion(out, targets)
+    # The proposal losses, recomputed by hand for the nearest-token assignment.
+    indices = match_to_nearest_anchor(out["enc_outputs"]["anchors"], targets)
+    enc_boxes = torch.cat([out["enc_outputs"]["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)])
+    tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+    torch.testing.assert_close(losses["loss_bbox_enc"], (enc_boxes - tgt_boxes).abs().sum() / 3)
+    target_classes = torch.full((2, 12), 4)
+    for i, ((src, tgt), t) in enumerate(zip(indices, targets)):
+        target_classes[i, src] = t["labels"][tgt]
+    expected_ce = torch.nn.functional.cross_entropy(out["enc_outputs"]["pred_logits"].transpose(1, 2),
+                                                    target_classes, criterion.empty_weight)
+    torch.testing.assert_close(losses["loss_ce_enc"], expected_ce)
+    # The proposal loss alone reaches the backbone.
+    model.zero_grad()
+    losses["loss_giou_enc"].backward()
+    assert model.backbone[0].body.layer4[1].conv2.weight.grad.abs().sum() > 0
+
+
+def test_two_stage_torchscript_equals_eager():
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    samples = two_images()
+    with torch.no_grad():
+        eager, script = model(samples), scripted(samples)
+    torch.testing.assert_close(script["pred_logits"], eager["pred_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(script["pred_boxes"], eager["pred_boxes"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride,layers,channels", [(8, 2, 128), (16, 3, 256), (32, 4, 512)])
+def test_feature_stride_ends_the_backbone_early(stride, layers, channels):
+    backbone = Backbone("resnet18", True, False, False, norm="batch", stride=stride)
+    out = backbone(two_images())
+    (feature,) = out.values()
+    assert feature.tensors.shape == (2, channels, 96 // stride, 128 // stride)
+    assert backbone.num_channels == channels
+    stages = {name.split(".")[1] for name in backbone.state_dict() if name.startswith("body.layer")}
+    assert stages == {f"layer{i}" for i in range(1, layers + 1)}
+
+
+def test_feature_stride_bad_values_are_clear_errors():
+    with pytest.raises(ValueError, match="--feature_stride"):
+        Backbone("resnet18", True, False, False, stride=4)
+    with pytest.raises(ValueError, match="--dilation"):
+        Backbone("resnet50", True, False, True, stride=16)
+    with pytest.raises(SystemExit):
+        main_py.get_args_parser().parse_args(["--feature_stride", "4"])
+
+
+def test_mask_head_on_a_stride_8_backbone():
+    """With the backbone ending at layer2, the mask head reads layer1 for all three FPN levels and still
+    predicts masks at a quarter of the image size."""
+    model, criterion, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
+                                     "--hidden_dim", "128", "--nheads", "8")  # the mask head's group norms
+    assert model.mask_head.adapter1.in_channels == 64 and model.mask_head.adapter3.in_channels == 64
+    out = model(two_images())
+    assert out["pred_masks"].shape == (2, 5, 24, 32)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]]),
+                "masks": torch.zeros(1, 96, 128)} for _ in range(2)]
+    losses = criterion(out, targets)
+    assert torch.isfinite(losses["loss_mask"]) and torch.isfinite(losses["loss_dice"])
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(model)
+    samples = two_images()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(samples)["pred_masks"], model(samples)["pred_masks"], rtol=0, atol=0)
+
+
+def test_resuming_with_another_query_scheme_is_refused():
+    saved = tiny_args("--two_stage", "--feature_stride", "8")
+    differences = main_py.architecture_differences(saved, tiny_args())
+    assert differences == ["--feature_stride: checkpoint 8, this run 32", "--two_stage: checkpoint True, this run False"]
+
+
+def test_main_trains_and_evaluates_a_two_stage_model(synthetic_root, tmp_path):
+    from conftest import load_checkpoint_safely, run_main, tiny_flags
+    from models import build_model
+    from util.plot_utils import read_log
+
+    out = tmp_path / "out"
+    run_main(tiny_flags(synthetic_root, out, "--epochs", "1", "--two_stage", "--feature_stride", "8"))
+    (row,) = read_log(out / "log.txt")
+    for name in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
+        assert row[f"train_{name}"] > 0 and row[f"test_{name}"] > 0
+    assert len(row["test_coco_eval_bbox"]) == 12 and all(v >= -1 for v in row["test_coco_eval_bbox"])
+    checkpoint = load_checkpoint_safely(out / "checkpoint.pth")
+    args = checkpoint["args"]
+    assert args.two_stage and args.feature_stride == 8
+    model, _, _ = build_model(args)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    assert not any(k.startswith("backbone.0.body.layer3") for k in checkpoint["model"])
