@@ -97,7 +97,7 @@ class DETR(nn.Module):
         training signal from the first step.
 
         Returns (hs [layers, B, Q, d], memory [B, d, H, W], the selected token indices [B, Q], proposal logits
-        [B, HW, C + 1], proposal boxes [B, HW, 4])."""
+        [B, HW, C + 1], proposal boxes [B, HW, 4], the tokens' anchors [B, HW, 4])."""
         bs, c, h, w = src.shape
         src_seq = src.flatten(2).permute(2, 0, 1)
         pos_seq = pos.flatten(2).permute(2, 0, 1)
@@ -255,6 +255,18 @@ class SetCriterion(nn.Module):
             raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
 
+    def _intermediate_losses(self, outputs, targets, indices, num_boxes, suffix: str) -> Dict[str, Tensor]:
+        """The losses of an intermediate prediction (a decoder layer but the last, or the --two_stage proposals),
+        their names suffixed: no masks (too costly) and no logged class error."""
+        losses: Dict[str, Tensor] = {}
+        for loss in self.losses:
+            if loss == "masks":
+                continue
+            kwargs = {"log": False} if loss == "labels" else {}
+            l_dict = self.get_loss(loss, outputs, targets, indices, num_boxes, **kwargs)
+            losses.update({k + suffix: v for k, v in l_dict.items()})
+        return losses
+
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs: the model's dict; targets: per image, 'labels' [n] and 'boxes' [n, 4] normalized cxcywh
         (and 'masks' [n, H, W] for the mask loss). Returns every loss term, weighted by nothing."""
@@ -275,24 +287,14 @@ class SetCriterion(nn.Module):
 
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             indices = self.matcher(aux_outputs, targets)
-            for loss in self.losses:
-                if loss == "masks":  # intermediate layers have no masks: too costly
-                    continue
-                kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
-                losses.update({f"{k}_{i}": v for k, v in l_dict.items()})
+            losses.update(self._intermediate_losses(aux_outputs, targets, indices, num_boxes, f"_{i}"))
 
         if "enc_outputs" in outputs:
             # --two_stage: the encoder's dense proposals are supervised like a decoder layer, but assigned by
             # position, which does not change as they learn: each object to the token nearest its centre.
             enc_outputs = outputs["enc_outputs"]
             indices = match_to_nearest_anchor(enc_outputs["anchors"], targets)
-            for loss in self.losses:
-                if loss == "masks":
-                    continue
-                kwargs = {"log": False} if loss == "labels" else {}
-                l_dict = self.get_loss(loss, enc_outputs, targets, indices, num_boxes, **kwargs)
-                losses.update({f"{k}_enc": v for k, v in l_dict.items()})
+            losses.update(self._intermediate_losses(enc_outputs, targets, indices, num_boxes, "_enc"))
         return losses
 
 
