@@ -16,6 +16,17 @@ def two_images():
     return nested_tensor_from_tensor_list([torch.rand(3, 96, 128), torch.rand(3, 64, 96)])
 
 
+def scripted_and_eager_outputs(model):
+    """(TorchScript outputs, eager outputs) of `model` in eval mode on two_images()."""
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+        scripted = torch.jit.script(model)
+    samples = two_images()
+    with torch.no_grad():
+        return scripted(samples), model(samples)
+
+
 def test_token_anchors_are_cell_centres_of_the_unpadded_image():
     mask = torch.zeros(1, 2, 4, dtype=torch.bool)
     mask[0, :, 3] = True  # the last column is padding: the image is 3 cells wide
@@ -114,13 +125,7 @@ def test_criterion_supervises_the_proposals():
 
 def test_two_stage_torchscript_equals_eager():
     model, _, _ = tiny_model("--two_stage", "--num_classes", "4")
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model)
-    samples = two_images()
-    with torch.no_grad():
-        eager, script = model(samples), scripted(samples)
+    script, eager = scripted_and_eager_outputs(model)
     torch.testing.assert_close(script["pred_logits"], eager["pred_logits"], rtol=0, atol=0)
     torch.testing.assert_close(script["pred_boxes"], eager["pred_boxes"], rtol=0, atol=0)
 
@@ -157,13 +162,8 @@ def test_mask_head_on_a_stride_8_backbone():
                 "masks": torch.zeros(1, 96, 128)} for _ in range(2)]
     losses = criterion(out, targets)
     assert torch.isfinite(losses["loss_mask"]) and torch.isfinite(losses["loss_dice"])
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scripted = torch.jit.script(model)
-    samples = two_images()
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(samples)["pred_masks"], model(samples)["pred_masks"], rtol=0, atol=0)
+    script, eager = scripted_and_eager_outputs(model)
+    torch.testing.assert_close(script["pred_masks"], eager["pred_masks"], rtol=0, atol=0)
 
 
 def test_resuming_with_another_query_scheme_is_refused():
