@@ -148,9 +148,12 @@ SYNTHETIC_DEFAULTS = dict(
     dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
     weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, num_workers=1, output_dir="outputs/synthetic",
 )
-# On top of those, for detection (`synthetic`): queries from the encoder's proposals on a stride-8 feature map,
-# which learn from scratch many times faster than the original's learned queries on a stride-32 map.
-SYNTHETIC_DETECTION_DEFAULTS = dict(two_stage=True, feature_stride=8, lr=1e-3, lr_backbone=1e-3)
+# On top of those, for detection (`synthetic`): queries from the proposals of a stride-8 feature map, which
+# learn from scratch many times faster than the original's learned queries on a stride-32 map. Without encoder
+# layers the proposals come from the projected features and their 3x3 neighbourhoods: that learned twice as
+# fast here as with 2 layers, and each iteration is cheaper.
+SYNTHETIC_DETECTION_DEFAULTS = dict(two_stage=True, feature_stride=8, enc_layers=0, lr=1e-3, lr_backbone=1e-3,
+                                    epochs=20, lr_drop=16)
 
 
 def synthetic_defaults(dataset_file: str) -> dict:

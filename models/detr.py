@@ -39,7 +39,8 @@ class DETR(nn.Module):
         if two_stage:
             # Queries from the encoder (see forward_queries_from_encoder): every encoder token proposes a box and
             # class; these heads replace the learned query embedding.
-            self.enc_output = nn.Linear(hidden_dim, hidden_dim)
+            # A 3x3 convolution: each token's proposal also sees its neighbours.
+            self.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
             self.enc_output_norm = nn.LayerNorm(hidden_dim)
             self.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
             self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
@@ -89,8 +90,9 @@ class DETR(nn.Module):
         return out, hs, memory
 
     def forward_queries_from_encoder(self, src: Tensor, mask: Tensor, pos: Tensor):
-        """The --two_stage transformer pass. Each encoder output token proposes a class and a box, the box as
-        an offset (in inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
+        """The --two_stage transformer pass. Each encoder output token proposes a class and a box from its own
+        state and its 8 neighbours' (a 3x3 convolution over the memory map), the box as an offset (in
+        inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
         The num_queries best-scoring proposals become the decoder's queries: the token's state as content and
         its position encoding as query position; predict() then refines their logits and boxes. The proposals
         are supervised on their own (the criterion's enc_outputs), which gives the backbone and encoder a dense
@@ -104,7 +106,8 @@ class DETR(nn.Module):
         mask_seq = mask.flatten(1)
         memory = self.transformer.encoder(src_seq, src_key_padding_mask=mask_seq, pos=pos_seq)  # [HW, B, d]
 
-        tokens = self.enc_output_norm(self.enc_output(memory.transpose(0, 1)))  # [B, HW, d]
+        memory_map = memory.permute(1, 2, 0).reshape(bs, c, h, w)
+        tokens = self.enc_output_norm(self.enc_output(memory_map).flatten(2).transpose(1, 2))  # [B, HW, d]
         enc_logits = self.enc_class_embed(tokens)
         anchors = token_anchors(mask)
         enc_boxes = (self.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
@@ -117,8 +120,7 @@ class DETR(nn.Module):
         query_pos = pos_seq.transpose(0, 1).gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)
         hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
                                       query_pos=query_pos)
-        return (hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w), top, enc_logits, enc_boxes,
-                anchors)
+        return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors
 
     @torch.jit.unused
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor):

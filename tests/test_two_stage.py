@@ -78,6 +78,28 @@ def test_two_stage_outputs_and_state_dict():
     assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
 
 
+def test_each_proposal_sees_its_3x3_neighbourhood_without_encoder_layers():
+    """With --enc_layers 0 the memory is the projected feature map itself; changing one cell of it changes the
+    proposals of that cell and its 8 neighbours, and no other."""
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4", "--enc_layers", "0")
+    model.eval()
+    torch.manual_seed(2)
+    src, pos = torch.randn(1, 32, 4, 5), torch.randn(1, 32, 4, 5)
+    mask = torch.zeros(1, 4, 5, dtype=torch.bool)
+    changed_src = src.clone()
+    changed_src[0, :, 1, 1] += 1.0
+    with torch.no_grad():
+        hs, memory, _, logits, boxes, _ = model.forward_queries_from_encoder(src, mask, pos)
+        _, changed_memory, _, changed_logits, changed_boxes, _ = model.forward_queries_from_encoder(
+            changed_src, mask, pos)
+    assert torch.equal(memory, src) and torch.equal(changed_memory, changed_src)
+    assert hs.shape == (2, 1, 5, 32)
+    differs = ((logits - changed_logits).abs().amax(-1) > 1e-6) | ((boxes - changed_boxes).abs().amax(-1) > 1e-6)
+    expected = torch.zeros(4, 5, dtype=torch.bool)
+    expected[0:3, 0:3] = True
+    assert torch.equal(differs.reshape(4, 5), expected)
+
+
 def test_decoder_starts_from_the_best_proposals():
     """At initialization the decoder's offsets are zero: its outputs are the top-scoring proposals of the
     unpadded cells, in score order."""
