@@ -392,7 +392,7 @@ def native_image_size(root: Path, args) -> int:
 def make_synthetic_transforms(image_set: str, image_size: int) -> T.Compose:
     """Augmentation for the synthetic images: for 'train', a flip and a mild rescale around the native
     size (+-16 px in steps of 8), since the shapes already vary in size; for 'val', the native size.
-    Both end with ToTensor and ImageNet normalization (the backbone is ImageNet-pretrained)."""
+    Both end with ToTensor and the ImageNet normalization every backbone here expects."""
     normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     if image_set == "train":
         sizes = [s for s in range(image_size - 16, image_size + 17, 8) if s > 0]
