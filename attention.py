@@ -40,14 +40,15 @@ MAX_POINTS = 6
 class AttentionMaps:
     """Attention weights of one image over its h x w feature map (the backbone's output, stride 32)."""
     decoder: Tensor  # [num_queries, h, w]: each query's cross-attention in the last decoder layer
-    encoder: Tensor  # [h, w, h, w]: each feature cell's self-attention in the last encoder layer
+    encoder: Optional[Tensor]  # [h, w, h, w]: each cell's self-attention in the last encoder layer (None: no layers)
     outputs: Dict[str, Tensor]  # the model's outputs (pred_logits, pred_boxes, ...)
 
 
 @torch.no_grad()
 def capture_attention(model: nn.Module, image: Tensor) -> AttentionMaps:
     """Run `model` (DETR or DETRsegm, in eval mode) on one normalized image [3, H, W] and keep the attention
-    weights of its last encoder and decoder layers. The hooks are removed afterwards."""
+    weights of its last encoder and decoder layers (a model without encoder layers, --enc_layers 0, gets None
+    for the encoder's). The hooks are removed afterwards."""
     detr = model.detr if hasattr(model, "detr") else model
     captured = {}
 
@@ -56,22 +57,24 @@ def capture_attention(model: nn.Module, image: Tensor) -> AttentionMaps:
             captured[name] = output
         return hook
 
+    encoder_layers = detr.transformer.encoder.layers
     hooks = [detr.input_proj.register_forward_hook(keep("features")),
-             detr.transformer.encoder.layers[-1].self_attn.register_forward_hook(keep("encoder")),
              detr.transformer.decoder.layers[-1].multihead_attn.register_forward_hook(keep("decoder"))]
+    if len(encoder_layers):
+        hooks.append(encoder_layers[-1].self_attn.register_forward_hook(keep("encoder")))
     try:
         outputs = model([image])
     finally:
         for hook in hooks:
             hook.remove()
-    if captured["encoder"][1] is None or captured["decoder"][1] is None:
+    if captured["decoder"][1] is None or (len(encoder_layers) and captured["encoder"][1] is None):
         raise RuntimeError("the attention layers returned no weights: the transformer must call "
                            "nn.MultiheadAttention with need_weights=True")
     h, w = captured["features"].shape[-2:]
     # nn.MultiheadAttention's weights: [batch, target length, source length], averaged over heads.
     decoder = captured["decoder"][1][0].reshape(-1, h, w)
-    encoder = captured["encoder"][1][0].reshape(h, w, h, w)
-    return AttentionMaps(decoder.cpu(), encoder.cpu(), outputs)
+    encoder = captured["encoder"][1][0].reshape(h, w, h, w).cpu() if len(encoder_layers) else None
+    return AttentionMaps(decoder.cpu(), encoder, outputs)
 
 
 def feature_cell(point: Tuple[float, float], image_size: Tuple[int, int], feature_size: Tuple[int, int]):
@@ -224,6 +227,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_decoder_attention_picture(image, maps, queries, boxes, result["labels"][queries].cpu(),
                                    result["scores"][queries].cpu(), detector.names, decoder_path,
                                    title=f"decoder cross-attention, last layer ({h}x{w} feature map)")
+    if maps.encoder is None:
+        print(f"{len(queries)} object(s) above {args.threshold}: {decoder_path}; no encoder picture: the model has "
+              f"no encoder layers (--enc_layers 0)")
+        return 0
     points = args.points or default_points(boxes, width, height, (h, w))
     save_encoder_attention_picture(image, maps, points, encoder_path,
                                    title=f"encoder self-attention, last layer ({h}x{w} feature map)")

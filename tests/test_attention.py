@@ -90,3 +90,24 @@ def test_bad_inputs(checkpoint, tmp_path):
         attention.main([str(tmp_path / "broken.png"), "--resume", str(checkpoint)])
     with pytest.raises(SystemExit, match="not an entry point"):
         attention.main([str(image), "--hub", "detr_resnet5"])
+
+
+def test_two_stage_model_without_encoder_layers(synthetic_root, tmp_path):
+    """The synthetic detection defaults (--two_stage --enc_layers 0): the decoder's attention is captured and
+    drawn; there is no encoder attention, which the command says instead of failing."""
+    checkpoint = tiny_checkpoint(tmp_path / "two_stage.pth", synthetic_root, "--two_stage", "--enc_layers", "0",
+                                 "--feature_stride", "16")
+    detector = predict.load_detector(resume=str(checkpoint))
+    maps = attention.capture_attention(detector.model, torch.randn(3, 64, 96))  # 4 x 6 at stride 16
+    assert maps.encoder is None
+    assert maps.decoder.shape == (8, 4, 6)
+    assert torch.allclose(maps.decoder.sum((1, 2)), torch.ones(8), atol=1e-5)
+    image = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 96, 3), 128, np.uint8)).save(image)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        status = attention.main([str(image), "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+                                 "--threshold", "0", "--device", "cpu"])
+    assert status == 0
+    assert "no encoder picture" in printed.getvalue()
+    assert (tmp_path / "out" / "grey_decoder_attention.png").exists()
+    assert not (tmp_path / "out" / "grey_encoder_attention.png").exists()

@@ -88,6 +88,32 @@ def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_pat
             torch.testing.assert_close(torch.from_numpy(value), eager[name], rtol=1e-4, atol=1e-4)
 
 
+def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
+    """The synthetic detection defaults' query selection (top-k proposals, gathers) exports too."""
+    import onnxruntime
+    model, _, _ = tiny_model("--no_aux_loss", "--dec_layers", "1", "--two_stage", "--enc_layers", "0",
+                             "--feature_stride", "16")
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    height = torch.export.Dim("height", min=64, max=1344)
+    width = torch.export.Dim("width", min=64, max=1344)
+    program = torch.onnx.export(model, (torch.rand(2, 3, 64, 96),), dynamo=True, verbose=False,
+                                dynamic_shapes=({0: batch, 2: height, 3: width},),
+                                input_names=["images"], output_names=list(OUTPUTS))
+    path = tmp_path / "two_stage.onnx"
+    program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 64, 96), (1, 3, 96, 64), (3, 3, 128, 100)]:
+        images = torch.rand(*shape, generator=g)
+        with torch.no_grad():
+            eager = model(images)
+        results = session.run(None, {"images": images.numpy()})
+        for name, value in zip(OUTPUTS, results):
+            assert value.shape == tuple(eager[name].shape)
+            torch.testing.assert_close(torch.from_numpy(value), eager[name], rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- torch.compile
 
 @pytest.mark.slow

@@ -97,8 +97,10 @@ def test_labels_at_the_border_stay_inside_the_picture():
     plt.close(fig)
 
 
-def test_results_load_with_pycocotools(synthetic_root, tmp_path):
-    checkpoint = tiny_checkpoint(tmp_path / "random.pth", synthetic_root)
+@pytest.mark.parametrize("flags", [(), ("--two_stage", "--enc_layers", "0", "--feature_stride", "8")],
+                         ids=["original", "synthetic-detection-defaults"])
+def test_results_load_with_pycocotools(synthetic_root, tmp_path, flags):
+    checkpoint = tiny_checkpoint(tmp_path / "random.pth", synthetic_root, *flags)
     out = tmp_path / "out"
     status, _, _ = run_predict("--resume", checkpoint, synthetic_root / "val2017", "--output_dir", out,
                                "--threshold", 0, "--device", "cpu")
