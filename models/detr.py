@@ -26,9 +26,10 @@ class DETR(nn.Module):
     """
 
     two_stage: torch.jit.Final[bool]  # a constant for TorchScript, which then compiles only the branch in use
+    query_nms: torch.jit.Final[float]
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, two_stage: bool = False):
+                 aux_loss: bool = False, two_stage: bool = False, query_nms: float = 1.0):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -36,6 +37,9 @@ class DETR(nn.Module):
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.two_stage = two_stage
+        # With two_stage, in eval mode: pass over proposals that overlap a better one by more than this IoU
+        # when picking the queries (1.0: never).
+        self.query_nms = query_nms
         if two_stage:
             # Queries from the encoder (see forward_queries_from_encoder): every encoder token proposes a box and
             # class; these heads replace the learned query embedding.
@@ -115,7 +119,10 @@ class DETR(nn.Module):
         # Best object score per token (padding never proposes), then the top num_queries tokens.
         scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
         k = min(self.num_queries, h * w)
-        top = scores.topk(k, dim=1)[1]  # [B, Q]
+        if self.query_nms < 1.0 and not self.training:
+            top = select_distinct(scores, enc_boxes, k, self.query_nms)
+        else:
+            top = scores.topk(k, dim=1)[1]  # [B, Q]
         tgt = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)  # [Q, B, d]
         query_pos = pos_seq.transpose(0, 1).gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)
         hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
@@ -127,6 +134,25 @@ class DETR(nn.Module):
         # A list of dicts is not a TorchScript Dict[str, Tensor] value, so scripting leaves this out (use
         # aux_loss=False for a scripted model, as the hub models do).
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def select_distinct(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) -> Tensor:
+    """The indices [B, k] of the k best of scores [B, N], passing over any box of boxes [B, N, 4] (cx, cy, w, h)
+    that overlaps a better one by more than iou_threshold (those come last, best first, if fewer than k are
+    left). Only the 4k best are considered, and passing over is decided in one step: a box overlapping a better
+    one is passed over even if that one is passed over itself. So there is no loop, and it exports to ONNX."""
+    m = min(4 * k, scores.shape[1])
+    best_scores, best = scores.topk(m, dim=1)  # best first
+    xyxy = box_ops.box_cxcywh_to_xyxy(boxes.gather(1, best.unsqueeze(-1).expand(-1, -1, 4)))
+    area = (xyxy[..., 2] - xyxy[..., 0]).clamp(min=0) * (xyxy[..., 3] - xyxy[..., 1]).clamp(min=0)
+    lt = torch.max(xyxy[:, :, None, :2], xyxy[:, None, :, :2])
+    rb = torch.min(xyxy[:, :, None, 2:], xyxy[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)  # [B, m, m]
+    # Entry [i, j] above the diagonal: box j's overlap with the better box i.
+    passed_over = iou.triu(1).max(1)[0] > iou_threshold
+    order = (best_scores - 3.0 * passed_over.to(best_scores.dtype)).topk(k, dim=1)[1]  # scores lie in [-1, 1]
+    return best.gather(1, order)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -373,7 +399,8 @@ def build(args):
     backbone = build_backbone(args)
     transformer = build_transformer(args)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                 aux_loss=args.aux_loss, two_stage=getattr(args, "two_stage", False))
+                 aux_loss=args.aux_loss, two_stage=getattr(args, "two_stage", False),
+                 query_nms=getattr(args, "query_nms", 1.0))
     if args.masks:
         from .segmentation import DETRsegm
         model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))

@@ -7,7 +7,8 @@ import torch
 import main as main_py
 from helpers import tiny_args, tiny_model
 from models.backbone import Backbone
-from models.detr import inverse_sigmoid, match_to_nearest_anchor, token_anchors
+from models.detr import inverse_sigmoid, match_to_nearest_anchor, select_distinct, token_anchors
+from util.box_ops import box_cxcywh_to_xyxy, box_iou
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -119,6 +120,44 @@ def test_decoder_starts_from_the_best_proposals():
         assert cells.flatten()[top].all()
         torch.testing.assert_close(out["pred_logits"][i], enc_logits[i, top])
         torch.testing.assert_close(out["pred_boxes"][i], enc_boxes[i, top])
+
+
+def test_select_distinct_passes_over_overlapping_boxes():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    boxes = torch.tensor([[[0.50, 0.5, 0.2, 0.2],    # kept
+                           [0.51, 0.5, 0.2, 0.2],    # IoU 0.9 with box 0: passed over
+                           [0.20, 0.2, 0.1, 0.1],    # kept
+                           [0.80, 0.8, 0.1, 0.1],    # kept
+                           [0.21, 0.2, 0.1, 0.1]]])  # IoU 0.82 with box 2: passed over
+    assert select_distinct(scores, boxes, 3, 0.5).tolist() == [[0, 2, 3]]
+    # Fewer than k left: the passed-over ones follow, best first.
+    assert select_distinct(scores, boxes, 5, 0.5).tolist() == [[0, 2, 3, 1, 4]]
+    # A threshold above every overlap keeps the score order.
+    assert select_distinct(scores, boxes, 5, 0.95).tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_query_nms_applies_in_evaluation_only():
+    """With --query_nms the queries of an eval-mode model are the distinct proposals (no two of the kept ones
+    overlapping by more than the threshold); in training mode they stay the plain top scores."""
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4", "--feature_stride", "16", "--query_nms", "0.1")
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 96, 128)])
+    model.eval()
+    with torch.no_grad():
+        out = model(samples)
+    enc_logits, enc_boxes = out["enc_outputs"]["pred_logits"], out["enc_outputs"]["pred_boxes"]
+    scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0]
+    chosen = select_distinct(scores, enc_boxes, 5, 0.1)[0]
+    assert not torch.equal(chosen, scores[0].topk(5).indices)  # the threshold made a difference here
+    torch.testing.assert_close(out["pred_boxes"][0], enc_boxes[0, chosen])  # the decoder starts from them
+    iou = box_iou(box_cxcywh_to_xyxy(out["pred_boxes"][0]), box_cxcywh_to_xyxy(out["pred_boxes"][0]))[0]
+    assert (iou.triu(1) <= 0.1).all()
+    model.train()
+    with torch.no_grad():
+        out = model(samples)
+    top = out["enc_outputs"]["pred_logits"].softmax(-1)[0, :, :-1].max(-1)[0].topk(5).indices
+    torch.testing.assert_close(out["pred_boxes"][0], out["enc_outputs"]["pred_boxes"][0, top])
+    script, eager = scripted_and_eager_outputs(model)
+    torch.testing.assert_close(script["pred_boxes"], eager["pred_boxes"], rtol=0, atol=0)
 
 
 def test_criterion_supervises_the_proposals():
