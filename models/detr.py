@@ -144,11 +144,7 @@ def select_distinct(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float)
     m = min(4 * k, scores.shape[1])
     best_scores, best = scores.topk(m, dim=1)  # best first
     xyxy = box_ops.box_cxcywh_to_xyxy(boxes.gather(1, best.unsqueeze(-1).expand(-1, -1, 4)))
-    area = (xyxy[..., 2] - xyxy[..., 0]).clamp(min=0) * (xyxy[..., 3] - xyxy[..., 1]).clamp(min=0)
-    lt = torch.max(xyxy[:, :, None, :2], xyxy[:, None, :, :2])
-    rb = torch.min(xyxy[:, :, None, 2:], xyxy[:, None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    iou = inter / (area[:, :, None] + area[:, None, :] - inter).clamp(min=1e-9)  # [B, m, m]
+    iou = box_ops.box_iou(xyxy, xyxy)[0]  # [B, m, m]
     # Entry [i, j] above the diagonal: box j's overlap with the better box i.
     passed_over = iou.triu(1).max(1)[0] > iou_threshold
     order = (best_scores - 3.0 * passed_over.to(best_scores.dtype)).topk(k, dim=1)[1]  # scores lie in [-1, 1]

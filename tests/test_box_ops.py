@@ -102,3 +102,15 @@ def test_masks_to_boxes_hand_computed():
 def test_masks_to_boxes_of_no_masks_is_empty():
     out = masks_to_boxes(torch.zeros(0, 5, 5))
     assert out.shape == (0, 4)
+
+
+def test_box_iou_takes_leading_batch_dimensions():
+    torch.manual_seed(0)
+    top_left = torch.rand(2, 5, 2)
+    boxes = torch.cat([top_left, top_left + torch.rand(2, 5, 2) + 0.01], -1)
+    batched, union = box_iou(boxes, boxes[:, :3])
+    assert batched.shape == union.shape == (2, 5, 3)
+    for b in range(2):
+        iou, _ = box_iou(boxes[b], boxes[b, :3])
+        torch.testing.assert_close(batched[b], iou, rtol=0, atol=0)
+    torch.testing.assert_close(torch.diagonal(batched[:, :3], dim1=1, dim2=2), torch.ones(2, 3))

@@ -25,19 +25,20 @@ def box_xyxy_to_cxcywh(x: Tensor) -> Tensor:
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Area of xyxy boxes."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    """Area of xyxy boxes [..., 4]."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor]:
-    """Pairwise IoU [N, M] of xyxy boxes, and the union areas it was divided by."""
+    """Pairwise IoU [..., N, M] of xyxy boxes [..., N, 4] and [..., M, 4] (any leading batch dimensions), and the
+    union areas it was divided by."""
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    top_left = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - inter
+    union = area1[..., :, None] + area2[..., None, :] - inter
     return inter / union, union
 
 
