@@ -63,47 +63,23 @@ def test_script_position_embeddings(make):
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
-@pytest.mark.slow
-def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_path):
+def assert_onnx_export_matches_eager(model, path, extra_outputs: int = 0):
+    """Export `model` (eval mode) to ONNX at `path` with dynamic batch, height and width, run it in onnxruntime
+    at the exported size and at other ones, and compare OUTPUTS with eager PyTorch (within 1e-4). The graph's
+    outputs are OUTPUTS followed by `extra_outputs` others."""
     import onnxruntime
-    batch = torch.export.Dim("batch", min=1, max=16)
-    height = torch.export.Dim("height", min=64, max=1344)
-    width = torch.export.Dim("width", min=64, max=1344)
-    program = torch.onnx.export(detection_model, (torch.rand(2, 3, 64, 96),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: batch, 2: height, 3: width},),
-                                input_names=["images"], output_names=list(OUTPUTS))
-    path = tmp_path / "detr.onnx"
-    program.save(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
-    g = torch.Generator().manual_seed(0)
-    # The exported size, then other batch sizes, heights and widths than the one exported with.
-    for shape in [(2, 3, 64, 96), (1, 3, 96, 64), (3, 3, 128, 100)]:
-        images = torch.rand(*shape, generator=g)
-        with torch.no_grad():
-            eager = detection_model(images)
-        results = session.run(None, {"images": images.numpy()})
-        for name, value in zip(OUTPUTS, results):
-            assert value.shape == tuple(eager[name].shape)
-            torch.testing.assert_close(torch.from_numpy(value), eager[name], rtol=1e-4, atol=1e-4)
-
-
-def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
-    """The synthetic detection defaults' query selection (the best distinct proposals, gathers) exports too."""
-    import onnxruntime
-    model, _, _ = tiny_model("--no_aux_loss", "--dec_layers", "1", "--two_stage", "--enc_layers", "0",
-                             "--feature_stride", "16", "--query_nms", "0.5")
-    model.eval()
     batch = torch.export.Dim("batch", min=1, max=16)
     height = torch.export.Dim("height", min=64, max=1344)
     width = torch.export.Dim("width", min=64, max=1344)
     program = torch.onnx.export(model, (torch.rand(2, 3, 64, 96),), dynamo=True, verbose=False,
                                 dynamic_shapes=({0: batch, 2: height, 3: width},),
                                 input_names=["images"], output_names=list(OUTPUTS))
-    path = tmp_path / "two_stage.onnx"
     program.save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert names[:len(OUTPUTS)] == list(OUTPUTS) and len(names) == len(OUTPUTS) + extra_outputs
     g = torch.Generator().manual_seed(0)
+    # The exported size, then other batch sizes, heights and widths than the one exported with.
     for shape in [(2, 3, 64, 96), (1, 3, 96, 64), (3, 3, 128, 100)]:
         images = torch.rand(*shape, generator=g)
         with torch.no_grad():
@@ -112,6 +88,19 @@ def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
         for name, value in zip(OUTPUTS, results):
             assert value.shape == tuple(eager[name].shape)
             torch.testing.assert_close(torch.from_numpy(value), eager[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_path):
+    assert_onnx_export_matches_eager(detection_model, tmp_path / "detr.onnx")
+
+
+def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
+    """The synthetic detection defaults' query selection (the best distinct proposals, gathers) exports too."""
+    model, _, _ = tiny_model("--no_aux_loss", "--dec_layers", "1", "--two_stage", "--enc_layers", "0",
+                             "--feature_stride", "16", "--query_nms", "0.5")
+    # After the detections: the proposals' logits, boxes and anchors (enc_outputs).
+    assert_onnx_export_matches_eager(model.eval(), tmp_path / "two_stage.onnx", extra_outputs=3)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile
