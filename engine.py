@@ -33,9 +33,10 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool =
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0, amp: bool = False) -> Dict[str, float]:
+                    max_norm: float = 0, amp: bool = False, ema=None) -> Dict[str, float]:
     """Train for one pass over data_loader; returns the epoch averages of every logged value.
-    `amp`: bfloat16 autocast for the forward pass (see run_model); off, the steps are plain fp32."""
+    `amp`: bfloat16 autocast for the forward pass (see run_model); off, the steps are plain fp32.
+    `ema`: a util.ema.ModelEMA of the model, updated after every step."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -70,6 +71,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if max_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
+        if ema is not None:
+            ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 
         metric_logger.update(loss=loss_value, **loss_dict_reduced_scaled, **loss_dict_reduced_unscaled)
         metric_logger.update(class_error=loss_dict_reduced["class_error"])

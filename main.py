@@ -24,6 +24,7 @@ from engine import evaluate, train_one_epoch
 from models import build_model
 from util.checkpoint import (load_checkpoint, load_state_dict_checked, load_state_dict_for_finetuning,
                              model_state_from)
+from util.ema import ModelEMA
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,11 +37,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+    parser.add_argument("--ema_decay", default=0.0, type=float,
+                        help="evaluate and save an exponential moving average of the weights with this decay per "
+                             "step (e.g. 0.998); 0, the default, keeps the original's plain weights. Training "
+                             "itself is unchanged. The checkpoint's 'model' holds the average (what was evaluated); "
+                             "'train_model' the weights training resumes from")
     parser.add_argument("--amp", action="store_true",
                         help="run the model's forward pass under bfloat16 autocast (CPU or GPU; losses stay in "
                              "fp32). Faster where bfloat16 is fast; off by default (fp32 is the original's numerics) "
                              "except for the synthetic datasets")
     parser.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 forward pass (undoes --amp)")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor "
+                             "cores favour; same weights and checkpoints, off by default except for the synthetic "
+                             "datasets")
+    parser.add_argument("--no_channels_last", dest="channels_last", action="store_false",
+                        help="the ResNet in the default layout (undoes --channels_last)")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -149,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 SYNTHETIC_DEFAULTS = dict(
     backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
     dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, num_workers=1, output_dir="outputs/synthetic",
+    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, num_workers=0, output_dir="outputs/synthetic",
 )
 # On top of those, for detection (`synthetic`): queries from the proposals of a stride-8 feature map, which
 # learn from scratch many times faster than the original's learned queries on a stride-32 map. Without encoder
@@ -395,6 +407,9 @@ def main(args):
                              "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth).")
         load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume),
                                 f"--resume {args.resume}")
+        if not args.eval and "train_model" in checkpoint:
+            # Saved with --ema_decay: 'model' is the average, and training continues from the raw weights.
+            load_state_dict_checked(model_without_ddp, checkpoint["train_model"], f"--resume {args.resume}")
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -403,6 +418,16 @@ def main(args):
                 restore_rng_states(checkpoint["rng"])
             if output_dir is not None and utils.is_main_process():
                 drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
+
+    ema = None
+    if args.ema_decay > 0 and not args.eval:
+        ema = ModelEMA(model_without_ddp, args.ema_decay)
+        if args.resume and "train_model" in checkpoint:
+            load_state_dict_checked(ema.module, checkpoint["model"], f"--resume {args.resume}")
+            ema.updates = checkpoint["ema_updates"]
+    # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
+    eval_model = ema.module if ema is not None else model
+    saved_model = ema.module if ema is not None else model_without_ddp
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
@@ -418,13 +443,13 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, amp=args.amp)
+                                      args.clip_max_norm, amp=args.amp, ema=ema)
         lr_scheduler.step()
         # Where every generator stands for the next epoch: saved in the checkpoint, and restored after this
         # epoch's evaluation and pictures (they draw from the same global generators: the val loader's seed,
         # the val transforms), so that a run resumed from checkpoint.pth continues exactly like this one.
         training_rng = rng_state()
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
+        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir, amp=args.amp)
 
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
@@ -444,7 +469,7 @@ def main(args):
                     utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
             if args.plots:
                 from util.visualize import save_training_pictures
-                save_training_pictures(model_without_ddp, postprocessors, dataset_val, output_dir, device)
+                save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
         # The checkpoint comes after the log line: it marks the epoch as done. A run stopped before it (a
         # preempted job) redoes the epoch when resumed, and drop_log_lines_from removes the line written
         # before the stop, so that log.txt holds each epoch once.
@@ -454,15 +479,18 @@ def main(args):
             # Keep a copy before each learning-rate drop and every 100 epochs.
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 checkpoint_paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+            checkpoint = {
+                "model": saved_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "epoch": epoch,
+                "args": args,
+                "rng": rng_states,
+            }
+            if ema is not None:
+                checkpoint.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
             for checkpoint_path in checkpoint_paths:
-                utils.save_on_master({
-                    "model": model_without_ddp.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "epoch": epoch,
-                    "args": args,
-                    "rng": rng_states,
-                }, checkpoint_path)
+                utils.save_on_master(checkpoint, checkpoint_path)
 
         set_rng_state(training_rng)
 

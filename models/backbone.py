@@ -63,9 +63,20 @@ class BackboneBase(nn.Module):
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
         self.last_layer = last_layer
+        self.channels_last = False  # see use_channels_last()
+
+    def use_channels_last(self) -> None:
+        """Keep the body's weights and run its input in the channels-last layout (--channels_last). The
+        numbers are the same up to float rounding; loading and saving weights is unaffected (copies into a
+        parameter keep its layout)."""
+        self.body.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
-        xs = self.body(tensor_list.tensors)
+        x = tensor_list.tensors
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        xs = self.body(x)
         m = tensor_list.mask
         assert m is not None
         out: Dict[str, NestedTensor] = {}
@@ -189,6 +200,8 @@ def build_backbone(args) -> Joiner:
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
                         weights=getattr(args, "backbone_weights", "imagenet"), norm=norm,
                         stride=getattr(args, "feature_stride", 32))
+    if getattr(args, "channels_last", False):
+        backbone.use_channels_last()
     model = Joiner(backbone, position_embedding)
     model.num_channels = backbone.num_channels
     return model

@@ -227,3 +227,61 @@ def test_backbone_weights_errors(tmp_path):
     flag = re.escape(f"--backbone_weights {wrong}: ")
     with pytest.raises(RuntimeError, match=f"(?s){flag}.*do not fit resnet18.*size mismatch"):
         Backbone("resnet18", True, False, False, weights=str(wrong))
+
+
+# ---------------------------------------------------------------------------------------------- --channels_last
+
+def test_channels_last_runs_the_same_model_in_another_layout(tmp_path):
+    from helpers import tiny_model
+    plain, _, _ = tiny_model("--backbone_norm", "batch")
+    fast, _, _ = tiny_model("--backbone_norm", "batch", "--channels_last")
+    body = fast.backbone[0].body
+    assert fast.backbone[0].channels_last and not plain.backbone[0].channels_last
+    assert body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.backbone[0].body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+    # One checkpoint layout: each model loads the other's weights, and the layout stays the model's own.
+    torch.save(plain.state_dict(), tmp_path / "plain.pth")
+    fast.load_state_dict(torch.load(tmp_path / "plain.pth", weights_only=True))
+    assert body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.save(fast.state_dict(), tmp_path / "fast.pth")
+    reloaded, _, _ = tiny_model("--backbone_norm", "batch", seed=1)
+    reloaded.load_state_dict(torch.load(tmp_path / "fast.pth", weights_only=True))
+    for (name, a), b in zip(plain.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 70, 90), torch.rand(3, 96, 64)])
+    # Same outputs and gradients in eval mode, and same outputs in training mode (batch statistics), up to
+    # fp32 rounding (the layouts use different convolution kernels): within the 1e-4 this project holds its
+    # numbers to. (Not training-mode gradients: statistics over two small images amplify rounding differences.)
+    for train in (False, True):
+        plain.train(train), fast.train(train)
+        outs = [m(samples) for m in (plain, fast)]
+        for key in ("pred_logits", "pred_boxes"):
+            torch.testing.assert_close(outs[1][key], outs[0][key], rtol=0, atol=1e-4)
+        if not train:
+            for m, out in zip((plain, fast), outs):
+                (out["pred_logits"].logsumexp(-1).mean() + out["pred_boxes"].mean()).backward()
+            for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_last_scripts(monkeypatch):
+    import warnings
+    from helpers import tiny_model
+    model, _, _ = tiny_model("--channels_last")
+    model.eval()
+    samples = nested_tensor_from_tensor_list([torch.rand(3, 64, 80)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(samples)["pred_boxes"], model(samples)["pred_boxes"], rtol=0, atol=1e-6)
+
+
+def test_channels_last_is_a_synthetic_default_that_a_flag_undoes():
+    import main as main_py
+    assert main_py.parse_args(["--dataset_file", "synthetic"]).channels_last is True
+    assert main_py.parse_args(["--dataset_file", "synthetic_panoptic"]).channels_last is True
+    assert main_py.parse_args(["--dataset_file", "synthetic", "--no_channels_last"]).channels_last is False
+    assert main_py.parse_args([]).channels_last is False  # COCO keeps the original's layout
