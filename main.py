@@ -168,9 +168,10 @@ SYNTHETIC_DEFAULTS = dict(
 # layers the proposals come from the projected features and their 3x3 neighbourhoods: that learned twice as
 # fast here as with 2 layers, and each iteration is cheaper. At evaluation the queries skip duplicate proposals
 # (--query_nms), which the decoder does not learn to drop within this budget. One decoder layer refines the
-# proposals as well as three did here, and the time it saves buys two more epochs.
+# proposals as well as three did here. Twice the training images (3200, 15 epochs: the same 6000 steps as 30
+# epochs of 1600) overfit less: 0.491 box AP against 0.434.
 SYNTHETIC_DETECTION_DEFAULTS = dict(two_stage=True, feature_stride=8, enc_layers=0, dec_layers=1, query_nms=0.7,
-                                    lr=1e-3, lr_backbone=1e-3, epochs=22, lr_drop=17)
+                                    lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=15, lr_drop=12)
 
 
 def synthetic_defaults(dataset_file: str) -> dict:

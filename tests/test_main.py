@@ -408,7 +408,8 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     args = main_py.parse_args(["--dataset_file", "synthetic", "--epoch", "5", "--lr_backbone=0", "--no_aux_loss"])
     assert (args.epochs, args.lr_backbone, args.aux_loss) == (5, 0.0, False)
     assert args.lr == main_py.synthetic_defaults("synthetic")["lr"] == 1e-3 and args.backbone == "resnet18"
-    assert args.two_stage and args.feature_stride == 8
+    assert args.two_stage and args.feature_stride == 8 and args.synthetic_train_size == 3200
     panoptic = main_py.parse_args(["--dataset_file", "synthetic_panoptic"])
     assert not panoptic.two_stage and panoptic.feature_stride == 32 and panoptic.lr == 2e-4
+    assert panoptic.synthetic_train_size == 1600
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
