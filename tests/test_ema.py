@@ -1,7 +1,5 @@
 """--ema_decay: the moving average of the weights (util/ema.py), what main.py evaluates and saves with it, and
 resuming with it."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +8,7 @@ from torch import nn
 from conftest import load_checkpoint_safely, run_main, tiny_flags
 from models import build_model
 from util.ema import ModelEMA
+from util.visualize import read_log
 
 EMA_FLAGS = ("--ema_decay", "0.9", "--no_plots", "--lr_drop", "2")
 
@@ -47,9 +46,6 @@ def test_a_decay_outside_0_1_is_refused(decay):
     with pytest.raises(ValueError, match="--ema_decay"):
         ModelEMA(nn.Linear(2, 2), decay)
 
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

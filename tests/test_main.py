@@ -13,13 +13,11 @@ import main as main_py
 import util.misc as utils
 from conftest import file_digest, load_checkpoint_safely, run_main, tiny_flags
 from models import build_model
+from util.visualize import read_log
 
 # Dropout on, so that a resumed run also needs the model's own draws from torch's generator to continue.
 RESUME_FLAGS = ("--dropout", "0.1", "--lr_drop", "3")
 
-
-def read_log(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

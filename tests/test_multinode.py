@@ -3,7 +3,6 @@ processes, and a rendezvous that cannot complete fails within --dist_timeout wit
 
 Also home of the launch helpers and of the two-process torchrun reference run that test_submitit.py compares with.
 """
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, load_checkpoint_safely, tiny_flags
+from util.visualize import read_log
 
 # Dropout on: an exact match then also needs every process's own draws from torch's generator to line up.
 # A bounded --dist_timeout: a process whose peers are gone fails in a minute instead of hanging the tests.
@@ -85,9 +85,6 @@ def torchrun_reference(root, tmp_path_factory) -> Path:
         (out / "done").touch()
     return out
 
-
-def read_log(path) -> List[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def assert_same_training(expected_dir, actual_dir, atol: float = 1e-6) -> None:
