@@ -27,6 +27,12 @@ from util.checkpoint import (load_checkpoint, load_state_dict_checked, load_stat
 from util.ema import ModelEMA
 
 
+def add_switch(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
+    """--NAME (off unless given) and --no_NAME, which undoes it (and a dataset default that turns it on)."""
+    parser.add_argument(f"--{name}", action="store_true", help=help_on)
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"{help_off} (undoes --{name})")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
     parser.add_argument("--lr", default=1e-4, type=float)
@@ -42,17 +48,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "step (e.g. 0.998); 0, the default, keeps the original's plain weights. Training "
                              "itself is unchanged. The checkpoint's 'model' holds the average (what was evaluated); "
                              "'train_model' the weights training resumes from")
-    parser.add_argument("--amp", action="store_true",
-                        help="run the model's forward pass under bfloat16 autocast (CPU or GPU; losses stay in "
-                             "fp32). Faster where bfloat16 is fast; off by default (fp32 is the original's numerics) "
-                             "except for the synthetic datasets")
-    parser.add_argument("--no_amp", dest="amp", action="store_false", help="fp32 forward pass (undoes --amp)")
-    parser.add_argument("--channels_last", action="store_true",
-                        help="run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor "
-                             "cores favour; same weights and checkpoints, off by default except for the synthetic "
-                             "datasets")
-    parser.add_argument("--no_channels_last", dest="channels_last", action="store_false",
-                        help="the ResNet in the default layout (undoes --channels_last)")
+    add_switch(parser, "amp",
+               "run the model's forward pass under bfloat16 autocast (CPU or GPU; losses stay in fp32). Faster where "
+               "bfloat16 is fast; off by default (fp32 is the original's numerics) except for the synthetic datasets",
+               "fp32 forward pass")
+    add_switch(parser, "channels_last",
+               "run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor cores favour; same "
+               "weights and checkpoints, off by default except for the synthetic datasets",
+               "the ResNet in the default layout")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -89,12 +92,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nheads", default=8, type=int,
                         help="Number of attention heads inside the transformer's attentions")
     parser.add_argument("--num_queries", default=100, type=int, help="Number of query slots")
-    parser.add_argument("--two_stage", action="store_true",
-                        help="Queries from the encoder: every encoder token proposes a class and a box (with a "
-                             "loss of its own, terms suffixed _enc) and the num_queries best proposals seed the "
-                             "decoder, whose boxes refine them. Trains much faster from scratch; off in the original")
-    parser.add_argument("--no_two_stage", dest="two_stage", action="store_false",
-                        help="the original's learned queries (undoes --two_stage)")
+    add_switch(parser, "two_stage",
+               "Queries from the encoder: every encoder token proposes a class and a box (with a loss of its own, "
+               "terms suffixed _enc) and the num_queries best proposals seed the decoder, whose boxes refine them. "
+               "Trains much faster from scratch; off in the original",
+               "the original's learned queries")
     parser.add_argument("--query_nms", default=1.0, type=float,
                         help="with --two_stage, at evaluation and inference: the decoder's queries pass over "
                              "proposals that overlap a better one by more than this IoU (1.0: never)")
