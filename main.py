@@ -97,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                "terms suffixed _enc) and the num_queries best proposals seed the decoder, whose boxes refine them. "
                "Trains much faster from scratch; off in the original",
                "the original's learned queries")
+    parser.add_argument("--learned_queries", default=0, type=int,
+                        help="with --two_stage: this many of the num_queries queries are learned embeddings, as in "
+                             "the original, and the others proposals. On panoptic data the proposals then learn the "
+                             "thing classes only and the learned queries find the stuff regions")
     parser.add_argument("--query_nms", default=1.0, type=float,
                         help="with --two_stage, at evaluation and inference: the decoder's queries pass over "
                              "proposals that overlap a better one by more than this IoU (1.0: never)")
@@ -259,7 +263,7 @@ def restore_rng_states(states) -> None:
 # silently mean something else.
 ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
                       "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
-                      "masks", "feature_stride", "two_stage")
+                      "masks", "feature_stride", "two_stage", "learned_queries")
 
 
 def architecture_differences(saved_args, args) -> List[str]:
@@ -309,6 +313,11 @@ def check_args(args) -> None:
         raise SystemExit(f"--resume {args.resume!r}: no such file")
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")
+    if args.learned_queries and not args.two_stage:
+        raise SystemExit("--learned_queries needs --two_stage (without it every query is learned)")
+    if not 0 <= args.learned_queries < args.num_queries:
+        raise SystemExit(f"--learned_queries must lie in [0, --num_queries - 1] = [0, {args.num_queries - 1}], "
+                         f"got {args.learned_queries}")
 
 
 def choose_device(requested: str) -> torch.device:
@@ -335,7 +344,7 @@ def main(args):
     # The data first: a wrong path or a bad annotation file fails here, before the model is built.
     if args.num_classes is None:
         args.num_classes = datasets.default_num_classes(args)
-    if args.masks and args.dataset_file == "synthetic_panoptic":
+    if args.dataset_file == "synthetic_panoptic" or (args.dataset_file == "coco_panoptic" and args.learned_queries):
         args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
     dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
     dataset_val = build_dataset(image_set="val", args=args)

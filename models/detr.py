@@ -27,10 +27,18 @@ class DETR(nn.Module):
 
     two_stage: torch.jit.Final[bool]  # a constant for TorchScript, which then compiles only the branch in use
     query_nms: torch.jit.Final[float]
+    num_learned_queries: torch.jit.Final[int]
+    has_learned_queries: torch.jit.Final[bool]
 
     def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, two_stage: bool = False, query_nms: float = 1.0):
+                 aux_loss: bool = False, two_stage: bool = False, query_nms: float = 1.0,
+                 learned_queries: int = 0):
         super().__init__()
+        if learned_queries and not two_stage:
+            raise ValueError("learned_queries applies to two_stage models (the others' queries are all learned)")
+        if not 0 <= learned_queries < num_queries:
+            raise ValueError(f"learned_queries must lie in [0, num_queries - 1] = [0, {num_queries - 1}], "
+                             f"got {learned_queries}")
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -53,8 +61,12 @@ class DETR(nn.Module):
             for layer in (self.class_embed, self.bbox_embed.layers[-1]):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        else:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        # With two_stage, the last `learned_queries` of the num_queries queries can be learned embeddings, as in
+        # the original, beside the proposals: they find what no single position proposes, such as a stuff region.
+        self.num_learned_queries = learned_queries if two_stage else num_queries
+        self.has_learned_queries = self.num_learned_queries > 0
+        if self.has_learned_queries:
+            self.query_embed = nn.Embedding(self.num_learned_queries, hidden_dim)
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
@@ -73,10 +85,14 @@ class DETR(nn.Module):
         (the output dict of forward, the decoder states [layers, B, Q, d], the encoder memory [B, d, H, W])."""
         if self.two_stage:
             hs, memory, top, enc_logits, enc_boxes, anchors = self.forward_queries_from_encoder(src, mask, pos)
-            # Offsets from the selected proposals (which are not back-propagated through).
-            reference = enc_boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
+            # Offsets from the selected proposals (which are not back-propagated through); the learned queries'
+            # start from the image centre and uniform class scores.
+            reference = inverse_sigmoid(enc_boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4)))
             reference_logits = enc_logits.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
-            outputs_coord = (self.bbox_embed(hs) + inverse_sigmoid(reference)).sigmoid()
+            if self.has_learned_queries:
+                reference = F.pad(reference, (0, 0, 0, self.num_learned_queries))
+                reference_logits = F.pad(reference_logits, (0, 0, 0, self.num_learned_queries))
+            outputs_coord = (self.bbox_embed(hs) + reference).sigmoid()
             outputs_class = self.class_embed(hs) + reference_logits
         else:
             hs, memory = self.transformer(src, mask, self.query_embed.weight, pos)
@@ -97,8 +113,10 @@ class DETR(nn.Module):
         """The --two_stage transformer pass. Each encoder output token proposes a class and a box from its own
         state and its 8 neighbours' (a 3x3 convolution over the memory map), the box as an offset (in
         inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
-        The num_queries best-scoring proposals become the decoder's queries: the token's state as content and
-        its position encoding as query position; predict() then refines their logits and boxes. The proposals
+        The num_queries best-scoring proposals (num_queries - num_learned_queries of them when some queries are
+        learned) become the decoder's queries: the token's state as content and its position encoding as query
+        position; the learned queries follow them, as in the original (zero content, the embedding as query
+        position). predict() then refines their logits and boxes. The proposals
         are supervised on their own (the criterion's enc_outputs), which gives the backbone and encoder a dense
         training signal from the first step.
 
@@ -118,13 +136,17 @@ class DETR(nn.Module):
 
         # Best object score per token (padding never proposes), then the top num_queries tokens.
         scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
-        k = min(self.num_queries, h * w)
+        k = min(self.num_queries - self.num_learned_queries, h * w)
         if self.query_nms < 1.0 and not self.training:
             top = select_distinct(scores, enc_boxes, k, self.query_nms)
         else:
             top = scores.topk(k, dim=1)[1]  # [B, Q]
         tgt = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)  # [Q, B, d]
         query_pos = pos_seq.transpose(0, 1).gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)
+        if self.has_learned_queries:
+            learned_pos = self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1).to(query_pos.dtype)
+            tgt = torch.cat([tgt, torch.zeros_like(learned_pos)])
+            query_pos = torch.cat([query_pos, learned_pos])
         hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
                                       query_pos=query_pos)
         return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors
@@ -210,8 +232,12 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: List[str]):
+                 losses: List[str], proposal_classes: Optional[List[int]] = None):
         super().__init__()
+        # With two_stage: the classes the encoder's proposals learn (None: all). The targets of other classes
+        # are left to the learned queries (DETR's learned_queries), e.g. the stuff of panoptic data, which
+        # every token of a region would otherwise propose, crowding the objects out of the top proposals.
+        self.proposal_classes = None if proposal_classes is None else sorted(set(int(c) for c in proposal_classes))
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -317,9 +343,17 @@ class SetCriterion(nn.Module):
             # --two_stage: the encoder's dense proposals are supervised like a decoder layer, but assigned by
             # position, which does not change as they learn: each object to the token nearest its centre.
             enc_outputs = outputs["enc_outputs"]
-            indices = match_to_nearest_anchor(enc_outputs["anchors"], targets)
-            losses.update(self._intermediate_losses(enc_outputs, targets, indices, num_boxes, "_enc"))
+            enc_targets = targets if self.proposal_classes is None else [
+                only_classes(t, self.proposal_classes) for t in targets]
+            indices = match_to_nearest_anchor(enc_outputs["anchors"], enc_targets)
+            losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
         return losses
+
+
+def only_classes(target: Dict[str, Tensor], classes: List[int]) -> Dict[str, Tensor]:
+    """The target's 'labels' and 'boxes' restricted to the objects whose label is in classes."""
+    keep = torch.isin(target["labels"], torch.as_tensor(classes, device=target["labels"].device))
+    return {"labels": target["labels"][keep], "boxes": target["boxes"][keep]}
 
 
 @torch.no_grad()
@@ -394,9 +428,10 @@ def build(args):
 
     backbone = build_backbone(args)
     transformer = build_transformer(args)
+    learned_queries = getattr(args, "learned_queries", 0) or 0
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss, two_stage=getattr(args, "two_stage", False),
-                 query_nms=getattr(args, "query_nms", 1.0))
+                 query_nms=getattr(args, "query_nms", 1.0), learned_queries=learned_queries)
     if args.masks:
         from .segmentation import DETRsegm
         model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
@@ -418,8 +453,10 @@ def build(args):
     losses = ["labels", "boxes", "cardinality"]
     if args.masks:
         losses += ["masks"]
+    # Beside learned queries, the proposals learn the thing classes of panoptic data only.
+    proposal_classes = getattr(args, "thing_classes", None) if learned_queries else None
     criterion = SetCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
-                             losses=losses)
+                             losses=losses, proposal_classes=proposal_classes)
     criterion.to(device)
 
     postprocessors = {"bbox": PostProcess()}

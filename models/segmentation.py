@@ -74,7 +74,7 @@ class DETRsegm(nn.Module):
         # Attention of the last decoder layer's queries over the encoder memory: one map per head.
         bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         seg_masks = self.mask_head(src_proj, bbox_mask, fpn_inputs(features))
-        out["pred_masks"] = seg_masks.view(bs, self.detr.num_queries, seg_masks.shape[-2], seg_masks.shape[-1])
+        out["pred_masks"] = seg_masks.view(bs, hs.shape[2], seg_masks.shape[-2], seg_masks.shape[-1])
         return out
 
 
