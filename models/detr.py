@@ -77,14 +77,16 @@ class DETR(nn.Module):
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         assert mask is not None
-        out, _, _ = self.predict(self.input_proj(src), mask, pos[-1])
+        out, _, _, _ = self.predict(self.input_proj(src), mask, pos[-1])
         return out
 
-    def predict(self, src: Tensor, mask: Tensor, pos: Tensor) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+    def predict(self, src: Tensor, mask: Tensor, pos: Tensor) -> Tuple[Dict[str, Tensor], Tensor, Tensor, Tensor]:
         """From the projected features src [B, d, H, W] with their padding mask and position encoding:
-        (the output dict of forward, the decoder states [layers, B, Q, d], the encoder memory [B, d, H, W])."""
+        (the output dict of forward, the decoder states [layers, B, Q, d], the encoder memory [B, d, H, W], the
+        decoder's input queries, content plus position embedding [B, Q, d])."""
         if self.two_stage:
-            hs, memory, top, enc_logits, enc_boxes, anchors = self.forward_queries_from_encoder(src, mask, pos)
+            hs, memory, top, enc_logits, enc_boxes, anchors, queries = self.forward_queries_from_encoder(
+                src, mask, pos)
             # Offsets from the selected proposals (which are not back-propagated through); the learned queries'
             # start from the image centre and uniform class scores.
             reference = inverse_sigmoid(enc_boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4)))
@@ -96,6 +98,7 @@ class DETR(nn.Module):
             outputs_class = self.class_embed(hs) + reference_logits
         else:
             hs, memory = self.transformer(src, mask, self.query_embed.weight, pos)
+            queries = self.query_embed.weight.unsqueeze(0).expand(hs.shape[1], -1, -1)  # zero content
             outputs_coord = self.bbox_embed(hs).sigmoid()
             outputs_class = self.class_embed(hs)
             enc_logits, enc_boxes, anchors = hs.new_empty(0), hs.new_empty(0), hs.new_empty(0)
@@ -107,7 +110,7 @@ class DETR(nn.Module):
                 out["aux_outputs"] = self._set_aux_loss(outputs_class, outputs_coord)
             if self.two_stage:
                 out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}
-        return out, hs, memory
+        return out, hs, memory, queries
 
     def forward_queries_from_encoder(self, src: Tensor, mask: Tensor, pos: Tensor):
         """The --two_stage transformer pass. Each encoder output token proposes a class and a box from its own
@@ -121,7 +124,8 @@ class DETR(nn.Module):
         training signal from the first step.
 
         Returns (hs [layers, B, Q, d], memory [B, d, H, W], the selected token indices [B, Q], proposal logits
-        [B, HW, C + 1], proposal boxes [B, HW, 4], the tokens' anchors [B, HW, 4])."""
+        [B, HW, C + 1], proposal boxes [B, HW, 4], the tokens' anchors [B, HW, 4], the decoder's input queries:
+        content plus position embedding [B, Q, d])."""
         bs, c, h, w = src.shape
         src_seq = src.flatten(2).permute(2, 0, 1)
         pos_seq = pos.flatten(2).permute(2, 0, 1)
@@ -149,7 +153,8 @@ class DETR(nn.Module):
             query_pos = torch.cat([query_pos, learned_pos])
         hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
                                       query_pos=query_pos)
-        return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors
+        queries = (tgt + query_pos).transpose(0, 1)
+        return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors, queries
 
     @torch.jit.unused
     def _set_aux_loss(self, outputs_class: Tensor, outputs_coord: Tensor):
@@ -434,7 +439,8 @@ def build(args):
                  query_nms=getattr(args, "query_nms", 1.0), learned_queries=learned_queries)
     if args.masks:
         from .segmentation import DETRsegm
-        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None))
+        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None),
+                         attention_gain=getattr(args, "mask_attention_gain", 1.0))
     matcher = build_matcher(args)
 
     weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
@@ -463,12 +469,13 @@ def build(args):
     if args.masks:
         from .segmentation import PostProcessPanoptic, PostProcessSegm
         postprocessors["segm"] = PostProcessSegm()
+        panoptic_threshold = getattr(args, "panoptic_threshold", 0.85)
         if args.dataset_file == "coco_panoptic":
             is_thing_map = {i: i <= 90 for i in range(201)}
-            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
+            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=panoptic_threshold)
         elif getattr(args, "thing_classes", None) is not None:
             # Datasets of the project's own (the synthetic panoptic one) name their thing classes.
             things = set(args.thing_classes)
             postprocessors["panoptic"] = PostProcessPanoptic({i: i in things for i in range(num_classes + 1)},
-                                                             threshold=0.85)
+                                                             threshold=panoptic_threshold)
     return model, criterion, postprocessors

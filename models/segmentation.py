@@ -30,7 +30,11 @@ class DETRsegm(nn.Module):
     two-stage recipe: train boxes first, then masks for 25 epochs).
     """
 
-    def __init__(self, detr: nn.Module, freeze_detr: bool = False):
+    def __init__(self, detr: nn.Module, freeze_detr: bool = False, attention_gain: float = 1.0):
+        """attention_gain: the attention maps sum to 1 over heads and positions, so each value is about
+        1 / (heads x positions), far smaller than the features beside them; the mask head's first convolution
+        starts with its weights on them multiplied by this, so that it tells the queries apart from the first
+        step instead of after thousands (1: the original's initialization)."""
         super().__init__()
         self.detr = detr
         self.freeze_detr = freeze_detr
@@ -47,7 +51,7 @@ class DETRsegm(nn.Module):
         last_channels = detr.input_proj.in_channels
         finer_stages = getattr(detr.backbone[0], "last_layer", 4) - 1
         fpn_dims = [last_channels >> min(i + 1, finer_stages) for i in range(3)]
-        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, fpn_dims, hidden_dim)
+        self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, fpn_dims, hidden_dim, attention_gain=attention_gain)
 
     def train(self, mode: bool = True):
         """As nn.Module.train, but a frozen detector's batch norms (--backbone_norm batch) stay in eval mode:
@@ -69,10 +73,16 @@ class DETRsegm(nn.Module):
         src, mask = features[-1].decompose()
         assert mask is not None
         src_proj = self.detr.input_proj(src)
-        out, hs, memory = self.detr.predict(src_proj, mask, pos[-1])
+        out, hs, memory, queries = self.detr.predict(src_proj, mask, pos[-1])
 
         # Attention of the last decoder layer's queries over the encoder memory: one map per head.
-        bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
+        if self.detr.two_stage:
+            # A proposal's decoder state need not say what and where it is (its class and box are offsets from the
+            # proposal's, and the decoder can leave them unchanged): the proposal's own state and position are
+            # added, and the memory's positions.
+            bbox_mask = self.bbox_attention(hs[-1] + queries, memory + pos[-1].to(memory.dtype), mask=mask)
+        else:
+            bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
         seg_masks = self.mask_head(src_proj, bbox_mask, fpn_inputs(features))
         out["pred_masks"] = seg_masks.view(bs, hs.shape[2], seg_masks.shape[-2], seg_masks.shape[-1])
         return out
@@ -105,7 +115,9 @@ class MaskHeadSmallConv(nn.Module):
     attention maps at 1/32 scale, up to 1/4 scale through the backbone's layer3, layer2, layer1 features.
     Group norm because the effective batch (images x queries) varies and can be large."""
 
-    def __init__(self, dim: int, fpn_dims: List[int], context_dim: int):
+    def __init__(self, dim: int, fpn_dims: List[int], context_dim: int, attention_gain: float = 1.0):
+        """dim: input channels, the features' (context_dim) plus one attention map per head. attention_gain
+        multiplies lay1's initial weights on the attention maps (see DETRsegm)."""
         super().__init__()
         inter_dims = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16, context_dim // 64]
         if any(d == 0 or d % 8 for d in inter_dims[:5]):
@@ -133,6 +145,9 @@ class MaskHeadSmallConv(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.constant_(m.bias, 0)
+        if attention_gain != 1.0:
+            with torch.no_grad():
+                self.lay1.weight[:, context_dim:] *= attention_gain
 
     def forward(self, x: Tensor, bbox_mask: Tensor, fpns: List[Tensor]) -> Tensor:
         """x [B, C, H, W], bbox_mask [B, Q, nheads, H, W], fpns: 3 feature maps, coarse to fine.

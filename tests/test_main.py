@@ -408,6 +408,15 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     assert args.lr == main_py.synthetic_defaults("synthetic")["lr"] == 1e-3 and args.backbone == "resnet18"
     assert args.two_stage and args.feature_stride == 8 and args.synthetic_train_size == 3200
     panoptic = main_py.parse_args(["--dataset_file", "synthetic_panoptic"])
-    assert not panoptic.two_stage and panoptic.feature_stride == 32 and panoptic.lr == 2e-4
-    assert panoptic.synthetic_train_size == 1600
+    assert panoptic.two_stage and panoptic.learned_queries == 5 and panoptic.dec_layers == 2 and panoptic.lr == 1e-3
+    assert panoptic.synthetic_train_size == 3200 and panoptic.output_dir == "outputs/panoptic/boxes"
+    assert panoptic.mask_attention_gain == 1.0 and panoptic.panoptic_threshold == 0.85
+    # The mask stage adds its own; the box stage's architecture flags stay, so its checkpoint fits.
+    masks = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--masks", "--lr", "1e-4"])
+    assert (masks.mask_attention_gain, masks.panoptic_threshold, masks.epochs, masks.lr) == (100.0, 0.5, 2, 1e-4)
+    assert masks.learned_queries == 5 and masks.output_dir == "outputs/panoptic/masks"
+    assert main_py.architecture_differences(panoptic, masks) == ["--masks: checkpoint False, this run True"]
+    # The original's queries on request: no learned-query split then.
+    original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
+    assert not original.two_stage and original.learned_queries == 0
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults

@@ -90,8 +90,8 @@ def test_each_proposal_sees_its_3x3_neighbourhood_without_encoder_layers():
     changed_src = src.clone()
     changed_src[0, :, 1, 1] += 1.0
     with torch.no_grad():
-        hs, memory, _, logits, boxes, _ = model.forward_queries_from_encoder(src, mask, pos)
-        _, changed_memory, _, changed_logits, changed_boxes, _ = model.forward_queries_from_encoder(
+        hs, memory, _, logits, boxes, _, _ = model.forward_queries_from_encoder(src, mask, pos)
+        _, changed_memory, _, changed_logits, changed_boxes, _, _ = model.forward_queries_from_encoder(
             changed_src, mask, pos)
     assert torch.equal(memory, src) and torch.equal(changed_memory, changed_src)
     assert hs.shape == (2, 1, 5, 32)
@@ -250,3 +250,70 @@ def test_main_trains_and_evaluates_a_two_stage_model(synthetic_root, tmp_path):
     model, _, _ = build_model(args)
     model.load_state_dict(checkpoint["model"], strict=True)
     assert not any(k.startswith("backbone.0.body.layer3") for k in checkpoint["model"])
+
+
+def test_learned_queries_follow_the_proposals():
+    """--learned_queries 2 of 5: the first 3 queries are the best proposals, the last 2 learned embeddings that
+    start (zero offsets) from a centred box of half the image side and uniform class scores."""
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4", "--learned_queries", "2")
+    assert model.state_dict()["query_embed.weight"].shape == (2, model.transformer.d_model)
+    model.eval()
+    with torch.no_grad():
+        out = model(two_images())
+    assert out["pred_logits"].shape == (2, 5, 5) and out["pred_boxes"].shape == (2, 5, 4)
+    enc_logits, enc_boxes = out["enc_outputs"]["pred_logits"], out["enc_outputs"]["pred_boxes"]
+    top = enc_logits[0].softmax(-1)[:, :-1].max(-1)[0].topk(3).indices
+    torch.testing.assert_close(out["pred_boxes"][0, :3], enc_boxes[0, top])
+    torch.testing.assert_close(out["pred_logits"][0, :3], enc_logits[0, top])
+    assert torch.equal(out["pred_boxes"][:, 3:], torch.full((2, 2, 4), 0.5))
+    assert torch.equal(out["pred_logits"][:, 3:], torch.zeros(2, 2, 5))
+    # Once trained, the learned queries' outputs depend on their embeddings.
+    with torch.no_grad():
+        model.bbox_embed.layers[-1].weight.normal_()
+        before = model(two_images())["pred_boxes"][:, 3:]
+        model.query_embed.weight.add_(1.0)
+        after = model(two_images())["pred_boxes"][:, 3:]
+    assert not torch.allclose(before, after)
+    script, eager = scripted_and_eager_outputs(model)
+    torch.testing.assert_close(script["pred_boxes"], eager["pred_boxes"], rtol=0, atol=0)
+    torch.testing.assert_close(script["pred_logits"], eager["pred_logits"], rtol=0, atol=0)
+
+
+def test_proposals_learn_only_the_proposal_classes():
+    """With learned queries on panoptic data, the proposal losses ignore the stuff targets: they equal those of
+    an unrestricted criterion given the thing targets only, while the decoder's losses still see every target."""
+    import models.detr as detr_module
+
+    args = tiny_args("--two_stage", "--num_classes", "4", "--learned_queries", "2")
+    args.thing_classes = [1, 2]
+    torch.manual_seed(0)
+    model, criterion, _ = detr_module.build(args)
+    assert criterion.proposal_classes == [1, 2]
+    plain = detr_module.SetCriterion(4, criterion.matcher, criterion.weight_dict, criterion.eos_coef,
+                                     criterion.losses)
+    out = model(two_images())
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.5, 0.8, 1.0, 0.4]])},
+               {"labels": torch.tensor([4, 2]), "boxes": torch.tensor([[0.5, 0.2, 1.0, 0.4], [0.5, 0.5, 0.4, 0.4]])}]
+    things = [{"labels": t["labels"][:1] if i == 0 else t["labels"][1:],
+               "boxes": t["boxes"][:1] if i == 0 else t["boxes"][1:]} for i, t in enumerate(targets)]
+    restricted, unrestricted, by_hand = criterion(out, targets), plain(out, targets), plain(out, things)
+    for name in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
+        # The box losses are divided by the number of all targets (4), by_hand's by that of the things (2).
+        scale = 0.5 if name != "loss_ce_enc" else 1.0
+        torch.testing.assert_close(restricted[name], by_hand[name] * scale)
+        assert not torch.allclose(restricted[name], unrestricted[name])
+    for name in ("loss_ce", "loss_bbox", "loss_giou"):
+        torch.testing.assert_close(restricted[name], unrestricted[name])
+    # Without learned queries every class is proposed, as before.
+    args.learned_queries = 0
+    assert detr_module.build(args)[1].proposal_classes is None
+
+
+def test_learned_queries_bad_values_are_clear_errors():
+    for flags, message in ((["--learned_queries", "2"], "needs --two_stage"),
+                           (["--two_stage", "--learned_queries", "5"], r"\[0, --num_queries - 1\] = \[0, 4\]")):
+        with pytest.raises(SystemExit, match=message):
+            main_py.check_args(tiny_args(*flags))
+    saved = tiny_args("--two_stage", "--learned_queries", "2")
+    assert main_py.architecture_differences(saved, tiny_args("--two_stage")) == [
+        "--learned_queries: checkpoint 2, this run 0"]
