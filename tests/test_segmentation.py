@@ -129,6 +129,18 @@ def test_mask_head_init_and_bad_width():
         MaskHeadSmallConv(64 + 4, [256, 128, 64], 64)
 
 
+def test_mask_head_attention_gain_scales_only_the_attention_weights():
+    torch.manual_seed(0)
+    plain = MaskHeadSmallConv(136, [64, 64, 64], 128)
+    torch.manual_seed(0)
+    scaled = MaskHeadSmallConv(136, [64, 64, 64], 128, attention_gain=100.0)
+    # lay1's inputs are the 128 feature channels, then the 8 attention maps.
+    torch.testing.assert_close(scaled.lay1.weight[:, 128:], plain.lay1.weight[:, 128:] * 100, rtol=0, atol=0)
+    assert torch.equal(scaled.lay1.weight[:, :128], plain.lay1.weight[:, :128])
+    for (name, a), (_, b) in zip(plain.state_dict().items(), scaled.state_dict().items()):
+        assert name == "lay1.weight" or torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------------------------------------- DETRsegm
 
 @pytest.fixture(scope="module")

@@ -317,3 +317,43 @@ def test_learned_queries_bad_values_are_clear_errors():
     saved = tiny_args("--two_stage", "--learned_queries", "2")
     assert main_py.architecture_differences(saved, tiny_args("--two_stage")) == [
         "--learned_queries: checkpoint 2, this run 0"]
+
+
+def test_mask_attention_of_proposals_sees_their_states_and_positions():
+    """In a two-stage DETRsegm the attention maps are computed from the decoder state plus the query's input (the
+    proposal's token state and position; the embedding for a learned query), over the memory plus its positions."""
+    model, _, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
+                                          "--hidden_dim", "128", "--nheads", "8", "--learned_queries", "2",
+                                          "--mask_attention_gain", "50")
+    model.eval()
+    seen = {}
+    model.bbox_attention.register_forward_hook(lambda module, inputs, output: seen.update(q=inputs[0], k=inputs[1]))
+    samples = two_images()
+    with torch.no_grad():
+        model(samples)
+        features, pos = model.detr.backbone(samples)
+        src, mask = features[-1].decompose()
+        _, hs, memory, queries = model.detr.predict(model.detr.input_proj(src), mask, pos[-1])
+    torch.testing.assert_close(seen["q"], hs[-1] + queries)
+    torch.testing.assert_close(seen["k"], memory + pos[-1])
+    # The learned queries' input is their embedding (no content), the proposals' their token state + position.
+    torch.testing.assert_close(queries[:, 3:], model.detr.query_embed.weight.expand(2, -1, -1))
+    assert (queries[0, :3] - queries[0, :3].mean(0)).abs().max() > 0.1
+    # --mask_attention_gain reaches the mask head.
+    torch.manual_seed(0)
+    plain, _, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
+                             "--hidden_dim", "128", "--nheads", "8", "--learned_queries", "2")
+    ratio = model.mask_head.lay1.weight[:, 128:] / plain.mask_head.lay1.weight[:, 128:]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
+    assert plain.mask_head.lay1.weight[:, 128:].abs().max() < 1  # gain 1: the original's initialization
+
+
+def test_panoptic_threshold_reaches_the_post_processor():
+    from models import build_model
+
+    args = tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8", "--num_classes", "4")
+    args.thing_classes = [1, 2]
+    assert build_model(args)[2]["panoptic"].threshold == 0.85  # the original's
+    args.panoptic_threshold = 0.6
+    postprocessor = build_model(args)[2]["panoptic"]
+    assert postprocessor.threshold == 0.6 and postprocessor.is_thing_map[2] and not postprocessor.is_thing_map[3]
