@@ -346,6 +346,9 @@ def test_mask_attention_of_proposals_sees_their_states_and_positions():
     ratio = model.mask_head.lay1.weight[:, 128:] / plain.mask_head.lay1.weight[:, 128:]
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
     assert plain.mask_head.lay1.weight[:, 128:].abs().max() < 1  # gain 1: the original's initialization
+    script, eager = scripted_and_eager_outputs(model)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(script[key], eager[key], rtol=0, atol=0)
 
 
 def test_panoptic_threshold_reaches_the_post_processor():
