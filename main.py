@@ -22,6 +22,7 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.synthetic import add_synthetic_args
 from engine import evaluate, train_one_epoch
 from models import build_model
+from models.detr import check_learned_queries
 from util.checkpoint import (load_checkpoint, load_state_dict_checked, load_state_dict_for_finetuning,
                              model_state_from)
 from util.ema import ModelEMA
@@ -336,11 +337,10 @@ def check_args(args) -> None:
         raise SystemExit(f"--resume {args.resume!r}: no such file")
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")
-    if args.learned_queries and not args.two_stage:
-        raise SystemExit("--learned_queries needs --two_stage (without it every query is learned)")
-    if not 0 <= args.learned_queries < args.num_queries:
-        raise SystemExit(f"--learned_queries must lie in [0, --num_queries - 1] = [0, {args.num_queries - 1}], "
-                         f"got {args.learned_queries}")
+    try:
+        check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def choose_device(requested: str) -> torch.device:

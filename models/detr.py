@@ -34,11 +34,7 @@ class DETR(nn.Module):
                  aux_loss: bool = False, two_stage: bool = False, query_nms: float = 1.0,
                  learned_queries: int = 0):
         super().__init__()
-        if learned_queries and not two_stage:
-            raise ValueError("learned_queries applies to two_stage models (the others' queries are all learned)")
-        if not 0 <= learned_queries < num_queries:
-            raise ValueError(f"learned_queries must lie in [0, num_queries - 1] = [0, {num_queries - 1}], "
-                             f"got {learned_queries}")
+        check_learned_queries(learned_queries, num_queries, two_stage)
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -161,6 +157,16 @@ class DETR(nn.Module):
         # A list of dicts is not a TorchScript Dict[str, Tensor] value, so scripting leaves this out (use
         # aux_loss=False for a scripted model, as the hub models do).
         return [{"pred_logits": a, "pred_boxes": b} for a, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+
+
+def check_learned_queries(learned_queries: int, num_queries: int, two_stage: bool) -> None:
+    """Raise ValueError, naming the flags, unless learned_queries fits: 0 without two_stage, and fewer than
+    num_queries so that at least one query is a proposal."""
+    if learned_queries and not two_stage:
+        raise ValueError("--learned_queries needs --two_stage (without it every query is learned)")
+    if not 0 <= learned_queries < num_queries:
+        raise ValueError(f"--learned_queries must lie in [0, --num_queries - 1] = [0, {num_queries - 1}], "
+                         f"got {learned_queries}")
 
 
 def select_distinct(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) -> Tensor:

@@ -314,6 +314,8 @@ def test_learned_queries_bad_values_are_clear_errors():
                            (["--two_stage", "--learned_queries", "5"], r"\[0, --num_queries - 1\] = \[0, 4\]")):
         with pytest.raises(SystemExit, match=message):
             main_py.check_args(tiny_args(*flags))
+    with pytest.raises(ValueError, match="needs --two_stage"):
+        tiny_model("--learned_queries", "1")  # build_model refuses it too
     saved = tiny_args("--two_stage", "--learned_queries", "2")
     assert main_py.architecture_differences(saved, tiny_args("--two_stage")) == [
         "--learned_queries: checkpoint 2, this run 0"]
@@ -327,7 +329,8 @@ def test_mask_attention_of_proposals_sees_their_states_and_positions():
                                           "--mask_attention_gain", "50")
     model.eval()
     seen = {}
-    model.bbox_attention.register_forward_hook(lambda module, inputs, output: seen.update(q=inputs[0], k=inputs[1]))
+    hook = model.bbox_attention.register_forward_hook(
+        lambda module, inputs, output: seen.update(q=inputs[0], k=inputs[1]))
     samples = two_images()
     with torch.no_grad():
         model(samples)
@@ -336,6 +339,7 @@ def test_mask_attention_of_proposals_sees_their_states_and_positions():
         _, hs, memory, queries = model.detr.predict(model.detr.input_proj(src), mask, pos[-1])
     torch.testing.assert_close(seen["q"], hs[-1] + queries)
     torch.testing.assert_close(seen["k"], memory + pos[-1])
+    hook.remove()  # TorchScript cannot compile it
     # The learned queries' input is their embedding (no content), the proposals' their token state + position.
     torch.testing.assert_close(queries[:, 3:], model.detr.query_embed.weight.expand(2, -1, -1))
     assert (queries[0, :3] - queries[0, :3].mean(0)).abs().max() > 0.1
