@@ -66,3 +66,31 @@ def test_frozen_weights_of_another_architecture_is_refused(tmp_path, synthetic_r
         run_main(tiny_flags(synthetic_root, tmp_path / "masks", *PANOPTIC_FLAGS, "--num_queries", "12", "--masks",
                             "--frozen_weights", str(box_run / "checkpoint.pth")))
     assert not (tmp_path / "masks" / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_with_learned_queries(tmp_path, synthetic_root):
+    """The synthetic_panoptic recipe, tiny: a two-stage detector whose last 2 queries are learned, then the mask
+    head on it, frozen, with the amplified attention weights and the lower panoptic threshold."""
+    boxes, masks = tmp_path / "boxes", tmp_path / "masks"
+    recipe = ["--two_stage", "--feature_stride", "8", "--enc_layers", "0", "--learned_queries", "2"]
+    run_main(tiny_flags(synthetic_root, boxes, *PANOPTIC_FLAGS, *recipe))
+    box_line = json.loads((boxes / "log.txt").read_text().splitlines()[-1])
+    assert box_line["train_loss_ce_enc"] > 0 and len(box_line["test_coco_eval_bbox"]) == 12
+    detector = load_checkpoint_safely(boxes / "checkpoint.pth")
+    assert detector["model"]["query_embed.weight"].shape == (2, 128)
+    assert detector["args"].thing_classes == [1, 2, 3, 4, 5]  # what the proposals learnt
+    run_main(tiny_flags(synthetic_root, masks, *PANOPTIC_FLAGS, *recipe, "--masks", "--frozen_weights",
+                        str(boxes / "checkpoint.pth"), "--mask_attention_gain", "100", "--panoptic_threshold", "0.5"))
+    line = json.loads((masks / "log.txt").read_text().splitlines()[-1])
+    assert line["test_PQ_st"]["n"] == 3 and line["test_PQ_all"]["n"] == line["test_PQ_th"]["n"] + 3
+    assert len(line["test_coco_eval_masks"]) == 12
+    segm = load_checkpoint_safely(masks / "checkpoint.pth")
+    for k, v in detector["model"].items():
+        assert torch.equal(segm["model"][f"detr.{k}"], v), k
+    assert segm["args"].mask_attention_gain == 100 and segm["args"].panoptic_threshold == 0.5
+    # Another number of learned queries is another detector: refused before training.
+    with pytest.raises(ValueError, match=r"(?s)--frozen_weights .*query_embed.weight: checkpoint \[2, 128\]"):
+        run_main(tiny_flags(synthetic_root, tmp_path / "other", *PANOPTIC_FLAGS, *recipe[:-1], "3", "--masks",
+                            "--frozen_weights", str(boxes / "checkpoint.pth")))
+    assert not (tmp_path / "other" / "checkpoint.pth").exists()

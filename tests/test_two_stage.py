@@ -324,9 +324,9 @@ def test_learned_queries_bad_values_are_clear_errors():
 def test_mask_attention_of_proposals_sees_their_states_and_positions():
     """In a two-stage DETRsegm the attention maps are computed from the decoder state plus the query's input (the
     proposal's token state and position; the embedding for a learned query), over the memory plus its positions."""
-    model, _, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
-                                          "--hidden_dim", "128", "--nheads", "8", "--learned_queries", "2",
-                                          "--mask_attention_gain", "50")
+    flags = ["--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4", "--hidden_dim", "128",
+             "--nheads", "8", "--learned_queries", "2"]
+    model, _, _ = tiny_model(*flags, "--mask_attention_gain", "50")
     model.eval()
     seen = {}
     hook = model.bbox_attention.register_forward_hook(
@@ -345,8 +345,7 @@ def test_mask_attention_of_proposals_sees_their_states_and_positions():
     assert (queries[0, :3] - queries[0, :3].mean(0)).abs().max() > 0.1
     # --mask_attention_gain reaches the mask head.
     torch.manual_seed(0)
-    plain, _, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
-                             "--hidden_dim", "128", "--nheads", "8", "--learned_queries", "2")
+    plain, _, _ = tiny_model(*flags)
     ratio = model.mask_head.lay1.weight[:, 128:] / plain.mask_head.lay1.weight[:, 128:]
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
     assert plain.mask_head.lay1.weight[:, 128:].abs().max() < 1  # gain 1: the original's initialization
