@@ -188,12 +188,11 @@ SYNTHETIC_DEFAULTS = dict(
 SYNTHETIC_DETECTION_DEFAULTS = dict(two_stage=True, feature_stride=8, enc_layers=0, dec_layers=1, query_nms=0.7,
                                     lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=15, lr_drop=12)
 
-# For panoptic (`synthetic_panoptic`), the box stage: the same proposals for the shapes, and 5 of the 20 queries
-# learned as in the original for the stuff regions (every token of a region would propose it, crowding the
-# shapes out of the top proposals; with proposals only, the shapes reached 0.08 box AP, with these 0.32 in 8
-# epochs). Two decoder layers give the learned queries two looks at the image.
-SYNTHETIC_PANOPTIC_DEFAULTS = dict(two_stage=True, feature_stride=8, enc_layers=0, dec_layers=2, learned_queries=5,
-                                   query_nms=0.7, lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=12,
+# For panoptic (`synthetic_panoptic`), the box stage: the detection recipe's proposals for the shapes, and 5 of
+# the 20 queries learned as in the original for the stuff regions (every token of a region would propose it,
+# crowding the shapes out of the top proposals; with proposals only, the shapes reached 0.08 box AP, with these
+# 0.32 in 8 epochs). Two decoder layers give the learned queries two looks at the image.
+SYNTHETIC_PANOPTIC_DEFAULTS = dict(SYNTHETIC_DETECTION_DEFAULTS, dec_layers=2, learned_queries=5, epochs=12,
                                    lr_drop=10, output_dir="outputs/panoptic/boxes")
 # And its mask stage (--masks): the attention maps' weights start 100 times larger, without which the mask head
 # learnt nothing query-specific in its first 300 steps; the post-processor keeps queries scoring above 0.5 (0.85
@@ -367,7 +366,7 @@ def main(args):
     # The data first: a wrong path or a bad annotation file fails here, before the model is built.
     if args.num_classes is None:
         args.num_classes = datasets.default_num_classes(args)
-    if args.dataset_file == "synthetic_panoptic" or (args.dataset_file == "coco_panoptic" and args.learned_queries):
+    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
         args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
     dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
     dataset_val = build_dataset(image_set="val", args=args)
