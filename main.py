@@ -3,6 +3,7 @@
 One process by default; `torchrun --nproc_per_node=N main.py ...` for several (see the README).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -270,6 +271,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block without moving any global generator: what it draws is undone when it ends."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def restore_rng_states(states) -> None:
     """Continue this process's generators from a checkpoint's 'rng': one rng_state() per process (a single
     dict in checkpoints of single-process runs written before that), used only if the process count is the same."""
@@ -481,10 +492,8 @@ def main(args):
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
                                       args.clip_max_norm, amp=args.amp, ema=ema)
         lr_scheduler.step()
-        # Where every generator stands for the next epoch: saved in the checkpoint, and restored after this
-        # epoch's evaluation and pictures (they draw from the same global generators: the val loader's seed,
-        # the val transforms), so that a run resumed from checkpoint.pth continues exactly like this one.
-        training_rng = rng_state()
+        # Evaluation draws from the global generators (the val loader's base seed, the val transforms), and the
+        # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir, amp=args.amp)
 
@@ -505,12 +514,15 @@ def main(args):
                     utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
             if args.plots:
                 from util.visualize import save_training_pictures
-                save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
+                with isolated_rng():  # the original draws no pictures: they must not shift its sequence
+                    save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
         # The checkpoint comes after the log line: it marks the epoch as done. A run stopped before it (a
         # preempted job) redoes the epoch when resumed, and drop_log_lines_from removes the line written
         # before the stop, so that log.txt holds each epoch once.
         if output_dir is not None:
-            rng_states = utils.all_gather(training_rng)  # every process draws its own augmentations
+            # Where every generator stands now is where the next epoch starts: a run resumed from this
+            # checkpoint continues exactly like this one. Every process draws its own augmentations.
+            rng_states = utils.all_gather(rng_state())
             checkpoint_paths = [output_dir / "checkpoint.pth"]
             # Keep a copy before each learning-rate drop and every 100 epochs.
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
@@ -527,8 +539,6 @@ def main(args):
                 checkpoint.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
             for checkpoint_path in checkpoint_paths:
                 utils.save_on_master(checkpoint, checkpoint_path)
-
-        set_rng_state(training_rng)
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")

@@ -146,6 +146,58 @@ def test_resuming_with_a_data_loader_worker_continues_exactly(synthetic_root, tm
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def same_rng_state(a: dict, b: dict) -> bool:
+    return (torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
+            and torch.equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:])
+
+
+def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(synthetic_root, tmp_path,
+                                                                             monkeypatch):
+    """The original's sequence of random draws: epoch k starts from the generators as epoch k-1's evaluation
+    left them (nothing restored in between), and the pictures, which the original does not draw, draw nothing
+    from them: with and without --no_plots the states, the logs and the weights are the same."""
+    real_train, real_evaluate = main_py.train_one_epoch, main_py.evaluate
+    runs = {}
+    for plots in (True, False):
+        states = []
+
+        def train(*args, **kwargs):
+            states.append(("train starts", main_py.rng_state()))
+            result = real_train(*args, **kwargs)
+            states.append(("train ends", main_py.rng_state()))
+            return result
+
+        def evaluate(*args, **kwargs):
+            result = real_evaluate(*args, **kwargs)
+            states.append(("evaluation ends", main_py.rng_state()))
+            return result
+
+        monkeypatch.setattr(main_py, "train_one_epoch", train)
+        monkeypatch.setattr(main_py, "evaluate", evaluate)
+        out = tmp_path / f"plots_{plots}"
+        run_main(tiny_flags(synthetic_root, out, "--epochs", "3", *(() if plots else ("--no_plots",))))
+        assert [name for name, _ in states] == ["train starts", "train ends", "evaluation ends"] * 3
+        assert (out / "predictions.png").exists() == plots
+        runs[plots] = out, states
+
+    for plots, (out, states) in runs.items():
+        for epoch in (1, 2):
+            previous_train_end, previous_eval_end = states[3 * epoch - 2][1], states[3 * epoch - 1][1]
+            start = states[3 * epoch][1]
+            # Evaluation draws (the val loader's base seed), so this is not trivially true.
+            assert not same_rng_state(previous_train_end, previous_eval_end)
+            assert same_rng_state(start, previous_eval_end), (plots, epoch)
+        # The checkpoint holds where the next epoch would start: after the last evaluation.
+        saved = load_checkpoint_safely(out / "checkpoint.pth")["rng"]
+        assert same_rng_state(saved[0], states[-1][1])
+    for (_, a), (_, b) in zip(runs[True][1], runs[False][1]):
+        assert same_rng_state(a, b)
+    assert (runs[True][0] / "log.txt").read_text() == (runs[False][0] / "log.txt").read_text()
+    a = load_checkpoint_safely(runs[True][0] / "checkpoint.pth")["model"]
+    b = load_checkpoint_safely(runs[False][0] / "checkpoint.pth")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoints_hold_the_random_state_of_every_process(resumed_run):
     rng = load_checkpoint_safely(resumed_run / "checkpoint.pth")["rng"]
     assert isinstance(rng, list) and len(rng) == 1
