@@ -64,6 +64,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             # Stop before the step: the weights (and the last checkpoint on disk) stay as they were.
             print(f"Loss is {loss_value}, stopping training")
             print({k: v.item() for k, v in loss_dict_reduced.items()})
+            first = next((k for k, v in loss_dict_reduced_scaled.items() if not math.isfinite(v.item())), None)
+            print(f"The first non-finite term is {first} (epoch {epoch}); the weights and the last checkpoint "
+                  "are as they were before this step.")
             sys.exit(1)
 
         optimizer.zero_grad()

@@ -24,8 +24,8 @@ from datasets.synthetic import add_synthetic_args
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.detr import check_learned_queries
-from util.checkpoint import (load_checkpoint, load_state_dict_checked, load_state_dict_for_finetuning,
-                             model_state_from)
+from util.checkpoint import (CheckpointError, check_checkpoint_file, load_checkpoint, load_state_dict_checked,
+                             load_state_dict_for_finetuning, model_state_from)
 from util.ema import ModelEMA
 
 
@@ -337,6 +337,69 @@ def drop_log_lines_from(log_path: Path, first_epoch: int) -> None:
         print(f"{log_path}: removed {dropped} line(s) of epochs from {first_epoch} on, which are redone now")
 
 
+def read_checkpoint(flag: str, path: str) -> dict:
+    """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write a checkpoint atomically; a failed write (a full disk) stops the run and leaves the previous file."""
+    try:
+        utils.save_on_master(checkpoint, path)
+    except OSError as e:
+        kept = f"the previous {path} is intact" if path.exists() else f"no earlier {path.name} existed"
+        raise SystemExit(f"could not write checkpoint {path} ({e}); {kept}. Free some space (or fix the folder) "
+                         "and rerun with --auto_resume to continue from the last saved epoch.") from e
+
+
+def remove_stale_temporary_files(output_dir: Path) -> None:
+    """Remove the temporary files that a killed run left half-written (checkpoints and evaluations are written
+    to NAME.tmp.PID and then renamed; log.txt is rewritten through log.txt.tmp)."""
+    for path in [*output_dir.glob("*.tmp*"), *output_dir.glob("eval/*.tmp*")]:
+        pid = path.name.rpartition(".tmp.")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and process_is_alive(int(pid)):
+            continue  # being written by a live process on this machine
+        path.unlink(missing_ok=True)
+        print(f"removed {path}, left half-written by a stopped run")
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def auto_resume_checkpoint(output_dir: Path) -> str:
+    """output_dir/checkpoint.pth if it exists (else ''), after checking it is intact. A damaged one stops the
+    run, naming the newest intact copy kept before a learning-rate drop, and overwrites nothing."""
+    latest = output_dir / "checkpoint.pth"
+    if not latest.exists():
+        return ""
+    try:
+        check_checkpoint_file(latest)
+    except CheckpointError as e:
+        intact = []
+        for copy in sorted(output_dir.glob("checkpoint[0-9]*.pth"), reverse=True):
+            try:
+                check_checkpoint_file(copy)
+                intact.append(copy)
+            except CheckpointError:
+                continue
+        way_out = (f"The newest intact checkpoint of this run is {intact[0]}: resume from it with --resume "
+                   f"{intact[0]}, or move {latest} away to start again." if intact else
+                   f"No intact copy of an earlier epoch is in {output_dir}: move {latest} away to start again.")
+        raise SystemExit(f"--auto_resume: {e}. Nothing was overwritten. {way_out}") from None
+    print(f"--auto_resume: resuming from {latest}")
+    return str(latest)
+
+
 def check_args(args) -> None:
     """Refuse flag combinations that would fail later, after time was spent."""
     if args.frozen_weights is not None and not args.masks:
@@ -424,22 +487,25 @@ def main(args):
         base_ds = get_coco_api_from_dataset(dataset_val)
 
     if args.frozen_weights is not None:
-        checkpoint = load_checkpoint(args.frozen_weights)
+        checkpoint = read_checkpoint("--frozen_weights", args.frozen_weights)
         load_state_dict_checked(model_without_ddp.detr, model_state_from(checkpoint, args.frozen_weights),
                                 f"--frozen_weights {args.frozen_weights}")
 
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir is not None and utils.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume and args.auto_resume and output_dir is not None and (output_dir / "checkpoint.pth").exists():
-        args.resume = str(output_dir / "checkpoint.pth")
-        print(f"--auto_resume: resuming from {args.resume}")
+        remove_stale_temporary_files(output_dir)
+    if not args.resume and args.auto_resume and output_dir is not None:
+        args.resume = auto_resume_checkpoint(output_dir)
+        if not args.resume and utils.is_main_process():
+            # A run killed after logging its first epoch but before saving it starts again from scratch.
+            drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
     if args.finetune:
-        checkpoint = load_checkpoint(args.finetune)
+        checkpoint = read_checkpoint("--finetune", args.finetune)
         load_state_dict_for_finetuning(model_without_ddp, model_state_from(checkpoint, args.finetune),
                                        f"--finetune {args.finetune}")
     if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+        checkpoint = read_checkpoint("--resume", args.resume)
         differences = architecture_differences(checkpoint.get("args") if isinstance(checkpoint, dict) else None,
                                                args)
         if differences:
@@ -538,7 +604,7 @@ def main(args):
             if ema is not None:
                 checkpoint.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
             for checkpoint_path in checkpoint_paths:
-                utils.save_on_master(checkpoint, checkpoint_path)
+                save_checkpoint(checkpoint, checkpoint_path)
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")

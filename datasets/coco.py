@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
@@ -48,8 +49,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         image_id = self.ids[idx]
         path = os.path.join(self.root, self.coco.loadImgs(image_id)[0]["file_name"])
         try:
-            with Image.open(path) as f:
-                image = f.convert("RGB")
+            image = read_rgb(path)
         except OSError as e:  # PIL raises OSError subclasses for unreadable or truncated images
             raise OSError(f"cannot decode image {path} (image id {image_id}): {e}") from e
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
@@ -57,6 +57,17 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         if self._transforms is not None:
             image, target = self._transforms(image, target)
         return image, target
+
+
+def read_rgb(path) -> Image.Image:
+    """The image at `path` as 8-bit RGB, whatever its mode (greyscale, palette, CMYK, with alpha, 16-bit).
+    EXIF orientation is not applied, as in the original: COCO-format boxes refer to the stored pixels."""
+    with Image.open(path) as f:
+        if f.mode.startswith("I"):  # 16-bit (or 32-bit int) greyscale: convert("RGB") would clip it at 255
+            pixels = np.asarray(f).astype(np.int64)
+            scale = 256 if f.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 1
+            f = Image.fromarray(np.clip(pixels // scale, 0, 255).astype(np.uint8))
+        return f.convert("RGB")
 
 
 def check_coco_annotations(dataset: Dict[str, Any], ann_file, return_masks: bool = False) -> None:
@@ -69,13 +80,24 @@ def check_coco_annotations(dataset: Dict[str, Any], ann_file, return_masks: bool
                 "categories": ("id",)}
     for key, fields in required.items():
         for i, entry in enumerate(dataset[key]):
+            if not isinstance(entry, dict):
+                raise ValueError(f"annotation file {ann_file}: {key}[{i}] must be a JSON object, got "
+                                 f"{type(entry).__name__} {str(entry)[:50]}")
             missing = [field for field in fields if field not in entry]
             if missing:
                 raise ValueError(f"annotation file {ann_file}: {key}[{i}] lacks key '{missing[0]}'")
+    category_ids = {cat["id"] for cat in dataset["categories"]}
     for i, ann in enumerate(dataset["annotations"]):
-        if len(ann["bbox"]) != 4:
-            raise ValueError(f"annotation file {ann_file}: annotations[{i}]['bbox'] must be [x, y, w, h], "
-                             f"got {ann['bbox']}")
+        bbox = ann["bbox"]
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise ValueError(f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) 'bbox' must be "
+                             f"[x, y, w, h] numbers, got {str(bbox)[:60]}")
+        # (A box outside the image is clamped to it, and an empty or NaN one dropped, as in the original.)
+        if ann["category_id"] not in category_ids:
+            raise ValueError(f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) has category_id "
+                             f"{ann['category_id']!r}, which is not among its 'categories' ids "
+                             f"{sorted(category_ids)[:20]}; add the category or fix the annotation")
         # Only --masks reads segmentations; crowd annotations are dropped before that.
         if return_masks and ann.get("iscrowd", 0) == 0 and "segmentation" not in ann:
             raise ValueError(f"annotation file {ann_file}: annotations[{i}] lacks key 'segmentation', "
@@ -114,8 +136,11 @@ def check_category_ids(dataset: Dict[str, Any], ann_file, num_classes: Optional[
     ids += [ann["category_id"] for ann in dataset.get("annotations", []) if "category_id" in ann]
     too_large = [i for i in ids if i >= num_classes]
     if too_large:
-        raise ValueError(f"category id {max(too_large)} in {ann_file} does not fit --num_classes {num_classes}: "
-                         f"category ids must be < num_classes; pass --num_classes {max(too_large) + 1} or more")
+        example = next((f" (e.g. annotation id {ann.get('id')})" for ann in dataset.get("annotations", [])
+                        if ann.get("category_id") == max(too_large)), "")
+        raise ValueError(f"category id {max(too_large)} in {ann_file}{example} does not fit --num_classes "
+                         f"{num_classes}: category ids must be < num_classes; pass --num_classes "
+                         f"{max(too_large) + 1} or more")
 
 
 def convert_coco_poly_to_mask(segmentations: List[Any], height: int, width: int) -> torch.Tensor:

@@ -270,6 +270,9 @@ def save_on_master(*args, **kwargs) -> None:
         tmp = f"{path}.tmp.{os.getpid()}"
         try:
             torch.save(args[0], tmp, *args[2:], **kwargs)
+            # On disk before the rename, so that a machine that goes down right after keeps a whole file.
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         except BaseException:  # a full disk, an interrupt: do not leave a partial copy filling the disk
             if os.path.exists(tmp):
                 os.remove(tmp)
