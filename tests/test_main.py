@@ -247,15 +247,20 @@ def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == [path], "the partial temporary file was left behind"
 
 
-def test_a_crash_while_training_saves_a_checkpoint_leaves_the_previous_one(previous_run, synthetic_root,
-                                                                         monkeypatch):
-    before = file_digest(previous_run / "checkpoint.pth")
+def test_a_full_disk_while_training_saves_a_checkpoint_stops_and_keeps_the_previous_one(previous_run,
+                                                                                        synthetic_root, monkeypatch):
+    checkpoint = previous_run / "checkpoint.pth"
+    before = file_digest(checkpoint)
     crash_while_writing(monkeypatch)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SystemExit) as stopped:
         run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "3", *RESUME_FLAGS,
-                            "--resume", str(previous_run / "checkpoint.pth")))
-    assert file_digest(previous_run / "checkpoint.pth") == before
-    assert load_checkpoint_safely(previous_run / "checkpoint.pth")["epoch"] == 1
+                            "--resume", str(checkpoint)))
+    message = str(stopped.value.code)  # a message, not 0: the process exits with status 1
+    assert f"could not write checkpoint {checkpoint}" in message and "No space left on device" in message
+    assert f"the previous {checkpoint} is intact" in message and "--auto_resume" in message
+    assert file_digest(checkpoint) == before
+    assert load_checkpoint_safely(checkpoint)["epoch"] == 1
+    assert not list(previous_run.glob("**/*.tmp*"))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -320,11 +325,15 @@ def test_a_missing_dataset_folder_names_the_flag_and_the_layout(tmp_path, no_tra
     (lambda root: edit_json(root / "annotations" / "instances_val2017.json", lambda d: d.pop("annotations")),
      ValueError, ["instances_val2017.json", "'annotations'"]),
     (lambda root: edit_json(root / "annotations" / "instances_train2017.json",
-                            lambda d: d["annotations"][0].update(category_id=9)),
+                            lambda d: (d["annotations"][0].update(category_id=9),
+                                       d["categories"].append({"id": 9, "name": "nine"}))),
      ValueError, ["category id 9", "instances_train2017.json", "--num_classes 6", "--num_classes 10"]),
+    (lambda root: edit_json(root / "annotations" / "instances_train2017.json",
+                            lambda d: d["annotations"][2].update(category_id=0, id=777)),
+     ValueError, ["instances_train2017.json", "annotations[2] (id 777) has category_id 0", "'categories'"]),
     (lambda root: (root / "train2017" / "000000000005.jpg").unlink(),
      FileNotFoundError, ["instances_train2017.json", "missing", "train2017/000000000005.jpg"]),
-], ids=["malformed_json", "missing_key", "category_id_too_large", "missing_image"])
+], ids=["malformed_json", "missing_key", "category_id_too_large", "category_not_in_categories", "missing_image"])
 def test_bad_annotations_fail_before_the_model_is_built(coco_copy, damage, error, expected, no_training,
                                                         output_with_history, monkeypatch):
     out, unchanged = output_with_history
