@@ -1,4 +1,4 @@
-"""datasets/coco_eval.py: batch-wise, multi-process evaluation gives exactly pycocotools' own numbers."""
+"""datasets/coco_eval.py: batch-wise, multi-process evaluation on faster-coco-eval gives pycocotools' numbers."""
 import contextlib
 import io
 
@@ -7,31 +7,47 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 import datasets.coco_eval as coco_eval_module
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import CocoEvaluator, synthetic_coco_detections, time_coco_evaluation
+from util.plot_utils import load_coco_eval
 
 HEIGHT, WIDTH = 80, 96
+NO_DETECTIONS, NO_GROUND_TRUTH, CROWDED = 5, 7, 3  # image ids with a special role in the generated cases
+
+# pycocotools' precision is tp / (tp + fp + eps), faster-coco-eval's tp / (tp + fp). For tp + fp >= 2 the eps is
+# lost in rounding, so the two differ only where a category's best-scored detection is a true positive and no
+# later prefix is all true positives: 1 - 2.2e-16 against 1.0. Everything else must be bit for bit equal.
+ONE_BELOW_ONE = 1.0 / (1.0 + np.spacing(1))
 
 
 def polygon_mask(polygon):
     return mask_util.decode(mask_util.frPyObjects([polygon], HEIGHT, WIDTH))[..., 0]
 
 
-def make_ground_truth_and_predictions(num_images=12, seed=0):
-    """A random COCO ground truth (rectangles and triangles of 3 categories, a few crowd) and predictions
-    near it: jittered copies with random scores, missed objects, false positives, and an image with none."""
+def rectangle(x0, y0, w, h):
+    return [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
+
+
+def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, crowded_image=False,
+                                      tied_scores=False, unseen_category=False):
+    """A random COCO ground truth (rectangles and triangles, a few crowd) and predictions near it: jittered
+    copies with random scores, missed objects, false positives, an image without detections (5) and one
+    without ground truth (7). crowded_image: image 3 also gets 150 false positives of category 1, more
+    than maxDets=100 of one category. tied_scores: scores rounded to sixteenths, so ranks tie across and
+    within images. unseen_category: one more category, given to false positives only (no ground truth)."""
+    detected_categories = num_categories + int(unseen_category)
     rng = np.random.default_rng(seed)
     images, annotations, predictions = [], [], {}
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": HEIGHT, "width": WIDTH})
         boxes, scores, labels, masks = [], [], [], []
-        for _ in range(rng.integers(0, 5)):
+        for _ in range(0 if image_id == NO_GROUND_TRUTH else rng.integers(0, 5)):
             w, h = rng.uniform(4, 56, 2)  # small (< 32^2 px) and medium objects
             x0, y0 = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
             polygon = [x0, y0, x0 + w, y0, x0 + w, y0 + h] + ([x0, y0 + h] if rng.random() < 0.6 else [])
-            category = int(rng.integers(1, 4))
+            category = int(rng.integers(1, num_categories + 1))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                 "bbox": [x0, y0, w, h], "area": float(polygon_mask(polygon).sum()),
                                 "iscrowd": int(rng.random() < 0.1), "segmentation": [polygon]})
@@ -39,17 +55,20 @@ def make_ground_truth_and_predictions(num_images=12, seed=0):
                 dx, dy = rng.normal(0, 1.5, 2)
                 moved = [v + (dx if i % 2 == 0 else dy) for i, v in enumerate(polygon)]
                 boxes.append([x0 + dx, y0 + dy, x0 + w + dx, y0 + h + dy])
-                labels.append(category if rng.random() < 0.9 else int(rng.integers(1, 4)))
+                labels.append(category if rng.random() < 0.9 else int(rng.integers(1, num_categories + 1)))
                 scores.append(rng.uniform(0.2, 1.0))
                 masks.append(polygon_mask(moved))
-        for _ in range(rng.integers(0, 3)):  # false positives
+        num_false = 150 if (crowded_image and image_id == CROWDED) else rng.integers(0, 3)
+        for _ in range(num_false):
             x0, y0 = rng.uniform(0, WIDTH - 10), rng.uniform(0, HEIGHT - 10)
             boxes.append([x0, y0, x0 + 8, y0 + 8])
-            labels.append(int(rng.integers(1, 4)))
+            labels.append(1 if num_false == 150 else int(rng.integers(1, detected_categories + 1)))
             scores.append(rng.uniform(0.0, 0.6))
-            masks.append(polygon_mask([x0, y0, x0 + 8, y0, x0 + 8, y0 + 8, x0, y0 + 8]))
-        if image_id == 5:
+            masks.append(polygon_mask(rectangle(x0, y0, 8, 8)))
+        if image_id == NO_DETECTIONS:
             boxes, scores, labels, masks = [], [], [], []
+        if tied_scores:
+            scores = [round(s * 16) / 16 for s in scores]
         probabilities = [m * rng.uniform(0.55, 1.0) + (1 - m) * rng.uniform(0, 0.45) for m in masks]
         predictions[image_id] = {
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
@@ -59,7 +78,7 @@ def make_ground_truth_and_predictions(num_images=12, seed=0):
         }
     coco_gt = COCO()
     coco_gt.dataset = {"images": images, "annotations": annotations,
-                       "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}
+                       "categories": [{"id": i, "name": f"c{i}"} for i in range(1, detected_categories + 1)]}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
     return coco_gt, predictions
@@ -79,7 +98,14 @@ def direct_cocoeval(coco_gt, predictions, iou_type):
                 result["segmentation"] = rle
             results.append(result)
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iou_type)
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes refuses an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
+                               "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -94,15 +120,25 @@ def finish(evaluator):
     return evaluator
 
 
-def assert_identical(evaluator, coco_gt, predictions):
+def assert_same_results(got, expected, label):
+    """The 12 stats to 1e-12 (in practice equal or one rounding apart), recall and scores bit for bit, and
+    precision bit for bit except for the 1 - 2.2e-16 entries explained at ONE_BELOW_ONE."""
+    assert len(got.stats) == 12
+    np.testing.assert_allclose(got.stats, expected.stats, rtol=0, atol=1e-12, err_msg=label)
+    assert got.eval["counts"] == expected.eval["counts"], label
+    for key in ("recall", "scores"):
+        assert np.array_equal(got.eval[key], expected.eval[key]), (label, key)
+    precision, reference = got.eval["precision"], expected.eval["precision"]
+    differs = precision != reference
+    assert np.all(precision[differs] == 1.0) and np.all(reference[differs] == ONE_BELOW_ONE), label
+
+
+def assert_identical(evaluator, coco_gt, predictions, check_range=True):
     for iou_type in ("bbox", "segm"):
         expected = direct_cocoeval(coco_gt, predictions, iou_type)
-        got = evaluator.coco_eval[iou_type]
-        # AP, AP small and AP medium: the test case should be neither trivial nor hopeless.
-        assert all(0.05 < ap < 0.95 for ap in expected.stats[[0, 3, 4]]), expected.stats
-        assert np.array_equal(got.stats, expected.stats), (iou_type, got.stats, expected.stats)
-        for key in ("precision", "recall", "scores"):
-            assert np.array_equal(got.eval[key], expected.eval[key]), (iou_type, key)
+        if check_range:  # AP, AP small and AP medium: the case should be neither trivial nor hopeless.
+            assert all(0.05 < ap < 0.95 for ap in expected.stats[[0, 3, 4]]), expected.stats
+        assert_same_results(evaluator.coco_eval[iou_type], expected, iou_type)
 
 
 def test_batched_updates_match_pycocotools_exactly():
@@ -112,9 +148,30 @@ def test_batched_updates_match_pycocotools_exactly():
     for batch in (ids[:3], ids[3:8], ids[8:]):  # image 5, without detections, sits in the middle batch
         evaluator.update({i: predictions[i] for i in batch})
     finish(evaluator)
-    # pycocotools marks ground truth as it evaluates: the evaluator must do that on its own copy.
-    assert all("ignore" not in ann for ann in coco_gt.anns.values()), "the dataset's COCO must be left as is"
+    # The evaluation marks ground truth as it goes ('ignore', 'rle'): it must do that on its own copy.
+    assert all("ignore" not in ann and "rle" not in ann for ann in coco_gt.anns.values()), \
+        "the dataset's COCO must be left as is"
     assert_identical(evaluator, coco_gt, predictions)
+
+
+def test_hard_cases_match_pycocotools():
+    # Crowd regions, 150 detections of one category in image 3 (maxDets 1, 10 and 100 all cut), an image
+    # without ground truth, one without detections, tied scores, and 5 categories of which one has
+    # detections but no ground truth.
+    coco_gt, predictions = make_ground_truth_and_predictions(num_images=16, seed=3, num_categories=4,
+                                                             crowded_image=True, tied_scores=True,
+                                                             unseen_category=True)
+    assert sum(ann["iscrowd"] for ann in coco_gt.anns.values()) >= 2
+    assert (predictions[CROWDED]["labels"] == 1).sum() > 100
+    assert not coco_gt.imgToAnns[NO_GROUND_TRUTH] and len(predictions[NO_GROUND_TRUTH]["scores"]) > 0
+    evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
+    ids = sorted(predictions)
+    for i in range(0, len(ids), 4):
+        evaluator.update({j: predictions[j] for j in ids[i:i + 4]})
+    finish(evaluator)
+    assert_identical(evaluator, coco_gt, predictions, check_range=False)
+    precision = evaluator.coco_eval["bbox"].eval["precision"]
+    assert (precision[:, :, :, 0, -1] > -1).any() and (precision[:, :, :, 0, -1] == -1).any()
 
 
 def test_repeated_images_count_once():
@@ -133,6 +190,7 @@ def test_two_processes_match_pycocotools_exactly(monkeypatch):
     first, second = CocoEvaluator(coco_gt, ["bbox", "segm"]), CocoEvaluator(coco_gt, ["bbox", "segm"])
     first.update({i: predictions[i] for i in ids[1::2]})  # interleaved, as a DistributedSampler splits
     second.update({i: predictions[i] for i in ids[0::2]})
+    second.update({ids[1]: predictions[ids[1]]})  # the sampler's padding: an image the first process has
     # Record what the second process contributes to each all_gather, then replay it to the first.
     sent = []
     monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: sent.append(data) or [data])
@@ -140,6 +198,54 @@ def test_two_processes_match_pycocotools_exactly(monkeypatch):
     replay = iter(sent)
     monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, next(replay)])
     assert_identical(finish(first), coco_gt, predictions)
+    assert first.coco_eval["bbox"].params.imgIds == ids and sorted(first.img_ids) == ids[1::2]
+
+
+def test_no_detections_at_all():
+    coco_gt, predictions = make_ground_truth_and_predictions(seed=4)
+    empty = {i: {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+                 "masks": torch.zeros(0, 1, HEIGHT, WIDTH)} for i in predictions}
+    evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
+    evaluator.update(empty)
+    assert_identical(finish(evaluator), coco_gt, empty, check_range=False)
+    assert evaluator.coco_eval["bbox"].stats[0] == 0.0
+
+
+def test_saved_evaluation_reads_like_pycocotools(tmp_path):
+    # main.py saves .coco_eval["bbox"].eval; util.plot_utils reads it back allowing pycocotools' Params only.
+    coco_gt, predictions = make_ground_truth_and_predictions(seed=5)
+    evaluator = CocoEvaluator(coco_gt, ["bbox"])
+    evaluator.update(predictions)
+    saved = finish(evaluator).coco_eval["bbox"].eval
+    expected = direct_cocoeval(coco_gt, predictions, "bbox").eval
+    assert sorted(saved) == sorted(expected)
+    assert isinstance(saved["params"], Params)
+    for name, value in vars(expected["params"]).items():
+        assert np.array_equal(getattr(saved["params"], name), value), name
+    torch.save(saved, tmp_path / "latest.pth")
+    loaded = load_coco_eval(tmp_path / "latest.pth")
+    assert np.array_equal(loaded["recall"], expected["recall"])
+    assert loaded["params"].imgIds == sorted(predictions)
+
+
+def test_unknown_image_ids_are_refused():
+    coco_gt, predictions = make_ground_truth_and_predictions(num_images=3)
+    with pytest.raises(ValueError, match=r"image ids \[99\] are not in the ground truth"):
+        CocoEvaluator(coco_gt, ["bbox"]).update({99: predictions[1]})
+
+
+def test_synthetic_detections_and_timing():
+    coco_gt, predictions = synthetic_coco_detections(num_images=60, dets_per_image=30, seed=1)
+    assert all(len(p["scores"]) == 30 for p in predictions.values())
+    assert not coco_gt.imgToAnns[50] and len(coco_gt.getCatIds()) == 80  # every 50th image has no objects
+    areas = np.array([ann["area"] for ann in coco_gt.anns.values()])
+    assert (areas < 32 ** 2).any() and (areas > 96 ** 2).any()
+
+    timing = time_coco_evaluation(num_images=40, dets_per_image=30, seed=2)
+    assert timing["stats_equal"] and timing["max_abs_diff"] <= 1e-12
+    assert timing["pycocotools_s"] > 0 and timing["evaluator_s"] > 0
+    assert timing["speedup"] == pytest.approx(timing["pycocotools_s"] / timing["evaluator_s"])
+    assert 0.05 < timing["pycocotools_stats"][0] < 0.95 and len(timing["evaluator_stats"]) == 12
 
 
 def test_prepare_for_coco_formats():
