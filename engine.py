@@ -1,7 +1,9 @@
 """The training and evaluation loops: one epoch of training, one pass of COCO-style evaluation."""
 import math
 import os
+import shutil
 import sys
+import weakref
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -21,14 +23,67 @@ def to_float32(value):
     return value
 
 
+# --compile: the models marked by enable_compile, each with its torch.compile'd twin (which shares its weights).
+# Kept here rather than on the model so that copies of it (the --ema_decay average) get their own twin, and
+# state_dict keys stay unprefixed.
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compile_unavailable_reason(device: torch.device) -> str:
+    """Why torch.compile cannot run on `device` here ('' when it can)."""
+    if not hasattr(torch, "compile"):
+        return f"this torch ({torch.__version__}) has no torch.compile"
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return "no C++ compiler (g++, c++ or clang++) on PATH, which inductor needs for CPU kernels"
+    return ""
+
+
+def enable_compile(model: torch.nn.Module, device: torch.device) -> bool:
+    """--compile: have run_model call `model` through torch.compile from now on, with dynamic shapes (DETR's
+    batches change size at every step: one graph for all sizes instead of a recompilation per size). Returns
+    False, with a printed message, where compile is unavailable; the model then runs eagerly."""
+    reason = compile_unavailable_reason(device)
+    if reason:
+        print(f"--compile: {reason}; running without compiling")
+        return False
+    # A plain attribute: deep copies (the EMA) inherit it and are compiled on their own first call.
+    model.compile_forward = True
+    return True
+
+
+def forward_function(model: torch.nn.Module):
+    """What run_model calls: `model`, or its compiled twin when enable_compile marked it (or the module
+    that DistributedDataParallel wraps)."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not getattr(inner, "compile_forward", False):
+        return model
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
+
+
+def _is_compile_error(error: Exception) -> bool:
+    """Whether `error` came from dynamo or inductor, rather than from the model's own code."""
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
 def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool = False):
     """model(samples); with `amp`, the forward runs under bfloat16 autocast and its outputs come back in
-    float32, so the losses, the matching and the post-processing stay in full precision."""
-    if not amp:
-        return model(samples)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-        outputs = model(samples)
-    return to_float32(outputs)
+    float32, so the losses, the matching and the post-processing stay in full precision. A model marked by
+    enable_compile runs compiled, and eagerly from then on if compiling fails (with a message)."""
+    forward = forward_function(model)
+    try:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = forward(samples)
+    except Exception as e:
+        if forward is model or not _is_compile_error(e):
+            raise
+        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        inner.compile_forward = False
+        print(f"--compile: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+              "running without compiling")
+        return run_model(model, samples, device, amp)
+    return to_float32(outputs) if amp else outputs
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,

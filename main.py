@@ -24,6 +24,8 @@ from datasets.synthetic import add_synthetic_args
 from engine import evaluate, train_one_epoch
 from models import build_model
 from models.detr import check_learned_queries
+from models.fast import adamw_options, enable_fast_path
+from engine import enable_compile
 from util.checkpoint import (CheckpointError, check_checkpoint_file, load_checkpoint, load_state_dict_checked,
                              load_state_dict_for_finetuning, model_state_from)
 from util.ema import ModelEMA
@@ -58,6 +60,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                "run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor cores favour; same "
                "weights and checkpoints, off by default except for the synthetic datasets",
                "the ResNet in the default layout")
+    # Speed: models/fast.py and engine.enable_compile; measured in docs/performance.md (tools/benchmark.py).
+    parser.add_argument("--exact", action="store_true",
+                        help="the bit-exact path, which reproduces the original DETR's numbers to the last bit. "
+                             "Without it the model runs the fast path: frozen batch norms folded into the "
+                             "convolutions, the ResNet channels-last, fused attention and a fused AdamW; same "
+                             "weights and checkpoints, results within float rounding (1e-4)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile (dynamic shapes: one compilation for all image "
+                             "sizes) in training and evaluation; falls back to eager mode, with a message, where "
+                             "compile is unavailable or fails")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -447,6 +459,12 @@ def main(args):
 
     model, criterion, postprocessors = build_model(args)
     model.to(device)
+    # --- Speed (models/fast.py, engine.py): the fast path unless --exact; --compile. ---
+    if not args.exact:
+        enable_fast_path(model)
+    if args.compile:
+        enable_compile(model, device)
+    # --- end of speed ---
 
     model_without_ddp = model
     if args.distributed:
@@ -461,7 +479,8 @@ def main(args):
         {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
          "lr": args.lr_backbone},
     ]
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
+                                  **adamw_options(device, exact=args.exact))
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
     if args.distributed:

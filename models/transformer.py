@@ -15,6 +15,10 @@ from torch import Tensor, nn
 # The attention layers keep nn.MultiheadAttention's default need_weights=True path (explicit bmm + softmax)
 # rather than the fused kernel: it reproduces the original's numbers bit for bit, including the gradients of
 # the first decoder self-attention, which are pure rounding noise (its values are all zero).
+# The fast path (models.fast.enable_fast_path) sets `fused_attention` on the layers: the encoder's
+# self-attention and the decoder's cross-attention, where nearly all of the attention's time goes, then run
+# through scaled_dot_product_attention (need_weights=False). The decoder's self-attention keeps the explicit
+# path: over num_queries tokens it costs nothing, and its noise gradients then stay the original's.
 
 
 def with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -126,11 +130,13 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
+        self.fused_attention = False  # see the note at the top
 
     def forward_post(self, src: Tensor, src_mask: Optional[Tensor] = None,
                      src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
         q = k = with_pos_embed(src, pos)
-        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
+        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                              need_weights=not self.fused_attention)[0]
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout2(src2))
@@ -139,7 +145,8 @@ class TransformerEncoderLayer(nn.Module):
                     src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
         src2 = self.norm1(src)
         q = k = with_pos_embed(src2, pos)
-        src2 = self.self_attn(q, k, value=src2, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
+        src2 = self.self_attn(q, k, value=src2, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                              need_weights=not self.fused_attention)[0]
         src = src + self.dropout1(src2)
         src2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm2(src)))))
         return src + self.dropout2(src2)
@@ -170,6 +177,7 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
+        self.fused_attention = False  # the cross-attention's; see the note at the top
 
     def forward_post(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                      memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
@@ -179,7 +187,8 @@ class TransformerDecoderLayer(nn.Module):
         tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = self.multihead_attn(query=with_pos_embed(tgt, query_pos), key=with_pos_embed(memory, pos),
-                                   value=memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
+                                   value=memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                                   need_weights=not self.fused_attention)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(tgt2))
@@ -194,7 +203,8 @@ class TransformerDecoderLayer(nn.Module):
         tgt = tgt + self.dropout1(tgt2)
         tgt2 = self.norm2(tgt)
         tgt2 = self.multihead_attn(query=with_pos_embed(tgt2, query_pos), key=with_pos_embed(memory, pos),
-                                   value=memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
+                                   value=memory, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
+                                   need_weights=not self.fused_attention)[0]
         tgt = tgt + self.dropout2(tgt2)
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm3(tgt)))))
         return tgt + self.dropout3(tgt2)
