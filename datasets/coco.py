@@ -35,8 +35,13 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             super().__init__(img_folder, ann_file)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from e
-        except (AssertionError, KeyError, TypeError) as e:
-            # pycocotools indexes the file while loading it; a non-dict file or a missing key lands here.
+        except (AssertionError, KeyError, TypeError, AttributeError) as e:
+            # pycocotools indexes the file while loading it; a non-dict file or a missing key lands here. The
+            # checks below name the entry and the key where they can (read again only when it failed).
+            with open(ann_file) as f:
+                dataset = json.load(f)
+            if isinstance(dataset, dict):
+                check_coco_annotations(dataset, ann_file, return_masks)
             raise ValueError(f"annotation file {ann_file} is not in COCO format ({type(e).__name__}: {e}); "
                              "expected a dict with 'images', 'annotations' and 'categories'") from e
         check_coco_annotations(self.coco.dataset, ann_file, return_masks)

@@ -182,3 +182,93 @@ def test_make_coco_transforms_train_sizes(tmp_path):
         assert ((out_target["boxes"] >= 0) & (out_target["boxes"] <= 1)).all()
     with pytest.raises(ValueError, match="image_set"):
         coco.make_coco_transforms("test")
+
+
+# ---------------------------------------------------------------------------------------------- bad data
+
+def image_of_mode(mode: str, size=(40, 30)) -> Image.Image:
+    """A 40x30 image in `mode` whose left half is dark and right half bright."""
+    if mode == "I;16":
+        pixels = np.zeros((size[1], size[0]), dtype=np.uint16)
+        pixels[:, size[0] // 2:] = 50000
+        return Image.fromarray(pixels)
+    image = Image.new("RGB", size, (10, 10, 10))
+    image.paste((240, 240, 240), (size[0] // 2, 0, size[0], size[1]))
+    return image.convert(mode, dither=Image.Dither.NONE)
+
+
+@pytest.mark.parametrize("mode, suffix", [("L", ".jpg"), ("CMYK", ".jpg"), ("I;16", ".png"), ("RGBA", ".png"),
+                                          ("P", ".png"), ("LA", ".png")])
+def test_images_of_any_mode_load_as_8_bit_rgb(mode, suffix, tmp_path):
+    path = tmp_path / f"image{suffix}"
+    image_of_mode(mode).save(path)
+    assert Image.open(path).mode == mode
+    rgb = coco.read_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (40, 30)
+    pixels = np.asarray(rgb).astype(int)
+    # Dark left, bright right in every channel: 16-bit values are scaled (50000 -> 195), not clipped to 255.
+    assert pixels[:, :15].max() < 40 and pixels[:, 25:].min() > 180, (pixels[:, :15].max(), pixels[:, 25:].min())
+    if mode == "I;16":
+        assert pixels[0, 30].tolist() == [50000 // 256] * 3
+
+
+def test_exif_orientation_is_not_applied_as_in_the_original(tmp_path):
+    # Stored 40x30, tagged "rotate 90" (orientation 6): boxes refer to the stored pixels, which are kept.
+    write_coco(tmp_path)
+    path = tmp_path / "train2017" / "000000000001.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image_of_mode("RGB").save(path, exif=exif)
+    assert Image.open(path).getexif()[0x0112] == 6
+    dataset = coco.build_from_folder(tmp_path, "train", transforms=None, args=args_for(tmp_path))
+    image, target = dataset[0]
+    assert image.size == (40, 30) and target["size"].tolist() == [30, 40]
+    assert target["boxes"].tolist() == [[5, 5, 15, 15]]
+
+
+def test_a_truncated_jpeg_is_named_with_its_image_id(tmp_path):
+    write_coco(tmp_path)
+    path = tmp_path / "train2017" / "000000000002.jpg"
+    Image.effect_noise((40, 30), 50).convert("RGB").save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[:300])  # the header itself is cut: found when the dataset is built
+    with pytest.raises(OSError, match=r"cannot decode image .*000000000002.jpg \(listed in .*instances_train"):
+        coco.build_from_folder(tmp_path, "train", None, args_for(tmp_path))
+    path.write_bytes(data[: len(data) * 2 // 3])  # the header is whole, the pixels are not: found when read
+    dataset = coco.build_from_folder(tmp_path, "train", None, args_for(tmp_path))
+    dataset[0]
+    with pytest.raises(OSError, match=r"cannot decode image .*000000000002.jpg \(image id 2\)"):
+        dataset[1]
+
+
+@pytest.mark.parametrize("bbox, kept", [
+    ([-10, -10, 25, 25], [[0, 0, 15, 15]]),  # partly outside: clamped
+    ([50, 40, 10, 10], []),  # wholly outside: empty after clamping, dropped
+    ([5, 5, 0, 10], []),  # zero width: dropped
+    ([5, 5, 10, -3], []),  # negative height: dropped
+    ([float("nan"), 5, 10, 10], []),  # NaN: dropped
+], ids=["partly_outside", "outside", "zero_width", "negative_height", "nan"])
+def test_boxes_outside_empty_or_nan_are_clamped_or_dropped_as_in_the_original(bbox, kept, tmp_path):
+    write_coco(tmp_path, annotations=[{"id": 1, "image_id": 1, "category_id": 3, "bbox": bbox, "area": 1}])
+    dataset = coco.build_from_folder(tmp_path, "train", transforms=None, args=args_for(tmp_path))
+    _, target = dataset[0]
+    assert target["boxes"].tolist() == kept and len(target["labels"]) == len(kept)
+    # Through the training transforms, a dropped box leaves an image trained on as background.
+    image, target = coco.build("train", args_for(tmp_path))[0]
+    assert target["boxes"].shape == (len(kept), 4) and torch.isfinite(target["boxes"]).all()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["annotations"].__setitem__(0, [5, 5, 10, 10]), r"annotations\[0\] must be a JSON object"),
+    (lambda d: d["annotations"][0].update(bbox="5 5 10 10"), r"annotations\[0\] \(id 1\) 'bbox' must be"),
+    (lambda d: d["annotations"][0].update(bbox=[5, 5, None, 10]), r"annotations\[0\] \(id 1\) 'bbox' must be"),
+    (lambda d: d.update(images={"id": 1}), "non-list top-level key 'images'"),
+    (lambda d: d["categories"].__setitem__(0, "c3"), r"categories\[0\] must be a JSON object"),
+], ids=["annotation_not_an_object", "bbox_a_string", "bbox_with_null", "images_not_a_list", "category_a_string"])
+def test_annotation_files_of_the_wrong_shape_name_the_file_and_the_key(change, expected, tmp_path):
+    ann_file = write_coco(tmp_path)
+    data = json.loads(ann_file.read_text())
+    change(data)
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"instances_train2017.json.*{expected}"):
+        coco.build("train", args_for(tmp_path))

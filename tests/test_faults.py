@@ -269,7 +269,7 @@ def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resume
                                                                                   tmp_path):
     from test_distributed import free_port
     out = tmp_path / "out"
-    flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "60")
+    flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                 "127.0.0.1", "--master_port", str(free_port())]
     # Two processes, each with half of the 16 images in batches of 4: 2 steps an epoch each; rank 1 dies in
@@ -277,7 +277,7 @@ def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resume
     started = time.monotonic()
     killed = run_killed(flags, "mid-step", 4, tmp_path, command_prefix=torchrun, env_extra={"KILL_RANK": "1"})
     # The whole run, start-up included, ends well within --dist_timeout: rank 0 is stopped, not left waiting.
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120
     assert killed.returncode != 0
     # torchrun names the lost process as the root cause of the failure.
     root_cause = killed.stderr.partition("Root Cause")[2]
