@@ -309,3 +309,23 @@ def test_eval_only_gives_main_py_eval_box_ap_on_a_converted_checkpoint(synthetic
                               atol=1e-3)
         assert torch.allclose(torch.tensor([d["score"] for d in ours]), result["scores"], atol=1e-4)
         assert [d["category_id"] for d in ours] == [SYNTHETIC_CLASSES[i] for i in result["labels"].tolist()]
+
+
+def test_segmentation_config_trains_the_mask_head_on_a_frozen_detector(synthetic_root, tmp_path):
+    # The mask head's group norms need hidden_dim + nheads and hidden_dim / 16 in multiples of 8.
+    width = ("MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8")
+    train_net.main(train_net_args(synthetic_root, tmp_path / "boxes", *TRAIN_OPTS, *width, "SOLVER.MAX_ITER", "2"))
+    detector = torch.load(tmp_path / "boxes" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+
+    args = train_net_args(synthetic_root, tmp_path / "masks", *TRAIN_OPTS, *width, "SOLVER.MAX_ITER", "3",
+                          "MODEL.DETR.FROZEN_WEIGHTS", tmp_path / "boxes" / "model_final.pth")
+    args.config_file = str(CONFIGS / "detr_segm_256_6_6_torchvision.yaml")
+    train_net.main(args)
+    segm = torch.load(tmp_path / "masks" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    # The detector sits under DETRsegm's "detr." and did not move (its batch norms' statistics neither).
+    for key, value in detector.items():
+        assert torch.equal(segm["detr.detr." + key[len("detr."):]], value), key
+    assert any(k.startswith("detr.mask_head.") for k in segm)
+    logged = [json.loads(line) for line in (tmp_path / "masks" / "metrics.json").read_text().splitlines()]
+    assert "loss_mask" in logged[0] and "loss_dice" in logged[0]
+    assert "segm/AP" in logged[-1] and "bbox/AP" in logged[-1]

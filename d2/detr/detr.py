@@ -152,12 +152,18 @@ class Detr(nn.Module):
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             target = {"labels": instances.gt_classes, "boxes": box_xyxy_to_cxcywh(instances.gt_boxes.tensor) / scale}
             if self.mask_on:
-                masks = instances.gt_masks
-                if isinstance(masks, PolygonMasks):
-                    masks = BitMasks.from_polygon_masks(masks, h, w)
-                target["masks"] = masks.tensor
+                target["masks"] = self.target_masks(instances, h, w)
             targets.append(target)
         return targets
+
+    def target_masks(self, instances: Instances, h: int, w: int) -> Tensor:
+        """Bit masks [n, h, w] of the instances (detectron2 gives none for an image without objects)."""
+        if not instances.has("gt_masks"):
+            return torch.zeros((len(instances), h, w), dtype=torch.bool, device=self.device)
+        masks = instances.gt_masks
+        if isinstance(masks, PolygonMasks):
+            masks = BitMasks.from_polygon_masks(masks, h, w)
+        return masks.tensor.to(self.device)
 
     @torch.no_grad()
     def inference(self, outputs: Dict[str, Tensor], batched_inputs: List[Dict],
