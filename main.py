@@ -631,7 +631,26 @@ def main(args):
 
 
 
+def explain_lost_process(error: BaseException, args) -> str:
+    """What to tell a user whose distributed run stopped because another of its processes died."""
+    rank, world = getattr(args, "rank", 0), getattr(args, "world_size", 1)
+    checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    kept = (f"The last checkpoint, {checkpoint}, is intact: rerun with --auto_resume to continue from it."
+            if checkpoint is not None and checkpoint.exists() else "No checkpoint had been written yet.")
+    return (f"rank {rank} of {world}: another process of this run was lost ({str(error).splitlines()[0][:300]}). "
+            "Its own log (or torchrun's summary, which names the failed rank) says why it stopped. " + kept)
+
+
+# The errors torch.distributed gives a process whose peer died or stopped answering (gloo and NCCL).
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+             "NCCL communicator was aborted", "Socket Timeout")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except RuntimeError as e:
+        if not getattr(arguments, "distributed", False) or not any(text in str(e) for text in LOST_PEER):
+            raise
+        raise SystemExit(explain_lost_process(e, arguments)) from e

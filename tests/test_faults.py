@@ -292,3 +292,29 @@ def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resume
     assert len((out / "log.txt").read_text().splitlines()) == 3
     assert load_checkpoint_safely(out / "checkpoint.pth")["epoch"] == 2
     assert not list(out.glob("**/*.tmp*"))
+
+
+@pytest.mark.slow
+def test_without_torchrun_the_survivor_says_a_process_was_lost(synthetic_root, tmp_path):
+    """Processes started one by one (as Slurm's srun starts them): the survivor stops at once and says so."""
+    from test_distributed import free_port
+    out = tmp_path / "out"
+    flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    base = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(free_port()), KILL_AT="mid-step", KILL_NTH="4", KILL_RANK="1")
+    started = time.monotonic()
+    survivor = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO_ROOT,
+                                env=dict(base, RANK="0", LOCAL_RANK="0"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, str(script), *flags], cwd=REPO_ROOT,
+                              env=dict(base, RANK="1", LOCAL_RANK="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    _, stderr = survivor.communicate(timeout=300)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert survivor.returncode == 1 and time.monotonic() - started < 120
+    assert "rank 0 of 2: another process of this run was lost" in stderr, stderr[-3000:]
+    assert f"The last checkpoint, {out / 'checkpoint.pth'}, is intact" in stderr
+    assert load_checkpoint_safely(out / "checkpoint.pth")["epoch"] == 0
