@@ -2,10 +2,10 @@
 
 `update` only converts each batch's predictions to compact arrays (boxes, scores, labels, mask RLEs);
 `synchronize_between_processes` gathers the detections of every process, and `accumulate` runs one
-evaluation over all of them in faster-coco-eval's C++ COCOeval. That gives pycocotools' 12 stats at
-about a tenth of its time (see `time_coco_evaluation`). The one known difference: where a category's
+evaluation over all of them in faster-coco-eval's C++ COCOeval: pycocotools' 12 stats, over 10x faster
+than pycocotools itself (`time_coco_evaluation` measures it). The one known difference: where a category's
 highest-scored detection is a true positive followed by a false positive, pycocotools' precision
-tp / (tp + fp + eps) is 1 - 2.2e-16 and the C++ one is 1.0, so stats can differ in the 16th digit.
+tp / (tp + fp + eps) is 1 - 2.2e-16 and the C++ one is 1.0, so a stat can differ in its 16th digit.
 
 `.coco_eval[iou_type]` is the COCOeval with `.stats` (the 12 numbers), `.params` and `.eval`; `.eval` has
 pycocotools' keys and a pycocotools `Params`, so files saved from it read as before.
@@ -60,46 +60,40 @@ class CocoEvaluator:
         by_id = {int(image_id): prediction for image_id, prediction in predictions.items()}
         ordered = [by_id[i] for i in img_ids]
         counts = [len(p["scores"]) for p in ordered]
-        batch = {
-            # Which entry of self.img_ids each detection belongs to: after the gather, detections of an
-            # image seen twice (DistributedSampler padding) are kept from its first entry only.
-            "entry": np.repeat(np.arange(first_entry, first_entry + len(img_ids)), counts),
-            "scores": torch.cat([p["scores"].detach().reshape(-1) for p in ordered]).cpu().double().numpy()
-            if ordered else np.zeros(0),
-            "labels": torch.cat([p["labels"].detach().reshape(-1) for p in ordered]).cpu().numpy().astype(np.int64)
-            if ordered else np.zeros(0, dtype=np.int64),
-        }
-        if "bbox" in self.iou_types:
-            boxes = [xyxy_to_xywh(p["boxes"].detach().reshape(-1, 4)) for p in ordered]
-            batch["boxes"] = torch.cat(boxes).cpu().double().numpy() if boxes else np.zeros((0, 4))
+        batch = empty_detections(self.iou_types)
+        # Which entry of self.img_ids each detection belongs to: after the gather, the detections of an image
+        # seen twice (DistributedSampler padding) are kept from its first entry only.
+        batch["entry"] = np.repeat(np.arange(first_entry, first_entry + len(img_ids)), counts)
+        if ordered:  # one copy to the CPU per batch, not per image
+            batch["scores"] = torch.cat([p["scores"].detach().reshape(-1) for p in ordered]).cpu().numpy()
+            batch["labels"] = torch.cat([p["labels"].detach().reshape(-1) for p in ordered]).cpu().numpy()
+            if "bbox" in self.iou_types:
+                boxes = [xyxy_to_xywh(p["boxes"].detach().reshape(-1, 4)) for p in ordered]
+                batch["boxes"] = torch.cat(boxes).cpu().numpy()
         if "segm" in self.iou_types:
             batch["rles"] = [rle for p in ordered for rle in encode_masks(p["masks"])]
-        self.detections.append(batch)
+        self.detections.append(as_detection_dtypes(batch))
 
     def synchronize_between_processes(self) -> None:
         """Gather the detections of every process (on one process: of every batch), keep each image id
         once, and hand them to each COCOeval with the evaluated image ids, sorted as COCOeval sorts them."""
-        local = concatenate_batches(self.detections, self.iou_types)
+        local = concatenate_detections([empty_detections(self.iou_types)] + self.detections)
         gathered = all_gather({"img_ids": self.img_ids, "detections": local})
         all_img_ids = np.concatenate([np.asarray(g["img_ids"], dtype=np.int64) for g in gathered])
         # A DistributedSampler pads the last batch with repeated images: count each image once.
         img_ids, first = np.unique(all_img_ids, return_index=True)
-        keep_entry = np.zeros(len(all_img_ids), dtype=bool)
-        keep_entry[first] = True
-        offsets = np.cumsum([0] + [len(g["img_ids"]) for g in gathered])
-        parts = []
-        for offset, g in zip(offsets, gathered):
-            d = g["detections"]
-            entry = d["entry"] + offset
-            keep = keep_entry[entry]
-            part = {"image_id": all_img_ids[entry[keep]], "scores": d["scores"][keep], "labels": d["labels"][keep]}
-            if "boxes" in d:
-                part["boxes"] = d["boxes"][keep]
-            if "rles" in d:
-                part["rles"] = [rle for rle, k in zip(d["rles"], keep) if k]
-            parts.append(part)
-        merged = {key: (np.concatenate([p[key] for p in parts]) if key != "rles"
-                        else [rle for p in parts for rle in p[key]]) for key in parts[0]}
+        is_first = np.zeros(len(all_img_ids), dtype=bool)
+        is_first[first] = True
+        offset, kept = 0, []
+        for g in gathered:
+            detections = g["detections"]
+            entry = detections["entry"] + offset  # this process's entries, as indices into all_img_ids
+            keep = is_first[entry]
+            kept.append({key: ([v for v, k in zip(value, keep) if k] if isinstance(value, list) else value[keep])
+                         for key, value in detections.items() if key != "entry"})
+            kept[-1]["image_id"] = all_img_ids[entry[keep]]
+            offset += len(g["img_ids"])
+        merged = concatenate_detections(kept)
         for iou_type in self.iou_types:
             coco_eval = self.coco_eval[iou_type]
             with gc_paused():
@@ -170,16 +164,29 @@ def encode_masks(masks: torch.Tensor) -> List[Dict[str, Any]]:
     return mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
 
 
-def concatenate_batches(batches: List[Dict[str, Any]], iou_types: Sequence[str]) -> Dict[str, Any]:
-    """The arrays of all `update` calls of this process, concatenated."""
-    merged = {"entry": np.concatenate([b["entry"] for b in batches]) if batches else np.zeros(0, dtype=np.int64),
-              "scores": np.concatenate([b["scores"] for b in batches]) if batches else np.zeros(0),
-              "labels": np.concatenate([b["labels"] for b in batches]) if batches else np.zeros(0, dtype=np.int64)}
+def empty_detections(iou_types: Sequence[str]) -> Dict[str, Any]:
+    """No detections, in the layout `update` records: 'entry', 'scores', 'labels', and 'boxes' ([N, 4] xywh)
+    for bbox, 'rles' for segm."""
+    detections = {"entry": np.zeros(0, dtype=np.int64), "scores": np.zeros(0), "labels": np.zeros(0, dtype=np.int64)}
     if "bbox" in iou_types:
-        merged["boxes"] = np.concatenate([b["boxes"] for b in batches]) if batches else np.zeros((0, 4))
+        detections["boxes"] = np.zeros((0, 4))
     if "segm" in iou_types:
-        merged["rles"] = [rle for b in batches for rle in b["rles"]]
-    return merged
+        detections["rles"] = []
+    return detections
+
+
+def as_detection_dtypes(detections: Dict[str, Any]) -> Dict[str, Any]:
+    """Scores and boxes as float64 (exactly the float32 values: what a results list's Python floats hold),
+    labels and entries as int64."""
+    dtypes = {"entry": np.int64, "labels": np.int64, "scores": np.float64, "boxes": np.float64}
+    return {key: value.astype(dtypes[key], copy=False) if key in dtypes else value
+            for key, value in detections.items()}
+
+
+def concatenate_detections(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Detections of several `update` calls (or processes) as one, in order."""
+    return {key: ([item for part in parts for item in part[key]] if isinstance(parts[0][key], list)
+                  else np.concatenate([part[key] for part in parts])) for key in parts[0]}
 
 
 def detections_to_coco(coco_gt: FastCOCO, detections: Dict[str, Any], iou_type: str) -> FastCOCO:
@@ -189,17 +196,17 @@ def detections_to_coco(coco_gt: FastCOCO, detections: Dict[str, Any], iou_type: 
     if iou_type == "bbox":
         boxes = detections["boxes"]
         area = boxes[:, 2] * boxes[:, 3]
-        geometry = [{"bbox": box} for box in boxes.tolist()]
     else:
         rles = detections["rles"]
         area = mask_util.area(rles) if rles else np.zeros(0)
         boxes = mask_util.toBbox(rles) if rles else np.zeros((0, 4))
-        geometry = [{"segmentation": rle, "bbox": box} for rle, box in zip(rles, boxes.tolist())]
-    annotations = [dict(g, id=k, image_id=image_id, category_id=label, score=score, area=a, iscrowd=0)
-                   for k, g, image_id, label, score, a in zip(range(1, len(geometry) + 1), geometry,
-                                                              detections["image_id"].tolist(),
-                                                              detections["labels"].tolist(),
-                                                              detections["scores"].tolist(), area.tolist())]
+    columns = zip(range(1, len(boxes) + 1), detections["image_id"].tolist(), detections["labels"].tolist(),
+                  detections["scores"].tolist(), boxes.tolist(), area.tolist())
+    annotations = [{"id": k, "image_id": image_id, "category_id": label, "score": score, "bbox": box, "area": a,
+                    "iscrowd": 0} for k, image_id, label, score, box, a in columns]
+    if iou_type == "segm":
+        for annotation, rle in zip(annotations, detections["rles"]):
+            annotation["segmentation"] = rle
     coco_dt = FastCOCO()
     coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
                        "annotations": annotations}
@@ -287,28 +294,29 @@ def synthetic_coco_detections(num_images: int, dets_per_image: int, seed: int, n
 
 
 def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed: int = 0,
-                         batch_size: int = 8) -> Dict[str, Any]:
+                         batch_size: int = 8, num_categories: int = 80, repeats: int = 1) -> Dict[str, Any]:
     """Time box AP on `synthetic_coco_detections` two ways: pycocotools' COCOeval from the COCO results
     list (loadRes, evaluate, accumulate, summarize), and this module's CocoEvaluator from the prediction
     tensors (update per batch of `batch_size` images, synchronize, accumulate, summarize: its conversion
-    of tensors is timed, the results list given to pycocotools is not).
+    of tensors is timed, the results list given to pycocotools is not). Each is run `repeats` times and its
+    fastest run kept.
 
-    Returns seconds for both ('pycocotools_s', 'evaluator_s'), 'speedup', the two sets of 12 stats,
-    'max_abs_diff' between them and 'stats_equal' (within 1e-12) and 'stats_identical' (bit for bit)."""
+    Returns wall seconds for both ('pycocotools_s', 'evaluator_s') and their ratio 'speedup'; the same in
+    CPU seconds of this process ('*_cpu_s', 'cpu_speedup': steadier on a machine other work shares, as
+    both run in one thread); the two sets of 12 stats, 'max_abs_diff' between them, 'stats_equal' (within
+    1e-12) and 'stats_identical' (bit for bit)."""
     from pycocotools.cocoeval import COCOeval
 
-    coco_gt, predictions = synthetic_coco_detections(num_images, dets_per_image, seed)
-    results = prepare_for_coco(predictions, "bbox")
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        start = time.perf_counter()
+    coco_gt, predictions = synthetic_coco_detections(num_images, dets_per_image, seed, num_categories)
+
+    def run_pycocotools(results):
         reference = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-        pycocotools_s = time.perf_counter() - start
+        return reference.stats
 
-        start = time.perf_counter()
+    def run_evaluator(_):
         evaluator = CocoEvaluator(coco_gt, ["bbox"])
         image_ids = sorted(predictions)
         for i in range(0, len(image_ids), batch_size):
@@ -316,10 +324,24 @@ def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed
         evaluator.synchronize_between_processes()
         evaluator.accumulate()
         evaluator.summarize()
-        evaluator_s = time.perf_counter() - start
-    ours, theirs = np.asarray(evaluator.coco_eval["bbox"].stats), np.asarray(reference.stats)
+        return evaluator.coco_eval["bbox"].stats
+
+    timings = {}
+    for name, run in (("pycocotools", run_pycocotools), ("evaluator", run_evaluator)):
+        wall, cpu = [], []
+        for _ in range(repeats):
+            results = prepare_for_coco(predictions, "bbox")  # loadRes writes into it: a fresh one each time
+            with contextlib.redirect_stdout(io.StringIO()):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                stats = np.asarray(run(results))
+                wall.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+        timings[name] = (min(wall), min(cpu), stats)
+    (pycocotools_s, pycocotools_cpu_s, theirs), (evaluator_s, evaluator_cpu_s, ours) = timings.values()
     max_abs_diff = float(np.abs(ours - theirs).max())
-    return {"num_images": num_images, "dets_per_image": dets_per_image, "seed": seed,
+    return {"num_images": num_images, "dets_per_image": dets_per_image, "seed": seed, "num_categories": num_categories,
             "pycocotools_s": pycocotools_s, "evaluator_s": evaluator_s, "speedup": pycocotools_s / evaluator_s,
+            "pycocotools_cpu_s": pycocotools_cpu_s, "evaluator_cpu_s": evaluator_cpu_s,
+            "cpu_speedup": pycocotools_cpu_s / evaluator_cpu_s,
             "pycocotools_stats": theirs.tolist(), "evaluator_stats": ours.tolist(), "max_abs_diff": max_abs_diff,
             "stats_equal": max_abs_diff <= 1e-12, "stats_identical": bool(np.array_equal(ours, theirs))}

@@ -241,10 +241,11 @@ def test_synthetic_detections_and_timing():
     areas = np.array([ann["area"] for ann in coco_gt.anns.values()])
     assert (areas < 32 ** 2).any() and (areas > 96 ** 2).any()
 
-    timing = time_coco_evaluation(num_images=40, dets_per_image=30, seed=2)
+    timing = time_coco_evaluation(num_images=40, dets_per_image=30, seed=2, repeats=2)
     assert timing["stats_equal"] and timing["max_abs_diff"] <= 1e-12
     assert timing["pycocotools_s"] > 0 and timing["evaluator_s"] > 0
     assert timing["speedup"] == pytest.approx(timing["pycocotools_s"] / timing["evaluator_s"])
+    assert timing["cpu_speedup"] == pytest.approx(timing["pycocotools_cpu_s"] / timing["evaluator_cpu_s"])
     assert 0.05 < timing["pycocotools_stats"][0] < 0.95 and len(timing["evaluator_stats"]) == 12
 
 
