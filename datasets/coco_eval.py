@@ -64,15 +64,17 @@ class CocoEvaluator:
         # Which entry of self.img_ids each detection belongs to: after the gather, the detections of an image
         # seen twice (DistributedSampler padding) are kept from its first entry only.
         batch["entry"] = np.repeat(np.arange(first_entry, first_entry + len(img_ids)), counts)
-        if ordered:  # one copy to the CPU per batch, not per image
-            batch["scores"] = torch.cat([p["scores"].detach().reshape(-1) for p in ordered]).cpu().numpy()
-            batch["labels"] = torch.cat([p["labels"].detach().reshape(-1) for p in ordered]).cpu().numpy()
+        # One copy to the CPU per batch, not per image. Scores and boxes become float64 holding exactly their
+        # float32 (or bfloat16) values: what the Python floats of a COCO results list hold.
+        if ordered:
+            batch["scores"] = torch.cat([p["scores"].detach().reshape(-1) for p in ordered]).cpu().double().numpy()
+            batch["labels"] = torch.cat([p["labels"].detach().reshape(-1) for p in ordered]).cpu().long().numpy()
             if "bbox" in self.iou_types:
                 boxes = [xyxy_to_xywh(p["boxes"].detach().reshape(-1, 4)) for p in ordered]
-                batch["boxes"] = torch.cat(boxes).cpu().numpy()
+                batch["boxes"] = torch.cat(boxes).cpu().double().numpy()
         if "segm" in self.iou_types:
             batch["rles"] = [rle for p in ordered for rle in encode_masks(p["masks"])]
-        self.detections.append(as_detection_dtypes(batch))
+        self.detections.append(batch)
 
     def synchronize_between_processes(self) -> None:
         """Gather the detections of every process (on one process: of every batch), keep each image id
@@ -173,14 +175,6 @@ def empty_detections(iou_types: Sequence[str]) -> Dict[str, Any]:
     if "segm" in iou_types:
         detections["rles"] = []
     return detections
-
-
-def as_detection_dtypes(detections: Dict[str, Any]) -> Dict[str, Any]:
-    """Scores and boxes as float64 (exactly the float32 values: what a results list's Python floats hold),
-    labels and entries as int64."""
-    dtypes = {"entry": np.int64, "labels": np.int64, "scores": np.float64, "boxes": np.float64}
-    return {key: value.astype(dtypes[key], copy=False) if key in dtypes else value
-            for key, value in detections.items()}
 
 
 def concatenate_detections(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
