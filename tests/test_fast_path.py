@@ -1,0 +1,309 @@
+"""Tests of models/fast.py (the fast path), the folded ResNet blocks of models/backbone.py, the fused attention
+switch of models/transformer.py, --exact and --compile (engine.enable_compile).
+
+The fast path must stay within float rounding of the exact one: outputs and losses within 1e-4, gradients within
+1e-3 relative, on the parity case's configuration and its neighbours (R50, masks, two-stage, pre-norm)."""
+import copy
+import math
+
+import pytest
+import torch
+
+import engine
+import main as main_py
+from conftest import run_main, tiny_flags
+from helpers import tiny_args
+from models import build_model
+from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
+from models.fast import adamw_options, enable_fast_path
+from util.misc import nested_tensor_from_tensor_list
+
+# The parity case's flags (../shared/spec/parity/case.json), without the ImageNet weights the default asks for.
+PARITY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--enc_layers",
+                "2", "--dec_layers", "2", "--dim_feedforward", "128", "--num_queries", "10", "--dropout", "0.0",
+                "--backbone_weights", "none"]
+CONFIGURATIONS = {
+    "parity": PARITY_FLAGS,
+    # The mask head's group norms need widths in multiples of 8.
+    "masks": PARITY_FLAGS + ["--masks", "--hidden_dim", "128", "--nheads", "8"],
+    "two_stage": PARITY_FLAGS + ["--two_stage", "--feature_stride", "16"],
+    "pre_norm": PARITY_FLAGS + ["--pre_norm"],
+    "resnet50": ["--device", "cpu", "--backbone", "resnet50", "--backbone_weights", "none", "--dropout", "0.0",
+                 "--enc_layers", "2", "--dec_layers", "2", "--num_queries", "20"],
+}
+
+
+@torch.no_grad()
+def fill_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every floating parameter and buffer set from a seeded generator: matrices uniform with variance 1 / fan-in
+    (activations keep their scale through a ResNet without trained norms), norm scales and running variances
+    near 1, biases and means small."""
+    g = torch.Generator().manual_seed(seed)
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        u = torch.rand(tensor.shape, generator=g, dtype=torch.float64) * 2 - 1
+        if tensor.dim() > 1:
+            values = u * math.sqrt(3.0 / math.prod(tensor.shape[1:]))
+        elif key.endswith(("running_var", "weight")):
+            values = 1.0 + 0.2 * u
+        else:
+            values = 0.1 * u
+        tensor.copy_(values.to(tensor.dtype))
+
+
+def inputs(seed: int = 0):
+    """Two images of different sizes (so the batch has padding) and their targets."""
+    g = torch.Generator().manual_seed(seed)
+    images = nested_tensor_from_tensor_list([torch.randn(3, 96, 128, generator=g), torch.randn(3, 112, 80, generator=g)])
+    targets = []
+    for n in (3, 5):
+        boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1)
+        masks = torch.rand(n, 112, 128, generator=g) > 0.5
+        targets.append({"labels": torch.randint(0, 5, (n,), generator=g), "boxes": boxes, "masks": masks})
+    return images, targets
+
+
+class ReplayingMatcher(torch.nn.Module):
+    """The criterion's matcher, recording its assignments, or replaying given ones. The Hungarian matching is
+    discontinuous: where two queries' costs tie within float rounding (random weights make near-twin queries),
+    any change of rounding may swap them. The fast path's losses are compared under the exact path's matching."""
+
+    def __init__(self, matcher: torch.nn.Module, replay=None):
+        super().__init__()
+        self.matcher, self.replay, self.calls = matcher, replay, []
+
+    def forward(self, outputs, targets):
+        computed = self.matcher(outputs, targets)
+        self.calls.append(computed)
+        return computed if self.replay is None else self.replay[len(self.calls) - 1]
+
+
+def run_case(flags, fast: bool, replay=None):
+    """(eval outputs, train outputs, losses, gradients, matcher assignments) of the model built from flags,
+    exact or fast; `replay`: the assignments to use instead of the matcher's."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(main_py.get_args_parser().parse_args(flags))
+    criterion.matcher = ReplayingMatcher(criterion.matcher, replay)
+    fill_weights(model)
+    if fast:
+        enable_fast_path(model)
+    images, targets = inputs()
+    if "--masks" not in flags:
+        targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
+    model.eval()
+    with torch.no_grad():
+        eval_out = model(images)
+    model.train()
+    train_out = model(images)
+    losses = criterion(train_out, targets)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return eval_out, train_out, losses, grads, criterion.matcher.calls
+
+
+def max_abs_difference(a, b) -> float:
+    """Largest absolute difference over the tensors of two nests of dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    if isinstance(a, dict):
+        return max([max_abs_difference(v, b[k]) for k, v in a.items()], default=0.0)
+    return max([max_abs_difference(x, y) for x, y in zip(a, b)], default=0.0)
+
+
+@pytest.fixture(scope="module", params=list(CONFIGURATIONS))
+def exact_and_fast(request):
+    flags = CONFIGURATIONS[request.param]
+    exact = run_case(flags, fast=False)
+    return request.param, exact, run_case(flags, fast=True, replay=exact[4])
+
+
+def test_fast_path_outputs_and_losses_within_1e_4_of_exact(exact_and_fast):
+    name, exact, fast = exact_and_fast
+    for index, what in ((0, "eval outputs"), (1, "train outputs"), (2, "losses")):
+        difference = max_abs_difference(exact[index], fast[index])
+        assert difference <= 1e-4, f"{name}: {what} differ by {difference:.2e}"
+    # Not equal either: the fast path really runs other kernels.
+    assert max_abs_difference(exact[0], fast[0]) > 0
+    if name == "parity":  # no near-ties there: the fast path's own matching is the exact one's
+        assert max_abs_difference(exact[4], fast[4]) == 0
+
+
+def test_fast_path_gradients_within_1e_3_relative(exact_and_fast):
+    name, (_, _, _, exact, _), (_, _, _, fast, _) = exact_and_fast
+    assert exact.keys() == fast.keys()
+    # The first decoder layer's self-attention acts on all-zero queries: its projection gradients are rounding
+    # noise (about 1e-10, their true value 0) on both paths. Measured against a floor of 1e-5 of the largest
+    # gradient, they pass; every other gradient is far above the floor.
+    scale = max(g.abs().max().item() for g in exact.values())
+    worst = max(((exact[n] - fast[n]).abs().max().item() / max(exact[n].abs().max().item(), 1e-5 * scale), n)
+                for n in exact)
+    assert worst[0] <= 1e-3, f"{name}: gradient of {worst[1]} differs by {worst[0]:.2e} (relative)"
+
+
+def test_fast_path_keeps_weights_and_state_dict_layout():
+    model, _, _ = build_model(tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    enable_fast_path(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    body = model.detr.backbone[0].body
+    assert type(body) is FoldedLayerGetter
+    assert all(type(m) is FoldedBasicBlock for name, m in body.named_modules() if name.count(".") == 1)
+    # A checkpoint of the fast model loads into the exact one (and back): nothing to convert.
+    exact, _, _ = build_model(tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8"))
+    exact.load_state_dict(after, strict=True)
+
+
+def test_folded_bottleneck_trains_the_convolution_weight_and_keeps_the_norm_frozen():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args("--backbone", "resnet50", "--lr_backbone", "1e-5"))
+    fill_weights(model)
+    enable_fast_path(model)
+    assert any(type(m) is FoldedBottleneck for m in model.modules())
+    model.train()
+    model(torch.randn(1, 3, 64, 64))["pred_boxes"].sum().backward()
+    conv = model.backbone[0].body.layer2[0].conv1
+    norm = model.backbone[0].body.layer2[0].bn1
+    assert isinstance(norm, FrozenBatchNorm2d)
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert list(norm.parameters()) == []
+
+
+def test_fold_equals_convolution_then_frozen_norm():
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=True)
+    norm = FrozenBatchNorm2d(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(6, generator=g) + 0.5)
+        norm.bias.copy_(torch.randn(6, generator=g))
+        norm.running_mean.copy_(torch.randn(6, generator=g))
+        norm.running_var.copy_(torch.rand(6, generator=g) + 0.1)
+    x = torch.randn(2, 4, 9, 7, generator=g)
+    weight, bias = norm.fold(conv.weight, conv.bias)
+    torch.testing.assert_close(conv._conv_forward(x, weight, bias), norm(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_leaves_trainable_batch_norm_unfolded():
+    model, _, _ = build_model(tiny_args("--backbone_norm", "batch"))
+    enable_fast_path(model)
+    assert not any(type(m) in (FoldedBasicBlock, FoldedLayerGetter) for m in model.modules())
+    assert model.backbone[0].channels_last
+
+
+def test_fast_model_scripts_and_matches_eager():
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args("--no_aux_loss"))
+    enable_fast_path(model).eval()
+    x = nested_tensor_from_tensor_list([torch.randn(3, 64, 96)])  # a scripted DETR takes NestedTensors
+    with torch.no_grad():
+        expected = model(x)
+        scripted = torch.jit.script(model)(x)
+    torch.testing.assert_close(scripted["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)
+
+
+def test_adamw_options_fused_on_the_fast_path_only():
+    cpu = torch.device("cpu")
+    assert adamw_options(cpu, exact=True) == {}
+    options = adamw_options(cpu)
+    assert options in ({}, {"fused": True})
+    torch.optim.AdamW([torch.zeros(2, requires_grad=True)], **options)  # accepted where offered
+
+
+# The synthetic datasets train their ResNet from scratch with trainable norms; the frozen ones fold.
+FROZEN_NORMS = ("--backbone_norm", "frozen")
+
+
+def used_model(monkeypatch, argv):
+    """(the model main.py builds and runs for argv, the args it was built from); main runs in this process."""
+    built = []
+
+    def recording_build_model(args):
+        result = build_model(args)
+        built.append((result[0], copy.deepcopy(args)))
+        return result
+
+    monkeypatch.setattr(main_py, "build_model", recording_build_model)
+    run_main(argv)
+    return built[0]
+
+
+@pytest.mark.slow
+def test_exact_flag_gives_the_plain_build_bit_for_bit(monkeypatch, synthetic_root, tmp_path):
+    used, args = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--exact", "--eval", *FROZEN_NORMS))
+    plain, criterion, _ = build_model(args)
+    plain.load_state_dict(used.state_dict())
+    assert not any(type(m) in (FoldedBasicBlock, FoldedLayerGetter) for m in used.modules())
+    images, targets = inputs()
+    outputs = []
+    for model in (used, plain):
+        model.train()
+        out = model(images)
+        loss_dict = criterion(out, [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+        sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict).backward()
+        outputs.append((out, [p.grad for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(outputs[0][0]["pred_logits"], outputs[1][0]["pred_logits"])
+    assert torch.equal(outputs[0][0]["pred_boxes"], outputs[1][0]["pred_boxes"])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0][1], outputs[1][1]))
+
+
+@pytest.mark.slow
+def test_main_runs_the_fast_path_by_default(monkeypatch, synthetic_root):
+    used, _ = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--eval", *FROZEN_NORMS))
+    assert type(used.backbone[0].body) is FoldedLayerGetter
+    assert used.backbone[0].channels_last
+    assert all(layer.fused_attention for layer in used.transformer.encoder.layers)
+
+
+# ------------------------------------------------------------------------------------------------------ --compile
+
+def test_compile_unavailable_falls_back_with_a_message(monkeypatch, capsys):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    model, _, _ = build_model(tiny_args())
+    assert engine.enable_compile(model, torch.device("cpu")) is False
+    assert "no C++ compiler" in capsys.readouterr().out
+    assert engine.forward_function(model) is model
+
+
+def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys):
+    def failing_compile(model, **kwargs):
+        def call(*args):
+            raise torch._dynamo.exc.InternalTorchDynamoError("simulated failure")
+        return call
+
+    monkeypatch.setattr(engine.torch, "compile", failing_compile)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_args())
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        assert engine.enable_compile(model, torch.device("cpu"))
+        out = engine.run_model(model, x, torch.device("cpu"))
+    assert "torch.compile failed (InternalTorchDynamoError: simulated failure)" in capsys.readouterr().out
+    assert torch.equal(out["pred_boxes"], expected["pred_boxes"])
+    assert engine.forward_function(model) is model  # eager from now on
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(engine.compile_unavailable_reason(torch.device("cpu")) != "",
+                    reason=f"torch.compile cannot run here: {engine.compile_unavailable_reason(torch.device('cpu'))}")
+def test_compiled_model_matches_eager_across_image_sizes():
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(tiny_args("--enc_layers", "1", "--dec_layers", "1"))
+    enable_fast_path(model).eval()
+    eager = copy.deepcopy(model)
+    cpu = torch.device("cpu")
+    assert engine.enable_compile(model, cpu)
+    with torch.no_grad():
+        # Two sizes, one compilation (dynamic shapes), and a padded batch.
+        for images in (torch.randn(1, 3, 64, 96), torch.randn(1, 3, 96, 64),
+                       nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 80, 48)])):
+            out, expected = engine.run_model(model, images, cpu), eager(images)
+            for key in ("pred_logits", "pred_boxes"):
+                torch.testing.assert_close(out[key], expected[key], rtol=1e-4, atol=1e-4)
+    assert getattr(model, "compile_forward", False), "compile fell back to eager"
+    # The state_dict keys stay those of the plain model (no _orig_mod prefix).
+    assert list(model.state_dict()) == list(eager.state_dict())

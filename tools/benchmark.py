@@ -1,0 +1,393 @@
+"""Time DETR's paths side by side, in one run, with the same weights: inference, a training step, COCO
+evaluation and the data pipeline. Prints speed as multiples of the bit-exact path's and writes JSON.
+
+    python tools/benchmark.py                          # DETR-R50, on the GPU if there is one, every mode
+    python tools/benchmark.py --device cpu --repeats 5 --output benchmark.json
+    python tools/benchmark.py --tiny --output b.json   # a tiny model, in seconds (what the tests run)
+
+Modes (each as main.py runs it):
+  exact              --exact: the original's numbers, bit for bit
+  default            no flag: the fast path (models/fast.py) in fp32, fused AdamW
+  channels_last      --exact --channels_last: the exact model, ResNet channels-last only
+  amp                --exact --amp: the exact model under bfloat16 autocast only
+  amp+channels_last  --amp (= --amp --channels_last): the fast path under bfloat16 autocast
+  compiled           --compile: the fast path through torch.compile (its compile time reported apart)
+  hf                 Hugging Face transformers' DetrForObjectDetection, same sizes, random weights (only when
+                     transformers is importable; an optional extra used nowhere else)
+Modes are timed in interleaved rounds (each mode once per round), best of --repeats: on a shared machine a burst
+of load then slows every mode alike.
+"""
+import argparse
+import copy
+import io
+import json
+import os
+import platform
+import random
+import sys
+import time
+from argparse import Namespace
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import enable_compile, run_model  # noqa: E402
+from models import build_model  # noqa: E402
+from models.fast import adamw_options, enable_fast_path  # noqa: E402
+from util.benchmark import ratio_table, synchronize, time_interleaved  # noqa: E402
+
+ALL_MODES = ("exact", "default", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
+MAIN_FLAGS = {"exact": "--exact", "default": "", "channels_last": "--exact --channels_last",
+              "amp": "--exact --amp", "amp+channels_last": "--amp", "compiled": "--compile", "hf": "(transformers)"}
+
+# The model flags build_model reads, at main.py's defaults (DETR-R50 as in the paper);
+# tests/test_benchmark.py checks that they still equal main.get_args_parser()'s.
+MODEL_DEFAULTS = dict(
+    backbone="resnet50", backbone_weights="none", backbone_norm="frozen", feature_stride=32, dilation=False,
+    position_embedding="sine", lr_backbone=1e-5, hidden_dim=256, nheads=8, enc_layers=6, dec_layers=6,
+    dim_feedforward=2048, dropout=0.1, num_queries=100, pre_norm=False, aux_loss=True, two_stage=False,
+    learned_queries=0, query_nms=1.0, masks=False, frozen_weights=None, mask_attention_gain=1.0,
+    panoptic_threshold=0.85, set_cost_class=1.0, set_cost_bbox=5.0, set_cost_giou=2.0, mask_loss_coef=1.0,
+    dice_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, eos_coef=0.1, dataset_file="coco",
+    num_classes=None, channels_last=False, lr=1e-4, weight_decay=1e-4, clip_max_norm=0.1,
+)
+TINY_MODEL = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                  num_queries=8)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags."""
+    parser = argparse.ArgumentParser("DETR benchmark: every path side by side, speed relative to --exact")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", default=",".join(ALL_MODES),
+                        help=f"comma-separated, from {', '.join(ALL_MODES)} (exact is always included)")
+    parser.add_argument("--repeats", default=3, type=int, help="timed runs of each mode (best one counts)")
+    parser.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"])
+    parser.add_argument("--inference_size", default=[800, 1066], type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--throughput_batch", default=8, type=int,
+                        help="batch of the throughput row (GPU only; 0 skips it)")
+    parser.add_argument("--train_size", default=[512, 512], type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--train_batch", default=2, type=int)
+    parser.add_argument("--coco_images", default=2000, type=int,
+                        help="images of detections for the COCO evaluation row (0 skips it)")
+    parser.add_argument("--pipeline_images", default=20, type=int,
+                        help="generated JPEG images through the COCO transforms (0 skips the row)")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip: inference, throughput, train, "
+                                                   "coco_eval, pipeline")
+    parser.add_argument("--threads", default=0, type=int, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny model at 64x64, 1 repeat, 16 COCO images, 2 pipeline images: seconds")
+    parser.add_argument("--output", default="", help="write the results as JSON to this file")
+    return parser
+
+
+def model_args(benchmark_args: Namespace) -> Namespace:
+    """The build_model flags of the benchmarked configuration."""
+    values = dict(MODEL_DEFAULTS, backbone=benchmark_args.backbone, device=benchmark_args.device)
+    if benchmark_args.tiny:
+        values.update(TINY_MODEL)
+    return Namespace(**values)
+
+
+def random_targets(batch: int, num_classes: int, generator: torch.Generator) -> List[Dict[str, torch.Tensor]]:
+    """COCO-like targets: 3 to 12 boxes (normalized cxcywh) per image, random classes."""
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(3, 13, (1,), generator=generator))
+        centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(1, num_classes, (n,), generator=generator),
+                        "boxes": torch.cat([centres, sizes], 1)})
+    return targets
+
+
+class DetrMode:
+    """One mode of this project's model: its own copy of the weights, fast path, autocast, compile, optimizer."""
+
+    def __init__(self, name: str, exact_model: torch.nn.Module, criterion: torch.nn.Module, args: Namespace,
+                 device: torch.device):
+        self.name, self.criterion, self.device = name, criterion, device
+        self.model = copy.deepcopy(exact_model)
+        fast = name in ("default", "amp+channels_last", "compiled")
+        if fast:
+            enable_fast_path(self.model)
+        elif name == "channels_last":
+            self.model.backbone[0].use_channels_last()
+        self.amp = name in ("amp", "amp+channels_last")
+        if name == "compiled" and not enable_compile(self.model, device):
+            raise RuntimeError("torch.compile is unavailable here (see the message above)")
+        params = [{"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
+                  {"params": [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad],
+                   "lr": args.lr_backbone}]
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                           **adamw_options(device, exact=not fast))
+        self.max_norm = args.clip_max_norm
+
+    def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Eval-mode outputs for a batch."""
+        self.model.eval()
+        with torch.no_grad():
+            out = run_model(self.model, images, self.device, self.amp)
+        return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
+
+    def train_step(self, images: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> float:
+        """One step as engine.train_one_epoch takes it: forward, weighted losses with aux, backward, clip, AdamW."""
+        self.model.train()
+        outputs = run_model(self.model, images, self.device, self.amp)
+        loss_dict = self.criterion(outputs, targets)
+        loss = sum(loss_dict[k] * self.criterion.weight_dict[k] for k in loss_dict if k in self.criterion.weight_dict)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizer.step()
+        return loss.item()
+
+
+class HuggingFaceMode:
+    """transformers' DetrForObjectDetection at the same sizes, random weights, its own ResNet (no timm, nothing
+    downloaded), its own loss (with aux), clipping and AdamW."""
+
+    def __init__(self, args: Namespace, num_classes: int, device: torch.device):
+        from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+        basic = args.backbone in ("resnet18", "resnet34")
+        depths = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+                  "resnet101": [3, 4, 23, 3]}[args.backbone]
+        backbone_config = ResNetConfig(depths=depths, layer_type="basic" if basic else "bottleneck",
+                                       hidden_sizes=[64, 128, 256, 512] if basic else [256, 512, 1024, 2048],
+                                       out_features=["stage4"])
+        config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone_config,
+                            num_labels=num_classes, num_queries=args.num_queries, d_model=args.hidden_dim,
+                            encoder_layers=args.enc_layers, decoder_layers=args.dec_layers,
+                            encoder_attention_heads=args.nheads, decoder_attention_heads=args.nheads,
+                            encoder_ffn_dim=args.dim_feedforward, decoder_ffn_dim=args.dim_feedforward,
+                            dropout=args.dropout, auxiliary_loss=args.aux_loss)  # its costs and loss weights
+        # default to DETR's (1, 5, 2; 5, 2; eos 0.1)
+        self.model = DetrForObjectDetection(config).to(device)
+        self.device = device
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
+                                           weight_decay=args.weight_decay)
+        self.max_norm = args.clip_max_norm
+
+    def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(pixel_values=images)
+        return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
+
+    def train_step(self, images: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> float:
+        self.model.train()
+        labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+        loss = self.model(pixel_values=images, labels=labels).loss
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.optimizer.step()
+        return loss.item()
+
+
+def max_output_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two models' pred_logits and pred_boxes."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in ("pred_logits", "pred_boxes"))
+
+
+def time_modes(modes: Dict[str, Any], name: str, make_call: Callable[[Any], Callable[[], Any]],
+               device: torch.device, repeats: int) -> Dict[str, Dict[str, Any]]:
+    """time_interleaved over the modes, with progress printed (a full run takes minutes)."""
+    print(f"[{name}] timing {', '.join(modes)} ({repeats} rounds after a warm-up call each)", flush=True)
+    results = time_interleaved({m: make_call(mode) for m, mode in modes.items()}, device, repeats)
+    for m, r in results.items():
+        print(f"  {m:18s} best {r['best_s']:.3f} s  (first call {r['first_call_s']:.3f} s)", flush=True)
+    return results
+
+
+def benchmark_data_pipeline(num_images: int, seed: int) -> Dict[str, Any]:
+    """Images per second through JPEG decoding and datasets/coco.py's COCO transforms ('train': flip and
+    multi-scale resize or crop; 'val': shorter side 800), in this one process: the rate of one data-loader
+    worker. The images are generated 640x480 JPEGs with 3 to 12 boxes each."""
+    from PIL import Image
+
+    from datasets.coco import make_coco_transforms
+
+    rng = np.random.default_rng(seed)
+    files = []
+    for _ in range(num_images):
+        # Smooth gradients plus noise: JPEG sizes like photographs', not like pure noise's.
+        ramp = np.linspace(0, 255, 640)[None, :, None] * rng.uniform(0.3, 1.0, (1, 1, 3))
+        pixels = np.clip(ramp + rng.normal(0, 20, (480, 640, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        n = int(rng.integers(3, 13))
+        xy = rng.uniform(0, 400, (n, 2))
+        boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(10, 200, (n, 2))], 1), dtype=torch.float32)
+        target = {"boxes": boxes, "labels": torch.randint(1, 91, (n,)), "image_id": torch.tensor(len(files)),
+                  "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+                  "iscrowd": torch.zeros(n, dtype=torch.int64), "orig_size": torch.tensor([480, 640]),
+                  "size": torch.tensor([480, 640])}
+        files.append((buffer.getvalue(), target))
+    result = {"num_images": num_images, "image_size": [480, 640]}
+    for image_set in ("train", "val"):
+        transforms = make_coco_transforms(image_set)
+        random.seed(seed)
+        start = time.perf_counter()
+        for data, target in files:
+            transforms(Image.open(io.BytesIO(data)).convert("RGB"), dict(target))
+        seconds = time.perf_counter() - start
+        result[f"{image_set}_images_per_s"] = num_images / seconds
+    return result
+
+
+def benchmark_coco_evaluation(num_images: int) -> Dict[str, Any]:
+    """pycocotools against the project's evaluator on num_images images of ~100 detections, through
+    datasets/coco_eval.py's time_coco_evaluation (which checks their 12 stats agree)."""
+    from datasets import coco_eval
+
+    timing = getattr(coco_eval, "time_coco_evaluation", None)
+    if timing is None:
+        return {"skipped": "datasets/coco_eval.py has no time_coco_evaluation"}
+    return timing(num_images=num_images)
+
+
+def machine_description(device: torch.device) -> str:
+    """'CPU: 2 cores (AMD EPYC), 2 torch threads' or the GPU's name."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU: {os.cpu_count()} cores ({name}), {torch.get_num_threads()} torch threads"
+
+
+def run(bargs: Namespace) -> Dict[str, Any]:
+    """Every row of the benchmark for the parsed flags; returns what --output writes."""
+    if bargs.tiny:
+        bargs.inference_size, bargs.train_size, bargs.train_batch = [64, 64], [64, 64], 2
+        bargs.repeats, bargs.coco_images, bargs.pipeline_images = 1, 16, 2
+        bargs.backbone = "resnet18"
+    if bargs.threads:
+        torch.set_num_threads(bargs.threads)
+    device = torch.device(bargs.device)
+    skip = {s for s in bargs.skip.split(",") if s}
+    requested = [m for m in bargs.modes.split(",") if m]
+    unknown = [m for m in requested if m not in ALL_MODES]
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {', '.join(ALL_MODES)}")
+    names = ["exact"] + [m for m in ALL_MODES if m in requested and m != "exact"]
+
+    args = model_args(bargs)
+    torch.manual_seed(bargs.seed)
+    exact_model, criterion, _ = build_model(args)
+    exact_model.to(device)
+    num_classes = criterion.num_classes
+    notes: Dict[str, str] = {}
+    modes: Dict[str, Any] = {}
+    for name in names:
+        try:
+            if name == "hf":
+                modes[name] = HuggingFaceMode(args, num_classes, device)
+            else:
+                modes[name] = DetrMode(name, exact_model, criterion, args, device)
+        except Exception as e:  # an optional mode that cannot run here is reported, not fatal
+            notes[name] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else \
+                f"skipped: {type(e).__name__}"
+            print(f"[{name}] {notes[name]}", flush=True)
+    if "hf" in modes:
+        notes["hf"] = "own random weights (outputs not comparable)"
+
+    generator = torch.Generator().manual_seed(bargs.seed)
+    results: Dict[str, Any] = {"machine": machine_description(device), "torch": torch.__version__,
+                               "device": str(device), "config": {**vars(bargs), "model": vars(args)},
+                               "modes": {m: {"main_py_flags": MAIN_FLAGS[m]} for m in names}, "rows": {}}
+    for name, note in notes.items():
+        results["modes"][name]["note"] = note
+
+    if "inference" not in skip:
+        images = torch.randn(1, 3, *bargs.inference_size, generator=generator).to(device)
+        reference = modes["exact"].infer(images)
+        for name, mode in modes.items():
+            if name != "hf":
+                results["modes"][name]["inference_max_abs_diff"] = max_output_difference(reference, mode.infer(images))
+        timed = time_modes(modes, "inference", lambda mode: lambda: mode.infer(images), device, bargs.repeats)
+        results["rows"]["inference"] = {"batch": 1, "size": bargs.inference_size, **timed}
+
+    if "throughput" not in skip and device.type == "cuda" and bargs.throughput_batch > 0:
+        images = torch.randn(bargs.throughput_batch, 3, *bargs.inference_size, generator=generator).to(device)
+        timed = time_modes(modes, "throughput", lambda mode: lambda: mode.infer(images), device, bargs.repeats)
+        for r in timed.values():
+            r["images_per_s"] = bargs.throughput_batch / r["best_s"]
+        results["rows"]["throughput"] = {"batch": bargs.throughput_batch, "size": bargs.inference_size, **timed}
+    elif "throughput" not in skip:
+        results["rows"]["throughput"] = {"skipped": "batch-8 throughput is measured on a GPU only"}
+
+    if "train" not in skip:
+        images = torch.randn(bargs.train_batch, 3, *bargs.train_size, generator=generator).to(device)
+        targets = [{k: v.to(device) for k, v in t.items()}
+                   for t in random_targets(bargs.train_batch, num_classes, generator)]
+        timed = time_modes(modes, "train step", lambda mode: lambda: mode.train_step(images, targets), device,
+                           bargs.repeats)
+        results["rows"]["train"] = {"batch": bargs.train_batch, "size": bargs.train_size, **timed}
+
+    if "coco_eval" not in skip and bargs.coco_images > 0:
+        print(f"[coco_eval] {bargs.coco_images} images of 100 detections", flush=True)
+        results["rows"]["coco_eval"] = benchmark_coco_evaluation(bargs.coco_images)
+    if "pipeline" not in skip and bargs.pipeline_images > 0:
+        print(f"[pipeline] {bargs.pipeline_images} generated JPEGs through the COCO transforms", flush=True)
+        results["rows"]["pipeline"] = benchmark_data_pipeline(bargs.pipeline_images, bargs.seed)
+    synchronize(device)
+    results["table"] = summary_table(results, notes)
+    return results
+
+
+def summary_table(results: Dict[str, Any], notes: Dict[str, str]) -> str:
+    """The Markdown table of speed relative to exact, then the evaluation and pipeline lines."""
+    columns = {"inference": "inference", "throughput": "throughput", "train": "train step"}
+    present = [c for c in columns if "skipped" not in results["rows"].get(c, {"skipped": True})]
+    rows = []
+    for name in results["modes"]:
+        row = {"name": name}
+        for c in present:
+            row[columns[c]] = results["rows"][c].get(name, {}).get("best_s")
+        rows.append(row)
+    diff_notes = dict(notes)
+    for name, mode in results["modes"].items():
+        if "inference_max_abs_diff" in mode and name != "exact":
+            diff_notes[name] = (f"max |output - exact| {mode['inference_max_abs_diff']:.1e}"
+                                + (f"; {notes[name]}" if name in notes else ""))
+    lines = [ratio_table(rows, [columns[c] for c in present], "exact", diff_notes)]
+    coco = results["rows"].get("coco_eval")
+    if coco and "skipped" not in coco:
+        lines.append(f"\nCOCO evaluation of {coco['num_images']} images: pycocotools {coco['pycocotools_s']:.2f} s, "
+                     f"the project's evaluator {coco['evaluator_s']:.2f} s ({coco['speedup']:.1f}x), "
+                     f"stats equal: {coco['stats_equal']}")
+    elif coco:
+        lines.append(f"\nCOCO evaluation: {coco['skipped']}")
+    pipeline = results["rows"].get("pipeline")
+    if pipeline:
+        lines.append(f"Data pipeline (JPEG decode + COCO transforms, one worker): train "
+                     f"{pipeline['train_images_per_s']:.1f} images/s, val {pipeline['val_images_per_s']:.1f} images/s")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Run the benchmark from command-line flags; prints the table and writes --output."""
+    bargs = get_args_parser().parse_args(argv)
+    results = run(bargs)
+    print(f"\n{results['machine']}, torch {results['torch']}; speed as a multiple of --exact's (best of "
+          f"{bargs.repeats})\n")
+    print(results["table"])
+    if bargs.output:
+        with open(bargs.output, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwritten to {bargs.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
