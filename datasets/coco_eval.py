@@ -41,7 +41,7 @@ class CocoEvaluator:
                 raise ValueError(f"CocoEvaluator: unsupported iou_type {iou_type!r}; expected 'bbox' or 'segm'")
         self.coco_gt = ground_truth_copy(coco_gt)
         self.iou_types = list(iou_types)
-        self.coco_eval = {iou_type: COCOeval_faster(self.coco_gt, iouType=iou_type, print_function=print)
+        self.coco_eval = {iou_type: BatchedIoUCOCOeval(self.coco_gt, iouType=iou_type, print_function=print)
                           for iou_type in self.iou_types}
         self.img_ids: List[int] = []
         self.known_img_ids = set(self.coco_gt.imgs)
@@ -100,6 +100,9 @@ class CocoEvaluator:
             coco_eval = self.coco_eval[iou_type]
             with gc_paused():
                 coco_eval.cocoDt = detections_to_coco(self.coco_gt, merged, iou_type)
+            if iou_type == "bbox":
+                coco_eval.detection_arrays = {"image_id": merged["image_id"], "category_id": merged["labels"],
+                                              "boxes": merged["boxes"], "scores": merged["scores"]}
             coco_eval.params.imgIds = [int(i) for i in img_ids]
 
     def accumulate(self) -> None:
@@ -118,6 +121,108 @@ class CocoEvaluator:
         for iou_type, coco_eval in self.coco_eval.items():
             print(f"IoU metric: {iou_type}")
             coco_eval.summarize()
+
+
+class BatchedIoUCOCOeval(COCOeval_faster):
+    """faster-coco-eval's COCOeval, with the box IoUs of all (image, category) pairs computed in one numpy
+    pass before evaluating rather than in one call per pair (on COCO-sized sets those calls cost a tenth of
+    the evaluation). It needs `detection_arrays` (image_id, category_id, boxes xywh, scores: one row per
+    annotation of cocoDt, in order); without them, and for masks, the library computes the IoUs."""
+
+    detection_arrays = None
+
+    def evaluate(self) -> None:
+        """COCOeval_faster.evaluate, its box IoUs computed up front."""
+        p = self.params
+        self._box_ious = None
+        if p.iouType == "bbox" and p.useCats and self.detection_arrays is not None:
+            self._box_ious = box_ious_by_pair(ground_truth_arrays(self.cocoGt.dataset["annotations"]),
+                                              self.detection_arrays, np.unique(p.imgIds), np.unique(p.catIds),
+                                              max(p.maxDets))
+        try:
+            super().evaluate()
+        finally:
+            self._box_ious = None
+
+    def computeIoU(self, imgId: int, catId: int):
+        """The IoU matrix of one pair [detections by descending score, ground truths], as the library's."""
+        if self._box_ious is None:
+            return super().computeIoU(imgId, catId)
+        return self._box_ious.get((int(imgId), int(catId)), [])
+
+
+def ground_truth_arrays(annotations: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    """COCO annotations as the arrays box_ious_by_pair takes: image_id, category_id, boxes (xywh), iscrowd."""
+    return {"image_id": np.array([a["image_id"] for a in annotations], dtype=np.int64),
+            "category_id": np.array([a["category_id"] for a in annotations], dtype=np.int64),
+            "boxes": np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4),
+            "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)}
+
+
+def box_ious_by_pair(gt: Dict[str, np.ndarray], dt: Dict[str, np.ndarray], image_ids: np.ndarray,
+                     category_ids: np.ndarray, max_dets: int) -> Dict[Any, np.ndarray]:
+    """{(image id, category id): IoU [detections, ground truths]} for every pair that has both: detections
+    sorted by descending score (ties in their given order) and cut at `max_dets`, ground truths in their
+    given order, IoU as pycocotools' bbIou computes it (over the detection's own area for crowd regions).
+
+    gt: 'image_id', 'category_id', 'boxes' (xywh), 'iscrowd'; dt: the same with 'scores' for 'iscrowd'.
+    image_ids and category_ids: sorted arrays of those evaluated."""
+    def pair_keys(image, category):
+        position = np.searchsorted(category_ids, category).clip(max=len(category_ids) - 1)
+        evaluated = np.isin(image, image_ids) & (category_ids[position] == category)
+        return image * len(category_ids) + position, evaluated
+
+    if not len(gt["image_id"]) or not len(dt["image_id"]) or not len(category_ids):
+        return {}
+    gt_key, gt_evaluated = pair_keys(gt["image_id"], gt["category_id"])
+    dt_key, dt_evaluated = pair_keys(dt["image_id"], dt["category_id"])
+    gt_boxes, gt_crowd, dt_boxes, dt_scores = gt["boxes"], gt["iscrowd"], dt["boxes"], dt["scores"]
+
+    # Ground truths grouped by pair, in annotation order within each.
+    gt_rows = np.flatnonzero(gt_evaluated)
+    gt_rows = gt_rows[np.argsort(gt_key[gt_rows], kind="stable")]
+    gt_pairs, gt_start, gt_count = np.unique(gt_key[gt_rows], return_index=True, return_counts=True)
+    # Detections grouped by pair, by descending score (stable, as computeIoU's mergesort), at most max_dets.
+    dt_rows = np.flatnonzero(dt_evaluated)
+    dt_rows = dt_rows[np.lexsort((dt_rows, -dt_scores[dt_rows], dt_key[dt_rows]))]
+    first = np.r_[True, dt_key[dt_rows][1:] != dt_key[dt_rows][:-1]]
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(dt_rows)) - np.repeat(starts, np.diff(np.r_[starts, len(dt_rows)]))
+    dt_rows = dt_rows[rank < max_dets]
+    # Only pairs with ground truth: every kept detection against each ground truth of its pair.
+    group = np.searchsorted(gt_pairs, dt_key[dt_rows]).clip(max=max(len(gt_pairs) - 1, 0))
+    has_gt = (gt_pairs[group] == dt_key[dt_rows]) if len(gt_pairs) else np.zeros(len(dt_rows), dtype=bool)
+    dt_rows, group = dt_rows[has_gt], group[has_gt]
+    if not len(dt_rows):
+        return {}
+    per_detection = gt_count[group]
+    offsets = np.repeat(np.cumsum(per_detection) - per_detection, per_detection)
+    d = np.repeat(dt_rows, per_detection)
+    g = gt_rows[np.repeat(gt_start[group], per_detection) + np.arange(per_detection.sum()) - offsets]
+
+    # pycocotools' bbIou, operation for operation, so the values are the same to the last bit.
+    dx, dy, dw, dh = dt_boxes[d].T
+    gx, gy, gw, gh = gt_boxes[g].T
+    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
+    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
+    overlap = (w > 0) & (h > 0)
+    intersection = w * h
+    det_area = dw * dh
+    union = np.where(gt_crowd[g], det_area, det_area + gw * gh - intersection)
+    iou = np.zeros(len(d))
+    np.divide(intersection, union, out=iou, where=overlap)
+
+    # One [detections, ground truths] block per pair: consecutive in `iou`, as the detections of a pair are.
+    pair_of_detection = dt_key[dt_rows]
+    pair_start = np.flatnonzero(np.r_[True, pair_of_detection[1:] != pair_of_detection[:-1]])
+    num_dets = np.diff(np.r_[pair_start, len(dt_rows)])
+    num_gts = per_detection[pair_start]
+    flat_start = np.r_[0, np.cumsum(num_dets * num_gts)]
+    num_categories = len(category_ids)
+    return {(int(key // num_categories), int(category_ids[key % num_categories])):
+            iou[flat_start[k]:flat_start[k + 1]].reshape(nd, ng)
+            for k, (key, nd, ng) in enumerate(zip(pair_of_detection[pair_start].tolist(), num_dets.tolist(),
+                                                  num_gts.tolist()))}
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 
 import datasets.coco_eval as coco_eval_module
-from datasets.coco_eval import CocoEvaluator, synthetic_coco_detections, time_coco_evaluation
+from datasets.coco_eval import (CocoEvaluator, box_ious_by_pair, ground_truth_arrays, synthetic_coco_detections,
+                                time_coco_evaluation)
+from faster_coco_eval import COCOeval_faster
 from util.plot_utils import load_coco_eval
 
 HEIGHT, WIDTH = 80, 96
@@ -35,8 +37,8 @@ def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, c
                                       tied_scores=False, unseen_category=False):
     """A random COCO ground truth (rectangles and triangles, a few crowd) and predictions near it: jittered
     copies with random scores, missed objects, false positives, an image without detections (5) and one
-    without ground truth (7). crowded_image: image 3 also gets 150 false positives of category 1, more
-    than maxDets=100 of one category. tied_scores: scores rounded to sixteenths, so ranks tie across and
+    without ground truth (7). crowded_image: image 3 also gets 150 false positives of the class of one of
+    its objects, more than maxDets=100. tied_scores: scores rounded to sixteenths, so ranks tie across and
     within images. unseen_category: one more category, given to false positives only (no ground truth)."""
     detected_categories = num_categories + int(unseen_category)
     rng = np.random.default_rng(seed)
@@ -44,7 +46,9 @@ def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, c
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": HEIGHT, "width": WIDTH})
         boxes, scores, labels, masks = [], [], [], []
-        for _ in range(0 if image_id == NO_GROUND_TRUTH else rng.integers(0, 5)):
+        num_objects = 0 if image_id == NO_GROUND_TRUTH else rng.integers(0, 5)
+        crowded = crowded_image and image_id == CROWDED
+        for _ in range(max(num_objects, 1) if crowded else num_objects):
             w, h = rng.uniform(4, 56, 2)  # small (< 32^2 px) and medium objects
             x0, y0 = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
             polygon = [x0, y0, x0 + w, y0, x0 + w, y0 + h] + ([x0, y0 + h] if rng.random() < 0.6 else [])
@@ -59,11 +63,12 @@ def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, c
                 labels.append(category if rng.random() < 0.9 else int(rng.integers(1, num_categories + 1)))
                 scores.append(rng.uniform(0.2, 1.0))
                 masks.append(polygon_mask(moved))
-        num_false = 150 if (crowded_image and image_id == CROWDED) else rng.integers(0, 3)
-        for _ in range(num_false):
+        for _ in range(150 if crowded else rng.integers(0, 3)):
             x0, y0 = rng.uniform(0, WIDTH - 10), rng.uniform(0, HEIGHT - 10)
             boxes.append([x0, y0, x0 + 8, y0 + 8])
-            labels.append(1 if num_false == 150 else int(rng.integers(1, detected_categories + 1)))
+            # The crowded image's false positives take the class of its last object: a pair to rank and cut.
+            label = annotations[-1]["category_id"] if crowded else int(rng.integers(1, detected_categories + 1))
+            labels.append(label)
             scores.append(rng.uniform(0.0, 0.6))
             masks.append(polygon_mask(rectangle(x0, y0, 8, 8)))
         if image_id == NO_DETECTIONS:
@@ -163,7 +168,7 @@ def test_hard_cases_match_pycocotools():
                                                              crowded_image=True, tied_scores=True,
                                                              unseen_category=True)
     assert sum(ann["iscrowd"] for ann in coco_gt.anns.values()) >= 2
-    assert (predictions[CROWDED]["labels"] == 1).sum() > 100
+    assert predictions[CROWDED]["labels"].bincount().max() > 100
     assert not coco_gt.imgToAnns[NO_GROUND_TRUTH] and len(predictions[NO_GROUND_TRUTH]["scores"]) > 0
     evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
     ids = sorted(predictions)
@@ -200,6 +205,41 @@ def test_two_processes_match_pycocotools_exactly(monkeypatch):
     monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, next(replay)])
     assert_identical(finish(first), coco_gt, predictions)
     assert first.coco_eval["bbox"].params.imgIds == ids and sorted(first.img_ids) == ids[1::2]
+
+
+def library_box_ious(evaluator):
+    """faster-coco-eval's own IoU matrices for the evaluator's bbox detections, one call per pair."""
+    ours = evaluator.coco_eval["bbox"]
+    library = COCOeval_faster(ours.cocoGt, ours.cocoDt, "bbox")
+    library.params.imgIds = ours.params.imgIds
+    library.evaluate()
+    return {pair: np.asarray(iou) for pair, iou in library.ious.items() if len(iou)}
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_batched_box_ious_equal_the_library_bit_for_bit(seed):
+    coco_gt, predictions = make_ground_truth_and_predictions(num_images=16, seed=seed, num_categories=4,
+                                                             crowded_image=True, tied_scores=True,
+                                                             unseen_category=True)
+    evaluator = CocoEvaluator(coco_gt, ["bbox"])
+    evaluator.update(predictions)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.synchronize_between_processes()
+    ours = evaluator.coco_eval["bbox"]
+    p = ours.params
+    batched = box_ious_by_pair(ground_truth_arrays(ours.cocoGt.dataset["annotations"]), ours.detection_arrays,
+                               np.unique(p.imgIds), np.unique(p.catIds), 100)
+    library = library_box_ious(evaluator)
+    assert sorted(batched) == sorted(library) and any(crowd for crowd in ground_truth_arrays(
+        ours.cocoGt.dataset["annotations"])["iscrowd"])
+    for pair, iou in library.items():
+        assert batched[pair].shape == iou.shape and np.array_equal(batched[pair], iou), pair
+    assert max(iou.shape[0] for iou in library.values()) == 100  # image 3's 150 detections of a class, cut
+
+    # Detections only where there is no ground truth of their category: no pair to compute.
+    no_pairs = dict(ours.detection_arrays, category_id=np.full_like(ours.detection_arrays["category_id"], 5))
+    assert box_ious_by_pair(ground_truth_arrays(ours.cocoGt.dataset["annotations"]), no_pairs,
+                            np.unique(p.imgIds), np.unique(p.catIds), 100) == {}
 
 
 def test_no_detections_at_all():
