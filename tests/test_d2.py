@@ -8,7 +8,6 @@ main.py --eval on the same checkpoint.
 import json
 import random
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -149,13 +148,17 @@ def project_model(*extra: str):
     return model.eval(), postprocessors
 
 
-@pytest.mark.parametrize("masks", [False, True])
-def test_converted_model_predicts_what_the_project_model_predicts(masks):
+@pytest.mark.parametrize("masks, feature_stride", [(False, 32), (True, 32), (False, 8)])
+def test_converted_model_predicts_what_the_project_model_predicts(masks, feature_stride):
     extra = ["--masks", "--hidden_dim", "128", "--nheads", "8"] if masks else []
-    model, postprocessors = project_model(*extra)
+    model, postprocessors = project_model(*extra, "--feature_stride", str(feature_stride))
     converted = converter.convert_state_dict(model.state_dict(), SYNTHETIC_CLASSES)
-    opts = ["MODEL.MASK_ON", True, "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-            "MODEL.DETR.HIDDEN_DIM", 128, "MODEL.DETR.NHEADS", 8] if masks else []
+    # main.py's --feature_stride 8 ends the ResNet after layer2: detectron2's res3 as the last feature.
+    last = {32: "res5", 8: "res3"}[feature_stride]
+    opts = ["MODEL.RESNETS.OUT_FEATURES", [last]]
+    if masks:
+        opts = ["MODEL.MASK_ON", True, "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+                "MODEL.DETR.HIDDEN_DIM", 128, "MODEL.DETR.NHEADS", 8]
     wrapper = Detr(tiny_cfg(*opts))
     wrapper.load_state_dict(converted, strict=True)
     wrapper.eval()
