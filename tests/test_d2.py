@@ -190,14 +190,15 @@ def test_converted_model_predicts_what_the_project_model_predicts(masks, feature
 
 def test_mapper_matches_datasets_transforms_under_the_same_draws(synthetic_root):
     """DETR's COCO training augmentation (flip, multi-scale resize to 480-800, the crop branch) both ways."""
-    cfg = tiny_cfg("INPUT.MIN_SIZE_TRAIN", (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800))
+    cfg = tiny_cfg("INPUT.MIN_SIZE_TRAIN", (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+                   "MODEL.MASK_ON", True)
     mapper = DetrDatasetMapper(cfg, is_train=True)
     ann_file = synthetic_root / "annotations" / "instances_train2017.json"
     # With a dataset name, category ids become detectron2's contiguous classes, as a registered dataset's do.
     records = load_coco_json(str(ann_file), str(synthetic_root / "train2017"), dataset_name="d2test_mapper")
     dicts = {d["image_id"]: d for d in records}
-    dataset = CocoDetection(synthetic_root / "train2017", ann_file, make_coco_transforms("train"), return_masks=False)
-    shapes = set()
+    dataset = CocoDetection(synthetic_root / "train2017", ann_file, make_coco_transforms("train"), return_masks=True)
+    shapes, objects = set(), 0
     for index in range(4):
         for seed in range(4):
             image_id = dataset.ids[index]
@@ -215,8 +216,11 @@ def test_mapper_matches_datasets_transforms_under_the_same_draws(synthetic_root)
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor) / torch.tensor([w, h, w, h])
             assert torch.allclose(boxes, target["boxes"], atol=1e-5)
             assert (instances.gt_classes + 1).tolist() == target["labels"].tolist()
+            assert torch.equal(instances.gt_masks.tensor, target["masks"].bool())
             shapes.add("square" if h == w else "cropped")
+            objects += len(instances)
     assert shapes == {"square", "cropped"}  # both branches ran
+    assert objects > 20
 
 
 def test_mapper_resizes_for_evaluation_as_main_py_and_keeps_no_annotations(synthetic_root):

@@ -2,9 +2,9 @@
 
 The augmentations below are detectron2 Augmentations that draw their random numbers exactly as
 datasets/transforms.py does (Python's `random` for the flip, the branch, the sizes and the crop's extent;
-torch's generator for the crop's position), and size images with its rounding. So with the same seeds a
-training image gets the very same pixels and boxes from DetrDatasetMapper as from main.py's
-make_coco_transforms("train").
+torch's generator for the crop's position), and size images with its rounding; masks are drawn at the original
+size and follow the image as bitmaps, as there. So with the same seeds a training image gets the very same
+pixels, boxes and masks from DetrDatasetMapper as from main.py's make_coco_transforms("train").
 """
 import copy
 import random
@@ -15,10 +15,13 @@ import torch
 import torchvision.transforms as TV
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from fvcore.transforms.transform import CropTransform, HFlipTransform, NoOpTransform, Transform
+from detectron2.structures import BitMasks
+from fvcore.transforms.transform import CropTransform, HFlipTransform, NoOpTransform, Transform, TransformList
 from PIL import Image
 
+from datasets.coco import convert_coco_poly_to_mask
 from datasets.transforms import get_size_with_aspect_ratio
+from util.misc import interpolate
 
 
 class DetrRandomFlip(T.Augmentation):
@@ -83,6 +86,22 @@ class DetrRandomSelect(T.Augmentation):
         return self.first(aug_input) if random.random() < self.p else self.second(aug_input)
 
 
+def transform_masks(masks: torch.Tensor, transforms: TransformList) -> torch.Tensor:
+    """Apply the flips, crops and resizes of `transforms` to boolean masks [N, H, W] as datasets/transforms.py
+    does: masks are drawn at the original size and the bitmaps follow the image (resized with torch's nearest
+    interpolation, not PIL's, which picks other pixels)."""
+    for t in transforms.transforms:
+        if isinstance(t, HFlipTransform):
+            masks = masks.flip(-1)
+        elif isinstance(t, CropTransform):
+            masks = masks[:, t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+        elif isinstance(t, T.ResizeTransform):
+            masks = interpolate(masks[:, None].float(), size=(t.new_h, t.new_w), mode="nearest")[:, 0] > 0.5
+        elif not isinstance(t, NoOpTransform):
+            raise TypeError(f"DetrDatasetMapper cannot apply {type(t).__name__} to masks")
+    return masks
+
+
 def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     """main.py's augmentation from the INPUT keys. Training: a flip, then either a multi-scale resize
     (MIN_SIZE_TRAIN, MAX_SIZE_TRAIN) or, with INPUT.CROP.ENABLED, with probability 1/2 a resize to
@@ -110,13 +129,13 @@ class DetrDatasetMapper:
         self.augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train))
         self.image_format = cfg.INPUT.FORMAT
         self.mask_on = cfg.MODEL.MASK_ON
-        self.mask_format = cfg.INPUT.MASK_FORMAT
         self.is_train = is_train
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         dataset_dict = copy.deepcopy(dataset_dict)  # the dataset's own dict is reused every epoch
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
+        original_height, original_width = image.shape[:2]
         aug_input = T.AugInput(image)
         transforms = self.augmentation(aug_input)
         image = aug_input.image
@@ -125,14 +144,18 @@ class DetrDatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        annotations = []
-        for obj in dataset_dict.pop("annotations", []):
-            if obj.get("iscrowd", 0) != 0:
-                continue
-            if not self.mask_on:
-                obj.pop("segmentation", None)
-            annotations.append(utils.transform_instance_annotations(obj, transforms, image_shape))
-        instances = utils.annotations_to_instances(annotations, image_shape, mask_format=self.mask_format)
-        # Objects a crop left empty are dropped, as datasets/transforms.py's crop drops them.
+        annotations = [obj for obj in dataset_dict.pop("annotations", []) if obj.get("iscrowd", 0) == 0]
+        # Segmentations are drawn before augmenting, as main.py does, rather than transformed as polygons
+        # (detectron2 would need shapely to crop those).
+        segmentations = [obj.pop("segmentation", None) for obj in annotations]
+        annotations = [utils.transform_instance_annotations(obj, transforms, image_shape) for obj in annotations]
+        instances = utils.annotations_to_instances(annotations, image_shape)
+        if self.mask_on:
+            if any(segmentation is None for segmentation in segmentations):
+                raise ValueError(f"MODEL.MASK_ON needs a 'segmentation' on every annotation; image "
+                                 f"{dataset_dict['file_name']} has an annotation without one")
+            masks = convert_coco_poly_to_mask(segmentations, original_height, original_width)
+            instances.gt_masks = BitMasks(transform_masks(masks, transforms))
+        # Objects a crop left without a box are dropped, as datasets/transforms.py's crop drops them.
         dataset_dict["instances"] = utils.filter_empty_instances(instances, by_mask=False)
         return dataset_dict
