@@ -147,7 +147,7 @@ def assert_identical(evaluator, coco_gt, predictions, check_range=True):
         assert_same_results(evaluator.coco_eval[iou_type], expected, iou_type)
 
 
-def test_batched_updates_match_pycocotools_exactly():
+def test_batched_updates_match_pycocotools():
     coco_gt, predictions = make_ground_truth_and_predictions()
     as_loaded = copy.deepcopy(coco_gt.dataset)
     evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
@@ -190,7 +190,7 @@ def test_repeated_images_count_once():
     assert_identical(finish(evaluator), coco_gt, predictions)
 
 
-def test_two_processes_match_pycocotools_exactly(monkeypatch):
+def test_two_processes_match_pycocotools(monkeypatch):
     coco_gt, predictions = make_ground_truth_and_predictions(seed=2)
     ids = sorted(predictions)
     first, second = CocoEvaluator(coco_gt, ["bbox", "segm"]), CocoEvaluator(coco_gt, ["bbox", "segm"])
