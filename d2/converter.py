@@ -140,7 +140,10 @@ def category_ids_from(classes: str) -> Optional[List[int]]:
 def convert_checkpoint(source: str, output: str, classes: str = "coco") -> Dict[str, Tensor]:
     """Read `source` (a path or URL, loaded with weights_only=True), write {"model": converted} to `output`,
     and return the converted state_dict."""
-    checkpoint = load_checkpoint(source)
+    try:
+        checkpoint = load_checkpoint(source)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise type(e)(f"--source: {e}") from None
     state = model_state_from(checkpoint, f"--source {source}")
     try:
         converted = convert_state_dict(state, category_ids_from(classes))
@@ -162,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         converted = convert_checkpoint(args.source, args.output, args.classes)
-    except ConversionError as e:
+    except (ConversionError, FileNotFoundError, RuntimeError, ValueError) as e:  # the message names the flag
         parser.exit(1, f"error: {e}\n")
     print(f"Converted {len(converted)} tensors from {args.source} to {args.output}")
 

@@ -118,6 +118,13 @@ def test_converter_refuses_a_class_head_smaller_than_the_ids(tmp_path):
         converter.convert_checkpoint(str(source), str(tmp_path / "out.pth"), "coco")
 
 
+def test_converter_command_names_the_flag_of_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        converter.main(["--source", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "out.pth")])
+    assert exit_info.value.code == 1
+    assert "--source: checkpoint" in capsys.readouterr().err and not (tmp_path / "out.pth").exists()
+
+
 def randomize_norms(model: torch.nn.Module, seed: int = 1) -> None:
     """Frozen batch norms start as identities; give them statistics so that the backbone's layers differ."""
     generator = torch.Generator().manual_seed(seed)
