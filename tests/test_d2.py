@@ -343,3 +343,24 @@ def test_segmentation_config_trains_the_mask_head_on_a_frozen_detector(synthetic
     logged = [json.loads(line) for line in (tmp_path / "masks" / "metrics.json").read_text().splitlines()]
     assert "loss_mask" in logged[0] and "loss_dice" in logged[0]
     assert "segm/AP" in logged[-1] and "bbox/AP" in logged[-1]
+
+
+def test_imagenet_weights_in_detectron2_names_load_into_the_backbone(tmp_path):
+    """MODEL.WEIGHTS as the config's torchvision R-50.pkl is laid out (backbone keys only, detectron2's names,
+    name matching on): every backbone tensor finds its place under the wrapper's longer keys."""
+    import pickle
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = Detr(tiny_cfg())
+    prefix = "detr.backbone.0.backbone."
+    generator = torch.Generator().manual_seed(0)
+    weights = {k[len(prefix):]: torch.randn(v.shape, generator=generator).numpy()
+               for k, v in model.state_dict().items() if k.startswith(prefix)}
+    with open(tmp_path / "R-18.pkl", "wb") as f:
+        pickle.dump({"model": weights, "__author__": "torchvision", "matching_heuristics": True}, f)
+    DetectionCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
+    state = model.state_dict()
+    assert len(weights) > 50
+    for key, value in weights.items():
+        assert torch.equal(state[prefix + key], torch.from_numpy(value)), key
