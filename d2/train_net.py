@@ -37,8 +37,10 @@ def create_ddp_model_on_any_device(model: torch.nn.Module, **kwargs) -> torch.nn
     return _create_ddp_model(model, **kwargs)
 
 
-_create_ddp_model = d2_defaults.create_ddp_model
-# DefaultTrainer.__init__ looks the function up in its own module.
+# DefaultTrainer.__init__ looks the function up in its own module. (The original is kept on the replacement, so
+# that importing this file twice does not wrap the replacement in itself.)
+_create_ddp_model = getattr(d2_defaults.create_ddp_model, "original", d2_defaults.create_ddp_model)
+create_ddp_model_on_any_device.original = _create_ddp_model
 d2_defaults.create_ddp_model = create_ddp_model_on_any_device
 
 
