@@ -11,6 +11,7 @@ from PIL import Image
 from datasets.coco_panoptic import CocoPanoptic, build
 from datasets.panoptic_eval import PanopticEvaluator
 from models.segmentation import PostProcessPanoptic
+from util.panoptic import rgb2id
 
 H, W = 6, 8
 CATEGORIES = [{"id": 1, "name": "thing-a", "isthing": 1, "color": [220, 20, 60]},
@@ -206,3 +207,25 @@ def test_panoptic_evaluator_equals_pq_compute(panoptic_root, tmp_path):
     assert result["All"] == pytest.approx({"pq": (1 + 0.75 + 2 / 3) / 3, "sq": 2.75 / 3, "rq": (2 + 2 / 3) / 3, "n": 3})
     assert result["Things"] == pytest.approx({"pq": 5 / 6, "sq": 1.0, "rq": 5 / 6, "n": 2})
     assert result["Stuff"] == pytest.approx({"pq": 0.75, "sq": 0.75, "rq": 1.0, "n": 1})
+
+
+def test_segments_of_classes_that_are_no_category_are_left_void(panoptic_root, tmp_path):
+    """Class 0 (and 2, 4, 5, 6) is no category of the tiny set; a model early in training may still predict it."""
+    ann_file = str(panoptic_root / "panoptic" / "annotations" / "panoptic_val2017.json")
+    gt_folder = str(panoptic_root / "panoptic" / "panoptic_val2017")
+    preds = predicted_outputs()
+    evaluator = PanopticEvaluator(ann_file, gt_folder, output_dir=str(tmp_path / "clean"))
+    evaluator.update(predicted_outputs())
+    clean = evaluator.summarize()
+    # Image 5's false positive (category 7 on column 4) relabelled as class 0: it is dropped, its pixels void.
+    preds[0]["segments_info"][2]["category_id"] = 0
+    evaluator = PanopticEvaluator(ann_file, gt_folder, output_dir=str(tmp_path / "unknown"))
+    evaluator.update(preds)
+    result = evaluator.summarize()
+    assert result["per_class"][7] == pytest.approx({"pq": 1.0, "sq": 1.0, "rq": 1.0})  # no false positive now
+    assert clean["per_class"][7]["rq"] == pytest.approx(2 / 3)
+    assert result["per_class"][1] == clean["per_class"][1] and result["per_class"][3] == clean["per_class"][3]
+    written = json.load(open(tmp_path / "unknown" / "predictions.json"))
+    assert [s["category_id"] for s in written["annotations"][0]["segments_info"]] == [1, 3]
+    ids = rgb2id(np.asarray(Image.open(tmp_path / "unknown" / "000000000005.png").convert("RGB")))
+    assert (ids[:, 4] == 0).all() and (ids[:, :4] == 1).all() and (ids[:, 5:] == 2).all()
