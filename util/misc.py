@@ -282,6 +282,14 @@ def save_on_master(*args, **kwargs) -> None:
         torch.save(*args, **kwargs)
 
 
+def choose_device(requested: str) -> torch.device:
+    """The requested device, or the CPU (with a message) when CUDA is asked for but absent."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {requested}: no CUDA device is available here, using the CPU instead")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
 def init_distributed_mode(args) -> None:
     """Set args.distributed, rank, world_size, gpu from torchrun/launch or Slurm variables, and join the group.
 
