@@ -168,6 +168,11 @@ class HuggingFaceMode:
                             dropout=args.dropout, auxiliary_loss=args.aux_loss)  # its costs and loss weights
         # default to DETR's (1, 5, 2; 5, 2; eos 0.1)
         self.model = DetrForObjectDetection(config).to(device)
+        # Its own ResNet comes entirely frozen (its freezing rule looks for timm's layer names); train stages 2-4
+        # as DETR trains layer2-4, so that both training steps do the same work.
+        for name, parameter in self.model.named_parameters():
+            if any(f"encoder.stages.{i}." in name for i in (1, 2, 3)) and "backbone" in name:
+                parameter.requires_grad_(True)
         self.device = device
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
                                            weight_decay=args.weight_decay)

@@ -1,0 +1,107 @@
+"""Tests of tools/benchmark.py (its tiny mode end to end, its model flags) and util/benchmark.py (timing, table)."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import main as main_py
+from conftest import REPO_ROOT
+from util.benchmark import ratio_table, time_interleaved
+
+
+def load_tool():
+    """tools/benchmark.py as a module (a script, so not importable by name)."""
+    spec = importlib.util.spec_from_file_location("benchmark_tool", REPO_ROOT / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load_tool()
+
+
+@pytest.mark.slow
+def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
+    output = tmp_path / "benchmark.json"
+    modes = ["exact", "default", "channels_last", "amp", "amp+channels_last"]
+    tool.main(["--tiny", "--device", "cpu", "--modes", ",".join(modes), "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert list(results["modes"]) == modes
+    assert results["modes"]["default"]["main_py_flags"] == "" and results["modes"]["exact"]["main_py_flags"] == "--exact"
+    for row in ("inference", "train"):
+        for mode in modes:
+            timing = results["rows"][row][mode]
+            assert len(timing["times_s"]) == 1 and timing["best_s"] == min(timing["times_s"]) > 0
+    assert "GPU" in results["rows"]["throughput"]["skipped"]
+    # Same weights: the fast path within 1e-4 of the exact one but not equal to it; bfloat16 within its precision.
+    diffs = {m: results["modes"][m]["inference_max_abs_diff"] for m in modes}
+    assert diffs["exact"] == 0.0
+    assert 0.0 < diffs["default"] <= 1e-4 and 0.0 < diffs["channels_last"] <= 1e-4
+    assert 1e-4 < diffs["amp"] < 0.5 and 1e-4 < diffs["amp+channels_last"] < 0.5
+    coco = results["rows"]["coco_eval"]
+    assert coco["num_images"] == 16 and coco["stats_equal"] and coco["pycocotools_s"] > 0
+    pipeline = results["rows"]["pipeline"]
+    assert pipeline["train_images_per_s"] > 0 and pipeline["val_images_per_s"] > 0
+    # The printed table: the exact path in seconds, the others as multiples of its speed.
+    printed = capsys.readouterr().out
+    assert "| mode | inference | train step | note |" in printed
+    assert f"| exact | {results['rows']['inference']['exact']['best_s']:.3f} s |" in printed
+    ratio = results["rows"]["train"]["exact"]["best_s"] / results["rows"]["train"]["default"]["best_s"]
+    assert f"| default | " in printed and f" {ratio:.2f}x |" in printed
+    assert results["table"] in printed
+
+
+def test_unavailable_optional_mode_is_a_note_not_a_failure(tool, tmp_path, monkeypatch):
+    def no_transformers(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'transformers'")
+
+    monkeypatch.setattr(tool, "HuggingFaceMode", no_transformers)
+    results = tool.main(["--tiny", "--device", "cpu", "--modes", "hf", "--skip",
+                         "inference,throughput,train,coco_eval,pipeline"])
+    assert list(results["modes"]) == ["exact", "hf"]
+    assert results["modes"]["hf"]["note"] == "skipped: ModuleNotFoundError: No module named 'transformers'"
+
+
+def test_unknown_mode_is_refused(tool):
+    with pytest.raises(SystemExit, match="--modes: unknown \\['fastest'\\]"):
+        tool.main(["--tiny", "--modes", "exact,fastest"])
+
+
+def test_model_flags_are_main_py_defaults(tool):
+    defaults = vars(main_py.get_args_parser().parse_args([]))
+    # Random weights, nothing downloaded: the one deliberate difference.
+    assert tool.MODEL_DEFAULTS["backbone_weights"] == "none" and defaults["backbone_weights"] == "imagenet"
+    differing = {k: (v, defaults[k]) for k, v in tool.MODEL_DEFAULTS.items()
+                 if k != "backbone_weights" and defaults[k] != v}
+    assert differing == {}
+
+
+def test_time_interleaved_runs_rounds_and_keeps_the_best(monkeypatch):
+    import util.benchmark as timing
+
+    calls = []
+    fake_seconds = iter([5.0, 6.0, 3.0, 2.0, 1.0, 4.0])  # the warm-ups (a, b), then two rounds of (a, b)
+
+    def fake_time_call(function, device):
+        function()
+        return next(fake_seconds)
+
+    monkeypatch.setattr(timing, "time_call", fake_time_call)
+    results = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               torch.device("cpu"), repeats=2)
+    assert calls == ["a", "b", "a", "b", "a", "b"]
+    assert results["a"] == {"times_s": [3.0, 1.0], "first_call_s": 5.0, "best_s": 1.0, "median_s": 3.0}
+    assert results["b"]["times_s"] == [2.0, 4.0] and results["b"]["best_s"] == 2.0
+
+
+def test_ratio_table_gives_speed_as_multiples_of_the_baseline():
+    rows = [{"name": "exact", "inference": 1.0, "train": 2.0}, {"name": "fast", "inference": 0.5, "train": None}]
+    assert ratio_table(rows, ["inference", "train"], "exact", {"fast": "note"}).splitlines() == [
+        "| mode | inference | train | note |",
+        "| --- | --- | --- | --- |",
+        "| exact | 1.000 s | 2.000 s |  |",
+        "| fast | 2.00x | - | note |",
+    ]
