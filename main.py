@@ -1,9 +1,9 @@
 """Train and evaluate DETR: `python main.py --coco_path /path/to/coco`, or `python main.py --dataset_file synthetic`.
 
-One process by default; `torchrun --nproc_per_node=N main.py ...` for several (see the README).
+One process by default; `torchrun --nproc_per_node=N main.py ...` for several (see the README). `main()` reads
+top to bottom as the run goes: data, model, optimizer, what to start from, then the epoch loop.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +21,15 @@ import datasets
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.synthetic import add_synthetic_args
-from engine import evaluate, train_one_epoch
+from engine import enable_compile, evaluate, train_one_epoch
 from models import build_model
 from models.detr import check_learned_queries
 from models.fast import adamw_options, enable_fast_path
-from engine import enable_compile
-from util.checkpoint import (CheckpointError, check_checkpoint_file, load_checkpoint, load_state_dict_checked,
-                             load_state_dict_for_finetuning, model_state_from)
+from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_resume_checkpoint,  # noqa: F401
+                             drop_log_lines_from, isolated_rng, load_state_dict_checked,
+                             load_state_dict_for_finetuning, model_state_from, read_checkpoint,
+                             remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
 from util.ema import ModelEMA
-from util.misc import choose_device
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
@@ -183,234 +183,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What `--dataset_file synthetic` trains with unless a flag says otherwise: a model and schedule sized so a
-# 2-core CPU reaches a useful AP in minutes. Any flag given on the command line wins. On two cores, a data-loader
-# worker process slows the two compute threads more than reading 8 small images in the loop does.
-SYNTHETIC_DEFAULTS = dict(
-    backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2,
-    dec_layers=3, dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, num_workers=0,
-    output_dir="outputs/synthetic",
-)
-# On top of those, for detection (`synthetic`): queries from the proposals of a stride-8 feature map, which
-# learn from scratch many times faster than the original's learned queries on a stride-32 map. Without encoder
-# layers the proposals come from the projected features and their 3x3 neighbourhoods: that learned twice as
-# fast here as with 2 layers, and each iteration is cheaper. At evaluation the queries skip duplicate proposals
-# (--query_nms), which the decoder does not learn to drop within this budget. One decoder layer refines the
-# proposals as well as three did here. Twice the training images (3200, 15 epochs: the same 6000 steps as 30
-# epochs of 1600) overfit less: 0.491 box AP against 0.434.
-SYNTHETIC_DETECTION_DEFAULTS = dict(two_stage=True, feature_stride=8, enc_layers=0, dec_layers=1, query_nms=0.7,
-                                    lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=15, lr_drop=12)
-
-# For panoptic (`synthetic_panoptic`), the box stage: the detection recipe's proposals for the shapes, and 5 of
-# the 20 queries learned as in the original for the stuff regions (every token of a region would propose it,
-# crowding the shapes out of the top proposals; with proposals only, the shapes reached 0.08 box AP, with these
-# 0.32 in 8 epochs). Two decoder layers give the learned queries two looks at the image.
-SYNTHETIC_PANOPTIC_DEFAULTS = dict(SYNTHETIC_DETECTION_DEFAULTS, dec_layers=2, learned_queries=5, epochs=12,
-                                   lr_drop=10, output_dir="outputs/panoptic/boxes")
-# And its mask stage (--masks): the attention maps' weights start 100 times larger, without which the mask head
-# learnt nothing query-specific in its first 300 steps; the post-processor keeps queries scoring above 0.5 (0.85
-# in the original), which the shapes seldom reach after a box stage of minutes.
-SYNTHETIC_PANOPTIC_MASK_DEFAULTS = dict(mask_attention_gain=100.0, panoptic_threshold=0.5, lr=5e-4, epochs=2,
-                                        lr_drop=2, output_dir="outputs/panoptic/masks")
+def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Make the recipe of the dataset named in argv (datasets.recipe: the synthetic datasets bring one) the
+    parser's defaults, so that every flag given in argv still wins, abbreviated or not, and --help shows the
+    defaults in effect. argv is read first without --help to find --dataset_file, --masks and --two_stage (the
+    recipe depends on them, and may itself turn --two_stage on)."""
+    probe = [a for a in argv if a not in ("-h", "--help")]
+    originals = {}
+    for _ in range(2):
+        known, _ = parser.parse_known_args(probe)
+        defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage)
+        parser.set_defaults(**originals)  # undo the first round's, then apply this round's
+        originals = {name: parser.get_default(name) for name in defaults}
+        parser.set_defaults(**defaults)
+    if defaults:
+        listing = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in defaults.items())
+        parser.epilog = (f"--dataset_file {known.dataset_file} sets these defaults (shown above; flags given win): "
+                         f"{listing}")
 
 
-def synthetic_defaults(dataset_file: str, masks: bool = False) -> dict:
-    """The defaults `--dataset_file` (and, for synthetic_panoptic, --masks) brings (none for COCO)."""
-    if dataset_file == "synthetic":
-        return {**SYNTHETIC_DEFAULTS, **SYNTHETIC_DETECTION_DEFAULTS}
-    if dataset_file == "synthetic_panoptic":
-        mask_defaults = SYNTHETIC_PANOPTIC_MASK_DEFAULTS if masks else {}
-        return {**SYNTHETIC_DEFAULTS, **SYNTHETIC_PANOPTIC_DEFAULTS, **mask_defaults}
-    return {}
-
-
-def given_flags(parser: argparse.ArgumentParser, argv) -> set:
-    """The dests of the options that appear in argv (so dataset-specific defaults never override them).
-
-    argv is parsed by `parser` itself into a namespace pre-filled with a marker, which argparse leaves in place
-    of its defaults: so an abbreviated flag (`--epoch 5` for --epochs) or `--flag=value` counts as given too."""
-    not_given = object()
-    probe = argparse.Namespace(**{a.dest: not_given for a in parser._actions if a.dest != argparse.SUPPRESS})
-    parser.parse_args(argv, namespace=probe)
-    return {dest for dest, value in vars(probe).items() if value is not not_given}
-
-
-def apply_dataset_defaults(args, given: set) -> None:
-    """Fill in the synthetic dataset's defaults for every flag not given explicitly."""
-    for k, v in synthetic_defaults(args.dataset_file, args.masks).items():
-        if k not in given:
-            setattr(args, k, v)
-    if not args.two_stage and "learned_queries" not in given:  # --no_two_stage: every query is learned anyway
-        args.learned_queries = 0
-
-
-def defaults_epilog() -> str:
-    """--help's note of what the synthetic datasets change in the defaults above."""
-    def listing(defaults: dict) -> str:
-        return ", ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in defaults.items())
-    return ("--dataset_file synthetic and synthetic_panoptic default to a model and schedule sized for a CPU: "
-            f"{listing(SYNTHETIC_DEFAULTS)}; synthetic also to {listing(SYNTHETIC_DETECTION_DEFAULTS)}; "
-            f"synthetic_panoptic to {listing(SYNTHETIC_PANOPTIC_DEFAULTS)}, and with --masks to "
-            f"{listing(SYNTHETIC_PANOPTIC_MASK_DEFAULTS)}. Flags given explicitly win.")
-
-
-def parse_args(argv=None):
-    """Parse main.py's flags and apply the dataset-specific defaults."""
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """main.py's flags, with the defaults of the dataset they name."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()],
-                                     epilog=defaults_epilog())
-    args = parser.parse_args(argv)
-    apply_dataset_defaults(args, given_flags(parser, argv))
-    return args
-
-
-def rng_state() -> dict:
-    """Every random generator training draws from, so a resumed run continues exactly where it stopped."""
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def isolated_rng():
-    """Run a block without moving any global generator: what it draws is undone when it ends."""
-    state = rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
-
-
-def restore_rng_states(states) -> None:
-    """Continue this process's generators from a checkpoint's 'rng': one rng_state() per process (a single
-    dict in checkpoints of single-process runs written before that), used only if the process count is the same."""
-    states = [states] if isinstance(states, dict) else list(states)
-    if len(states) != utils.get_world_size():
-        print(f"--resume: the checkpoint holds the random states of {len(states)} process(es) but this run has "
-              f"{utils.get_world_size()}; continuing with freshly seeded generators instead")
-        return
-    set_rng_state(states[utils.get_rank()])
-
-
-# The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
-# them change no weight's shape or name (--dilation, --nheads, --backbone_norm), so its weights would load and
-# silently mean something else.
-ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
-                      "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
-                      "masks", "feature_stride", "two_stage", "learned_queries")
-
-
-def architecture_differences(saved_args, args) -> List[str]:
-    """'--flag: checkpoint X, this run Y' for every ARCHITECTURE_FLAGS value that differs between the args a
-    checkpoint was trained with and this run's (flags the checkpoint does not record are not compared)."""
-    aliases = {"v2": "sine", "v3": "learned"}  # the original's old names of the position encodings
-    differences = []
-    for name in ARCHITECTURE_FLAGS:
-        if saved_args is None or not hasattr(saved_args, name) or getattr(saved_args, name) is None:
-            continue
-        saved, current = getattr(saved_args, name), getattr(args, name, None)
-        if aliases.get(saved, saved) != aliases.get(current, current):
-            differences.append(f"--{name}: checkpoint {saved!r}, this run {current!r}")
-    return differences
-
-
-def drop_log_lines_from(log_path: Path, first_epoch: int) -> None:
-    """Keep only the lines of log.txt for epochs before first_epoch. A run stopped after logging an epoch but
-    before saving its checkpoint redoes that epoch when resumed; without this its line would appear twice."""
-    if not log_path.exists():
-        return
-    kept, dropped = [], 0
-    for line in log_path.read_text().splitlines():
-        try:
-            epoch = json.loads(line)["epoch"]
-        except (ValueError, KeyError, TypeError):  # a line cut short by a killed process, or an empty one
-            dropped += bool(line.strip())
-            continue
-        if epoch < first_epoch:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, log_path)
-        print(f"{log_path}: removed {dropped} line(s) of epochs from {first_epoch} on, which are redone now")
-
-
-def read_checkpoint(flag: str, path: str) -> dict:
-    """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
-    try:
-        return load_checkpoint(path)
-    except CheckpointError as e:
-        raise SystemExit(f"{flag}: {e}") from None
-
-
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write a checkpoint atomically; a failed write (a full disk) stops the run and leaves the previous file."""
-    try:
-        utils.save_on_master(checkpoint, path)
-    except OSError as e:
-        kept = f"the previous {path} is intact" if path.exists() else f"no earlier {path.name} existed"
-        raise SystemExit(f"could not write checkpoint {path} ({e}); {kept}. Free some space (or fix the folder) "
-                         "and rerun with --auto_resume to continue from the last saved epoch.") from e
-
-
-def remove_stale_temporary_files(output_dir: Path) -> None:
-    """Remove the temporary files that a killed run left half-written (checkpoints and evaluations are written
-    to NAME.tmp.PID and then renamed; log.txt is rewritten through log.txt.tmp)."""
-    for path in [*output_dir.glob("*.tmp*"), *output_dir.glob("eval/*.tmp*")]:
-        pid = path.name.rpartition(".tmp.")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and process_is_alive(int(pid)):
-            continue  # being written by a live process on this machine
-        path.unlink(missing_ok=True)
-        print(f"removed {path}, left half-written by a stopped run")
-
-
-def process_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def auto_resume_checkpoint(output_dir: Path) -> str:
-    """output_dir/checkpoint.pth if it exists (else ''), after checking it is intact. A damaged one stops the
-    run, naming the newest intact copy kept before a learning-rate drop, and overwrites nothing."""
-    latest = output_dir / "checkpoint.pth"
-    if not latest.exists():
-        return ""
-    try:
-        check_checkpoint_file(latest)
-    except CheckpointError as e:
-        intact = []
-        for copy in sorted(output_dir.glob("checkpoint[0-9]*.pth"), reverse=True):
-            try:
-                check_checkpoint_file(copy)
-                intact.append(copy)
-            except CheckpointError:
-                continue
-        way_out = (f"The newest intact checkpoint of this run is {intact[0]}: resume from it with --resume "
-                   f"{intact[0]}, or move {latest} away to start again." if intact else
-                   f"No intact copy of an earlier epoch is in {output_dir}: move {latest} away to start again.")
-        raise SystemExit(f"--auto_resume: {e}. Nothing was overwritten. {way_out}") from None
-    print(f"--auto_resume: resuming from {latest}")
-    return str(latest)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="--dataset_file synthetic and synthetic_panoptic bring defaults of their "
+                                            "own (a CPU recipe, datasets/synthetic.py): add --help after it to see "
+                                            "them. Flags given explicitly win.")
+    set_dataset_defaults(parser, argv)
+    return parser.parse_args(argv)
 
 
 def check_args(args) -> None:
@@ -429,6 +230,181 @@ def check_args(args) -> None:
         raise SystemExit(str(e)) from None
 
 
+def choose_device(requested: str) -> torch.device:
+    """The requested device, or the CPU (with a message) when CUDA is asked for but absent."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {requested}: no CUDA device is available here, using the CPU instead")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_datasets(args):
+    """(train dataset or None with --eval, val dataset, the COCO ground truth of the val images). The data comes
+    first: a wrong path or a bad annotation file fails here, before the model is built."""
+    if args.num_classes is None:
+        args.num_classes = datasets.default_num_classes(args)
+    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
+        args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
+    dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
+    dataset_val = build_dataset(image_set="val", args=args)
+    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
+        # Box AP of a panoptic model is measured against the instance annotations of the same images.
+        instances = datasets.coco if args.dataset_file == "coco_panoptic" else datasets.synthetic
+        return dataset_train, dataset_val, get_coco_api_from_dataset(instances.build("val", args))
+    return dataset_train, dataset_val, get_coco_api_from_dataset(dataset_val)
+
+
+def prepare_model(model: torch.nn.Module, args, device: torch.device):
+    """(the model to run, the model itself): on `device`, on the fast path unless --exact, compiled with
+    --compile, wrapped in DistributedDataParallel when distributed."""
+    model.to(device)
+    if not args.exact:
+        enable_fast_path(model)
+    if args.compile:
+        enable_compile(model, device)
+    if not args.distributed:
+        return model, model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    return ddp, model
+
+
+def build_optimizer(model: torch.nn.Module, args, device: torch.device):
+    """AdamW with the backbone at its own learning rate, and the step schedule (x0.1 after --lr_drop epochs)."""
+    param_dicts = [
+        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+         "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
+                                  **adamw_options(device, exact=args.exact))
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+
+def build_loaders(dataset_train, dataset_val, args):
+    """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order."""
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
+    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                 collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    if dataset_train is None:
+        return None, None, data_loader_val
+    sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
+                     else RandomSampler(dataset_train))
+    data_loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
+                                                                             drop_last=True),
+                                   collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    return data_loader_train, sampler_train, data_loader_val
+
+
+def prepare_output_dir(args) -> Optional[Path]:
+    """output_dir, created and cleared of what a killed run left half-written; with --auto_resume, its
+    checkpoint.pth becomes --resume (checked first)."""
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is None:
+        return None
+    if utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporary_files(output_dir)
+    if not args.resume and args.auto_resume:
+        args.resume = auto_resume_checkpoint(output_dir)
+        if not args.resume and utils.is_main_process():
+            # A run killed after logging its first epoch but before saving it starts again from scratch.
+            drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
+    return output_dir
+
+
+def load_starting_weights(model, args) -> Optional[dict]:
+    """Load --frozen_weights (the box model under the mask head), --finetune and --resume into `model`;
+    returns the --resume checkpoint (None without it)."""
+    if args.frozen_weights is not None:
+        frozen = read_checkpoint("--frozen_weights", args.frozen_weights)
+        load_state_dict_checked(model.detr, model_state_from(frozen, args.frozen_weights),
+                                f"--frozen_weights {args.frozen_weights}")
+    if args.finetune:
+        start = read_checkpoint("--finetune", args.finetune)
+        load_state_dict_for_finetuning(model, model_state_from(start, args.finetune), f"--finetune {args.finetune}")
+    if not args.resume:
+        return None
+    resumed = read_checkpoint("--resume", args.resume)
+    differences = architecture_differences(resumed.get("args") if isinstance(resumed, dict) else None, args)
+    if differences:
+        # The flags say what to change; the weights that do not fit, if any, are listed after them.
+        details = "\n".join(differences)
+        try:
+            load_state_dict_checked(model, model_state_from(resumed, args.resume), "its weights")
+        except ValueError as e:
+            details += "\n" + str(e)
+        raise ValueError(f"--resume {args.resume} was trained with another model configuration:\n{details}\n"
+                         "Pass the checkpoint's values of these flags, or use another --output_dir "
+                         "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth).")
+    load_state_dict_checked(model, model_state_from(resumed, args.resume), f"--resume {args.resume}")
+    if not args.eval and "train_model" in resumed:
+        # Saved with --ema_decay: 'model' is the average, and training continues from the raw weights.
+        load_state_dict_checked(model, resumed["train_model"], f"--resume {args.resume}")
+    return resumed
+
+
+def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir) -> None:
+    """Continue a --resume checkpoint's optimizer, schedule, epoch and random generators (not with --eval)."""
+    if resumed is None or args.eval or not all(k in resumed for k in ("optimizer", "lr_scheduler", "epoch")):
+        return
+    optimizer.load_state_dict(resumed["optimizer"])
+    lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+    args.start_epoch = resumed["epoch"] + 1
+    if "rng" in resumed:
+        restore_rng_states(resumed["rng"])
+    if output_dir is not None and utils.is_main_process():
+        drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
+
+
+def build_ema(model, resumed: Optional[dict], args) -> Optional[ModelEMA]:
+    """The weights' moving average with --ema_decay (continued from a --resume checkpoint), else None."""
+    if args.ema_decay <= 0 or args.eval:
+        return None
+    ema = ModelEMA(model, args.ema_decay)
+    if resumed is not None and "train_model" in resumed:
+        load_state_dict_checked(ema.module, resumed["model"], f"--resume {args.resume}")
+        ema.updates = resumed["ema_updates"]
+    return ema
+
+
+def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_parameters: int, args, output_dir: Path,
+                 saved_model, postprocessors, dataset_val, device, training_state: dict) -> None:
+    """Write the epoch's line of log.txt, its evaluation and pictures, then the checkpoint. The checkpoint comes
+    last: it marks the epoch as done. A run stopped before it (a preempted job) redoes the epoch when resumed,
+    and drop_log_lines_from removes the line written before the stop, so that log.txt holds each epoch once."""
+    if utils.is_main_process():
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     "epoch": epoch,
+                     "n_parameters": n_parameters}
+        with (output_dir / "log.txt").open("a") as f:
+            f.write(json.dumps(log_stats) + "\n")
+        if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
+            (output_dir / "eval").mkdir(exist_ok=True)
+            names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
+            for name in names:
+                utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+        if args.plots:
+            from util.visualize import save_training_pictures
+            with isolated_rng():  # the original draws no pictures: they must not shift its sequence
+                save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
+    # Where every generator stands now is where the next epoch starts: a run resumed from this checkpoint
+    # continues exactly like this one. Every process draws its own augmentations.
+    checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state())}
+    paths = [output_dir / "checkpoint.pth"]
+    # Keep a copy before each learning-rate drop and every 100 epochs.
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    for path in paths:
+        save_checkpoint(checkpoint, path)
+
+
 def main(args):
     check_args(args)
     utils.init_distributed_mode(args)
@@ -436,120 +412,20 @@ def main(args):
     device = choose_device(args.device)
     args.device = str(device)
     print(args)
+    seed_everything(args.seed + utils.get_rank())
 
-    seed = args.seed + utils.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-    # The data first: a wrong path or a bad annotation file fails here, before the model is built.
-    if args.num_classes is None:
-        args.num_classes = datasets.default_num_classes(args)
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
-    dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
-    dataset_val = build_dataset(image_set="val", args=args)
-
+    dataset_train, dataset_val, base_ds = build_datasets(args)
     model, criterion, postprocessors = build_model(args)
-    model.to(device)
-    # --- Speed (models/fast.py, engine.py): the fast path unless --exact; --compile. ---
-    if not args.exact:
-        enable_fast_path(model)
-    if args.compile:
-        enable_compile(model, device)
-    # --- end of speed ---
-
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda"
-                                                          else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = prepare_model(model, args, device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("number of params:", n_parameters)
+    optimizer, lr_scheduler = build_optimizer(model_without_ddp, args, device)
+    data_loader_train, sampler_train, data_loader_val = build_loaders(dataset_train, dataset_val, args)
 
-    param_dicts = [
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model_without_ddp.named_parameters() if "backbone" in n and p.requires_grad],
-         "lr": args.lr_backbone},
-    ]
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
-                                  **adamw_options(device, exact=args.exact))
-    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-
-    if args.distributed:
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_val = SequentialSampler(dataset_val)
-    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                                 collate_fn=utils.collate_fn, num_workers=args.num_workers)
-    if dataset_train is not None:
-        if args.distributed:
-            sampler_train = DistributedSampler(dataset_train, seed=args.seed)
-        else:
-            sampler_train = RandomSampler(dataset_train)
-        batch_sampler_train = BatchSampler(sampler_train, args.batch_size, drop_last=True)
-        data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
-                                       collate_fn=utils.collate_fn, num_workers=args.num_workers)
-
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        # Box AP of a panoptic model is measured against the instance annotations of the same images.
-        instances = datasets.coco if args.dataset_file == "coco_panoptic" else datasets.synthetic
-        base_ds = get_coco_api_from_dataset(instances.build("val", args))
-    else:
-        base_ds = get_coco_api_from_dataset(dataset_val)
-
-    if args.frozen_weights is not None:
-        checkpoint = read_checkpoint("--frozen_weights", args.frozen_weights)
-        load_state_dict_checked(model_without_ddp.detr, model_state_from(checkpoint, args.frozen_weights),
-                                f"--frozen_weights {args.frozen_weights}")
-
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporary_files(output_dir)
-    if not args.resume and args.auto_resume and output_dir is not None:
-        args.resume = auto_resume_checkpoint(output_dir)
-        if not args.resume and utils.is_main_process():
-            # A run killed after logging its first epoch but before saving it starts again from scratch.
-            drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
-    if args.finetune:
-        checkpoint = read_checkpoint("--finetune", args.finetune)
-        load_state_dict_for_finetuning(model_without_ddp, model_state_from(checkpoint, args.finetune),
-                                       f"--finetune {args.finetune}")
-    if args.resume:
-        checkpoint = read_checkpoint("--resume", args.resume)
-        differences = architecture_differences(checkpoint.get("args") if isinstance(checkpoint, dict) else None,
-                                               args)
-        if differences:
-            # The flags say what to change; the weights that do not fit, if any, are listed after them.
-            details = "\n".join(differences)
-            try:
-                load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume), "its weights")
-            except ValueError as e:
-                details += "\n" + str(e)
-            raise ValueError(f"--resume {args.resume} was trained with another model configuration:\n{details}\n"
-                             "Pass the checkpoint's values of these flags, or use another --output_dir "
-                             "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth).")
-        load_state_dict_checked(model_without_ddp, model_state_from(checkpoint, args.resume),
-                                f"--resume {args.resume}")
-        if not args.eval and "train_model" in checkpoint:
-            # Saved with --ema_decay: 'model' is the average, and training continues from the raw weights.
-            load_state_dict_checked(model_without_ddp, checkpoint["train_model"], f"--resume {args.resume}")
-        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            args.start_epoch = checkpoint["epoch"] + 1
-            if "rng" in checkpoint:
-                restore_rng_states(checkpoint["rng"])
-            if output_dir is not None and utils.is_main_process():
-                drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
-
-    ema = None
-    if args.ema_decay > 0 and not args.eval:
-        ema = ModelEMA(model_without_ddp, args.ema_decay)
-        if args.resume and "train_model" in checkpoint:
-            load_state_dict_checked(ema.module, checkpoint["model"], f"--resume {args.resume}")
-            ema.updates = checkpoint["ema_updates"]
+    output_dir = prepare_output_dir(args)
+    resumed = load_starting_weights(model_without_ddp, args)
+    resume_training_state(resumed, optimizer, lr_scheduler, args, output_dir)
+    ema = build_ema(model_without_ddp, resumed, args)
     # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
     eval_model = ema.module if ema is not None else model
     saved_model = ema.module if ema is not None else model_without_ddp
@@ -574,54 +450,17 @@ def main(args):
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir, amp=args.amp)
-
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch,
-                     "n_parameters": n_parameters}
-
-        if output_dir is not None and utils.is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
-                (output_dir / "eval").mkdir(exist_ok=True)
-                filenames = ["latest.pth"]
-                if epoch % 50 == 0:
-                    filenames.append(f"{epoch:03}.pth")
-                for name in filenames:
-                    utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
-            if args.plots:
-                from util.visualize import save_training_pictures
-                with isolated_rng():  # the original draws no pictures: they must not shift its sequence
-                    save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
-        # The checkpoint comes after the log line: it marks the epoch as done. A run stopped before it (a
-        # preempted job) redoes the epoch when resumed, and drop_log_lines_from removes the line written
-        # before the stop, so that log.txt holds each epoch once.
         if output_dir is not None:
-            # Where every generator stands now is where the next epoch starts: a run resumed from this
-            # checkpoint continues exactly like this one. Every process draws its own augmentations.
-            rng_states = utils.all_gather(rng_state())
-            checkpoint_paths = [output_dir / "checkpoint.pth"]
-            # Keep a copy before each learning-rate drop and every 100 epochs.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
-                checkpoint_paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-            checkpoint = {
-                "model": saved_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "epoch": epoch,
-                "args": args,
-                "rng": rng_states,
-            }
+            training_state = {"model": saved_model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "lr_scheduler": lr_scheduler.state_dict()}
             if ema is not None:
-                checkpoint.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
-            for checkpoint_path in checkpoint_paths:
-                save_checkpoint(checkpoint, checkpoint_path)
+                training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
+            end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,
+                         saved_model, postprocessors, dataset_val, device, training_state)
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return test_stats
-
 
 
 def explain_lost_process(error: BaseException, args) -> str:

@@ -341,6 +341,39 @@ def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE
 # ----------------------------------------------------------------------------------------------------------
 # Building datasets from the flags
 
+# The recipes: what `--dataset_file synthetic` / `synthetic_panoptic` train with unless a flag says otherwise, a
+# model and schedule sized so that a 2-core CPU reaches a useful AP in minutes. Why each value: docs/synthetic.md.
+RECIPE = dict(
+    backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2,
+    dec_layers=3, dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
+    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, num_workers=0,
+    output_dir="outputs/synthetic",
+)
+# Detection: queries from the proposals of a stride-8 map, no encoder layers, one decoder layer, query NMS.
+DETECTION_RECIPE = dict(RECIPE, two_stage=True, feature_stride=8, enc_layers=0, dec_layers=1, query_nms=0.7,
+                        lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=15, lr_drop=12)
+# Panoptic, box stage: the detection recipe, plus 5 learned queries for the stuff regions.
+PANOPTIC_RECIPE = dict(DETECTION_RECIPE, dec_layers=2, learned_queries=5, epochs=12, lr_drop=10,
+                       output_dir="outputs/panoptic/boxes")
+# Panoptic, mask stage (--masks): the box stage's architecture, its own schedule and mask-head settings.
+PANOPTIC_MASK_RECIPE = dict(PANOPTIC_RECIPE, mask_attention_gain=100.0, panoptic_threshold=0.5, lr=5e-4, epochs=2,
+                            lr_drop=2, output_dir="outputs/panoptic/masks")
+
+
+def recipe(dataset_file: str, masks: bool = False, two_stage: bool = True) -> Dict[str, Any]:
+    """The flag defaults that `--dataset_file` brings (with --masks: the panoptic mask stage's); with
+    --no_two_stage every query is learned anyway, so no --learned_queries split."""
+    if dataset_file == "synthetic":
+        defaults = dict(DETECTION_RECIPE)
+    elif dataset_file == "synthetic_panoptic":
+        defaults = dict(PANOPTIC_MASK_RECIPE if masks else PANOPTIC_RECIPE)
+    else:
+        return {}
+    if not two_stage:
+        defaults.pop("learned_queries", None)
+    return defaults
+
+
 def add_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --synthetic_* flags (used by --dataset_file synthetic and synthetic_panoptic) to `parser`."""
     parser.add_argument("--synthetic_path", default=DEFAULT_ROOT,

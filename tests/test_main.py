@@ -206,7 +206,8 @@ def test_checkpoints_hold_the_random_state_of_every_process(resumed_run):
 
 def test_checkpoints_of_another_process_count_resume_with_fresh_generators(capsys, monkeypatch):
     state = main_py.rng_state()
-    monkeypatch.setattr(main_py, "set_rng_state", lambda s: pytest.fail("restored another process's state"))
+    import util.checkpoint
+    monkeypatch.setattr(util.checkpoint, "set_rng_state", lambda s: pytest.fail("restored another process's state"))
     main_py.restore_rng_states([state, state])
     assert "random states of 2 process(es) but this run has 1" in capsys.readouterr().out
 
@@ -466,7 +467,7 @@ def test_finetune_reinitializes_only_the_class_head(resumed_run, synthetic_root,
 def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     args = main_py.parse_args(["--dataset_file", "synthetic", "--epoch", "5", "--lr_backbone=0", "--no_aux_loss"])
     assert (args.epochs, args.lr_backbone, args.aux_loss) == (5, 0.0, False)
-    assert args.lr == main_py.synthetic_defaults("synthetic")["lr"] == 1e-3 and args.backbone == "resnet18"
+    assert args.lr == datasets.recipe("synthetic")["lr"] == 1e-3 and args.backbone == "resnet18"
     assert args.two_stage and args.feature_stride == 8 and args.synthetic_train_size == 3200
     panoptic = main_py.parse_args(["--dataset_file", "synthetic_panoptic"])
     assert panoptic.two_stage and panoptic.learned_queries == 5 and panoptic.dec_layers == 2 and panoptic.lr == 1e-3
@@ -481,3 +482,15 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
     assert not original.two_stage and original.learned_queries == 0
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
+
+
+def test_help_shows_the_defaults_of_the_dataset_named(capsys):
+    with pytest.raises(SystemExit):
+        main_py.parse_args(["--dataset_file", "synthetic", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--backbone BACKBONE Name of the convolutional backbone to use (default: resnet18)" in shown
+    assert "--dataset_file synthetic sets these defaults" in shown and "--lr 0.001" in shown
+    with pytest.raises(SystemExit):
+        main_py.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: resnet50)" in shown and "add --help after it to see them" in shown

@@ -13,6 +13,7 @@ import pytest
 import submitit
 import torch
 
+import datasets
 import main as main_py
 import run_with_submitit
 from conftest import REPO_ROOT, run_main, tiny_flags
@@ -45,7 +46,7 @@ def test_dataset_defaults_apply_as_in_main_and_given_flags_win(tmp_path):
             "--dist_url", "env://", "--job_dir", str(tmp_path / "jobs")]
     args = run_with_submitit.parse_args(argv)
     expected = main_py.parse_args(argv[:6])
-    for name in main_py.SYNTHETIC_DEFAULTS:
+    for name in datasets.recipe("synthetic"):
         assert getattr(args, name) == getattr(expected, name), name
     assert args.hidden_dim == 32 and args.backbone == "resnet18"
     assert args.dist_url == "env://"

@@ -1,13 +1,21 @@
-"""Loading checkpoints safely, and fitting their state_dicts to a model with errors that say what differs."""
+"""Checkpoints: reading them safely, writing them atomically, resuming a run exactly (weights, generators, log),
+and fitting their state_dicts to a model with errors that say what differs."""
 import argparse
+import contextlib
+import json
 import os
 import pickle
+import random
 import re
 import zipfile
+from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from util import misc as utils
 
 
 class CheckpointError(RuntimeError):
@@ -126,3 +134,155 @@ def load_state_dict_for_finetuning(model: nn.Module, state_dict: Dict[str, Tenso
     if reinit:
         print(f"Loaded {source}; re-initialized because their shapes differ: " + "; ".join(mismatched))
     return reinit
+
+
+# Writing, and resuming a run --------------------------------------------------------------------------------------
+
+def read_checkpoint(flag: str, path: str) -> dict:
+    """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write a checkpoint atomically; a failed write (a full disk) stops the run and leaves the previous file."""
+    try:
+        utils.save_on_master(checkpoint, path)
+    except OSError as e:
+        kept = f"the previous {path} is intact" if path.exists() else f"no earlier {path.name} existed"
+        raise SystemExit(f"could not write checkpoint {path} ({e}); {kept}. Free some space (or fix the folder) "
+                         "and rerun with --auto_resume to continue from the last saved epoch.") from e
+
+
+def remove_stale_temporary_files(output_dir: Path) -> None:
+    """Remove the temporary files that a killed run left half-written (checkpoints and evaluations are written
+    to NAME.tmp.PID and then renamed; log.txt is rewritten through log.txt.tmp)."""
+    for path in [*output_dir.glob("*.tmp*"), *output_dir.glob("eval/*.tmp*")]:
+        pid = path.name.rpartition(".tmp.")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and process_is_alive(int(pid)):
+            continue  # being written by a live process on this machine
+        path.unlink(missing_ok=True)
+        print(f"removed {path}, left half-written by a stopped run")
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def auto_resume_checkpoint(output_dir: Path) -> str:
+    """output_dir/checkpoint.pth if it exists (else ''), after checking it is intact. A damaged one stops the
+    run, naming the newest intact copy kept before a learning-rate drop, and overwrites nothing."""
+    latest = output_dir / "checkpoint.pth"
+    if not latest.exists():
+        return ""
+    try:
+        check_checkpoint_file(latest)
+    except CheckpointError as e:
+        intact = []
+        for copy in sorted(output_dir.glob("checkpoint[0-9]*.pth"), reverse=True):
+            try:
+                check_checkpoint_file(copy)
+                intact.append(copy)
+            except CheckpointError:
+                continue
+        way_out = (f"The newest intact checkpoint of this run is {intact[0]}: resume from it with --resume "
+                   f"{intact[0]}, or move {latest} away to start again." if intact else
+                   f"No intact copy of an earlier epoch is in {output_dir}: move {latest} away to start again.")
+        raise SystemExit(f"--auto_resume: {e}. Nothing was overwritten. {way_out}") from None
+    print(f"--auto_resume: resuming from {latest}")
+    return str(latest)
+
+
+# The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
+# them change no weight's shape or name (--dilation, --nheads, --backbone_norm), so its weights would load and
+# silently mean something else.
+ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
+                      "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
+                      "masks", "feature_stride", "two_stage", "learned_queries")
+
+
+def architecture_differences(saved_args, args) -> List[str]:
+    """'--flag: checkpoint X, this run Y' for every ARCHITECTURE_FLAGS value that differs between the args a
+    checkpoint was trained with and this run's (flags the checkpoint does not record are not compared)."""
+    aliases = {"v2": "sine", "v3": "learned"}  # the original's old names of the position encodings
+    differences = []
+    for name in ARCHITECTURE_FLAGS:
+        if saved_args is None or not hasattr(saved_args, name) or getattr(saved_args, name) is None:
+            continue
+        saved, current = getattr(saved_args, name), getattr(args, name, None)
+        if aliases.get(saved, saved) != aliases.get(current, current):
+            differences.append(f"--{name}: checkpoint {saved!r}, this run {current!r}")
+    return differences
+
+
+def drop_log_lines_from(log_path: Path, first_epoch: int) -> None:
+    """Keep only the lines of log.txt for epochs before first_epoch. A run stopped after logging an epoch but
+    before saving its checkpoint redoes that epoch when resumed; without this its line would appear twice."""
+    if not log_path.exists():
+        return
+    kept, dropped = [], 0
+    for line in log_path.read_text().splitlines():
+        try:
+            epoch = json.loads(line)["epoch"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed process, or an empty one
+            dropped += bool(line.strip())
+            continue
+        if epoch < first_epoch:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log_path)
+        print(f"{log_path}: removed {dropped} line(s) of epochs from {first_epoch} on, which are redone now")
+
+
+# The random generators -------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every random generator training draws from, so a resumed run continues exactly where it stopped."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def isolated_rng():
+    """Run a block without moving any global generator: what it draws is undone when it ends."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def restore_rng_states(states) -> None:
+    """Continue this process's generators from a checkpoint's 'rng': one rng_state() per process (a single
+    dict in checkpoints of single-process runs written before that), used only if the process count is the same."""
+    states = [states] if isinstance(states, dict) else list(states)
+    if len(states) != utils.get_world_size():
+        print(f"--resume: the checkpoint holds the random states of {len(states)} process(es) but this run has "
+              f"{utils.get_world_size()}; continuing with freshly seeded generators instead")
+        return
+    set_rng_state(states[utils.get_rank()])
