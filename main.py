@@ -23,8 +23,8 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.synthetic import add_synthetic_args
 from engine import enable_compile, evaluate, train_one_epoch
 from models import build_model
-from models.detr import check_learned_queries
 from models.fast import adamw_options, enable_fast_path
+from models.two_stage import check_learned_queries
 from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_resume_checkpoint,  # noqa: F401
                              drop_log_lines_from, isolated_rng, load_state_dict_checked,
                              load_state_dict_for_finetuning, model_state_from, read_checkpoint,

@@ -1,7 +1,69 @@
 """DETR models: build_model(args) -> (model, criterion, postprocessors)."""
-from .detr import build
+import torch
+
+from util.misc import coco_panoptic_is_thing_map, original_num_classes
+
+from .backbone import build_backbone
+from .detr import DETR, PostProcess, SetCriterion
+from .matcher import build_matcher
+from .segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm
+from .transformer import build_transformer
+from .two_stage import TwoStageCriterion, TwoStageDETR, check_learned_queries
 
 
 def build_model(args):
-    """The model, its loss and its post-processors, from the parsed main.py flags."""
-    return build(args)
+    """The model, its loss and its post-processors, from the parsed main.py flags (a full namespace of
+    main.get_args_parser(); main.py also sets num_classes and, for panoptic data, thing_classes)."""
+    check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
+    num_classes = args.num_classes or original_num_classes(args.dataset_file)
+    device = torch.device(args.device)
+
+    backbone = build_backbone(args)
+    transformer = build_transformer(args)
+    matcher = build_matcher(args)
+    weight_dict = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.masks:
+        weight_dict["loss_mask"] = args.mask_loss_coef
+        weight_dict["loss_dice"] = args.dice_loss_coef
+    if args.aux_loss:
+        aux_weight_dict = {}
+        for i in range(args.dec_layers - 1):
+            aux_weight_dict.update({f"{k}_{i}": v for k, v in weight_dict.items()})
+        weight_dict.update(aux_weight_dict)
+    losses = ["labels", "boxes", "cardinality"]
+    if args.masks:
+        losses += ["masks"]
+    # Set by main.py for panoptic data (datasets.default_is_thing_map); not a command-line flag.
+    thing_classes = getattr(args, "thing_classes", None)
+
+    # The one place the --two_stage extension (models/two_stage.py) plugs in: its model and its loss.
+    if args.two_stage:
+        model = TwoStageDETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
+                             aux_loss=args.aux_loss, query_nms=args.query_nms, learned_queries=args.learned_queries)
+        weight_dict.update({"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef,
+                            "loss_giou_enc": args.giou_loss_coef})
+        # Beside learned queries, the proposals learn the thing classes of panoptic data only.
+        criterion = TwoStageCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
+                                      losses=losses, proposal_classes=thing_classes if args.learned_queries else None)
+    else:
+        model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
+                     aux_loss=args.aux_loss)
+        criterion = SetCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
+                                 losses=losses)
+    criterion.to(device)
+    if args.masks:
+        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None),
+                         attention_gain=args.mask_attention_gain)
+
+    postprocessors = {"bbox": PostProcess()}
+    if args.masks:
+        postprocessors["segm"] = PostProcessSegm()
+        if args.dataset_file == "coco_panoptic":
+            postprocessors["panoptic"] = PostProcessPanoptic(coco_panoptic_is_thing_map(),
+                                                             threshold=args.panoptic_threshold)
+        elif thing_classes is not None:
+            # Datasets of the project's own (the synthetic panoptic one) name their thing classes.
+            things = set(thing_classes)
+            postprocessors["panoptic"] = PostProcessPanoptic({i: i in things for i in range(num_classes + 1)},
+                                                             threshold=args.panoptic_threshold)
+    return model, criterion, postprocessors

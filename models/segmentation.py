@@ -17,10 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from util.misc import NestedTensor
+from util.misc import NestedTensor, to_nested_tensor
 from util.panoptic import id2rgb, rgb2id  # noqa: F401 (rgb2id is re-exported for users)
-
-from .detr import to_nested_tensor
 
 
 class DETRsegm(nn.Module):
@@ -76,13 +74,8 @@ class DETRsegm(nn.Module):
         out, hs, memory, queries = self.detr.predict(src_proj, mask, pos[-1])
 
         # Attention of the last decoder layer's queries over the encoder memory: one map per head.
-        if self.detr.two_stage:
-            # A proposal's decoder state need not say what and where it is (its class and box are offsets from the
-            # proposal's, and the decoder can leave them unchanged): the proposal's own state and position are
-            # added, and the memory's positions.
-            bbox_mask = self.bbox_attention(hs[-1] + queries, memory + pos[-1].to(memory.dtype), mask=mask)
-        else:
-            bbox_mask = self.bbox_attention(hs[-1], memory, mask=mask)
+        attention_queries, attention_keys = self.detr.mask_attention_inputs(hs, memory, queries, pos[-1])
+        bbox_mask = self.bbox_attention(attention_queries, attention_keys, mask=mask)
         seg_masks = self.mask_head(src_proj, bbox_mask, fpn_inputs(features))
         out["pred_masks"] = seg_masks.view(bs, hs.shape[2], seg_masks.shape[-2], seg_masks.shape[-1])
         return out

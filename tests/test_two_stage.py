@@ -1,4 +1,5 @@
-"""--two_stage (decoder queries from the encoder's proposals) and --feature_stride (a backbone ending early)."""
+"""Tests of models/two_stage.py (--two_stage: decoder queries from the encoder's proposals) and of --feature_stride
+(a backbone ending early)."""
 import warnings
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 import main as main_py
 from helpers import tiny_args, tiny_model
 from models.backbone import Backbone
-from models.detr import inverse_sigmoid, match_to_nearest_anchor, select_distinct, token_anchors
+from models.detr import DETR, SetCriterion
+from models.two_stage import (TwoStageCriterion, TwoStageDETR, inverse_sigmoid, match_to_nearest_anchor,
+                               select_distinct, token_anchors)
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 from util.misc import nested_tensor_from_tensor_list
 
@@ -65,6 +68,10 @@ def test_objects_are_assigned_to_the_nearest_free_token():
 
 def test_two_stage_outputs_and_state_dict():
     model, criterion, _ = tiny_model("--two_stage", "--num_classes", "4")
+    # build_model plugs the extension in with --two_stage only.
+    assert isinstance(model, TwoStageDETR) and isinstance(criterion, TwoStageCriterion)
+    plain, plain_criterion, _ = tiny_model("--num_classes", "4")
+    assert type(plain) is DETR and type(plain_criterion) is SetCriterion
     names = set(model.state_dict())
     assert "query_embed.weight" not in names
     assert {"enc_output.weight", "enc_output_norm.weight", "enc_class_embed.weight",
@@ -282,15 +289,14 @@ def test_learned_queries_follow_the_proposals():
 def test_proposals_learn_only_the_proposal_classes():
     """With learned queries on panoptic data, the proposal losses ignore the stuff targets: they equal those of
     an unrestricted criterion given the thing targets only, while the decoder's losses still see every target."""
-    import models.detr as detr_module
+    from models import build_model
 
     args = tiny_args("--two_stage", "--num_classes", "4", "--learned_queries", "2")
     args.thing_classes = [1, 2]
     torch.manual_seed(0)
-    model, criterion, _ = detr_module.build(args)
+    model, criterion, _ = build_model(args)
     assert criterion.proposal_classes == [1, 2]
-    plain = detr_module.SetCriterion(4, criterion.matcher, criterion.weight_dict, criterion.eos_coef,
-                                     criterion.losses)
+    plain = TwoStageCriterion(4, criterion.matcher, criterion.weight_dict, criterion.eos_coef, criterion.losses)
     out = model(two_images())
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.5, 0.8, 1.0, 0.4]])},
                {"labels": torch.tensor([4, 2]), "boxes": torch.tensor([[0.5, 0.2, 1.0, 0.4], [0.5, 0.5, 0.4, 0.4]])}]
@@ -306,7 +312,7 @@ def test_proposals_learn_only_the_proposal_classes():
         torch.testing.assert_close(restricted[name], unrestricted[name])
     # Without learned queries every class is proposed, as before.
     args.learned_queries = 0
-    assert detr_module.build(args)[1].proposal_classes is None
+    assert build_model(args)[1].proposal_classes is None
 
 
 def test_learned_queries_bad_values_are_clear_errors():

@@ -57,6 +57,52 @@ def nested_tensor_from_tensor_list(tensor_list: List[Tensor]) -> NestedTensor:
     return NestedTensor(torch.stack(padded), torch.stack(masks))
 
 
+@torch.jit.unused
+def to_nested_tensor(samples) -> NestedTensor:
+    """A NestedTensor from a 4-D batch (no padding) or a list of 3-D images (padded to the largest)."""
+    if isinstance(samples, Tensor):
+        if samples.dim() == 3:
+            samples = samples.unsqueeze(0)
+        if samples.dim() != 4:
+            raise ValueError(f"DETR expects images [B, 3, H, W] or [3, H, W], got a tensor of shape "
+                             f"{list(samples.shape)}")
+        _check_channels(samples.shape[1])
+        # A batch of equal-sized images has no padding: an all-False mask, built without a per-image loop.
+        mask = torch.zeros((samples.shape[0], samples.shape[2], samples.shape[3]), dtype=torch.bool,
+                           device=samples.device)
+        return NestedTensor(samples, mask)
+    if isinstance(samples, (list, tuple)):
+        for img in samples:
+            if not isinstance(img, Tensor) or img.dim() != 3:
+                raise ValueError("DETR expects a list of images [3, H, W]; got an element of shape "
+                                 f"{list(img.shape) if isinstance(img, Tensor) else type(img).__name__}")
+            _check_channels(img.shape[0])
+        return nested_tensor_from_tensor_list(list(samples))
+    raise TypeError(f"DETR expects a NestedTensor, a tensor or a list of tensors, got {type(samples).__name__}")
+
+
+def _check_channels(c: int) -> None:
+    if c != 3:
+        raise ValueError(f"DETR expects RGB images with 3 channels, got {c} channels")
+
+
+# The class-head sizes of the original's COCO models: the largest category id + 1 (90 + 1 for COCO; the
+# panoptic ids end at 200, and the original rounded up to 250, a size its published checkpoints keep).
+COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+
+
+def original_num_classes(dataset_file: str) -> int:
+    """The class-head size the original DETR gives --dataset_file: 91 for COCO, 250 for COCO panoptic, 20 for
+    any other (datasets.default_num_classes knows the sizes of this project's own datasets)."""
+    return COCO_NUM_CLASSES.get(dataset_file, 20)
+
+
+def coco_panoptic_is_thing_map() -> Dict[int, bool]:
+    """{class id: is a thing} over the COCO panoptic class head: ids up to 90 are things (the COCO detection
+    categories), the others stuff."""
+    return {i: i <= 90 for i in range(COCO_NUM_CLASSES["coco_panoptic"])}
+
+
 def collate_fn(batch):
     """Collate (image, target) pairs into (NestedTensor of images, tuple of targets)."""
     images, targets = tuple(zip(*batch))

@@ -1,0 +1,222 @@
+"""--two_stage: DETR whose decoder queries are the encoder's best proposals, and its loss.
+
+TwoStageDETR replaces one step of DETR, the one that produces the decoder's queries (`predict`): every encoder
+output token proposes a class and a box, the best proposals become the queries, and the decoder refines their
+logits and boxes. TwoStageCriterion adds the proposals' own loss (the `_enc` terms) to SetCriterion's. The
+flags: --two_stage, --learned_queries (some queries stay learned embeddings, as in the original) and
+--query_nms (at inference, pass over proposals that overlap a better one). build_model picks both classes
+when --two_stage is given; everything else (backbone, transformer, heads, mask head) is DETR's.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from util import box_ops
+
+from .detr import DETR, MLP, SetCriterion
+
+
+class TwoStageDETR(DETR):
+    """DETR with queries from the encoder: forward returns DETR's outputs plus
+    enc_outputs: the encoder's proposals, pred_logits [B, HW, num_classes + 1], pred_boxes [B, HW, 4] and
+    the tokens' anchors [B, HW, 4].
+
+    The last `learned_queries` of the num_queries queries can be learned embeddings, as in the original, beside
+    the proposals: they find what no single position proposes, such as a stuff region. The state_dict is
+    DETR's without query_embed (or with learned_queries rows of it) plus the proposal heads enc_*.
+    """
+
+    query_nms: torch.jit.Final[float]  # constants for TorchScript, which then compiles only the branches in use
+    num_learned_queries: torch.jit.Final[int]
+    has_learned_queries: torch.jit.Final[bool]
+
+    def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
+                 aux_loss: bool = False, query_nms: float = 1.0, learned_queries: int = 0):
+        """query_nms: in eval mode, pass over proposals that overlap a better one by more than this IoU when
+        picking the queries (1.0: never)."""
+        check_learned_queries(learned_queries, num_queries, two_stage=True)
+        # Read by _build_queries, which DETR.__init__ calls; plain numbers may be set before nn.Module.__init__.
+        self.query_nms = query_nms
+        self.num_learned_queries = learned_queries
+        self.has_learned_queries = learned_queries > 0
+        super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
+
+    def _build_queries(self, hidden_dim: int, num_classes: int) -> None:
+        # Every encoder token proposes a box and class (see forward_queries_from_encoder); these heads replace
+        # the learned query embedding. A 3x3 convolution: each token's proposal also sees its neighbours.
+        self.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
+        self.enc_output_norm = nn.LayerNorm(hidden_dim)
+        self.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        # The decoder refines the proposals it starts from: its class logits and boxes are offsets from
+        # theirs, zero at initialization, so that training starts from the proposals' own detections.
+        for layer in (self.class_embed, self.bbox_embed.layers[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        if self.has_learned_queries:
+            self.query_embed = nn.Embedding(self.num_learned_queries, hidden_dim)
+
+    def predict(self, src: Tensor, mask: Tensor, pos: Tensor) -> Tuple[Dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """As DETR.predict, with the proposals as queries and the decoder's logits and boxes as offsets from
+        theirs; the output dict also holds enc_outputs (unless scripted)."""
+        hs, memory, top, enc_logits, enc_boxes, anchors, queries = self.forward_queries_from_encoder(src, mask, pos)
+        # Offsets from the selected proposals (which are not back-propagated through); the learned queries'
+        # start from the image centre and uniform class scores.
+        reference = inverse_sigmoid(enc_boxes.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, 4)))
+        reference_logits = enc_logits.detach().gather(1, top.unsqueeze(-1).expand(-1, -1, enc_logits.shape[-1]))
+        if self.has_learned_queries:
+            reference = F.pad(reference, (0, 0, 0, self.num_learned_queries))
+            reference_logits = F.pad(reference_logits, (0, 0, 0, self.num_learned_queries))
+        outputs_coord = (self.bbox_embed(hs) + reference).sigmoid()
+        outputs_class = self.class_embed(hs) + reference_logits
+        out = self._outputs(outputs_class, outputs_coord)
+        if not torch.jit.is_scripting():
+            out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}
+        return out, hs, memory, queries
+
+    def forward_queries_from_encoder(self, src: Tensor, mask: Tensor, pos: Tensor):
+        """The transformer pass. Each encoder output token proposes a class and a box from its own
+        state and its 8 neighbours' (a 3x3 convolution over the memory map), the box as an offset (in
+        inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
+        The num_queries best-scoring proposals (num_queries - num_learned_queries of them when some queries are
+        learned) become the decoder's queries: the token's state as content and its position encoding as query
+        position; the learned queries follow them, as in the original (zero content, the embedding as query
+        position). predict() then refines their logits and boxes. The proposals
+        are supervised on their own (TwoStageCriterion), which gives the backbone and encoder a dense
+        training signal from the first step.
+
+        Returns (hs [layers, B, Q, d], memory [B, d, H, W], the selected token indices [B, Q], proposal logits
+        [B, HW, C + 1], proposal boxes [B, HW, 4], the tokens' anchors [B, HW, 4], the decoder's input queries:
+        content plus position embedding [B, Q, d])."""
+        bs, c, h, w = src.shape
+        src_seq = src.flatten(2).permute(2, 0, 1)
+        pos_seq = pos.flatten(2).permute(2, 0, 1)
+        mask_seq = mask.flatten(1)
+        memory = self.transformer.encoder(src_seq, src_key_padding_mask=mask_seq, pos=pos_seq)  # [HW, B, d]
+
+        memory_map = memory.permute(1, 2, 0).reshape(bs, c, h, w)
+        tokens = self.enc_output_norm(self.enc_output(memory_map).flatten(2).transpose(1, 2))  # [B, HW, d]
+        enc_logits = self.enc_class_embed(tokens)
+        anchors = token_anchors(mask)
+        enc_boxes = (self.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
+
+        # Best object score per token (padding never proposes), then the top num_queries tokens.
+        scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
+        k = min(self.num_queries - self.num_learned_queries, h * w)
+        if self.query_nms < 1.0 and not self.training:
+            top = select_distinct(scores, enc_boxes, k, self.query_nms)
+        else:
+            top = scores.topk(k, dim=1)[1]  # [B, Q]
+        tgt = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)  # [Q, B, d]
+        query_pos = pos_seq.transpose(0, 1).gather(1, top.unsqueeze(-1).expand(-1, -1, c)).transpose(0, 1)
+        if self.has_learned_queries:
+            learned_pos = self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1).to(query_pos.dtype)
+            tgt = torch.cat([tgt, torch.zeros_like(learned_pos)])
+            query_pos = torch.cat([query_pos, learned_pos])
+        hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
+                                      query_pos=query_pos)
+        queries = (tgt + query_pos).transpose(0, 1)
+        return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors, queries
+
+    def mask_attention_inputs(self, hs: Tensor, memory: Tensor, queries: Tensor,
+                              pos: Tensor) -> Tuple[Tensor, Tensor]:
+        """A proposal's decoder state need not say what and where it is (its class and box are offsets from the
+        proposal's, and the decoder can leave them unchanged): the mask head's attention adds the query's own
+        input (the proposal's state and position) to it, and the positions to the memory."""
+        return hs[-1] + queries, memory + pos.to(memory.dtype)
+
+
+class TwoStageCriterion(SetCriterion):
+    """SetCriterion plus the loss of the encoder's dense proposals (enc_outputs), its terms suffixed _enc:
+    supervised like a decoder layer, but assigned by position, which does not change as they learn: each
+    object to the token nearest its centre."""
+
+    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
+                 losses: List[str], proposal_classes: Optional[List[int]] = None):
+        """proposal_classes: the classes the proposals learn (None: all). The targets of other classes are left
+        to the learned queries (--learned_queries), e.g. the stuff of panoptic data, which every token of a
+        region would otherwise propose, crowding the objects out of the top proposals."""
+        super().__init__(num_classes, matcher, weight_dict, eos_coef, losses)
+        self.proposal_classes = None if proposal_classes is None else sorted(set(int(c) for c in proposal_classes))
+
+    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+        """SetCriterion's losses of the decoder's outputs, then the _enc terms of the proposals (divided by the
+        same number of boxes, all classes')."""
+        losses = super().forward(outputs, targets)
+        enc_outputs = outputs["enc_outputs"]
+        enc_targets = targets if self.proposal_classes is None else [
+            only_classes(t, self.proposal_classes) for t in targets]
+        indices = match_to_nearest_anchor(enc_outputs["anchors"], enc_targets)
+        num_boxes = self.num_boxes(targets, enc_outputs["pred_logits"].device)
+        losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
+        return losses
+
+
+def check_learned_queries(learned_queries: int, num_queries: int, two_stage: bool) -> None:
+    """Raise ValueError, naming the flags, unless learned_queries fits: 0 without two_stage, and fewer than
+    num_queries so that at least one query is a proposal."""
+    if learned_queries and not two_stage:
+        raise ValueError("--learned_queries needs --two_stage (without it every query is learned)")
+    if not 0 <= learned_queries < num_queries:
+        raise ValueError(f"--learned_queries must lie in [0, --num_queries - 1] = [0, {num_queries - 1}], "
+                         f"got {learned_queries}")
+
+
+def select_distinct(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) -> Tensor:
+    """The indices [B, k] of the k best of scores [B, N], passing over any box of boxes [B, N, 4] (cx, cy, w, h)
+    that overlaps a better one by more than iou_threshold (those come last, best first, if fewer than k are
+    left). Only the 4k best are considered, and passing over is decided in one step: a box overlapping a better
+    one is passed over even if that one is passed over itself. So there is no loop, and it exports to ONNX."""
+    m = min(4 * k, scores.shape[1])
+    best_scores, best = scores.topk(m, dim=1)  # best first
+    xyxy = box_ops.box_cxcywh_to_xyxy(boxes.gather(1, best.unsqueeze(-1).expand(-1, -1, 4)))
+    iou = box_ops.box_iou(xyxy, xyxy)[0]  # [B, m, m]
+    # Entry [i, j] above the diagonal: box j's overlap with the better box i.
+    passed_over = iou.triu(1).max(1)[0] > iou_threshold
+    order = (best_scores - 3.0 * passed_over.to(best_scores.dtype)).topk(k, dim=1)[1]  # scores lie in [-1, 1]
+    return best.gather(1, order)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """log(x / (1 - x)), with x clamped into [eps, 1 - eps] so that 0 and 1 stay finite."""
+    x = x.clamp(min=eps, max=1 - eps)
+    return torch.log(x / (1 - x))
+
+
+def token_anchors(mask: Tensor, size: float = 0.25) -> Tensor:
+    """Anchor boxes [B, H * W, 4] (cx, cy, w, h) for the cells of a feature map with padding mask [B, H, W]:
+    each cell's centre and a `size` x `size` box, normalized by the image's unpadded extent (as the predicted
+    boxes are). Padding cells get centres past 1."""
+    valid = ~mask
+    valid_h = valid[:, :, 0].sum(1).clamp(min=1).to(torch.float32)  # [B]
+    valid_w = valid[:, 0, :].sum(1).clamp(min=1).to(torch.float32)
+    h, w = mask.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32, device=mask.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=mask.device) + 0.5
+    cy = (ys[None, :, None] / valid_h[:, None, None]).expand(-1, h, w)
+    cx = (xs[None, None, :] / valid_w[:, None, None]).expand(-1, h, w)
+    wh = torch.full_like(cx, size)
+    return torch.stack([cx, cy, wh, wh], -1).flatten(1, 2)
+
+
+def only_classes(target: Dict[str, Tensor], classes: List[int]) -> Dict[str, Tensor]:
+    """The target's 'labels' and 'boxes' restricted to the objects whose label is in classes."""
+    keep = torch.isin(target["labels"], torch.as_tensor(classes, device=target["labels"].device))
+    return {"labels": target["labels"][keep], "boxes": target["boxes"][keep]}
+
+
+@torch.no_grad()
+def match_to_nearest_anchor(anchors: Tensor, targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    """Per image, (token indices, target indices): every target gets the token whose anchor centre is nearest
+    to its box centre (L1), one token per target, so that two objects centred in one cell get two tokens."""
+    # Imported here so that torch.hub, which installs only torch and torchvision, can build the models.
+    from scipy.optimize import linear_sum_assignment
+
+    indices = []
+    for image_anchors, t in zip(anchors, targets):
+        cost = torch.cdist(image_anchors[:, :2].float(), t["boxes"][:, :2].float(), p=1).cpu()
+        rows, cols = linear_sum_assignment(cost.numpy())
+        indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+    return indices
