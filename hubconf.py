@@ -5,12 +5,13 @@ checkpoint, its hash checked) or the path of a local copy of that checkpoint.
 """
 from typing import Union
 
-
 from models.backbone import Backbone, Joiner
 from models.detr import DETR, PostProcess
 from models.position_encoding import PositionEmbeddingSine
+from models.segmentation import DETRsegm, PostProcessPanoptic
 from models.transformer import Transformer
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
+from util.misc import coco_panoptic_is_thing_map
 
 dependencies = ["torch", "torchvision"]
 
@@ -35,7 +36,6 @@ def _make_detr(backbone_name: str, dilation: bool = False, num_classes: int = 91
     transformer = Transformer(d_model=hidden_dim, return_intermediate_dec=True)
     detr = DETR(joiner, transformer, num_classes=num_classes, num_queries=100)
     if mask:
-        from models.segmentation import DETRsegm
         return DETRsegm(detr)
     return detr
 
@@ -55,12 +55,10 @@ def _detection(entry, backbone_name, dilation, pretrained, num_classes, return_p
 
 
 def _panoptic(entry, backbone_name, dilation, pretrained, num_classes, threshold, return_postprocessor):
-    from models.segmentation import PostProcessPanoptic
     model = _make_detr(backbone_name, dilation=dilation, num_classes=num_classes, mask=True)
     _load_pretrained(model, entry, pretrained)
     if return_postprocessor:
-        is_thing_map = {i: i <= 90 for i in range(250)}
-        return model, PostProcessPanoptic(is_thing_map, threshold=threshold)
+        return model, PostProcessPanoptic(coco_panoptic_is_thing_map(), threshold=threshold)
     return model
 
 

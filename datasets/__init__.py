@@ -6,6 +6,8 @@ from typing import Dict
 import torch.utils.data
 import torchvision
 
+from util.misc import COCO_NUM_CLASSES, coco_panoptic_is_thing_map
+
 from . import coco, synthetic
 
 DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
@@ -39,12 +41,10 @@ def get_coco_api_from_dataset(dataset):
 
 
 def default_num_classes(args) -> int:
-    """Classifier size when --num_classes is not given: 91 for COCO and 250 for COCO panoptic (their max
-    category id + 1, as in the original), otherwise max category id + 1 of the training annotations."""
-    if args.dataset_file == "coco":
-        return 91
-    if args.dataset_file == "coco_panoptic":
-        return 250
+    """Classifier size when --num_classes is not given: the original's for COCO and COCO panoptic (91 and 250,
+    util.misc.COCO_NUM_CLASSES), otherwise max category id + 1 of the training annotations."""
+    if args.dataset_file in COCO_NUM_CLASSES:
+        return COCO_NUM_CLASSES[args.dataset_file]
     if args.dataset_file in ("synthetic", "synthetic_panoptic"):
         return max(_categories(args)) + 1
     raise _unknown_dataset(args.dataset_file)
@@ -54,7 +54,7 @@ def default_is_thing_map(args) -> Dict[int, bool]:
     """{category id: is a thing} for the panoptic post-processor: ids <= 90 for COCO panoptic (as in the
     original), the `isthing` flags of the training annotations for synthetic_panoptic."""
     if args.dataset_file == "coco_panoptic":
-        return {i: i <= 90 for i in range(201)}
+        return coco_panoptic_is_thing_map()
     if args.dataset_file == "synthetic_panoptic":
         return {i: bool(isthing) for i, isthing in _categories(args).items()}
     raise ValueError(f"--dataset_file {args.dataset_file!r} has no panoptic categories; "

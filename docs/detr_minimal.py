@@ -19,9 +19,9 @@ models/detr.py (the model, the set loss SetCriterion, PostProcess), models/match
 main.py and engine.py (training). The shortcuts taken here: one image size per batch (no padding masks),
 positions added once at the input rather than at every layer, no auxiliary decoder losses.
 
-    python detr_minimal.py IMAGE                     # random weights: the plumbing, not real detections
-    python detr_minimal.py IMAGE --weights W.pth     # a state_dict of MinimalDETR
-    python detr_minimal.py IMAGE --imagenet_backbone # ImageNet ResNet-50 weights (torchvision download)
+    python docs/detr_minimal.py IMAGE                     # random weights: the plumbing, not real detections
+    python docs/detr_minimal.py IMAGE --weights W.pth     # a state_dict of MinimalDETR
+    python docs/detr_minimal.py IMAGE --imagenet_backbone # ImageNet ResNet-50 weights (torchvision download)
 """
 import argparse
 
@@ -99,7 +99,7 @@ def top_predictions(outputs: dict, width: int, height: int, k: int = 5) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser("detr_minimal.py", description="Run the one-page DETR on an image.")
+    parser = argparse.ArgumentParser("docs/detr_minimal.py", description="Run the one-page DETR on an image.")
     parser.add_argument("image")
     parser.add_argument("--weights", help="a state_dict of MinimalDETR (default: random weights)")
     parser.add_argument("--imagenet_backbone", action="store_true", help="start from ImageNet ResNet-50 weights")

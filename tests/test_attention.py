@@ -1,4 +1,4 @@
-"""attention.py: the attention weights captured by the hooks, and the two pictures."""
+"""tools/attention.py: the attention weights captured by the hooks, and the two pictures."""
 import contextlib
 import io
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import attention
-import predict
-from tool_checkpoints import tiny_checkpoint
+from tool_checkpoints import run_tool, tiny_checkpoint
+from tools import attention
+from tools.detector import load_detector
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def checkpoint(synthetic_root, tmp_path_factory):
 
 
 def test_hooks_capture_the_last_layers_attention(checkpoint):
-    detector = predict.load_detector(resume=str(checkpoint))
+    detector = load_detector(resume=str(checkpoint))
     model = detector.model
     image = torch.randn(3, 64, 96)  # a 2 x 3 feature map at stride 32
     maps = attention.capture_attention(model, image)
@@ -65,11 +65,11 @@ def test_command_writes_both_pictures(checkpoint, tmp_path):
     pixels[20:60, 30:90] = (240, 200, 40)
     Image.fromarray(pixels).save(image)
     out = tmp_path / "out"
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        status = attention.main([str(image), "--resume", str(checkpoint), "--output_dir", str(out),
-                                 "--points", "10,10", "100,70", "--device", "cpu"])
-    assert status == 0
-    assert "8 object(s)" in printed.getvalue()  # every query of the fixed model scores 0.9975
+    # As a user runs it, from the repository root.
+    command = run_tool("attention.py", image, "--resume", checkpoint, "--output_dir", out, "--points", "10,10",
+                       "100,70", "--device", "cpu")
+    assert command.returncode == 0, command.stderr
+    assert "8 object(s)" in command.stdout  # every query of the fixed model scores 0.9975
     for name in ("shapes_decoder_attention.png", "shapes_encoder_attention.png"):
         picture = np.asarray(Image.open(out / name).convert("RGB"))
         assert picture.shape[0] > 200 and picture.shape[1] > 400
@@ -97,7 +97,7 @@ def test_two_stage_model_without_encoder_layers(synthetic_root, tmp_path):
     drawn; there is no encoder attention, which the command says instead of failing."""
     checkpoint = tiny_checkpoint(tmp_path / "two_stage.pth", synthetic_root, "--two_stage", "--enc_layers", "0",
                                  "--feature_stride", "16")
-    detector = predict.load_detector(resume=str(checkpoint))
+    detector = load_detector(resume=str(checkpoint))
     maps = attention.capture_attention(detector.model, torch.randn(3, 64, 96))  # 4 x 6 at stride 16
     assert maps.encoder is None
     assert maps.decoder.shape == (8, 4, 6)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-import plot_logs
-import predict
 from conftest import run_main
 from datasets import synthetic
+from tools import plot_logs, predict
+from tools.detector import load_detector
 
 pytestmark = pytest.mark.slow  # three short main.py runs at COCO's image sizes (~1 minute)
 
@@ -62,7 +62,7 @@ def test_train_finetune_evaluate_predict_plot(tmp_path):
                                str(predictions), "--threshold", "0", "--device", "cpu"])
     assert status == 0
     assert len(list(predictions.glob("*_detections.png"))) == 2
-    detector = predict.load_detector(resume=str(second / "checkpoint.pth"))
+    detector = load_detector(resume=str(second / "checkpoint.pth"))
     assert detector.names == {c["id"]: c["name"] for c in categories}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(root / "annotations" / "instances_val2017.json"))

@@ -1,4 +1,4 @@
-"""export_onnx.py: the exported file has a dynamic batch, height and width, and onnxruntime agrees with PyTorch
+"""tools/export_onnx.py: the exported file has a dynamic batch, height and width, and onnxruntime agrees with PyTorch
 within 1e-4 on images of sizes the export never saw."""
 import contextlib
 import io
@@ -10,28 +10,27 @@ import pytest
 import torch
 from PIL import Image
 
-import export_onnx
-import predict
-from tool_checkpoints import tiny_checkpoint
+from tool_checkpoints import run_tool, tiny_checkpoint
+from tools import export_onnx
+from tools.detector import load_detector
 
 pytestmark = pytest.mark.slow  # the dynamo exporter takes ~20 s even for the tiny model
 
 
 @pytest.fixture(scope="module")
 def exported(synthetic_root, tmp_path_factory):
-    """(checkpoint, ONNX file, what export_onnx.py printed), exported once for the module, checked on two
-    images of other sizes than the export example (2 x 3 x 224 x 288)."""
+    """(checkpoint, ONNX file, what tools/export_onnx.py printed), exported once for the module by the command
+    run from the repository root, checked on two images of other sizes than the export example (2 x 3 x 224 x 288)."""
     folder = tmp_path_factory.mktemp("onnx")
     checkpoint = tiny_checkpoint(folder / "tiny.pth", synthetic_root)
     rng = np.random.default_rng(0)
     for name, (h, w) in {"a.png": (70, 50), "b.jpg": (64, 160)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
     output = folder / "tiny.onnx"
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        status = export_onnx.main(["--resume", str(checkpoint), "--output", str(output), "--check",
-                                   str(folder / "a.png"), str(folder / "b.jpg")])
-    assert status == 0, printed.getvalue()
-    return checkpoint, output, printed.getvalue()
+    command = run_tool("export_onnx.py", "--resume", checkpoint, "--output", output, "--check", folder / "a.png",
+                       folder / "b.jpg")
+    assert command.returncode == 0, command.stdout + command.stderr
+    return checkpoint, output, command.stdout
 
 
 def test_onnx_agrees_with_pytorch(exported):
@@ -42,7 +41,7 @@ def test_onnx_agrees_with_pytorch(exported):
     assert "batch [1, 3, 89, 64]" in printed and "batch [1, 3, 64, 160]" in printed
 
     # Batch, height and width are free: a batch of 3 at yet another size, against PyTorch here.
-    module = export_onnx.detection_module(predict.load_detector(resume=str(checkpoint)).model)
+    module = export_onnx.detection_module(load_detector(resume=str(checkpoint)).model)
     batch = torch.randn(3, 3, 96, 128, generator=torch.Generator().manual_seed(1))
     assert export_onnx.largest_difference(module, output, [batch]) <= 1e-4
 

@@ -1,4 +1,4 @@
-"""util/plot_utils.py and plot_logs.py: curves that hold the logged values, AP read back from saved COCO
+"""util/plot_utils.py and tools/plot_logs.py: curves that hold the logged values, AP read back from saved COCO
 evaluations equal to COCOeval's own, PNGs that are real pictures, clear errors for bad input."""
 import contextlib
 import io
@@ -15,7 +15,8 @@ from PIL import Image  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 
-import plot_logs  # noqa: E402
+from tool_checkpoints import run_tool  # noqa: E402
+from tools import plot_logs  # noqa: E402
 from util.plot_utils import ewm_mean, load_coco_eval, plot_logs as plot_logs_fn, plot_precision_recall  # noqa: E402
 from util.plot_utils import precision_recall_curves  # noqa: E402
 
@@ -135,11 +136,12 @@ def test_command_writes_both_plots(tmp_path):
     b = write_run(tmp_path / "b", run_rows(offset=3))
     saved_evaluation(a / "eval" / "latest.pth")
     saved_evaluation(b / "eval.pth")  # what an --eval run leaves
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert plot_logs.main([str(a), str(b), "--out", str(tmp_path / "plots")]) == 0
+    # As a user runs it, from another folder than the repository root.
+    command = run_tool("plot_logs.py", a, b, "--out", tmp_path / "plots", cwd=tmp_path)
+    assert command.returncode == 0, command.stderr
     assert is_picture(tmp_path / "plots" / "logs.png")
     assert is_picture(tmp_path / "plots" / "precision_recall.png")
-    assert "a: AP" in printed.getvalue() and "b: AP" in printed.getvalue()
+    assert "a: AP" in command.stdout and "b: AP" in command.stdout
 
     c = write_run(tmp_path / "c", run_rows())
     with contextlib.redirect_stdout(io.StringIO()) as printed:

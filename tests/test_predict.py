@@ -1,5 +1,8 @@
-"""predict.py: pictures with the boxes where the detections are, COCO results pycocotools reads, panoptic
-pictures, and clear errors for bad input. Tiny models with fixed heads make the expected boxes known."""
+"""tools/predict.py and tools/detector.py: pictures with the boxes where the detections are, COCO results
+pycocotools reads, panoptic pictures, clear errors for bad input, and checkpoints older than this project's flags.
+Tiny models with fixed heads make the expected boxes known."""
+import argparse
+import ast
 import contextlib
 import io
 import json
@@ -12,8 +15,11 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-import predict
-from tool_checkpoints import tiny_checkpoint
+import main as main_py
+from conftest import REPO_ROOT
+from tool_checkpoints import run_tool, tiny_checkpoint
+from tools import predict
+from tools.detector import NEWER_FLAGS, dataset_names, load_detector, names_from_annotations
 from util.visualize import color_for, draw_boxes, image_axes, keep_texts_inside
 
 BOX = (0.5, 0.45, 0.5, 0.4)  # cx, cy, w, h: xyxy (0.25, 0.25, 0.75, 0.65) of any image
@@ -48,10 +54,11 @@ def test_boxes_are_drawn_and_written_where_the_detections_are(fixed_checkpoint, 
     grey_image(images / "wide.png", 100, 60)
     grey_image(images / "tall.jpg", 48, 80)
     out = tmp_path / "out"
-    status, stdout, _ = run_predict("--resume", fixed_checkpoint, images, "--output_dir", out, "--batch_size", 2,
-                                    "--threshold", 0.9, "--device", "cpu")
-    assert status == 0
-    assert "[2/2]" in stdout
+    # As a user runs it, from another folder than the repository root.
+    command = run_tool("predict.py", "--resume", fixed_checkpoint, images, "--output_dir", out, "--batch_size", 2,
+                       "--threshold", 0.9, "--device", "cpu", cwd=tmp_path)
+    assert command.returncode == 0, command.stderr
+    assert "[2/2]" in command.stdout
 
     # results.json: each image's boxes in its own pixels, although both went through the model in one padded batch.
     results = json.loads((out / "results.json").read_text())
@@ -163,7 +170,7 @@ def test_panoptic_model_gets_a_panoptic_picture(synthetic_root, tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "panoptic.pth", synthetic_root, "--dataset_file", "synthetic_panoptic",
                                  "--masks", "--hidden_dim", "128", "--nheads", "8", num_classes=9, box=BOX, label=1,
                                  thing_classes=[1, 2, 3, 4, 5])
-    detector = predict.load_detector(resume=str(checkpoint))
+    detector = load_detector(resume=str(checkpoint))
     assert "panoptic" in detector.postprocessors
     assert detector.names[1] == "circle" and detector.names[6] == "sky"  # from the panoptic annotations
     images = [Image.fromarray(np.zeros((48, 80, 3), np.uint8)), Image.fromarray(np.zeros((64, 64, 3), np.uint8))]
@@ -197,14 +204,69 @@ def test_image_ids_and_category_names(tmp_path):
     with pytest.raises(ValueError, match="not among the images.*cow.jpg"):
         predict.image_ids([Path("dog.jpg"), Path("cow.jpg")], annotations)
 
-    args = predict.main_args_parser().parse_args(["--dataset_file", "coco", "--num_classes", "91"])
-    assert predict.dataset_names(args)[90] == "toothbrush" and predict.dataset_names(args)[1] == "person"
+    args = argparse.Namespace(dataset_file="coco", num_classes=91, coco_path=None, coco_panoptic_path=None)
+    assert dataset_names(args)[90] == "toothbrush" and dataset_names(args)[1] == "person"
     args.num_classes = 4  # a custom dataset whose annotations are not at hand: no guessing
-    assert predict.dataset_names(args) == {}
+    assert dataset_names(args) == {}
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
         {"images": [], "annotations": [], "categories": [{"id": 1, "name": "bolt"}, {"id": 3, "name": "nut"}]}))
     args.coco_path = str(tmp_path)
-    assert predict.dataset_names(args) == {1: "bolt", 3: "nut"}
+    assert dataset_names(args) == {1: "bolt", 3: "nut"}
     with pytest.raises(ValueError, match="cannot read category names"):
-        predict.names_from_annotations(tmp_path / "annotations")
+        names_from_annotations(tmp_path / "annotations")
+
+
+# The flags of the original DETR's main.py (spec/CLI.md): all a checkpoint of it carries in 'args'.
+ORIGINAL_FLAGS = (
+    "lr", "lr_backbone", "batch_size", "weight_decay", "epochs", "lr_drop", "clip_max_norm", "frozen_weights",
+    "backbone", "dilation", "position_embedding", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim",
+    "dropout", "nheads", "num_queries", "pre_norm", "masks", "aux_loss", "set_cost_class", "set_cost_bbox",
+    "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
+    "dataset_file", "coco_path", "coco_panoptic_path", "remove_difficult", "output_dir", "device", "seed", "resume",
+    "start_epoch", "eval", "num_workers", "world_size", "dist_url")
+
+
+def test_newer_flags_are_main_py_defaults():
+    defaults = vars(main_py.get_args_parser().parse_args([]))
+    assert set(ORIGINAL_FLAGS) <= set(defaults)
+    for name, value in NEWER_FLAGS.items():
+        if name == "thing_classes":  # set by main.py for panoptic data, no flag
+            assert name not in defaults
+        else:
+            assert name not in ORIGINAL_FLAGS and defaults[name] == value, name
+
+
+def test_a_checkpoint_with_the_original_flags_only_rebuilds_the_same_model(synthetic_root, tmp_path):
+    # The synthetic recipe's batch norm, channels-last and query NMS set back to the original's, which an older
+    # checkpoint, trained before these flags, had.
+    full = tiny_checkpoint(tmp_path / "full.pth", synthetic_root, "--backbone_norm", "frozen", "--no_channels_last",
+                           "--query_nms", "1.0")
+    checkpoint = torch.load(full, weights_only=False)
+    original = argparse.Namespace(**{k: v for k, v in vars(checkpoint["args"]).items() if k in ORIGINAL_FLAGS})
+    assert not hasattr(original, "two_stage") and not hasattr(original, "num_classes")
+    torch.save({"model": checkpoint["model"], "args": original}, tmp_path / "original.pth")
+
+    expected, rebuilt = load_detector(resume=str(full)), load_detector(resume=str(tmp_path / "original.pth"))
+    image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = expected.model([image]), rebuilt.model([image])
+    assert torch.equal(want["pred_logits"], got["pred_logits"]) and torch.equal(want["pred_boxes"], got["pred_boxes"])
+    assert got["pred_logits"].shape[-1] == 7  # the class count, 6, read from the weights
+    # The image size the tiny checkpoint names (64) is gone with its flags: the synthetic dataset's default.
+    assert rebuilt.transform(Image.new("RGB", (64, 64)), None)[0].shape[-1] == NEWER_FLAGS["synthetic_image_size"]
+
+
+def test_tools_import_no_script():
+    """Scripts share code through tools/detector.py only: none imports another script of tools/, nor main.py."""
+    scripts = {p.stem for p in (REPO_ROOT / "tools").glob("*.py")} - {"__init__", "detector"}
+    assert {"predict", "attention", "export_onnx", "plot_logs"} <= scripts
+    for path in (REPO_ROOT / "tools").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        banned = {"main", "run_with_submitit"} | scripts | {f"tools.{s}" for s in scripts}
+        assert not imported & banned, f"{path.name} imports {sorted(imported & banned)}"

@@ -1,14 +1,16 @@
-"""Checkpoints for the tests of the tools (predict.py, attention.py, export_onnx.py): tiny models saved in
-main.py's checkpoint format, built in an instant instead of trained, optionally with heads fixed so that every
-query predicts a known box and class."""
+"""For the tests of the tools (tools/predict.py, tools/attention.py, tools/export_onnx.py, tools/plot_logs.py):
+checkpoints of tiny models saved in main.py's checkpoint format, built in an instant instead of trained,
+optionally with heads fixed so that every query predicts a known box and class; and a tool run as a command."""
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 import main as main_py
-from conftest import tiny_flags
+from conftest import REPO_ROOT, tiny_flags
 from models import build_model
 
 
@@ -35,3 +37,11 @@ def tiny_checkpoint(path, synthetic_root, *extra: str, num_classes: int = 6, see
             detr.bbox_embed.layers[-1].bias.copy_(torch.logit(torch.tensor(box, dtype=torch.float32)))
     torch.save({"model": model.state_dict(), "args": args}, path)
     return Path(path)
+
+
+def run_tool(script: str, *argv, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
+    """`python tools/SCRIPT ARGV` as a user types it, in a process of its own started in `cwd`: from the repository
+    root by the relative path, from any other folder by the absolute one (the script finds the code itself)."""
+    path = Path("tools", script) if Path(cwd).resolve() == REPO_ROOT else REPO_ROOT / "tools" / script
+    return subprocess.run([sys.executable, str(path), *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)

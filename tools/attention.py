@@ -1,8 +1,8 @@
 """Where DETR looks, for one image, as in the figures of the DETR paper: the decoder's cross-attention of each
 detected object, and the encoder's self-attention at a few points of the image.
 
-    python attention.py --resume outputs/synthetic/checkpoint.pth data/synthetic/val2017/000001000001.jpg
-    python attention.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth photo.jpg --points 200,150 400,300
+    python tools/attention.py --resume outputs/synthetic/checkpoint.pth data/synthetic/val2017/000001000001.jpg
+    python tools/attention.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth photo.jpg --points 200,150 400,300
 
 Writes to --output_dir:
     <name>_decoder_attention.png   per object scoring above --threshold: the last decoder layer's attention of
@@ -29,10 +29,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from main import choose_device  # noqa: E402
-from predict import HUB_ENTRIES, load_detector, read_image  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
+
+from tools.detector import add_model_source_args, load_detector, read_image  # noqa: E402
+from util.misc import choose_device  # noqa: E402
 from util.visualize import color_for, draw_boxes, keep_texts_inside, text_color_on  # noqa: E402
 
+PROG = "tools/attention.py"
 MAX_POINTS = 6
 
 
@@ -163,13 +166,10 @@ def parse_point(text: str) -> Tuple[float, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("attention.py", description="Draw DETR's decoder and encoder attention maps "
-                                                                  "for one image.")
+    parser = argparse.ArgumentParser(PROG, description="Draw DETR's decoder and encoder attention maps for one "
+                                                       "image.")
     parser.add_argument("image", help="an image file")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL)")
-    source.add_argument("--hub", help=f"a torch.hub entry point of hubconf.py: {', '.join(HUB_ENTRIES)}")
-    parser.add_argument("--pretrained", help="with --hub: its published checkpoint (path, or URL to download)")
+    add_model_source_args(parser)
     parser.add_argument("--output_dir", default="attention", help="where the two pictures go")
     parser.add_argument("--threshold", default=0.7, type=float, help="objects scoring above this are shown")
     parser.add_argument("--max_objects", default=8, type=int, help="show at most this many objects, best first")
@@ -200,16 +200,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         image = read_image(Path(args.image))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"attention.py: error: cannot read image {args.image}: {e}")
+        raise SystemExit(f"{PROG}: error: cannot read image {args.image}: {e}")
     width, height = image.size
     for x, y in args.points or []:
         if not (0 <= x < width and 0 <= y < height):
-            raise SystemExit(f"attention.py: error: --points {x:g},{y:g} lies outside {args.image} "
+            raise SystemExit(f"{PROG}: error: --points {x:g},{y:g} lies outside {args.image} "
                              f"({width}x{height} pixels)")
     try:
         detector = load_detector(args.resume, args.hub, args.pretrained, choose_device(args.device), args.size)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"attention.py: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}")
 
     tensor = detector.transform(image, None)[0].to(detector.device)
     maps = capture_attention(detector.model, tensor)

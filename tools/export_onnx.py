@@ -1,10 +1,10 @@
 """Export a DETR to ONNX with a dynamic batch size, height and width, then check it against PyTorch.
 
-    python export_onnx.py --resume outputs/synthetic/checkpoint.pth --output detr.onnx
-    python export_onnx.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth --output r50.onnx --check photo.jpg
+    python tools/export_onnx.py --resume outputs/synthetic/checkpoint.pth --output detr.onnx
+    python tools/export_onnx.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth --check photo.jpg
 
-The ONNX model takes `images`, a float32 batch [B, 3, H, W] resized and normalized as predict.py does (ImageNet
-mean and std) and all of one size (there is no padding mask), and returns `pred_logits` [B, Q, classes + 1]
+The ONNX model takes `images`, a float32 batch [B, 3, H, W] resized and normalized as tools/predict.py does
+(ImageNet mean and std) and all of one size (there is no padding mask), and returns `pred_logits` [B, Q, classes + 1]
 and `pred_boxes` [B, Q, 4] (cx, cy, w, h relative to the image), DETR's own outputs; of a segmentation model,
 the detection part is exported. The exporter is torch.onnx's dynamo one (torch.export with dynamic shapes).
 
@@ -21,8 +21,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from models.position_encoding import PositionEmbeddingLearned
-from predict import HUB_ENTRIES, list_images, load_detector, read_image
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
+
+from models.position_encoding import PositionEmbeddingLearned  # noqa: E402
+from tools.detector import add_model_source_args, list_images, load_detector, read_image  # noqa: E402
+
+PROG = "tools/export_onnx.py"
 
 EXAMPLE_SIZE = (2, 3, 224, 288)  # batch, channels, height, width of the example the exporter traces
 OUTPUT_NAMES = ("pred_logits", "pred_boxes")
@@ -94,12 +98,9 @@ def check_batches(transform, images: Sequence[str]) -> List[Tensor]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("export_onnx.py", description="Export DETR to ONNX and check it against "
-                                                                    "PyTorch with onnxruntime.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL)")
-    source.add_argument("--hub", help=f"a torch.hub entry point of hubconf.py: {', '.join(HUB_ENTRIES)}")
-    parser.add_argument("--pretrained", help="with --hub: its published checkpoint (path, or URL to download)")
+    parser = argparse.ArgumentParser(PROG, description="Export DETR to ONNX and check it against PyTorch with "
+                                                       "onnxruntime.")
+    add_model_source_args(parser)
     parser.add_argument("--output", default="detr.onnx", help="the ONNX file to write")
     parser.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
                         help="images (or folders) to compare onnxruntime and PyTorch on (default: random images)")
@@ -115,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         detector = load_detector(args.resume, args.hub, args.pretrained, args.device)
         batches = check_batches(detector.transform, args.check)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        raise SystemExit(f"export_onnx.py: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}")
     module = detection_module(detector.model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Plot training runs of main.py: `python plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --out plots/`.
+"""Plot training runs of main.py: `python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --out plots/`.
 
 Writes to --out:
     logs.png               per epoch, one colour per run: class error, box L1 loss (train solid, test dashed) and
@@ -16,8 +16,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display is needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
+
 from util.plot_utils import plot_logs, plot_precision_recall  # noqa: E402
 
+PROG = "tools/plot_logs.py"
 DEFAULT_FIELDS = ("class_error", "loss_bbox_unscaled", "mAP")
 
 
@@ -30,7 +33,7 @@ def latest_evaluation(output_dir: Path) -> Optional[Path]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("plot_logs.py", description="Plot the logs and evaluations of main.py runs.")
+    parser = argparse.ArgumentParser(PROG, description="Plot the logs and evaluations of main.py runs.")
     parser.add_argument("output_dirs", nargs="+", type=Path, help="output directories of main.py (--output_dir)")
     parser.add_argument("--out", default="plots", type=Path, help="folder for logs.png and precision_recall.png")
     parser.add_argument("--fields", nargs="+", default=list(DEFAULT_FIELDS),
@@ -48,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fig, _ = plot_logs(args.output_dirs, fields=args.fields, ewm_col=args.ewm_col, log_name=args.log_name,
                            save_path=args.out / "logs.png")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"plot_logs.py: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}")
     plt.close(fig)
     print(f"wrote {args.out / 'logs.png'}")
 
@@ -60,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fig, _ = plot_precision_recall(evaluations, naming_scheme="exp_id",
                                        save_path=args.out / "precision_recall.png")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"plot_logs.py: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}")
     plt.close(fig)
     print(f"wrote {args.out / 'precision_recall.png'}")
     return 0

@@ -1,7 +1,7 @@
 """Detect objects in your own images with a trained DETR: a picture per image and COCO-format results.
 
-    python predict.py --resume outputs/synthetic/checkpoint.pth data/synthetic/val2017 --output_dir predictions
-    python predict.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth photo.jpg --output_dir predictions
+    python tools/predict.py --resume outputs/synthetic/checkpoint.pth data/synthetic/val2017 --output_dir predictions
+    python tools/predict.py --hub detr_resnet50 --pretrained detr-r50-e632da11.pth photo.jpg --output_dir predictions
 
 The model is rebuilt from the flags stored in a main.py checkpoint (its `args`), or taken from a torch.hub entry
 point of hubconf.py. Each image is resized and normalized as the model's validation images were (shorter side
@@ -31,138 +31,21 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-import hubconf
-from datasets import transforms as T
-from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms
-from datasets.synthetic import STUFF_IDS, THING_IDS, make_synthetic_transforms
-from main import choose_device, get_args_parser as main_args_parser
-from models import build_model
-from models.detr import PostProcess
-from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
-from util.panoptic import rgb2id
-from util.visualize import COCO_NAMES, COCO_PANOPTIC_STUFF_NAMES, save_detections_picture, save_panoptic_picture
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-HUB_ENTRIES = tuple(hubconf.URLS)  # every entry point of hubconf.py has a published checkpoint
-MAX_SIZE = 1333  # longer-side cap of --size, as in COCO evaluation
+from tools.detector import Detector, add_model_source_args, list_images, load_detector, read_image  # noqa: E402
+from util.misc import choose_device  # noqa: E402
+from util.panoptic import rgb2id  # noqa: E402
+from util.visualize import save_detections_picture, save_panoptic_picture  # noqa: E402
 
-
-@dataclass
-class Detector:
-    """A DETR ready for inference on PIL images, with what it takes to read its outputs."""
-    model: torch.nn.Module
-    postprocessors: Dict[str, torch.nn.Module]  # 'bbox', plus 'panoptic' for panoptic models
-    transform: T.Compose  # (PIL image, None) -> (normalized tensor, None), as the model's validation images
-    names: Dict[int, str]  # category id -> name; ids without a name are shown as numbers
-    device: torch.device
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The model
-
-def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> argparse.Namespace:
-    """main.py's flags a checkpoint was trained with: its 'args' laid over today's defaults (older checkpoints
-    lack newer flags), with the class count read from the weights when the flags leave it open."""
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), argparse.Namespace):
-        raise ValueError(f"{source} carries no 'args' (main.py's flags) to rebuild its model from; for a "
-                         f"published DETR checkpoint use --hub NAME --pretrained {source}")
-    args = main_args_parser().parse_args([])
-    vars(args).update(vars(checkpoint["args"]))
-    if args.num_classes is None:
-        for key in ("class_embed.bias", "detr.class_embed.bias"):
-            if key in state:
-                args.num_classes = state[key].shape[0] - 1  # the head has one more class: "no object"
-    args.backbone_weights = "none"  # the checkpoint holds the backbone's weights: nothing to download
-    args.frozen_weights = None
-    return args
-
-
-def names_from_annotations(ann_file: Path) -> Dict[int, str]:
-    """{category id: name} of a COCO-format annotation file (instances or panoptic)."""
-    try:
-        categories = json.loads(Path(ann_file).read_text())["categories"]
-        return {int(c["id"]): str(c["name"]) for c in categories}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read category names from {ann_file}: {type(e).__name__}: {e}; it must be a "
-                         "COCO-format JSON file with 'categories': [{'id', 'name'}, ...]") from e
-
-
-def dataset_names(args) -> Dict[int, str]:
-    """{category id: name} of the dataset a checkpoint was trained on: from its validation annotations when
-    they are on this machine, else the built-in tables of COCO (for 91 / 250-class COCO models) and of the
-    synthetic dataset; {} when none applies."""
-    kind = args.dataset_file
-    root = args.coco_panoptic_path if kind == "coco_panoptic" else args.coco_path
-    if kind in ("synthetic", "synthetic_panoptic") and not root:
-        root = args.synthetic_path
-    prefix = "panoptic" if kind.endswith("panoptic") else "instances"
-    ann_file = Path(root) / "annotations" / f"{prefix}_val2017.json" if root else None
-    if ann_file is not None and ann_file.is_file():
-        return names_from_annotations(ann_file)
-    if kind == "coco" and args.num_classes == 91:
-        return dict(COCO_NAMES)
-    if kind == "coco_panoptic" and args.num_classes == 250:
-        return {**COCO_NAMES, **COCO_PANOPTIC_STUFF_NAMES}
-    if kind in ("synthetic", "synthetic_panoptic"):
-        return {i: name for name, i in {**THING_IDS, **STUFF_IDS}.items()}
-    return {}
-
-
-def resize_transform(size: int) -> T.Compose:
-    """Shorter side to `size` (longer side at most MAX_SIZE), then ImageNet normalization."""
-    return T.Compose([T.RandomResize([size], max_size=MAX_SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN,
-                                                                                             IMAGENET_STD)])
-
-
-def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretrained: Optional[str] = None,
-                  device="cpu", size: Optional[int] = None, annotations: Optional[str] = None) -> Detector:
-    """The model of a main.py checkpoint (`resume`) or of a hubconf.py entry point (`hub`, with the weights of
-    the checkpoint file `pretrained`, random ones without), in eval mode on `device`. `size` overrides the
-    input resolution; the categories of `annotations`, a COCO-format JSON file, override the class names."""
-    device = torch.device(device)
-    if (resume is None) == (hub is None):
-        raise ValueError("give either --resume CHECKPOINT or --hub NAME")
-    if pretrained and not hub:
-        raise ValueError("--pretrained goes with --hub; a main.py checkpoint is given with --resume")
-    if resume is not None:
-        checkpoint = load_checkpoint(resume)
-        state = model_state_from(checkpoint, resume)
-        args = checkpoint_args(checkpoint, state, resume)
-        args.device = str(device)
-        model, _, postprocessors = build_model(args)
-        load_state_dict_checked(model, state, f"--resume {resume}")
-        postprocessors = {k: v for k, v in postprocessors.items() if k in ("bbox", "panoptic")}
-        if args.dataset_file in ("synthetic", "synthetic_panoptic"):
-            transform = make_synthetic_transforms("val", args.synthetic_image_size)
-        else:
-            transform = make_coco_transforms("val")
-        names = dataset_names(args)
-    else:
-        if hub not in HUB_ENTRIES:
-            raise ValueError(f"--hub {hub!r} is not an entry point of hubconf.py; choose one of "
-                             f"{', '.join(HUB_ENTRIES)}")
-        if not pretrained:
-            print(f"--hub {hub} without --pretrained: the model has random weights (give the path of "
-                  f"{hubconf.URLS[hub].rsplit('/', 1)[-1]}, or its URL to download it)")
-        model, postprocessor = getattr(hubconf, hub)(pretrained=pretrained or False, return_postprocessor=True)
-        panoptic = hub.endswith("_panoptic")
-        postprocessors = {"bbox": PostProcess(), "panoptic": postprocessor} if panoptic else {"bbox": postprocessor}
-        transform = make_coco_transforms("val")
-        names = {**COCO_NAMES, **COCO_PANOPTIC_STUFF_NAMES} if panoptic else dict(COCO_NAMES)
-    if size is not None:
-        transform = resize_transform(size)
-    if annotations is not None:
-        names = names_from_annotations(Path(annotations))
-    model.to(device).eval()
-    return Detector(model, postprocessors, transform, names, device)
+PROG = "tools/predict.py"
 
 
 @torch.no_grad()
@@ -194,31 +77,7 @@ def detect(detector: Detector, images: Sequence[Image.Image], threshold: float) 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images in, files out
-
-def list_images(inputs: Sequence[str]) -> List[Path]:
-    """The image files named by `inputs`: files as given, folders by their image files (sorted, not
-    recursive). A missing path or a folder without images raises."""
-    paths: List[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"folder {path} holds no images (looked for {' '.join(IMAGE_SUFFIXES)})")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    return paths
-
-
-def read_image(path: Path) -> Image.Image:
-    """The image at `path` in RGB, turned upright by its EXIF orientation (as image viewers show it)."""
-    with Image.open(path) as f:
-        return ImageOps.exif_transpose(f).convert("RGB")
-
+# Files out
 
 def image_ids(paths: Sequence[Path], annotations: Optional[Path] = None) -> List[int]:
     """COCO image ids: those the annotation file `annotations` gives the files' names; without one, the numbers
@@ -263,13 +122,9 @@ def coco_results(image_id: int, detections: dict) -> List[dict]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "predict.py", description="Draw DETR's detections on images and write them in COCO results format.")
+        PROG, description="Draw DETR's detections on images and write them in COCO results format.")
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL)")
-    source.add_argument("--hub", help=f"a torch.hub entry point of hubconf.py: {', '.join(HUB_ENTRIES)}")
-    parser.add_argument("--pretrained", help="with --hub: its published checkpoint (path, or URL to download); "
-                                             "without it the hub model has random weights")
+    add_model_source_args(parser)
     parser.add_argument("--output_dir", default="predictions", help="where pictures and results.json go")
     parser.add_argument("--threshold", default=0.7, type=float, help="keep detections scoring above this")
     parser.add_argument("--batch_size", default=4, type=int, help="images per forward pass")
@@ -286,14 +141,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit("predict.py: --batch_size must be at least 1")
+        raise SystemExit(f"{PROG}: --batch_size must be at least 1")
     try:
         paths = list_images(args.images)  # before the model is built: a typo fails at once
         ids = image_ids(paths, args.annotations)
         detector = load_detector(args.resume, args.hub, args.pretrained, choose_device(args.device), args.size,
                                  args.annotations)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"predict.py: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}")
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
