@@ -241,7 +241,7 @@ def test_hub_entry_points_refuse_a_hostile_local_file(tmp_path):
 def test_tools_refuse_a_hostile_checkpoint(tool, extra, hostile, synthetic_root, tmp_path):
     import importlib
     path, marker = hostile
-    module = importlib.import_module(tool)
+    module = importlib.import_module(f"tools.{tool}")
     image = next((synthetic_root / "val2017").glob("*.jpg"))
     argv = ["--resume", str(path), "--device", "cpu"] + [a.format(out=tmp_path) for a in extra]
     if tool != "export_onnx":
