@@ -30,6 +30,7 @@ from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_
                              load_state_dict_for_finetuning, model_state_from, read_checkpoint,
                              remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
 from util.ema import ModelEMA
+from util.misc import choose_device
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
@@ -228,14 +229,6 @@ def check_args(args) -> None:
         check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-
-
-def choose_device(requested: str) -> torch.device:
-    """The requested device, or the CPU (with a message) when CUDA is asked for but absent."""
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        print(f"--device {requested}: no CUDA device is available here, using the CPU instead")
-        return torch.device("cpu")
-    return torch.device(requested)
 
 
 def seed_everything(seed: int) -> None:
