@@ -7,7 +7,7 @@ evaluations it saves (eval/latest.pth, eval/000.pth, ...).
     fig, axs = plot_precision_recall(sorted(Path("outputs/run_a/eval").glob("*.pth")))
 
 Both return the matplotlib figure and its axes and leave the figure open (a notebook shows it); give
-`save_path=` to also write a PNG. `python plot_logs.py OUTPUT_DIR ...` draws both into files.
+`save_path=` to also write a PNG. `python tools/plot_logs.py OUTPUT_DIR ...` draws both into files.
 """
 from pathlib import Path, PurePath
 from typing import Dict, List, Optional, Sequence, Tuple, Union

@@ -209,7 +209,7 @@ def save_training_pictures(model, postprocessors, dataset_val, output_dir, devic
         save_curves_picture(output_dir / "log.txt", output_dir / "curves.png")
 
 
-# Pictures of predictions on arbitrary images (predict.py, attention.py) ------------------------------------
+# Pictures of predictions on arbitrary images (tools/predict.py, tools/attention.py) ------------------------
 
 # COCO's 80 detection categories under their official ids; the gaps (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 # are ids reserved by the dataset but never annotated. DETR's COCO models predict these ids directly (91
