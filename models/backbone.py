@@ -275,11 +275,9 @@ def build_backbone(args) -> Joiner:
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
     return_interm_layers = args.masks
-    norm = getattr(args, "backbone_norm", "frozen")
     backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
-                        weights=getattr(args, "backbone_weights", "imagenet"), norm=norm,
-                        stride=getattr(args, "feature_stride", 32))
-    if getattr(args, "channels_last", False):
+                        weights=args.backbone_weights, norm=args.backbone_norm, stride=args.feature_stride)
+    if args.channels_last:
         backbone.use_channels_last()
     model = Joiner(backbone, position_embedding)
     model.num_channels = backbone.num_channels

@@ -42,6 +42,7 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
 
     def forward(self, samples: NestedTensor):
+        """samples: a NestedTensor, a list of [3, H_i, W_i] images, or a [B, 3, H, W] batch; see the class."""
         if not isinstance(samples, NestedTensor):
             samples = to_nested_tensor(samples)
         features, pos = self.backbone(samples)
