@@ -1,4 +1,4 @@
-"""Tests of models/detr.py: DETR's inputs and outputs, SetCriterion's loss values, PostProcess, MLP and build."""
+"""Tests of models/detr.py: DETR's inputs and outputs, SetCriterion's loss values, PostProcess, MLP; and build_model."""
 import copy
 import math
 
