@@ -76,7 +76,8 @@ class TwoStageDETR(DETR):
             out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}
         return out, hs, memory, queries
 
-    def forward_queries_from_encoder(self, src: Tensor, mask: Tensor, pos: Tensor):
+    def forward_queries_from_encoder(self, src: Tensor, mask: Tensor,
+                                     pos: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The transformer pass. Each encoder output token proposes a class and a box from its own
         state and its 8 neighbours' (a 3x3 convolution over the memory map), the box as an offset (in
         inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
