@@ -73,7 +73,10 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool =
     enable_compile runs compiled, and eagerly from then on if compiling fails (with a message)."""
     forward = forward_function(model)
     try:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+        if amp:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                outputs = forward(samples)
+        else:
             outputs = forward(samples)
     except Exception as e:
         if forward is model or not _is_compile_error(e):

@@ -179,12 +179,14 @@ class HuggingFaceMode:
         self.max_norm = args.clip_max_norm
 
     def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Eval-mode outputs for a batch, under this project's names."""
         self.model.eval()
         with torch.no_grad():
             out = self.model(pixel_values=images)
         return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
 
     def train_step(self, images: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> float:
+        """One step: forward with its loss (aux included), backward, clip, AdamW."""
         self.model.train()
         labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
         loss = self.model(pixel_values=images, labels=labels).loss

@@ -1,7 +1,7 @@
 """Timing for tools/benchmark.py: synchronized wall-clock timing of several variants in interleaved rounds, and
 the table of their ratios. Nothing here knows DETR; the tool supplies the functions to time."""
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -65,13 +65,3 @@ def ratio_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], baseline
             cells.append(notes.get(row["name"], ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def best_seconds(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
-    """{name: best_s} of time_interleaved's results."""
-    return {name: result["best_s"] for name, result in results.items()}
-
-
-def format_seconds(values: List[float]) -> str:
-    """'0.512, 0.530, 0.541 s': a list of times, for a log line."""
-    return ", ".join(f"{v:.3f}" for v in values) + " s"
