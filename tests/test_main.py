@@ -496,10 +496,10 @@ def test_help_shows_the_defaults_of_the_dataset_named(capsys):
     assert "(default: resnet50)" in shown and "add --help after it to see them" in shown
 
 
-def test_the_original_flags_run_the_exact_path_and_the_synthetic_recipe_the_fast_one(synthetic_root):
+def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
     # A run with the original's flags must draw and round as the original does, step after step: the fast path
-    # (--fast) is within rounding of it per step, but Adam magnifies rounding over a run.
+    # is within rounding of it per step, but Adam magnifies rounding over a run.
     assert main_py.parse_args([]).fast is False
     assert main_py.parse_args(["--fast"]).fast is True
-    assert main_py.parse_args(["--dataset_file", "synthetic"]).fast is True
-    assert main_py.parse_args(["--dataset_file", "synthetic", "--exact"]).fast is False
+    assert main_py.parse_args(["--dataset_file", "synthetic"]).fast is False
+    assert main_py.parse_args(["--dataset_file", "synthetic", "--fast", "--exact"]).fast is False
