@@ -249,8 +249,8 @@ def test_exact_flag_gives_the_plain_build_bit_for_bit(monkeypatch, synthetic_roo
 
 
 @pytest.mark.slow
-def test_main_runs_the_fast_path_by_default(monkeypatch, synthetic_root):
-    used, _ = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--eval", *FROZEN_NORMS))
+def test_main_runs_the_fast_path_with_fast(monkeypatch, synthetic_root):
+    used, _ = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--eval", "--fast", *FROZEN_NORMS))
     assert type(used.backbone[0].body) is FoldedLayerGetter
     assert used.backbone[0].channels_last
     assert all(layer.fused_attention for layer in used.transformer.encoder.layers)
