@@ -1,20 +1,43 @@
-"""Shared by the tests: tiny model configurations, the spec folder, and a guard against network access."""
-import os
+"""Plain helpers of the tests (pytest fixtures and the session set-up live in conftest.py): the repository's
+paths, the one tiny model and the flags built on it, running main.py in this process, reading checkpoints,
+an oracle DETR with known outputs, and a guard against network access."""
+import argparse
+import contextlib
+import hashlib
+import io
 import socket
+import sys
 import urllib.request
-from typing import List
+from pathlib import Path
+from typing import Dict, List, Sequence
 
 import torch
+from torch import nn
 
 import main as main_py
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC_DIR = os.path.join(REPO_ROOT, "..", "shared", "spec")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The spec data the parity and state-dict layout tests read, copied from ../shared/spec (test_spec_data.py checks
+# that the copy still equals the original when ../shared is there).
+DATA_DIR = REPO_ROOT / "tests" / "data"
+SPEC_DIR = DATA_DIR / "spec"
+SHARED_SPEC_DIR = REPO_ROOT.parent / "shared" / "spec"
 
-# A DETR small enough for 2 shared CPU cores: ResNet-18, width 32, 1 encoder and 2 decoder layers, 5 queries.
-TINY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
-              "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
-              "--num_queries", "5", "--dropout", "0.0"]
+# The one tiny DETR for 2 shared CPU cores: width 32, 2 heads, 1 encoder and 2 decoder layers, no dropout.
+# Every tiny configuration below (and the detectron2 wrapper's in test_d2.py, the mask head's in
+# test_segmentation.py) builds on these sizes.
+TINY_SIZES = dict(hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0)
+TINY_SIZE_FLAGS = [str(flag) for name, value in TINY_SIZES.items() for flag in (f"--{name}", value)]
+# The mask head's group norms need hidden_dim + nheads and hidden_dim / 2..16 to be multiples of 8.
+MASK_HEAD_SIZES = dict(hidden_dim=128, nheads=8)
+MASK_HEAD_FLAGS = [str(flag) for name, value in MASK_HEAD_SIZES.items() for flag in (f"--{name}", value)]
+
+# main.py's flags of the tiny model on its own: ResNet-18 without weights, 5 queries, on the CPU.
+TINY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", *TINY_SIZE_FLAGS,
+              "--num_queries", "5"]
+
+# The session's synthetic dataset (conftest.synthetic_root): 16 training and 8 validation images of 64x64 pixels.
+SYNTHETIC_SIZES = dict(seed=0, num_train=16, num_val=8, image_size=64)
 
 
 def tiny_args(*extra: str):
@@ -27,6 +50,91 @@ def tiny_model(*extra: str, seed: int = 0):
     from models import build_model
     torch.manual_seed(seed)
     return build_model(tiny_args(*extra))
+
+
+def tiny_flags(root, output_dir="", *extra: str) -> List[str]:
+    """main.py flags that train the tiny model for an epoch in seconds on the synthetic dataset at `root`:
+    the tiny sizes with 8 queries (the synthetic recipe's backbone: ResNet-18 without weights)."""
+    flags = ["--dataset_file", "synthetic", "--synthetic_path", str(root),
+             "--synthetic_seed", str(SYNTHETIC_SIZES["seed"]),
+             "--synthetic_train_size", str(SYNTHETIC_SIZES["num_train"]),
+             "--synthetic_val_size", str(SYNTHETIC_SIZES["num_val"]),
+             "--synthetic_image_size", str(SYNTHETIC_SIZES["image_size"]),
+             *TINY_SIZE_FLAGS, "--num_queries", "8", "--batch_size", "4", "--num_workers", "0",
+             "--device", "cpu", "--no_amp", "--output_dir", str(output_dir),
+             # The original's learned queries on the stride-32 map; tests/test_two_stage.py covers the others.
+             "--no_two_stage", "--feature_stride", "32"]
+    return flags + list(extra)
+
+
+def run_main(argv: Sequence[str]):
+    """main.main(main.parse_args(argv)) in this process; returns (what main returned, what it printed).
+    What it printed is echoed if it raises, so that a failing test shows it."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            result = main_py.main(main_py.parse_args(argv))
+    except BaseException:
+        sys.stdout.write(out.getvalue()[-5000:])
+        raise
+    return result, out.getvalue()
+
+
+def load_checkpoint_safely(path):
+    """A checkpoint as a careful user loads it: torch.load(weights_only=True), no code from the file, only
+    the argparse.Namespace of 'args' allowed beyond tensors and containers."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tiny_detr_and_optimizer(args, seed: int = 0):
+    """(model, criterion, postprocessors, optimizer) as main.py builds them from `args` (main.build_optimizer:
+    AdamW over two parameter groups, the backbone's at --lr_backbone), with a fixed seed."""
+    from models import build_model
+
+    torch.manual_seed(seed)
+    model, criterion, postprocessors = build_model(args)
+    optimizer, _ = main_py.build_optimizer(model, args, torch.device(args.device))
+    return model, criterion, postprocessors, optimizer
+
+
+class OracleDETR(nn.Module):
+    """A stand-in for DETR with fixed outputs: for every image of `dataset` it "predicts" the image's ground
+    truth boxes (moved by up to `noise` of the image side) with confident class scores, and "no object" for the
+    remaining queries. Images are recognised by their bytes, so evaluation results are known in advance."""
+
+    def __init__(self, dataset, num_classes: int, num_queries: int = 8, noise: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.num_classes, self.num_queries = num_classes, num_queries
+        self.answers: Dict[str, tuple] = {}
+        generator = torch.Generator().manual_seed(seed)
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            boxes, labels = target["boxes"], target["labels"]
+            n = len(labels)
+            assert n <= num_queries
+            logits = torch.full((num_queries, num_classes + 1), -5.0)
+            logits[:, -1] = 5.0
+            # Confidences differ per object so that the precision/recall curve has a real order.
+            logits[torch.arange(n), labels] = 6.0 + torch.rand(n, generator=generator)
+            logits[torch.arange(n), -1] = -5.0
+            pred_boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(num_queries, 1)
+            pred_boxes[:n] = (boxes + noise * (2 * torch.rand(boxes.shape, generator=generator) - 1)).clamp(0.01, 1)
+            self.answers[self.key(image)] = (logits, pred_boxes)
+
+    @staticmethod
+    def key(image: torch.Tensor) -> str:
+        return hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest()
+
+    def forward(self, samples):
+        images = samples.tensors
+        # The oracle's images all have the dataset's one size, so a batch holds them unpadded.
+        logits, boxes = zip(*[self.answers[self.key(image)] for image in images])
+        return {"pred_logits": torch.stack(logits), "pred_boxes": torch.stack(boxes)}
 
 
 class NetworkUsed(RuntimeError):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main as main_py
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from util.benchmark import ratio_table, time_interleaved
 
 

@@ -9,16 +9,15 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from conftest import run_main
+from helpers import TINY_FLAGS, run_main
 from datasets import synthetic
 from tools import plot_logs, predict
 from tools.detector import load_detector
 
 pytestmark = pytest.mark.slow  # three short main.py runs at COCO's image sizes (~1 minute)
 
-TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
-              "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "8",
-              "--dropout", "0", "--batch_size", "2", "--num_workers", "0", "--device", "cpu"]
+# The tiny model with the 8 queries of the main.py runs, 2 images a batch.
+TINY_MODEL = TINY_FLAGS + ["--num_queries", "8", "--batch_size", "2", "--num_workers", "0"]
 
 
 def test_train_finetune_evaluate_predict_plot(tmp_path):

@@ -1,6 +1,6 @@
 """d2/: the detectron2 wrapper against this project's own model, data pipeline and main.py.
 
-The converter's key map over the published state_dicts (../shared/spec), the wrapper's outputs against
+The converter's key map over the published state_dicts (tests/data/spec), the wrapper's outputs against
 models.build_model's on the same weights, the dataset mapper against datasets/transforms.py under the same random
 draws, d2/train_net.py training (loss going down, a checkpoint that resumes) and its --eval-only against
 main.py --eval on the same checkpoint.
@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("detectron2", reason="detectron2 is not installed: pip install ../shared/wheels/detectron2-*.whl "
                                          "(or build it from source) to test d2/")
 
-from conftest import REPO_ROOT, run_main, tiny_flags  # noqa: E402
+from helpers import (MASK_HEAD_FLAGS, MASK_HEAD_SIZES, REPO_ROOT, SPEC_DIR, TINY_SIZES,  # noqa: E402
+                     run_main, tiny_args, tiny_flags)
 
 sys.path.insert(0, str(REPO_ROOT / "d2"))
 
@@ -32,18 +33,19 @@ from models import build_model  # noqa: E402
 from util.box_ops import box_xyxy_to_cxcywh  # noqa: E402
 from util.checkpoint import compare_state_dict, load_checkpoint, model_state_from  # noqa: E402
 
-SPEC_DIR = REPO_ROOT.parent / "shared" / "spec"
 CONFIGS = REPO_ROOT / "d2" / "configs"
 SYNTHETIC_CLASSES = [1, 2, 3, 4, 5]  # the synthetic dataset's category ids; detectron2's classes 0-4
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
-# The wrapper's counterpart of tests/helpers.TINY_FLAGS / conftest.tiny_flags: ResNet-18, width 32, 1 encoder and
-# 2 decoder layers, 8 queries, the 5 synthetic classes, 64-pixel images.
+# The wrapper's counterpart of helpers.tiny_flags: ResNet-18, the tiny sizes (helpers.TINY_SIZES), 8 queries, the 5
+# synthetic classes, 64-pixel images.
 TINY_OPTS = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-             "MODEL.DETR.NUM_CLASSES", 5, "MODEL.DETR.HIDDEN_DIM", 32, "MODEL.DETR.NHEADS", 2,
-             "MODEL.DETR.ENC_LAYERS", 1, "MODEL.DETR.DEC_LAYERS", 2, "MODEL.DETR.DIM_FEEDFORWARD", 64,
-             "MODEL.DETR.NUM_OBJECT_QUERIES", 8, "MODEL.DETR.DROPOUT", 0.0,
+             "MODEL.DETR.NUM_CLASSES", 5, "MODEL.DETR.HIDDEN_DIM", TINY_SIZES["hidden_dim"],
+             "MODEL.DETR.NHEADS", TINY_SIZES["nheads"], "MODEL.DETR.ENC_LAYERS", TINY_SIZES["enc_layers"],
+             "MODEL.DETR.DEC_LAYERS", TINY_SIZES["dec_layers"],
+             "MODEL.DETR.DIM_FEEDFORWARD", TINY_SIZES["dim_feedforward"],
+             "MODEL.DETR.NUM_OBJECT_QUERIES", 8, "MODEL.DETR.DROPOUT", TINY_SIZES["dropout"],
              "INPUT.MIN_SIZE_TRAIN", (48, 56, 64, 72), "INPUT.MIN_SIZE_TEST", 64, "DATALOADER.NUM_WORKERS", 0]
 
 
@@ -56,10 +58,8 @@ def tiny_cfg(*opts, config: str = "detr_256_6_6_torchvision.yaml"):
 
 
 def spec_state(name: str):
-    """The keys of a published DETR checkpoint (../shared/spec/state_dict_detr_NAME.tsv) as meta tensors."""
+    """The keys of a published DETR checkpoint (tests/data/spec/state_dict_detr_NAME.tsv) as meta tensors."""
     path = SPEC_DIR / f"state_dict_detr_{name}.tsv"
-    if not path.exists():
-        pytest.skip(f"{path} is missing: the spec tables live in ../shared/spec beside the repository")
     rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines()[1:]]
     return {key: torch.empty(json.loads(shape), device="meta") for key, shape, _ in rows}
 
@@ -138,10 +138,7 @@ def randomize_norms(model: torch.nn.Module, seed: int = 1) -> None:
 
 def project_model(*extra: str):
     """models.build_model on main.py's flags for the tiny model (frozen batch norm, as the published models)."""
-    args = main_py.get_args_parser().parse_args(
-        ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", "--num_classes", "6",
-         "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64",
-         "--num_queries", "8", "--dropout", "0.0", *extra])
+    args = tiny_args("--num_classes", "6", "--num_queries", "8", *extra)
     torch.manual_seed(0)
     model, _, postprocessors = build_model(args)
     randomize_norms(model)
@@ -157,7 +154,7 @@ def project_model(*extra: str):
 
 @pytest.mark.parametrize("masks, feature_stride", [(False, 32), (True, 32), (False, 8)])
 def test_converted_model_predicts_what_the_project_model_predicts(masks, feature_stride):
-    extra = ["--masks", "--hidden_dim", "128", "--nheads", "8"] if masks else []
+    extra = ["--masks", *MASK_HEAD_FLAGS] if masks else []
     model, postprocessors = project_model(*extra, "--feature_stride", str(feature_stride))
     converted = converter.convert_state_dict(model.state_dict(), SYNTHETIC_CLASSES)
     # main.py's --feature_stride 8 ends the ResNet after layer2: detectron2's res3 as the last feature.
@@ -165,7 +162,8 @@ def test_converted_model_predicts_what_the_project_model_predicts(masks, feature
     opts = ["MODEL.RESNETS.OUT_FEATURES", [last]]
     if masks:
         opts = ["MODEL.MASK_ON", True, "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-                "MODEL.DETR.HIDDEN_DIM", 128, "MODEL.DETR.NHEADS", 8]
+                "MODEL.DETR.HIDDEN_DIM", MASK_HEAD_SIZES["hidden_dim"], "MODEL.DETR.NHEADS",
+                MASK_HEAD_SIZES["nheads"]]
     wrapper = Detr(tiny_cfg(*opts))
     wrapper.load_state_dict(converted, strict=True)
     wrapper.eval()
@@ -327,7 +325,8 @@ def test_eval_only_gives_main_py_eval_box_ap_on_a_converted_checkpoint(synthetic
 
 def test_segmentation_config_trains_the_mask_head_on_a_frozen_detector(synthetic_root, tmp_path):
     # The mask head's group norms need hidden_dim + nheads and hidden_dim / 16 in multiples of 8.
-    width = ("MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8")
+    width = ("MODEL.DETR.HIDDEN_DIM", str(MASK_HEAD_SIZES["hidden_dim"]),
+             "MODEL.DETR.NHEADS", str(MASK_HEAD_SIZES["nheads"]))
     train_net.main(train_net_args(synthetic_root, tmp_path / "boxes", *TRAIN_OPTS, *width, "SOLVER.MAX_ITER", "2"))
     detector = torch.load(tmp_path / "boxes" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
 

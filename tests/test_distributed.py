@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, 
 
 import main as main_py
 import util.misc as utils
-from conftest import REPO_ROOT, OracleDETR, load_checkpoint_safely, tiny_detr_and_optimizer, tiny_flags
+from helpers import REPO_ROOT, OracleDETR, load_checkpoint_safely, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
 from engine import evaluate, train_one_epoch
 
@@ -31,7 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tiny_args(root):
+def ddp_args(root):
+    """helpers.tiny_flags with frozen batch norm and the synthetic set's 5 classes (+1)."""
     # Frozen batch norm, as with pretrained backbones: trainable batch norm computes its statistics per
     # process, so only the frozen kind makes a step on two halves equal to one on the whole batch.
     args = main_py.parse_args(tiny_flags(root, "", "--backbone_norm", "frozen"))
@@ -87,7 +88,7 @@ def worker(rank: int, port: int, root: str, out_dir: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    args = tiny_args(root)
+    args = ddp_args(root)
     utils.init_distributed_mode(args)
     assert args.distributed and args.dist_backend == "gloo" and utils.get_world_size() == WORLD_SIZE
     try:
@@ -125,7 +126,7 @@ def two_processes(synthetic_root, tmp_path_factory):
 
 def test_a_ddp_step_on_two_halves_equals_the_step_on_the_whole_batch(two_processes, synthetic_root):
     steps, _ = two_processes
-    args = tiny_args(synthetic_root)
+    args = ddp_args(synthetic_root)
     model, criterion, _, optimizer = tiny_detr_and_optimizer(args)
     images, targets = global_batch()
     stats = one_step(model, criterion, optimizer, images, targets, args.clip_max_norm)
@@ -150,7 +151,7 @@ def test_a_ddp_step_on_two_halves_equals_the_step_on_the_whole_batch(two_process
 @pytest.mark.parametrize("subset", ["all", "first_7"])
 def test_a_split_evaluation_gives_the_stats_of_one_process(two_processes, synthetic_root, subset):
     _, evaluations = two_processes
-    alone = run_evaluations(tiny_args(synthetic_root), distributed=False)[subset]
+    alone = run_evaluations(ddp_args(synthetic_root), distributed=False)[subset]
     stats, _, merged_ids = alone
     assert 0.05 < stats[0] < 0.95  # a score with room to differ
     local_ids = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import load_checkpoint_safely, run_main, tiny_flags
+from helpers import load_checkpoint_safely, run_main, tiny_flags
 from models import build_model
 from util.ema import ModelEMA
 from util.visualize import read_log

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 import main as main_py
 import util.misc as utils
-from conftest import OracleDETR, tiny_detr_and_optimizer, tiny_flags
+from helpers import MASK_HEAD_SIZES, OracleDETR, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
 from engine import evaluate, run_model, train_one_epoch
 from models import build_model
@@ -195,7 +195,8 @@ def test_amp_with_the_mask_head_gives_float32_masks_and_finite_losses(args, batc
     import copy
     mask_args = copy.copy(args)
     mask_args.masks = True
-    mask_args.hidden_dim, mask_args.nheads = 128, 8  # the mask head's group norms need multiples of 8
+    # The mask head's group norms need multiples of 8.
+    mask_args.hidden_dim, mask_args.nheads = MASK_HEAD_SIZES["hidden_dim"], MASK_HEAD_SIZES["nheads"]
     torch.manual_seed(0)
     model, criterion, _ = build_model(mask_args)
     samples, targets = batches[0]

@@ -11,8 +11,7 @@ import torch
 
 import engine
 import main as main_py
-from conftest import run_main, tiny_flags
-from helpers import tiny_args
+from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_flags
 from models import build_model
 from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
 from models.fast import adamw_options, enable_fast_path
@@ -25,7 +24,7 @@ PARITY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--hidden_dim", "64
 CONFIGURATIONS = {
     "parity": PARITY_FLAGS,
     # The mask head's group norms need widths in multiples of 8.
-    "masks": PARITY_FLAGS + ["--masks", "--hidden_dim", "128", "--nheads", "8"],
+    "masks": PARITY_FLAGS + ["--masks", *MASK_HEAD_FLAGS],
     "two_stage": PARITY_FLAGS + ["--two_stage", "--feature_stride", "16"],
     "pre_norm": PARITY_FLAGS + ["--pre_norm"],
     "resnet50": ["--device", "cpu", "--backbone", "resnet50", "--backbone_weights", "none", "--dropout", "0.0",
@@ -142,7 +141,7 @@ def test_fast_path_gradients_within_1e_3_relative(exact_and_fast):
 
 
 def test_fast_path_keeps_weights_and_state_dict_layout():
-    model, _, _ = build_model(tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8"))
+    model, _, _ = build_model(tiny_args("--masks", *MASK_HEAD_FLAGS))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     enable_fast_path(model)
     after = model.state_dict()
@@ -152,7 +151,7 @@ def test_fast_path_keeps_weights_and_state_dict_layout():
     assert type(body) is FoldedLayerGetter
     assert all(type(m) is FoldedBasicBlock for name, m in body.named_modules() if name.count(".") == 1)
     # A checkpoint of the fast model loads into the exact one (and back): nothing to convert.
-    exact, _, _ = build_model(tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8"))
+    exact, _, _ = build_model(tiny_args("--masks", *MASK_HEAD_FLAGS))
     exact.load_state_dict(after, strict=True)
 
 

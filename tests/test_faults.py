@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import main as main_py
-from conftest import REPO_ROOT, file_digest, load_checkpoint_safely, run_main, tiny_flags
+from helpers import MASK_HEAD_FLAGS, REPO_ROOT, file_digest, load_checkpoint_safely, run_main, tiny_flags
 
 # Three epochs with a learning-rate drop after the second (so checkpoint0001.pth is kept), dropout on so that
 # the model draws from the generators too.
@@ -218,7 +218,7 @@ def assert_refused(message: str, path: Path, marker: Path) -> None:
 def test_main_refuses_a_hostile_checkpoint(flag, hostile, synthetic_root, tmp_path):
     path, marker = hostile
     # The mask head's group norms need a wider model than the tiny one.
-    extra = ("--masks", "--hidden_dim", "128", "--nheads", "8") if flag == "--frozen_weights" else ()
+    extra = ("--masks", *MASK_HEAD_FLAGS) if flag == "--frozen_weights" else ()
     with pytest.raises(SystemExit) as stopped:
         run_main(tiny_flags(synthetic_root, tmp_path / "out", *RUN_FLAGS, *extra, flag, str(path)))
     assert str(stopped.value.code).startswith(f"{flag}: ")

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 # Not the project's code: the tests themselves, environments (and any hidden folder), caches and outputs.
 EXCLUDED_DIRS = {"tests", "venv", "outputs", "__pycache__", "build"}

@@ -11,7 +11,7 @@ import torch
 import datasets
 import main as main_py
 import util.misc as utils
-from conftest import file_digest, load_checkpoint_safely, run_main, tiny_flags
+from helpers import file_digest, load_checkpoint_safely, run_main, tiny_flags
 from models import build_model
 from util.visualize import read_log
 

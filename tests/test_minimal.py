@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "docs" / "detr_minimal.py"
 # docs/ is no package: load the file itself, as `python docs/detr_minimal.py` runs it.

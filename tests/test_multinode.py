@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 
-from conftest import REPO_ROOT, load_checkpoint_safely, tiny_flags
+from helpers import REPO_ROOT, load_checkpoint_safely, tiny_flags
 from util.visualize import read_log
 
 # Dropout on: an exact match then also needs every process's own draws from torch's generator to line up.

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_checkpoint_safely, run_main, tiny_flags
+from helpers import MASK_HEAD_FLAGS, load_checkpoint_safely, run_main, tiny_flags
 
 # The mask head's group norms need hidden_dim + nheads and hidden_dim / 2..16 to be multiples of 8.
-PANOPTIC_FLAGS = ["--dataset_file", "synthetic_panoptic", "--hidden_dim", "128", "--nheads", "8", "--epochs", "1"]
+PANOPTIC_FLAGS = ["--dataset_file", "synthetic_panoptic", *MASK_HEAD_FLAGS, "--epochs", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The shared parity case: one small configuration computed by the original DETR (../shared/spec/parity).
+"""The shared parity case: one small configuration computed by the original DETR (tests/data/spec/parity, a copy of
+../shared/spec/parity).
 
 Builds the model from the case's main.py flags, sets every weight with the case's fill_state_dict, and compares
 eval outputs, post-processing, train outputs, matcher indices, every loss, the weighted total and the gradients
@@ -6,7 +7,6 @@ with what the original computed, within 1e-4 (gradients: relative).
 """
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -15,11 +15,8 @@ from helpers import SPEC_DIR
 import main as main_py
 from models import build_model
 
-PARITY_DIR = os.path.join(SPEC_DIR, "parity")
+PARITY_DIR = SPEC_DIR / "parity"
 TOLERANCE = 1e-4
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(PARITY_DIR, "expected.pt")),
-                                reason=f"no parity case at {os.path.normpath(PARITY_DIR)} (the shared spec folder)")
 
 
 def max_difference(expected, actual):
@@ -54,12 +51,12 @@ def parity():
 
 
 def run_case():
-    spec = importlib.util.spec_from_file_location("parity_fill", os.path.join(PARITY_DIR, "fill.py"))
+    spec = importlib.util.spec_from_file_location("parity_fill", PARITY_DIR / "fill.py")
     fill = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fill)
-    with open(os.path.join(PARITY_DIR, "case.json")) as f:
+    with open(PARITY_DIR / "case.json") as f:
         case = json.load(f)
-    expected = torch.load(os.path.join(PARITY_DIR, "expected.pt"), weights_only=True)
+    expected = torch.load(PARITY_DIR / "expected.pt", weights_only=True)
     # fill_state_dict overwrites every weight, so the ImageNet backbone the default flags ask for is not needed.
     args = main_py.get_args_parser().parse_args(case["main_py_flags"] + ["--backbone_weights", "none"])
     model, criterion, postprocessors = build_model(args)

@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import main as main_py
-from conftest import REPO_ROOT
+from helpers import MASK_HEAD_FLAGS, REPO_ROOT
 from tool_checkpoints import run_tool, tiny_checkpoint
 from tools import predict
 from tools.detector import NEWER_FLAGS, dataset_names, load_detector, names_from_annotations
@@ -168,7 +168,7 @@ def test_bad_inputs_give_clear_errors(synthetic_root, fixed_checkpoint, tmp_path
 def test_panoptic_model_gets_a_panoptic_picture(synthetic_root, tmp_path):
     # The mask head's group norms need a width of 128 and 8 heads; labels 1 ("circle") is a thing.
     checkpoint = tiny_checkpoint(tmp_path / "panoptic.pth", synthetic_root, "--dataset_file", "synthetic_panoptic",
-                                 "--masks", "--hidden_dim", "128", "--nheads", "8", num_classes=9, box=BOX, label=1,
+                                 "--masks", *MASK_HEAD_FLAGS, num_classes=9, box=BOX, label=1,
                                  thing_classes=[1, 2, 3, 4, 5])
     detector = load_detector(resume=str(checkpoint))
     assert "panoptic" in detector.postprocessors

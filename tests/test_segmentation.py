@@ -2,13 +2,13 @@
 import argparse
 import io
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import MASK_HEAD_SIZES, SPEC_DIR, TINY_SIZES
 from models.backbone import Backbone, Joiner
 from models.detr import DETR
 from models.position_encoding import PositionEmbeddingSine
@@ -17,12 +17,13 @@ from models.segmentation import (DETRsegm, MaskHeadSmallConv, MHAttentionMap, Po
 from models.transformer import Transformer
 from util.misc import nested_tensor_from_tensor_list
 
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "spec")
 LN3 = math.log(3.0)  # sigmoid(LN3) = 0.75
 
 
-def make_detr(backbone="resnet18", hidden_dim=128, nheads=8, enc=1, dec=2, ffn=64, num_queries=5, num_classes=7,
-              aux_loss=False):
+def make_detr(backbone="resnet18", hidden_dim=MASK_HEAD_SIZES["hidden_dim"], nheads=MASK_HEAD_SIZES["nheads"],
+              enc=TINY_SIZES["enc_layers"], dec=TINY_SIZES["dec_layers"], ffn=TINY_SIZES["dim_feedforward"],
+              num_queries=5, num_classes=7, aux_loss=False):
+    """The tiny DETR (helpers.TINY_SIZES, 5 queries as helpers.TINY_FLAGS) at the mask head's width and heads."""
     position = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
     # return_interm_layers=True: the mask head reads layer1-3
     joiner = Joiner(Backbone(backbone, True, True, False, weights="none"), position)
@@ -201,9 +202,7 @@ def r50_panoptic():
 
 
 def test_state_dict_equals_published_layout(r50_panoptic):
-    path = os.path.join(SPEC, "state_dict_detr_resnet50_panoptic.tsv")
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not found")
+    path = SPEC_DIR / "state_dict_detr_resnet50_panoptic.tsv"
     expected = _read_tsv(path)
     got = [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in r50_panoptic.state_dict().items()]
     assert sorted(got) == sorted(expected)

@@ -16,7 +16,7 @@ import torch
 import datasets
 import main as main_py
 import run_with_submitit
-from conftest import REPO_ROOT, run_main, tiny_flags
+from helpers import REPO_ROOT, run_main, tiny_flags
 from test_multinode import (assert_same_training, finish, read_log, run, start, torchrun_reference,
                             training_flags)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main as main_py
-from helpers import tiny_args, tiny_model
+from helpers import MASK_HEAD_FLAGS, load_checkpoint_safely, run_main, tiny_args, tiny_flags, tiny_model
 from models.backbone import Backbone
 from models.detr import DETR, SetCriterion
 from models.two_stage import (TwoStageCriterion, TwoStageDETR, inverse_sigmoid, match_to_nearest_anchor,
@@ -222,7 +222,7 @@ def test_mask_head_on_a_stride_8_backbone():
     """With the backbone ending at layer2, the mask head reads layer1 for all three FPN levels and still
     predicts masks at a quarter of the image size."""
     model, criterion, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
-                                     "--hidden_dim", "128", "--nheads", "8")  # the mask head's group norms
+                                     *MASK_HEAD_FLAGS)  # the mask head's group norms
     assert model.mask_head.adapter1.in_channels == 64 and model.mask_head.adapter3.in_channels == 64
     out = model(two_images())
     assert out["pred_masks"].shape == (2, 5, 24, 32)
@@ -241,7 +241,6 @@ def test_resuming_with_another_query_scheme_is_refused():
 
 
 def test_main_trains_and_evaluates_a_two_stage_model(synthetic_root, tmp_path):
-    from conftest import load_checkpoint_safely, run_main, tiny_flags
     from models import build_model
     from util.plot_utils import read_log
 
@@ -330,8 +329,8 @@ def test_learned_queries_bad_values_are_clear_errors():
 def test_mask_attention_of_proposals_sees_their_states_and_positions():
     """In a two-stage DETRsegm the attention maps are computed from the decoder state plus the query's input (the
     proposal's token state and position; the embedding for a learned query), over the memory plus its positions."""
-    flags = ["--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4", "--hidden_dim", "128",
-             "--nheads", "8", "--learned_queries", "2"]
+    flags = ["--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4", *MASK_HEAD_FLAGS,
+             "--learned_queries", "2"]
     model, _, _ = tiny_model(*flags, "--mask_attention_gain", "50")
     model.eval()
     seen = {}
@@ -363,7 +362,7 @@ def test_mask_attention_of_proposals_sees_their_states_and_positions():
 def test_panoptic_threshold_reaches_the_post_processor():
     from models import build_model
 
-    args = tiny_args("--masks", "--hidden_dim", "128", "--nheads", "8", "--num_classes", "4")
+    args = tiny_args("--masks", *MASK_HEAD_FLAGS, "--num_classes", "4")
     args.thing_classes = [1, 2]
     assert build_model(args)[2]["panoptic"].threshold == 0.85  # the original's
     args.panoptic_threshold = 0.6

@@ -10,13 +10,13 @@ from typing import Optional, Sequence
 import torch
 
 import main as main_py
-from conftest import REPO_ROOT, tiny_flags
+from helpers import REPO_ROOT, tiny_flags
 from models import build_model
 
 
 def tiny_checkpoint(path, synthetic_root, *extra: str, num_classes: int = 6, seed: int = 0, box=None,
                     label: Optional[int] = None, thing_classes: Optional[Sequence[int]] = None) -> Path:
-    """Save {'model', 'args'} of the tiny synthetic-dataset DETR (conftest.tiny_flags + `extra`) at `path`.
+    """Save {'model', 'args'} of the tiny synthetic-dataset DETR (helpers.tiny_flags + `extra`) at `path`.
 
     With `box` (normalized cx, cy, w, h) and `label`, the heads are fixed: every query predicts that box and
     that class with a score of about 0.98, whatever the image."""
