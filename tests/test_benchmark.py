@@ -26,11 +26,11 @@ def tool():
 @pytest.mark.slow
 def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     output = tmp_path / "benchmark.json"
-    modes = ["exact", "default", "channels_last", "amp", "amp+channels_last"]
+    modes = ["exact", "fast", "channels_last", "amp", "amp+channels_last"]
     tool.main(["--tiny", "--device", "cpu", "--modes", ",".join(modes), "--output", str(output)])
     results = json.loads(output.read_text())
     assert list(results["modes"]) == modes
-    assert results["modes"]["default"]["main_py_flags"] == "" and results["modes"]["exact"]["main_py_flags"] == "--exact"
+    assert results["modes"]["fast"]["main_py_flags"] == "--fast" and results["modes"]["exact"]["main_py_flags"] == "--exact"
     for row in ("inference", "train"):
         for mode in modes:
             timing = results["rows"][row][mode]
@@ -39,7 +39,7 @@ def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     # Same weights: the fast path within 1e-4 of the exact one but not equal to it; bfloat16 within its precision.
     diffs = {m: results["modes"][m]["inference_max_abs_diff"] for m in modes}
     assert diffs["exact"] == 0.0
-    assert 0.0 < diffs["default"] <= 1e-4 and 0.0 < diffs["channels_last"] <= 1e-4
+    assert 0.0 < diffs["fast"] <= 1e-4 and 0.0 < diffs["channels_last"] <= 1e-4
     assert 1e-4 < diffs["amp"] < 0.5 and 1e-4 < diffs["amp+channels_last"] < 0.5
     coco = results["rows"]["coco_eval"]
     assert coco["num_images"] == 16 and coco["stats_equal"] and coco["pycocotools_s"] > 0
@@ -49,8 +49,8 @@ def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| mode | inference | train step | note |" in printed
     assert f"| exact | {results['rows']['inference']['exact']['best_s']:.3f} s |" in printed
-    ratio = results["rows"]["train"]["exact"]["best_s"] / results["rows"]["train"]["default"]["best_s"]
-    assert f"| default | " in printed and f" {ratio:.2f}x |" in printed
+    ratio = results["rows"]["train"]["exact"]["best_s"] / results["rows"]["train"]["fast"]["best_s"]
+    assert "| fast | " in printed and f" {ratio:.2f}x |" in printed
     assert results["table"] in printed
 
 

@@ -6,12 +6,12 @@ evaluation and the data pipeline. Prints speed as multiples of the bit-exact pat
     python tools/benchmark.py --tiny --output b.json   # a tiny model, in seconds (what the tests run)
 
 Modes (each as main.py runs it):
-  exact              --exact: the original's numbers, bit for bit
-  default            no flag: the fast path (models/fast.py) in fp32, fused AdamW
-  channels_last      --exact --channels_last: the exact model, ResNet channels-last only
-  amp                --exact --amp: the exact model under bfloat16 autocast only
-  amp+channels_last  --amp (= --amp --channels_last): the fast path under bfloat16 autocast
-  compiled           --compile: the fast path through torch.compile (its compile time reported apart)
+  exact              main.py's default (or --exact): the original's numbers, bit for bit
+  fast               --fast: the fast path (models/fast.py) in fp32, fused AdamW
+  channels_last      --channels_last: the exact model, ResNet channels-last only
+  amp                --amp: the exact model under bfloat16 autocast only
+  amp+channels_last  --fast --amp: the fast path (channels-last included) under bfloat16 autocast
+  compiled           --fast --compile: the fast path through torch.compile (its compile time reported apart)
   hf                 Hugging Face transformers' DetrForObjectDetection, same sizes, random weights (only when
                      transformers is importable; an optional extra used nowhere else)
 Modes are timed in interleaved rounds (each mode once per round), best of --repeats: on a shared machine a burst
@@ -39,9 +39,9 @@ from models import build_model  # noqa: E402
 from models.fast import adamw_options, enable_fast_path  # noqa: E402
 from util.benchmark import ratio_table, synchronize, time_interleaved  # noqa: E402
 
-ALL_MODES = ("exact", "default", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
-MAIN_FLAGS = {"exact": "--exact", "default": "", "channels_last": "--exact --channels_last",
-              "amp": "--exact --amp", "amp+channels_last": "--amp", "compiled": "--compile", "hf": "(transformers)"}
+ALL_MODES = ("exact", "fast", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
+MAIN_FLAGS = {"exact": "--exact", "fast": "--fast", "channels_last": "--channels_last", "amp": "--amp",
+              "amp+channels_last": "--fast --amp", "compiled": "--fast --compile", "hf": "(transformers)"}
 
 # The model flags build_model reads, at main.py's defaults (DETR-R50 as in the paper);
 # tests/test_benchmark.py checks that they still equal main.get_args_parser()'s.
@@ -112,7 +112,7 @@ class DetrMode:
                  device: torch.device):
         self.name, self.criterion, self.device = name, criterion, device
         self.model = copy.deepcopy(exact_model)
-        fast = name in ("default", "amp+channels_last", "compiled")
+        fast = name in ("fast", "amp+channels_last", "compiled")
         if fast:
             enable_fast_path(self.model)
         elif name == "channels_last":
