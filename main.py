@@ -479,6 +479,8 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except RuntimeError as e:
-        if not getattr(arguments, "distributed", False) or not any(text in str(e) for text in LOST_PEER):
+        # Only once the processes had met: a rendezvous that fails says what to check itself.
+        joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not joined or not any(text in str(e) for text in LOST_PEER):
             raise
         raise SystemExit(explain_lost_process(e, arguments)) from e
