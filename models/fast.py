@@ -2,7 +2,7 @@
 
 `build_model` returns the bit-exact model: the original DETR's numbers to the last bit (the parity case).
 `enable_fast_path(model)` makes the same model, with the same weights and state_dict, faster; main.py applies
-it unless --exact is given. What it changes, each measured by tools/benchmark.py (docs/performance.md):
+it with --fast (off by default: over a whole run, Adam magnifies the rounding differences). What it changes, each measured by tools/benchmark.py (docs/performance.md):
 
 - every FrozenBatchNorm2d of the ResNet runs folded into the convolution before it (one pass over each
   activation instead of two; the folded weight is recomputed every forward, so training is unchanged);
