@@ -2,7 +2,6 @@
 the whole batch, a split evaluation gives the same COCO stats, and main.py runs under torchrun."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, 
 
 import main as main_py
 import util.misc as utils
-from helpers import REPO_ROOT, OracleDETR, load_checkpoint_safely, tiny_detr_and_optimizer, tiny_flags
+from helpers import (REPO_ROOT, OracleDETR, free_port, load_checkpoint_safely, tiny_detr_and_optimizer,
+                     tiny_flags)
 from datasets import get_coco_api_from_dataset, synthetic
 from engine import evaluate, train_one_epoch
 
@@ -25,10 +25,6 @@ CPU = torch.device("cpu")
 ORACLE_NOISE = 0.08
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_args(root):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import main as main_py
-from helpers import MASK_HEAD_FLAGS, REPO_ROOT, file_digest, load_checkpoint_safely, run_main, tiny_flags
+from helpers import (MASK_HEAD_FLAGS, REPO_ROOT, file_digest, free_port, load_checkpoint_safely, run_main,
+                     tiny_flags)
 
 # Three epochs with a learning-rate drop after the second (so checkpoint0001.pth is kept), dropout on so that
 # the model draws from the generators too.
@@ -267,7 +268,6 @@ def test_backbone_weights_refuse_a_hostile_file(tmp_path):
 @pytest.mark.slow
 def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resumes(uninterrupted, synthetic_root,
                                                                                   tmp_path):
-    from test_distributed import free_port
     out = tmp_path / "out"
     flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -297,7 +297,6 @@ def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resume
 @pytest.mark.slow
 def test_without_torchrun_the_survivor_says_a_process_was_lost(synthetic_root, tmp_path):
     """Processes started one by one (as Slurm's srun starts them): the survivor stops at once and says so."""
-    from test_distributed import free_port
     out = tmp_path / "out"
     flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
     script = tmp_path / "killer.py"

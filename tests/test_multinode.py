@@ -6,7 +6,6 @@ Also home of the launch helpers and of the two-process torchrun reference run th
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Dict, List, Sequence
 import pytest
 import torch
 
-from helpers import REPO_ROOT, load_checkpoint_safely, tiny_flags
+from helpers import REPO_ROOT, free_port, load_checkpoint_safely, tiny_flags
 from util.visualize import read_log
 
 # Dropout on: an exact match then also needs every process's own draws from torch's generator to line up.
@@ -33,10 +32,6 @@ def training_flags(root) -> List[str]:
     return flags[:i] + flags[i + 2:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(command: Sequence[str], env: Dict[str, str] = None, log_path=None) -> subprocess.Popen:
