@@ -66,8 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fast", action="store_true",
                         help="the fast path: frozen batch norms folded into the convolutions, the ResNet "
                              "channels-last, fused attention and a fused AdamW; same weights and checkpoints, each "
-                             "step within float rounding (1e-4) of the original's. Off by default: a whole run then "
-                             "parts from the original's after a few steps, as Adam magnifies rounding")
+                             "step within float rounding (1e-4) of the original's; in training on the CPU, dropout "
+                             "masks from a faster generator. Off by default except for the synthetic datasets: a "
+                             "whole run then parts from the original's after a few steps, as Adam magnifies rounding")
     parser.add_argument("--exact", dest="fast", action="store_false",
                         help="the bit-exact path, which reproduces the original DETR's numbers and whole runs to "
                              "the last bit (undoes --fast)")

@@ -346,7 +346,7 @@ def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE
 RECIPE = dict(
     backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2,
     dec_layers=3, dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, num_workers=0,
+    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, fast=True, num_workers=0,
     output_dir="outputs/synthetic",
 )
 # Detection: queries from the proposals of a stride-8 map, no encoder layers, one decoder layer, query NMS.

@@ -7,7 +7,10 @@ it with --fast (off by default: over a whole run, Adam magnifies the rounding di
 - every FrozenBatchNorm2d of the ResNet runs folded into the convolution before it (one pass over each
   activation instead of two; the folded weight is recomputed every forward, so training is unchanged);
 - the ResNet runs channels-last, the layout oneDNN (CPU) and cuDNN prefer;
-- the encoder's self-attention and the decoder's cross-attention run through scaled_dot_product_attention.
+- the encoder's self-attention and the decoder's cross-attention run through scaled_dot_product_attention;
+- in training on the CPU, dropout masks come from transformer.fast_dropout (16 random bits per element,
+  several times faster than torch's bernoulli_ there), in the attention weights and the transformer's layers.
+  Dropout draws other random numbers than the exact path's, as any fused kernel's dropout does.
 
 Results stay within float rounding of the exact path: outputs and losses within 1e-4, gradients within 1e-3
 relative (tests/test_fast_path.py).
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from .backbone import BackboneBase, fold_frozen_batch_norms
-from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
+from .transformer import FastDropout, TransformerDecoderLayer, TransformerEncoderLayer
 
 
 def enable_fast_path(model: nn.Module, channels_last: bool = True) -> nn.Module:
@@ -32,6 +35,9 @@ def enable_fast_path(model: nn.Module, channels_last: bool = True) -> nn.Module:
                 module.use_channels_last()
         elif isinstance(module, (TransformerEncoderLayer, TransformerDecoderLayer)):
             module.fused_attention = True
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Dropout:
+                    setattr(module, name, FastDropout(child.p))
     return model
 
 

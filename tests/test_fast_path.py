@@ -14,6 +14,7 @@ import main as main_py
 from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_flags
 from models import build_model
 from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
+from models import transformer
 from models.fast import adamw_options, enable_fast_path
 from util.misc import nested_tensor_from_tensor_list
 
@@ -200,6 +201,73 @@ def test_fast_model_scripts_and_matches_eager():
         expected = model(x)
         scripted = torch.jit.script(model)(x)
     torch.testing.assert_close(scripted["pred_boxes"], expected["pred_boxes"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
+    n = 1_000_003  # not a multiple of 4: the last 64-bit draw is used in part
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(0)
+    y = transformer.fast_dropout(x, p, True)
+    dropped = (y == 0).double().mean().item()
+    quantized = round(p * 65536) / 65536
+    assert abs(dropped - quantized) < 5 * math.sqrt(p * (1 - p) / n), dropped
+    assert torch.equal(y[y != 0].unique(), torch.tensor([1 / (1 - p)]))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, scaled
+    torch.manual_seed(0)
+    assert torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
+    assert not torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)
+    # Halves of the mask are independent (no period within a tensor).
+    first, second = (y[: n // 2] == 0).double(), (y[n // 2: 2 * (n // 2)] == 0).double()
+    assert abs((first * second).mean().item() - dropped ** 2) < 0.01
+    half = transformer.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
+    assert half.dtype == torch.bfloat16
+    same = torch.randn(5)
+    assert transformer.fast_dropout(same, p, False) is same and transformer.fast_dropout(same, 0.0, True) is same
+
+
+def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropout_masks(monkeypatch):
+    """With its dropout made the identity, the fast path's training attention is nn.MultiheadAttention's."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(32, 4, dropout=0.1)
+    query, key = torch.randn(7, 2, 32, requires_grad=True), torch.randn(9, 2, 32)
+    value = torch.randn(9, 2, 32)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    attention.eval()
+    expected = attention(query, key, value, key_padding_mask=padding)[0]
+    monkeypatch.setattr(transformer, "fast_dropout", lambda x, p, training: x)
+    got = transformer.explicit_attention_fast_dropout(
+        query, key, value, padding, attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight,
+        attention.out_proj.bias, attention.num_heads, attention.dropout)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), query)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), query)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_trains_with_fast_dropout_in_the_transformer(monkeypatch):
+    model, criterion, _ = build_model(tiny_args("--dropout", "0.1"))
+    enable_fast_path(model)
+    layers = [*model.transformer.encoder.layers, *model.transformer.decoder.layers]
+    assert not any(type(m) is torch.nn.Dropout for layer in layers for m in layer.modules())
+    assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, transformer.FastDropout))
+    calls = []
+    original = transformer.explicit_attention_fast_dropout
+    monkeypatch.setattr(transformer, "explicit_attention_fast_dropout",
+                        lambda *a: calls.append(a[-1]) or original(*a))
+    images, targets = inputs()
+    model.train()
+    losses = criterion(model(images), [{k: v for k, v in t.items() if k != "masks"} for t in targets])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # The encoder's self-attention and the decoder's cross-attention, each with the layer's dropout.
+    assert calls == [0.1] * (len(model.transformer.encoder.layers) + len(model.transformer.decoder.layers))
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    assert calls == []  # evaluation: scaled_dot_product_attention, no dropout
 
 
 def test_adamw_options_fused_on_the_fast_path_only():

@@ -482,6 +482,9 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
     assert not original.two_stage and original.learned_queries == 0
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
+    # The demo runs the fast path; the original's flags the bit-exact one; --exact undoes the demo's.
+    assert args.fast and not main_py.parse_args([]).fast
+    assert not main_py.parse_args(["--dataset_file", "synthetic", "--exact"]).fast
 
 
 def test_help_shows_the_defaults_of_the_dataset_named(capsys):
