@@ -482,9 +482,6 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
     assert not original.two_stage and original.learned_queries == 0
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
-    # The demo runs the fast path; the original's flags the bit-exact one; --exact undoes the demo's.
-    assert args.fast and not main_py.parse_args([]).fast
-    assert not main_py.parse_args(["--dataset_file", "synthetic", "--exact"]).fast
 
 
 def test_help_shows_the_defaults_of_the_dataset_named(capsys):
@@ -503,6 +500,10 @@ def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
     # A run with the original's flags must draw and round as the original does, step after step: the fast path
     # is within rounding of it per step, but Adam magnifies rounding over a run.
     assert main_py.parse_args([]).fast is False
+    assert main_py.parse_args(["--dataset_file", "coco_panoptic"]).fast is False
     assert main_py.parse_args(["--fast"]).fast is True
-    assert main_py.parse_args(["--dataset_file", "synthetic"]).fast is False
+    # The embedded demos have no original run to match: they take the fast path, and --exact undoes it.
+    assert main_py.parse_args(["--dataset_file", "synthetic"]).fast is True
+    assert main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--masks"]).fast is True
+    assert main_py.parse_args(["--dataset_file", "synthetic", "--exact"]).fast is False
     assert main_py.parse_args(["--dataset_file", "synthetic", "--fast", "--exact"]).fast is False
