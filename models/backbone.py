@@ -71,7 +71,8 @@ class FoldedBasicBlock(BasicBlock):
             conv, bn = self.downsample[0], self.downsample[1]
             weight, bias = bn.fold(conv.weight, conv.bias)
             x = conv._conv_forward(x, weight, bias)
-        return self.relu(out + x)
+        out += x  # in place, as torchvision's blocks add (the convolution's output is saved by no backward)
+        return self.relu(out)
 
 
 class FoldedBottleneck(Bottleneck):
@@ -89,7 +90,8 @@ class FoldedBottleneck(Bottleneck):
             conv, bn = self.downsample[0], self.downsample[1]
             weight, bias = bn.fold(conv.weight, conv.bias)
             x = conv._conv_forward(x, weight, bias)
-        return self.relu(out + x)
+        out += x
+        return self.relu(out)
 
 
 class FoldedLayerGetter(IntermediateLayerGetter):
