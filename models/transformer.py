@@ -201,6 +201,7 @@ class TransformerEncoderLayer(nn.Module):
         self.normalize_before = normalize_before
         self.fused_attention = False  # see the note at the top
 
+    # The same dispatch as TransformerDecoderLayer.cross_attention: TorchScript cannot pass modules to a helper.
     def self_attention(self, q: Tensor, k: Tensor, v: Tensor, src_mask: Optional[Tensor],
                        src_key_padding_mask: Optional[Tensor]) -> Tensor:
         attn = self.self_attn
