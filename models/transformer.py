@@ -47,18 +47,11 @@ def _keep_mask(x: Tensor, p: float) -> Tensor:
     return uniform.sub_(threshold - 1.0).clamp_(0.0, 1.0).mul_(1.0 / (1.0 - p)).to(x.dtype)
 
 
-class FastDropout(nn.Module):
-    """nn.Dropout through fast_dropout (the fast path swaps it in); no state, like nn.Dropout."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = p
+class FastDropout(nn.Dropout):
+    """nn.Dropout through fast_dropout (the fast path swaps it in)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return fast_dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def explicit_attention_fast_dropout(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
