@@ -67,14 +67,23 @@ def _is_compile_error(error: Exception) -> bool:
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
-def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool = False):
-    """model(samples); with `amp`, the forward runs under bfloat16 autocast and its outputs come back in
-    float32, so the losses, the matching and the post-processing stay in full precision. A model marked by
-    enable_compile runs compiled, and eagerly from then on if compiling fails (with a message)."""
+def autocast_dtype(amp) -> Optional[torch.dtype]:
+    """The autocast type an `amp` argument asks for: a dtype as it is, True for bfloat16, False or None for none."""
+    if amp is True:
+        return torch.bfloat16
+    return amp or None
+
+
+def run_model(model: torch.nn.Module, samples, device: torch.device, amp=False):
+    """model(samples); with `amp` (an autocast dtype, as util.amp.choose_amp_dtype picks it; True: bfloat16), the
+    forward runs under autocast and its outputs come back in float32, so the losses, the matching and the
+    post-processing stay in full precision. A model marked by enable_compile runs compiled, and eagerly from
+    then on if compiling fails (with a message)."""
     forward = forward_function(model)
+    dtype = autocast_dtype(amp)
     try:
-        if amp:
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        if dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=dtype):
                 outputs = forward(samples)
         else:
             outputs = forward(samples)
@@ -86,15 +95,18 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp: bool =
         print(f"--compile: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
               "running without compiling")
         return run_model(model, samples, device, amp)
-    return to_float32(outputs) if amp else outputs
+    return to_float32(outputs) if dtype is not None else outputs
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0, amp: bool = False, ema=None) -> Dict[str, float]:
+                    max_norm: float = 0, amp=False, ema=None,
+                    scaler: Optional["torch.amp.GradScaler"] = None) -> Dict[str, float]:
     """Train for one pass over data_loader; returns the epoch averages of every logged value.
-    `amp`: bfloat16 autocast for the forward pass (see run_model); off, the steps are plain fp32.
-    `ema`: a util.ema.ModelEMA of the model, updated after every step."""
+    `amp`: the autocast type of the forward pass (see run_model); off, the steps are plain fp32.
+    `ema`: a util.ema.ModelEMA of the model, updated after every step.
+    `scaler`: a GradScaler (float16 autocast): the loss is scaled for the backward pass, and a step whose gradients
+    overflowed is skipped (the weights untouched, the scale lowered); the count is returned as 'skipped_steps'."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -102,6 +114,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
     header = f"Epoch: [{epoch}]"
     print_freq = 10
+    skipped_steps = 0
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
         samples = samples.to(device, non_blocking=True)
@@ -125,13 +138,28 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             first = next((k for k, v in loss_dict_reduced_scaled.items() if not math.isfinite(v.item())), None)
             print(f"The first non-finite term is {first} (epoch {epoch}); the weights and the last checkpoint "
                   "are as they were before this step.")
+            if scaler is not None:
+                # Loss scaling guards the gradients; a forward pass that overflows float16 is beyond it.
+                print("The forward pass ran in float16: --amp_dtype bfloat16 (where the device has it) or "
+                      "--no_amp keeps its activations in range.")
             sys.exit(1)
 
         optimizer.zero_grad()
-        losses.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        if scaler is None:
+            losses.backward()
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        else:
+            scaler.scale(losses).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when a gradient is inf or nan
+            scaler.update()
+            # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
+            skipped_steps += scaler.get_scale() < scale
         if ema is not None:
             ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 
@@ -141,12 +169,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    if scaler is not None:
+        stats["skipped_steps"] = skipped_steps
+        stats["loss_scale"] = scaler.get_scale()
+        if skipped_steps:
+            print(f"Epoch {epoch}: {skipped_steps} step(s) skipped by the float16 loss scaler (gradients overflowed)")
+    return stats
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
-             base_ds, device: torch.device, output_dir: Optional[str], amp: bool = False):
+             base_ds, device: torch.device, output_dir: Optional[str], amp=False):
     """Losses and COCO metrics (bbox, segm, PQ as the postprocessors allow) over data_loader.
 
     Returns (stats, coco_evaluator): stats holds the averaged losses plus coco_eval_bbox / coco_eval_masks

@@ -29,6 +29,7 @@ from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_
                              drop_log_lines_from, isolated_rng, load_state_dict_checked,
                              load_state_dict_for_finetuning, model_state_from, read_checkpoint,
                              remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
+from util.amp import AMP_CHOICES, choose_amp_dtype, make_grad_scaler
 from util.ema import ModelEMA
 from util.misc import choose_device
 
@@ -55,9 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "itself is unchanged. The checkpoint's 'model' holds the average (what was evaluated); "
                              "'train_model' the weights training resumes from")
     add_switch(parser, "amp",
-               "run the model's forward pass under bfloat16 autocast (CPU or GPU; losses stay in fp32). Faster where "
-               "bfloat16 is fast; off by default (fp32 is the original's numerics) except for the synthetic datasets",
+               "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32); off by "
+               "default (fp32 is the original's numerics) except for the synthetic datasets",
                "fp32 forward pass")
+    parser.add_argument("--amp_dtype", default="auto", choices=AMP_CHOICES,
+                        help="with --amp: 'auto' takes what the device computes natively (bfloat16; float16 with "
+                             "loss scaling on GPUs without bfloat16; fp32 on CPUs without bfloat16)")
     add_switch(parser, "channels_last",
                "run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor cores favour; same "
                "weights and checkpoints, off by default except for the synthetic datasets",
@@ -346,12 +350,28 @@ def load_starting_weights(model, args) -> Optional[dict]:
     return resumed
 
 
-def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir) -> None:
-    """Continue a --resume checkpoint's optimizer, schedule, epoch and random generators (not with --eval)."""
+def choose_precision(args, device: torch.device):
+    """(the autocast type of the forward pass, None for fp32; the float16 loss scaler or None), from --amp and
+    --amp_dtype, with a line saying what was chosen and why."""
+    if not args.amp:
+        return None, None
+    try:
+        dtype, why = choose_amp_dtype(device, args.amp_dtype)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(why)
+    return dtype, make_grad_scaler(device, dtype)
+
+
+def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir, scaler=None) -> None:
+    """Continue a --resume checkpoint's optimizer, schedule, epoch, random generators and float16 loss scale
+    (not with --eval)."""
     if resumed is None or args.eval or not all(k in resumed for k in ("optimizer", "lr_scheduler", "epoch")):
         return
     optimizer.load_state_dict(resumed["optimizer"])
     lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+    if scaler is not None and "scaler" in resumed:
+        scaler.load_state_dict(resumed["scaler"])
     args.start_epoch = resumed["epoch"] + 1
     if "rng" in resumed:
         restore_rng_states(resumed["rng"])
@@ -410,6 +430,7 @@ def main(args):
     args.device = str(device)
     print(args)
     seed_everything(args.seed + utils.get_rank())
+    amp_dtype, scaler = choose_precision(args, device)
 
     dataset_train, dataset_val, base_ds = build_datasets(args)
     model, criterion, postprocessors = build_model(args)
@@ -421,7 +442,7 @@ def main(args):
 
     output_dir = prepare_output_dir(args)
     resumed = load_starting_weights(model_without_ddp, args)
-    resume_training_state(resumed, optimizer, lr_scheduler, args, output_dir)
+    resume_training_state(resumed, optimizer, lr_scheduler, args, output_dir, scaler)
     ema = build_ema(model_without_ddp, resumed, args)
     # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
     eval_model = ema.module if ema is not None else model
@@ -429,7 +450,7 @@ def main(args):
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                              args.output_dir, amp=args.amp)
+                                              args.output_dir, amp=amp_dtype)
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
         return test_stats
@@ -441,15 +462,17 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, amp=args.amp, ema=ema)
+                                      args.clip_max_norm, amp=amp_dtype, ema=ema, scaler=scaler)
         lr_scheduler.step()
         # Evaluation draws from the global generators (the val loader's base seed, the val transforms), and the
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                              args.output_dir, amp=args.amp)
+                                              args.output_dir, amp=amp_dtype)
         if output_dir is not None:
             training_state = {"model": saved_model.state_dict(), "optimizer": optimizer.state_dict(),
                               "lr_scheduler": lr_scheduler.state_dict()}
+            if scaler is not None:
+                training_state["scaler"] = scaler.state_dict()
             if ema is not None:
                 training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
             end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,

@@ -1,4 +1,5 @@
 """Tests of tools/benchmark.py (its tiny mode end to end, its model flags) and util/benchmark.py (timing, table)."""
+import contextlib
 import importlib.util
 import json
 
@@ -7,6 +8,7 @@ import torch
 
 import main as main_py
 from helpers import REPO_ROOT
+from util import amp
 from util.benchmark import ratio_table, time_interleaved
 
 
@@ -27,8 +29,17 @@ def tool():
 def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     output = tmp_path / "benchmark.json"
     modes = ["exact", "fast", "channels_last", "amp", "amp+channels_last"]
-    tool.main(["--tiny", "--device", "cpu", "--modes", ",".join(modes), "--output", str(output)])
+    # bfloat16 asked for by name: the amp modes then differ from fp32 on every CPU kind (emulated where not native).
+    with pytest.warns(UserWarning) if not amp.native_dtypes(torch.device("cpu")) else contextlib.nullcontext():
+        tool.main(["--tiny", "--device", "cpu", "--modes", ",".join(modes), "--amp_dtype", "bfloat16",
+                   "--output", str(output)])
     results = json.loads(output.read_text())
+    # The hardware is named: the CPU's model, torch's capability, native bfloat16 or not.
+    hardware = results["hardware"]
+    assert hardware["name"] == amp.cpu_name() and hardware["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert hardware["native_bfloat16"] == (torch.bfloat16 in amp.native_dtypes(torch.device("cpu")))
+    assert results["amp_dtype"] == "bfloat16"
+    assert f"torch capability {hardware['capability']}" in results["machine"]
     assert list(results["modes"]) == modes
     assert results["modes"]["fast"]["main_py_flags"] == "--fast" and results["modes"]["exact"]["main_py_flags"] == "--exact"
     for row in ("inference", "train"):

@@ -3,7 +3,11 @@
 
 Builds the model from the case's main.py flags, sets every weight with the case's fill_state_dict, and compares
 eval outputs, post-processing, train outputs, matcher indices, every loss, the weighted total and the gradients
-with what the original computed, within 1e-4 (gradients: relative).
+with what the original computed, within 1e-4 relative to the size of each value (boxes are in pixels) and, for
+gradients, relative to each tensor's largest element with a floor for rounding noise.
+
+Float rounding differs between CPU kinds (AVX2, AVX-512): the original's numbers come from one kind, and on the
+other a 516-pixel box coordinate moves by 1.2e-4 (2.4e-7 of its size), so no comparison is absolute.
 """
 import importlib.util
 import json
@@ -19,13 +23,24 @@ PARITY_DIR = SPEC_DIR / "parity"
 TOLERANCE = 1e-4
 
 
+# Gradients below this fraction of the largest gradient are rounding noise: the first decoder layer's self-attention
+# acts on all-zero queries, so its projection gradients are about 1e-10 (true value 0) and no two CPU kinds round
+# them alike. Every other gradient of the case is far above it.
+GRADIENT_NOISE_FLOOR = 1e-5
+
+
 def max_difference(expected, actual):
-    """The largest absolute difference between two nests of tensors, dicts and lists (inf on a shape mismatch)."""
+    """The largest difference between two nests of tensors, dicts and lists (inf on a shape mismatch), relative to
+    the expected value's size where it exceeds 1: |expected - actual| / max(|expected|, 1). Integers (labels,
+    indices) must be equal."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"expected a tensor, got {type(actual).__name__}"
         if expected.shape != actual.shape:
             return float("inf")
-        return (expected.double() - actual.double()).abs().max().item() if expected.numel() else 0.0
+        if not expected.numel():
+            return 0.0
+        expected, actual = expected.double(), actual.double()
+        return ((expected - actual).abs() / expected.abs().clamp(min=1)).max().item()
     if isinstance(expected, dict):
         assert set(expected) <= set(actual), f"missing keys {sorted(set(expected) - set(actual))}"
         return max([max_difference(v, actual[k]) for k, v in expected.items()], default=0.0)
@@ -109,8 +124,9 @@ def test_weighted_total_loss(parity):
 def test_gradients_outside_the_backbone(parity):
     exp, grads = parity["expected"]["grads_outside_backbone"], parity["grads"]
     assert set(exp) <= set(grads), f"no gradient for {sorted(set(exp) - set(grads))}"
+    floor = GRADIENT_NOISE_FLOOR * max(g.abs().max().item() for g in exp.values())
     for name, g in exp.items():
-        relative = (g - grads[name]).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        relative = (g - grads[name]).abs().max().item() / max(g.abs().max().item(), floor)
         assert relative <= TOLERANCE, name
 
 
@@ -118,5 +134,13 @@ def test_gradient_norms(parity):
     exp, grads = parity["expected"]["grad_norms"], parity["grads"]
     # Same set of trainable parameters: the frozen stem and layer1 get no gradient in either.
     assert set(exp) == set(grads)
+    floor = GRADIENT_NOISE_FLOOR * max(exp.values())
     for name, norm in exp.items():
-        assert abs(norm - grads[name].norm().item()) / max(norm, 1e-12) <= TOLERANCE, name
+        assert abs(norm - grads[name].norm().item()) / max(norm, floor) <= TOLERANCE, name
+
+
+def test_comparisons_catch_a_real_difference(parity):
+    # The relative comparison still sees boxes moved by 1e-3 of their size, and a label changed.
+    expected = parity["expected"]["postprocess"]
+    assert max_difference(expected, [{**p, "boxes": p["boxes"] * (1 + 1e-3)} for p in expected]) > TOLERANCE
+    assert max_difference(expected, [{**p, "labels": p["labels"] + 1} for p in expected]) > TOLERANCE

@@ -9,8 +9,8 @@ Modes (each as main.py runs it):
   exact              main.py's default (or --exact): the original's numbers, bit for bit
   fast               --fast: the fast path (models/fast.py) in fp32, fused AdamW
   channels_last      --channels_last: the exact model, ResNet channels-last only
-  amp                --amp: the exact model under bfloat16 autocast only
-  amp+channels_last  --fast --amp: the fast path (channels-last included) under bfloat16 autocast
+  amp                --amp: the exact model under autocast only (the type --amp_dtype picks, as main.py's)
+  amp+channels_last  --fast --amp: the fast path (channels-last included) under that autocast
   compiled           --fast --compile: the fast path through torch.compile (its compile time reported apart)
   hf                 Hugging Face transformers' DetrForObjectDetection, same sizes, random weights (only when
                      transformers is importable; an optional extra used nowhere else)
@@ -22,7 +22,6 @@ import copy
 import io
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import enable_compile, run_model  # noqa: E402
 from models import build_model  # noqa: E402
 from models.fast import adamw_options, enable_fast_path  # noqa: E402
+from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler  # noqa: E402
 from util.benchmark import ratio_table, synchronize, time_interleaved  # noqa: E402
 
 ALL_MODES = ("exact", "fast", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
@@ -78,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip", default="", help="comma-separated rows to skip: inference, throughput, train, "
                                                    "coco_eval, pipeline")
     parser.add_argument("--threads", default=0, type=int, help="torch threads (0: torch's default)")
+    parser.add_argument("--amp_dtype", default="auto", choices=AMP_CHOICES,
+                        help="autocast type of the amp modes, as main.py's --amp_dtype (auto: what the device "
+                             "computes natively, fp32 where it has neither type)")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model at 64x64, 1 repeat, 16 COCO images, 2 pipeline images: seconds")
@@ -109,7 +112,7 @@ class DetrMode:
     """One mode of this project's model: its own copy of the weights, fast path, autocast, compile, optimizer."""
 
     def __init__(self, name: str, exact_model: torch.nn.Module, criterion: torch.nn.Module, args: Namespace,
-                 device: torch.device):
+                 device: torch.device, amp_dtype: Optional[torch.dtype] = torch.bfloat16):
         self.name, self.criterion, self.device = name, criterion, device
         self.model = copy.deepcopy(exact_model)
         fast = name in ("fast", "amp+channels_last", "compiled")
@@ -117,7 +120,8 @@ class DetrMode:
             enable_fast_path(self.model)
         elif name == "channels_last":
             self.model.backbone[0].use_channels_last()
-        self.amp = name in ("amp", "amp+channels_last")
+        self.amp = amp_dtype if name in ("amp", "amp+channels_last") else None
+        self.scaler = make_grad_scaler(device, self.amp)
         if name == "compiled" and not enable_compile(self.model, device):
             raise RuntimeError("torch.compile is unavailable here (see the message above)")
         params = [{"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
@@ -141,9 +145,16 @@ class DetrMode:
         loss_dict = self.criterion(outputs, targets)
         loss = sum(loss_dict[k] * self.criterion.weight_dict[k] for k in loss_dict if k in self.criterion.weight_dict)
         self.optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        self.optimizer.step()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss.item()
 
 
@@ -260,16 +271,13 @@ def benchmark_coco_evaluation(num_images: int) -> Dict[str, Any]:
 
 
 def machine_description(device: torch.device) -> str:
-    """'CPU: 2 cores (AMD EPYC), 2 torch threads' or the GPU's name."""
+    """'CPU: 2 cores (AMD EPYC), torch capability AVX512, native bfloat16 yes, 2 torch threads' or the GPU's name
+    and compute capability."""
+    info = hardware(device)
     if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU: {os.cpu_count()} cores ({name}), {torch.get_num_threads()} torch threads"
+        return f"GPU: {info['name']} (compute capability {info['compute_capability']})"
+    return (f"CPU: {os.cpu_count()} cores ({info['name']}), torch capability {info['capability']}, native "
+            f"bfloat16 {'yes' if info['native_bfloat16'] else 'no'}, {torch.get_num_threads()} torch threads")
 
 
 def run(bargs: Namespace) -> Dict[str, Any]:
@@ -293,6 +301,8 @@ def run(bargs: Namespace) -> Dict[str, Any]:
     exact_model, criterion, _ = build_model(args)
     exact_model.to(device)
     num_classes = criterion.num_classes
+    amp_dtype, amp_choice = choose_amp_dtype(device, bargs.amp_dtype)
+    print(amp_choice, flush=True)
     notes: Dict[str, str] = {}
     modes: Dict[str, Any] = {}
     for name in names:
@@ -300,7 +310,7 @@ def run(bargs: Namespace) -> Dict[str, Any]:
             if name == "hf":
                 modes[name] = HuggingFaceMode(args, num_classes, device)
             else:
-                modes[name] = DetrMode(name, exact_model, criterion, args, device)
+                modes[name] = DetrMode(name, exact_model, criterion, args, device, amp_dtype)
         except Exception as e:  # an optional mode that cannot run here is reported, not fatal
             notes[name] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else \
                 f"skipped: {type(e).__name__}"
@@ -309,7 +319,9 @@ def run(bargs: Namespace) -> Dict[str, Any]:
         notes["hf"] = "own random weights (outputs not comparable)"
 
     generator = torch.Generator().manual_seed(bargs.seed)
-    results: Dict[str, Any] = {"machine": machine_description(device), "torch": torch.__version__,
+    results: Dict[str, Any] = {"machine": machine_description(device), "hardware": hardware(device),
+                               "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+                               "amp_choice": amp_choice, "torch": torch.__version__,
                                "device": str(device), "config": {**vars(bargs), "model": vars(args)},
                                "modes": {m: {"main_py_flags": MAIN_FLAGS[m]} for m in names}, "rows": {}}
     for name, note in notes.items():
@@ -386,8 +398,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the benchmark from command-line flags; prints the table and writes --output."""
     bargs = get_args_parser().parse_args(argv)
     results = run(bargs)
-    print(f"\n{results['machine']}, torch {results['torch']}; speed as a multiple of --exact's (best of "
-          f"{bargs.repeats})\n")
+    print(f"\n{results['machine']}, torch {results['torch']}; amp modes in {results['amp_dtype']}; speed as a "
+          f"multiple of --exact's (best of {bargs.repeats})\n")
     print(results["table"])
     if bargs.output:
         with open(bargs.output, "w") as f:

@@ -1,0 +1,128 @@
+"""Mixed precision chosen by the hardware: which autocast type `--amp` runs on this device, and what the machine is.
+
+bfloat16 is fast only where the hardware computes in it (CPUs with AVX-512 BF16 or AMX, CUDA GPUs of compute
+capability 8.0 and up); elsewhere torch emulates it, many times slower than fp32. GPUs without bfloat16 (V100, T4)
+accelerate float16, which needs loss scaling (torch.amp.GradScaler). docs/performance.md has the measurements.
+"""
+import platform
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_CHOICES = ("auto", *AMP_DTYPES)
+
+# torch's CPU capabilities (torch.backends.cpu.get_cpu_capability()) whose kernels have no bfloat16 arithmetic.
+_CPU_KINDS_WITHOUT_BFLOAT16 = ("DEFAULT", "NO AVX", "AVX2")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use here: 'AVX512', 'AVX2', ... (ATEN_CPU_CAPABILITY lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def native_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
+    """The reduced-precision types `device` computes in natively (not emulated)."""
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return (torch.bfloat16, torch.float16) if major >= 8 else (torch.float16,)
+    if device.type == "cpu":
+        # oneDNN answers for its kernels (ONEDNN_MAX_CPU_ISA lowers it); torch's own for the rest.
+        vector_ok = cpu_capability() not in _CPU_KINDS_WITHOUT_BFLOAT16
+        native = []
+        if vector_ok and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            native.append(torch.bfloat16)
+        if vector_ok and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            native.append(torch.float16)
+        return tuple(native)
+    return ()
+
+
+def autocast_error(device: torch.device, dtype: torch.dtype) -> str:
+    """Why `device` cannot run autocast in `dtype` at all ('' when it can): a small matmul is tried."""
+    if not torch.amp.is_autocast_available(device.type):
+        return f"torch has no autocast for device type {device.type!r}"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                out = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        return str(e).strip().splitlines()[0]
+    if out.dtype != dtype:
+        said = "; ".join(str(w.message).replace("\n", " ") for w in caught)
+        return said or f"autocast on {device.type} did not compute in {dtype}"
+    return ""
+
+
+def choose_amp_dtype(device: torch.device, requested: str = "auto") -> Tuple[Optional[torch.dtype], str]:
+    """(the autocast type --amp runs, None for fp32; a line saying what was chosen and why).
+
+    'auto': bfloat16 where the device computes in it, float16 on CUDA GPUs without it, fp32 elsewhere (a CPU
+    without bfloat16 emulates both types, slower than fp32). An explicit type the device only emulates runs, with
+    a warning; one it cannot run at all raises ValueError naming --amp_dtype."""
+    if requested not in AMP_CHOICES:
+        raise ValueError(f"--amp_dtype {requested!r}: expected one of {', '.join(AMP_CHOICES)}")
+    native = native_dtypes(device)
+    where = describe_device(device)
+    if requested == "auto":
+        if torch.bfloat16 in native:
+            return torch.bfloat16, f"--amp: bfloat16 autocast, which {where} computes natively"
+        if device.type == "cuda" and torch.float16 in native:
+            return torch.float16, (f"--amp: float16 autocast with loss scaling, as {where} has no bfloat16 "
+                                   "(--amp_dtype bfloat16 to force it)")
+        return None, (f"--amp: fp32, as {where} has no native bfloat16: it would be emulated, slower than fp32 "
+                      "(--amp_dtype bfloat16 or float16 to force one)")
+    dtype = AMP_DTYPES[requested]
+    error = autocast_error(device, dtype)
+    if error:
+        raise ValueError(f"--amp_dtype {requested}: {where} cannot run {requested} autocast ({error}); "
+                         "use --amp_dtype auto or --no_amp")
+    scaling = " with loss scaling" if dtype == torch.float16 else ""
+    if dtype not in native:
+        warnings.warn(f"--amp_dtype {requested}: {where} has no native {requested}; it runs emulated, usually "
+                      "slower than fp32 (--amp_dtype auto picks what this device computes natively)")
+        return dtype, f"--amp: {requested} autocast{scaling}, as --amp_dtype asks (emulated on {where})"
+    return dtype, f"--amp: {requested} autocast{scaling}, as --amp_dtype asks"
+
+
+def make_grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> Optional["torch.amp.GradScaler"]:
+    """A GradScaler for float16 autocast (its gradients underflow without one), None for bfloat16 and fp32."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def describe_device(device: torch.device) -> str:
+    """'the CPU (AMD EPYC, AVX512, native bfloat16)' or 'the GPU NVIDIA ... (compute capability 8.0)'."""
+    info = hardware(device)
+    if device.type == "cuda":
+        return f"the GPU {info['name']} (compute capability {info['compute_capability']})"
+    if device.type == "cpu":
+        bf16 = "native bfloat16" if info["native_bfloat16"] else "no native bfloat16"
+        return f"the CPU ({info['name']}, {info['capability']}, {bf16})"
+    return f"device {device}"
+
+
+def hardware(device: torch.device) -> Dict[str, object]:
+    """What runs the model: for a CPU its model name, torch's capability and native bfloat16 yes or no; for a
+    GPU its name and compute capability (for tools/benchmark.py's table and JSON)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"device": "cuda", "name": torch.cuda.get_device_name(device),
+                "compute_capability": f"{major}.{minor}", "native_bfloat16": major >= 8}
+    return {"device": device.type, "name": cpu_name(), "capability": cpu_capability(),
+            "native_bfloat16": torch.bfloat16 in native_dtypes(device), "threads": torch.get_num_threads()}
