@@ -29,7 +29,7 @@ from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_
                              drop_log_lines_from, isolated_rng, load_state_dict_checked,
                              load_state_dict_for_finetuning, model_state_from, read_checkpoint,
                              remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
-from util.amp import AMP_CHOICES, choose_amp_dtype, make_grad_scaler
+from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler
 from util.ema import ModelEMA
 from util.misc import choose_device
 
@@ -195,13 +195,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """Make the recipe of the dataset named in argv (datasets.recipe: the synthetic datasets bring one) the
     parser's defaults, so that every flag given in argv still wins, abbreviated or not, and --help shows the
-    defaults in effect. argv is read first without --help to find --dataset_file, --masks and --two_stage (the
-    recipe depends on them, and may itself turn --two_stage on)."""
+    defaults in effect. argv is read first without --help to find --dataset_file, --masks, --two_stage and
+    --device (the recipe depends on them, and may itself turn --two_stage on)."""
     probe = [a for a in argv if a not in ("-h", "--help")]
     originals = {}
     for _ in range(2):
         known, _ = parser.parse_known_args(probe)
-        defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage)
+        reduced = automatic_choice_is_reduced(known.device) if known.dataset_file.startswith("synthetic") else True
+        defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage, reduced)
         parser.set_defaults(**originals)  # undo the first round's, then apply this round's
         originals = {name: parser.get_default(name) for name in defaults}
         parser.set_defaults(**defaults)

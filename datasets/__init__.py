@@ -74,9 +74,11 @@ def _categories(args) -> Dict[int, int]:
         raise ValueError(f"cannot read the categories of {ann_file}: {e}") from e
 
 
-def recipe(dataset_file: str, masks: bool = False, two_stage: bool = True) -> Dict[str, object]:
+def recipe(dataset_file: str, masks: bool = False, two_stage: bool = True,
+           reduced_precision: bool = True) -> Dict[str, object]:
     """The flag defaults a dataset brings with it (main.py applies them with parser.set_defaults, so flags given
-    on the command line win): the synthetic datasets' CPU recipes; none for COCO, which keeps the original's."""
+    on the command line win): the synthetic datasets' CPU recipes, sized by whether --amp computes in 16 bits on
+    this machine (`reduced_precision`); none for COCO, which keeps the original's."""
     if dataset_file not in DATASET_FILES:
         raise _unknown_dataset(dataset_file)
-    return synthetic.recipe(dataset_file, masks, two_stage)
+    return synthetic.recipe(dataset_file, masks, two_stage, reduced_precision)

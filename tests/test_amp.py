@@ -153,3 +153,19 @@ def test_the_scaler_state_survives_an_exact_resume(synthetic_root, tmp_path):
     assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_the_synthetic_recipe_is_sized_by_the_automatic_choice(monkeypatch):
+    import datasets
+
+    full, fp32 = datasets.recipe("synthetic"), datasets.recipe("synthetic", reduced_precision=False)
+    assert (full["epochs"], full["batch_size"]) == (15, 8) and (fp32["epochs"], fp32["batch_size"]) == (4, 4)
+    assert fp32["amp"] is True  # --amp stays on: its automatic choice is fp32 there, and bfloat16 where it is fast
+    monkeypatch.setattr(main_py, "automatic_choice_is_reduced", lambda device: False)
+    args = main_py.parse_args(["--dataset_file", "synthetic"])
+    assert (args.epochs, args.lr_drop, args.batch_size, args.amp_dtype) == (4, 3, 4, "auto")
+    assert main_py.parse_args(["--dataset_file", "synthetic", "--epochs", "15"]).epochs == 15  # flags given win
+    monkeypatch.setattr(main_py, "automatic_choice_is_reduced", lambda device: True)
+    assert main_py.parse_args(["--dataset_file", "synthetic"]).epochs == 15
+    # This machine: the recipe follows what --amp would run here.
+    assert amp.automatic_choice_is_reduced("cpu") == (amp.choose_amp_dtype(CPU)[0] is not None)

@@ -99,6 +99,18 @@ def choose_amp_dtype(device: torch.device, requested: str = "auto") -> Tuple[Opt
     return dtype, f"--amp: {requested} autocast{scaling}, as --amp_dtype asks"
 
 
+def automatic_choice_is_reduced(device_flag: str) -> bool:
+    """Whether --amp_dtype auto computes in 16 bits on the device that --device names (CUDA falls back to the CPU
+    where absent, as main.py does): what the synthetic recipes are sized by."""
+    device = torch.device(device_flag)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    try:
+        return choose_amp_dtype(device)[0] is not None
+    except (RuntimeError, AssertionError):  # a device this torch cannot query: size for the slow case
+        return False
+
+
 def make_grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> Optional["torch.amp.GradScaler"]:
     """A GradScaler for float16 autocast (its gradients underflow without one), None for bfloat16 and fp32."""
     if dtype != torch.float16:
