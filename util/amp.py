@@ -84,8 +84,8 @@ def choose_amp_dtype(device: torch.device, requested: str = "auto") -> Tuple[Opt
         if device.type == "cuda" and torch.float16 in native:
             return torch.float16, (f"--amp: float16 autocast with loss scaling, as {where} has no bfloat16 "
                                    "(--amp_dtype bfloat16 to force it)")
-        return None, (f"--amp: fp32, as {where} has no native bfloat16: it would be emulated, slower than fp32 "
-                      "(--amp_dtype bfloat16 or float16 to force one)")
+        return None, (f"--amp: fp32, since {where} would only emulate bfloat16 and float16, slower than fp32 "
+                      "(--amp_dtype bfloat16 or float16 forces one)")
     dtype = AMP_DTYPES[requested]
     error = autocast_error(device, dtype)
     if error:
