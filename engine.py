@@ -98,6 +98,29 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp=False):
     return to_float32(outputs) if dtype is not None else outputs
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   max_norm: float = 0, scaler: Optional["torch.amp.GradScaler"] = None) -> bool:
+    """Backward, gradient clipping at `max_norm` (0: none) and the optimizer's step; returns whether the step was
+    taken. With a GradScaler (float16) the loss is scaled for the backward pass and the gradients unscaled before
+    clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered."""
+    optimizer.zero_grad()
+    if scaler is None:
+        loss.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        return True
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when a gradient is inf or nan
+    scaler.update()
+    # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
+    return scaler.get_scale() >= scale
+
+
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, amp=False, ema=None,
@@ -144,22 +167,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                       "--no_amp keeps its activations in range.")
             sys.exit(1)
 
-        optimizer.zero_grad()
-        if scaler is None:
-            losses.backward()
-            if max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-        else:
-            scaler.scale(losses).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            if max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when a gradient is inf or nan
-            scaler.update()
-            # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
-            skipped_steps += scaler.get_scale() < scale
+        skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler)
         if ema is not None:
             ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 

@@ -49,6 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
+    parser.add_argument("--time_budget", default=0.0, type=float,
+                        help="minutes of training and evaluation to fit the run into (0: no limit): after each epoch "
+                             "the epochs are cut to what the measured time per epoch allows, and --lr_drop keeps "
+                             "its place in the shorter schedule")
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
     parser.add_argument("--ema_decay", default=0.0, type=float,
                         help="evaluate and save an exponential moving average of the weights with this decay per "
@@ -364,13 +368,36 @@ def choose_precision(args, device: torch.device):
     return dtype, make_grad_scaler(device, dtype)
 
 
+def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float) -> None:
+    """--time_budget: after `epoch`, with `spent_s` seconds spent on epochs 0..epoch, cut args.epochs to the epochs
+    that fit the budget at the time per epoch measured so far (never below the epochs done, never above the
+    given), and move the learning-rate drop, if it is still to come, to the same fraction of the shorter run."""
+    per_epoch = spent_s / (epoch + 1)
+    epochs = max(epoch + 1, min(args.epochs, int(args.time_budget * 60 // per_epoch)))
+    if epochs >= args.epochs:
+        return
+    message = (f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} epochs instead "
+               f"of {args.epochs}")
+    if epoch + 1 < args.lr_drop < args.epochs:  # the drop is still to come, and inside the run
+        lr_drop = max(epoch + 2, round(args.lr_drop * epochs / args.epochs))
+        if lr_drop < epochs:
+            message += f"; the learning rate drops after {lr_drop} epochs instead of {args.lr_drop}"
+            args.lr_drop = lr_scheduler.step_size = lr_drop
+    args.epochs = epochs
+    print(message)
+
+
 def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir, scaler=None) -> None:
     """Continue a --resume checkpoint's optimizer, schedule, epoch, random generators and float16 loss scale
-    (not with --eval)."""
+    (not with --eval); with --time_budget, also the schedule it fitted and the time it spent."""
     if resumed is None or args.eval or not all(k in resumed for k in ("optimizer", "lr_scheduler", "epoch")):
         return
     optimizer.load_state_dict(resumed["optimizer"])
     lr_scheduler.load_state_dict(resumed["lr_scheduler"])
+    saved = resumed.get("args")
+    if args.time_budget > 0 and saved is not None and hasattr(saved, "epochs"):
+        args.epochs, args.lr_drop = min(args.epochs, saved.epochs), lr_scheduler.step_size
+        args.time_spent_s = float(resumed.get("time_spent_s", 0.0))
     if scaler is not None and "scaler" in resumed:
         scaler.load_state_dict(resumed["scaler"])
     args.start_epoch = resumed["epoch"] + 1
@@ -458,6 +485,7 @@ def main(args):
 
     print("Start training")
     start_time = time.time()
+    spent_before = getattr(args, "time_spent_s", 0.0)  # by the epochs before a --resume
     test_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
@@ -469,15 +497,21 @@ def main(args):
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir, amp=amp_dtype)
+        spent = spent_before + time.time() - start_time
+        if args.time_budget > 0:
+            # Every process takes the slowest one's time, so that all of them cut the run alike.
+            fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)))
         if output_dir is not None:
             training_state = {"model": saved_model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "lr_scheduler": lr_scheduler.state_dict()}
+                              "lr_scheduler": lr_scheduler.state_dict(), "time_spent_s": spent}
             if scaler is not None:
                 training_state["scaler"] = scaler.state_dict()
             if ema is not None:
                 training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
             end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,
                          saved_model, postprocessors, dataset_val, device, training_state)
+        if epoch + 1 >= args.epochs:  # --time_budget may have shortened the run
+            break
 
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")

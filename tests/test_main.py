@@ -507,3 +507,33 @@ def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
     assert main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--masks"]).fast is True
     assert main_py.parse_args(["--dataset_file", "synthetic", "--exact"]).fast is False
     assert main_py.parse_args(["--dataset_file", "synthetic", "--fast", "--exact"]).fast is False
+
+
+# ---------------------------------------------------------------------------------------------- --time_budget
+
+def test_the_time_budget_cuts_the_epochs_and_moves_the_lr_drop_with_them():
+    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12)
+    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=30.0)  # 23 epochs would fit: nothing changes
+    assert (args.epochs, args.lr_drop, scheduler.step_size) == (15, 12, 12)
+    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=61.0)  # 690 s / 61 s: 11 epochs
+    assert (args.epochs, args.lr_drop, scheduler.step_size) == (11, 9, 9)  # 12/15 of the run, as before
+    main_py.fit_schedule_to_budget(args, scheduler, epoch=9, spent_s=10 * 80.0)  # slower still, after the drop
+    assert (args.epochs, args.lr_drop) == (10, 9)  # never fewer epochs than those done; the drop stays
+    args = argparse.Namespace(epochs=4, lr_drop=3, time_budget=1.0)
+    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=100.0)
+    assert args.epochs == 1 and args.lr_drop == 3  # no room for a drop inside the run: it is left alone
+
+
+def test_a_run_stops_at_its_time_budget_and_resumes_with_the_schedule_it_fitted(synthetic_root, tmp_path):
+    # A budget of 0.6 s: the first epoch takes longer, so the run ends after it, with the schedule it fitted saved.
+    flags = ("--no_plots", "--time_budget", "0.01")
+    _, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "5", *flags))
+    assert "--time_budget 0.01 min: " in printed and "so 1 epochs instead of 5" in printed
+    assert [row["epoch"] for row in read_log(tmp_path / "log.txt")] == [0]
+    checkpoint = load_checkpoint_safely(tmp_path / "checkpoint.pth")
+    assert checkpoint["args"].epochs == 1 and checkpoint["time_spent_s"] > 0.6
+    # Resumed with the same command: nothing is left to train.
+    _, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "5", *flags, "--auto_resume"))
+    assert [row["epoch"] for row in read_log(tmp_path / "log.txt")] == [0]
+    assert "Start training" in printed and "--time_budget" not in printed.split("Start training")[1]

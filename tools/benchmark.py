@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import enable_compile, run_model  # noqa: E402
+from engine import enable_compile, optimizer_step, run_model  # noqa: E402
 from models import build_model  # noqa: E402
 from models.fast import adamw_options, enable_fast_path  # noqa: E402
 from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler  # noqa: E402
@@ -144,17 +144,7 @@ class DetrMode:
         outputs = run_model(self.model, images, self.device, self.amp)
         loss_dict = self.criterion(outputs, targets)
         loss = sum(loss_dict[k] * self.criterion.weight_dict[k] for k in loss_dict if k in self.criterion.weight_dict)
-        self.optimizer.zero_grad()
-        if self.scaler is None:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-            self.optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        optimizer_step(loss, self.model, self.optimizer, self.max_norm, self.scaler)
         return loss.item()
 
 
