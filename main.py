@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -368,22 +368,30 @@ def choose_precision(args, device: torch.device):
     return dtype, make_grad_scaler(device, dtype)
 
 
-def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float) -> None:
-    """--time_budget: after `epoch`, with `spent_s` seconds spent on epochs 0..epoch, cut args.epochs to the epochs
+def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, planned: Tuple[int, int]) -> None:
+    """--time_budget: after `epoch`, with `spent_s` seconds spent on epochs 0..epoch, set args.epochs to the epochs
     that fit the budget at the time per epoch measured so far (never below the epochs done, never above the
-    given), and move the learning-rate drop, if it is still to come, to the same fraction of the shorter run."""
+    `planned` (epochs, lr_drop) given), and, while the learning-rate drop is still to come, keep it at its fraction
+    of the planned run. Measured again after every epoch, so a first epoch slowed by warming up costs nothing."""
+    planned_epochs, planned_drop = planned
     per_epoch = spent_s / (epoch + 1)
-    epochs = max(epoch + 1, min(args.epochs, int(args.time_budget * 60 // per_epoch)))
-    if epochs >= args.epochs:
+    fit = int(args.time_budget * 60 // per_epoch)
+    drop_ahead = epoch + 1 < args.lr_drop
+    # Once the drop has passed, the run may only shrink: its remaining epochs are all after the drop.
+    epochs = max(epoch + 1, min(planned_epochs if drop_ahead else args.epochs, fit))
+    lr_drop = args.lr_drop
+    if drop_ahead and planned_drop < planned_epochs:
+        lr_drop = max(epoch + 2, round(planned_drop * epochs / planned_epochs))
+        if lr_drop >= epochs:  # no room for it inside the run
+            lr_drop = args.lr_drop
+    if (epochs, lr_drop) == (args.epochs, args.lr_drop):
         return
-    message = (f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} epochs instead "
-               f"of {args.epochs}")
-    if epoch + 1 < args.lr_drop < args.epochs:  # the drop is still to come, and inside the run
-        lr_drop = max(epoch + 2, round(args.lr_drop * epochs / args.epochs))
-        if lr_drop < epochs:
-            message += f"; the learning rate drops after {lr_drop} epochs instead of {args.lr_drop}"
-            args.lr_drop = lr_scheduler.step_size = lr_drop
-    args.epochs = epochs
+    message = (f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} "
+               "epochs")
+    if lr_drop != args.lr_drop:
+        message += f", the learning rate dropping after {lr_drop}"
+    args.epochs, args.lr_drop = epochs, lr_drop
+    lr_scheduler.step_size = lr_drop
     print(message)
 
 
@@ -452,6 +460,7 @@ def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_paramete
 
 def main(args):
     check_args(args)
+    planned = (args.epochs, args.lr_drop)  # what --time_budget fits, before a resumed checkpoint's cut
     utils.init_distributed_mode(args)
     print("git:\n  {}\n".format(utils.get_sha()))
     device = choose_device(args.device)
@@ -500,7 +509,7 @@ def main(args):
         spent = spent_before + time.time() - start_time
         if args.time_budget > 0:
             # Every process takes the slowest one's time, so that all of them cut the run alike.
-            fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)))
+            fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)), planned)
         if output_dir is not None:
             training_state = {"model": saved_model.state_dict(), "optimizer": optimizer.state_dict(),
                               "lr_scheduler": lr_scheduler.state_dict(), "time_spent_s": spent}

@@ -511,25 +511,30 @@ def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
 
 # ---------------------------------------------------------------------------------------------- --time_budget
 
-def test_the_time_budget_cuts_the_epochs_and_moves_the_lr_drop_with_them():
+def test_the_time_budget_fits_the_epochs_and_keeps_the_lr_drop_at_its_place():
     args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5)
     scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12)
-    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=30.0)  # 23 epochs would fit: nothing changes
-    assert (args.epochs, args.lr_drop, scheduler.step_size) == (15, 12, 12)
-    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=61.0)  # 690 s / 61 s: 11 epochs
-    assert (args.epochs, args.lr_drop, scheduler.step_size) == (11, 9, 9)  # 12/15 of the run, as before
-    main_py.fit_schedule_to_budget(args, scheduler, epoch=9, spent_s=10 * 80.0)  # slower still, after the drop
-    assert (args.epochs, args.lr_drop) == (10, 9)  # never fewer epochs than those done; the drop stays
+
+    def fit(epoch, spent_s):
+        main_py.fit_schedule_to_budget(args, scheduler, epoch, spent_s, planned=(15, 12))
+        return args.epochs, args.lr_drop, scheduler.step_size
+
+    assert fit(0, 30.0) == (15, 12, 12)  # 23 epochs would fit: nothing changes
+    assert fit(0, 61.0) == (11, 9, 9)  # 690 s / 61 s: 11 epochs, the drop at 12/15 of them
+    assert fit(3, 4 * 50.0) == (13, 10, 10)  # faster than the first epoch: back up to 13
+    assert fit(5, 6 * 40.0) == (15, 12, 12)  # fast enough for the planned run again
+    assert fit(12, 13 * 80.0) == (13, 12, 12)  # slower after the drop: shorter, never below the epochs done
+    assert fit(12, 13 * 40.0) == (13, 12, 12)  # and, after the drop, never longer again
     args = argparse.Namespace(epochs=4, lr_drop=3, time_budget=1.0)
-    main_py.fit_schedule_to_budget(args, scheduler, epoch=0, spent_s=100.0)
-    assert args.epochs == 1 and args.lr_drop == 3  # no room for a drop inside the run: it is left alone
+    main_py.fit_schedule_to_budget(args, scheduler, 0, 100.0, planned=(4, 3))
+    assert (args.epochs, args.lr_drop) == (1, 3)  # no room for a drop inside the run: it is left alone
 
 
 def test_a_run_stops_at_its_time_budget_and_resumes_with_the_schedule_it_fitted(synthetic_root, tmp_path):
     # A budget of 0.6 s: the first epoch takes longer, so the run ends after it, with the schedule it fitted saved.
     flags = ("--no_plots", "--time_budget", "0.01")
     _, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "5", *flags))
-    assert "--time_budget 0.01 min: " in printed and "so 1 epochs instead of 5" in printed
+    assert "--time_budget 0.01 min: " in printed and "so 1 of 5 epochs" in printed
     assert [row["epoch"] for row in read_log(tmp_path / "log.txt")] == [0]
     checkpoint = load_checkpoint_safely(tmp_path / "checkpoint.pth")
     assert checkpoint["args"].epochs == 1 and checkpoint["time_spent_s"] > 0.6
