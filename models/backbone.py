@@ -77,21 +77,13 @@ class FoldedBasicBlock(BasicBlock):
 
 class FoldedBottleneck(Bottleneck):
     """torchvision's Bottleneck (resnet50 and up) with each FrozenBatchNorm2d folded into the convolution before
-    it. With `contiguous_strided_3x3` (models.fast.enable_fast_path sets it on AVX2 CPUs), a channels-last block
-    whose 3x3 convolution has stride 2 runs that convolution in the contiguous layout, where oneDNN's AVX2 kernels
-    compute its backward pass faster (docs/performance.md)."""
-
-    contiguous_strided_3x3: bool = False
+    it."""
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.bn1.fold(self.conv1.weight, self.conv1.bias)
         out = self.relu(self.conv1._conv_forward(x, weight, bias))
         weight, bias = self.bn2.fold(self.conv2.weight, self.conv2.bias)
-        if self.contiguous_strided_3x3 and self.conv2.stride[0] > 1 and not out.is_contiguous():
-            out = self.conv2._conv_forward(out.contiguous(), weight.contiguous(), bias)
-            out = self.relu(out.contiguous(memory_format=torch.channels_last))
-        else:
-            out = self.relu(self.conv2._conv_forward(out, weight, bias))
+        out = self.relu(self.conv2._conv_forward(out, weight, bias))
         weight, bias = self.bn3.fold(self.conv3.weight, self.conv3.bias)
         out = self.conv3._conv_forward(out, weight, bias)
         if self.downsample is not None:
