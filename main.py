@@ -402,9 +402,8 @@ def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args
         return
     optimizer.load_state_dict(resumed["optimizer"])
     lr_scheduler.load_state_dict(resumed["lr_scheduler"])
-    saved = resumed.get("args")
-    if args.time_budget > 0 and saved is not None and hasattr(saved, "epochs"):
-        args.epochs, args.lr_drop = min(args.epochs, saved.epochs), lr_scheduler.step_size
+    if args.time_budget > 0:  # the drop where the budget moved it, and the time spent so far
+        args.lr_drop = lr_scheduler.step_size
         args.time_spent_s = float(resumed.get("time_spent_s", 0.0))
     if scaler is not None and "scaler" in resumed:
         scaler.load_state_dict(resumed["scaler"])
@@ -495,6 +494,9 @@ def main(args):
     print("Start training")
     start_time = time.time()
     spent_before = getattr(args, "time_spent_s", 0.0)  # by the epochs before a --resume
+    if args.time_budget > 0 and args.start_epoch > 0 and spent_before > 0:
+        # A resumed run fits what is left of the budget before it trains.
+        fit_schedule_to_budget(args, lr_scheduler, args.start_epoch - 1, spent_before, planned)
     test_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
