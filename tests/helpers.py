@@ -17,11 +17,10 @@ from torch import nn
 import main as main_py
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The spec data the parity and state-dict layout tests read, copied from ../shared/spec (test_spec_data.py checks
-# that the copy still equals the original when ../shared is there).
+# The spec data the parity and state-dict layout tests read: the published state_dict layouts and the parity case
+# computed by the original DETR (test_spec_data.py checks the files against their SHA-256 list).
 DATA_DIR = REPO_ROOT / "tests" / "data"
 SPEC_DIR = DATA_DIR / "spec"
-SHARED_SPEC_DIR = REPO_ROOT.parent / "shared" / "spec"
 
 # The one tiny DETR for 2 shared CPU cores: width 32, 2 heads, 1 encoder and 2 decoder layers, no dropout.
 # Every tiny configuration below (and the detectron2 wrapper's in test_d2.py, the mask head's in

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed: pip install ../shared/wheels/detectron2-*.whl "
+pytest.importorskip("detectron2", reason="detectron2 is not installed: pip install a detectron2 wheel "
                                          "(or build it from source) to test d2/")
 
 from helpers import (MASK_HEAD_FLAGS, MASK_HEAD_SIZES, REPO_ROOT, SPEC_DIR, TINY_SIZES,  # noqa: E402

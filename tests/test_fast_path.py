@@ -18,7 +18,7 @@ from models import transformer
 from models.fast import adamw_options, enable_fast_path
 from util.misc import nested_tensor_from_tensor_list
 
-# The parity case's flags (../shared/spec/parity/case.json), without the ImageNet weights the default asks for.
+# The parity case's flags (tests/data/spec/parity/case.json), without the ImageNet weights the default asks for.
 PARITY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--enc_layers",
                 "2", "--dec_layers", "2", "--dim_feedforward", "128", "--num_queries", "10", "--dropout", "0.0",
                 "--backbone_weights", "none"]

@@ -1,4 +1,4 @@
-"""Which way imports run (../shared/GUIDE.md): the import graph of the project's own modules, read from their
+"""Which way imports run (the project's layering rule): the import graph of the project's own modules, read from their
 source (lazy imports inside functions included), has no cycle, and each layer imports only the ones below it."""
 import ast
 from pathlib import Path

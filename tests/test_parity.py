@@ -1,5 +1,4 @@
-"""The shared parity case: one small configuration computed by the original DETR (tests/data/spec/parity, a copy of
-../shared/spec/parity).
+"""The shared parity case: one small configuration computed by the original DETR (tests/data/spec/parity).
 
 Builds the model from the case's main.py flags, sets every weight with the case's fill_state_dict, and compares
 eval outputs, post-processing, train outputs, matcher indices, every loss, the weighted total and the gradients
