@@ -191,7 +191,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # python -m torch.distributed.launch without --use_env passes --local-rank=N (--local_rank before torch 2.0).
     # The ranks are read from LOCAL_RANK, RANK and WORLD_SIZE, which the launcher sets either way.
     parser.add_argument("--local_rank", "--local-rank", default=None, type=int,
-                        help="accepted from torch.distributed.launch; LOCAL_RANK in the environment wins")
+                        help="accepted from torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
     parser.add_argument("--dist_timeout", default=1800, type=int,
                         help="seconds to wait for the other processes (rendezvous, collectives) before failing")
     parser.add_argument("--no_plots", dest="plots", action="store_false",

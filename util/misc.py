@@ -347,7 +347,7 @@ def init_distributed_mode(args) -> None:
         source = "torchrun/torch.distributed.launch environment"
         args.rank = int(env["RANK"])
         args.world_size = int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", getattr(args, "local_rank", None) or 0))
+        args.gpu = int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         source = "Slurm environment"
         args.rank = int(env["SLURM_PROCID"])
