@@ -188,6 +188,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     # distributed training parameters
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    # python -m torch.distributed.launch without --use_env passes --local-rank=N (--local_rank before torch 2.0).
+    # The ranks are read from LOCAL_RANK, RANK and WORLD_SIZE, which the launcher sets either way.
+    parser.add_argument("--local_rank", "--local-rank", default=None, type=int,
+                        help="accepted from torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
     parser.add_argument("--dist_timeout", default=1800, type=int,
                         help="seconds to wait for the other processes (rendezvous, collectives) before failing")
     parser.add_argument("--no_plots", dest="plots", action="store_false",

@@ -2,6 +2,7 @@
 
     python d2/converter.py --source outputs/checkpoint.pth --output converted.pth
     python d2/converter.py --source https://.../detr-r50-e632da11.pth --output detr_r50.pth
+    cd d2 && python converter.py --source_model ... --output_model converted_model.pth   # the original's flags
 
 The backbone's torchvision ResNet keys become detectron2's (backbone.0.body.layer1.0.bn2 ->
 detr.backbone.0.backbone.res2.0.conv2.norm), every other key moves under "detr.", and the class head keeps the
@@ -156,8 +157,11 @@ def convert_checkpoint(source: str, output: str, classes: str = "coco") -> Dict[
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a DETR checkpoint to the detectron2 wrapper's format")
-    parser.add_argument("--source", required=True, help="main.py checkpoint or published DETR file (path or URL)")
-    parser.add_argument("--output", required=True, help="where to write the converted checkpoint (.pth)")
+    # --source_model and --output_model are the original d2/converter.py's names, kept so its commands still run.
+    parser.add_argument("--source", "--source_model", dest="source", required=True,
+                        help="main.py checkpoint or published DETR file (path or URL)")
+    parser.add_argument("--output", "--output_model", dest="output", required=True,
+                        help="where to write the converted checkpoint (.pth)")
     parser.add_argument("--classes", default="coco",
                         help="how the class head maps to detectron2's contiguous classes: 'coco' (the 80 COCO "
                              "categories, for COCO and COCO-panoptic checkpoints), a COCO annotation file (its "

@@ -27,6 +27,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from detr import DetrDatasetMapper, add_detr_config  # noqa: E402  (also registers the Detr meta-architecture)
+from util.misc import choose_device  # noqa: E402
 
 
 def create_ddp_model_on_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -119,6 +120,8 @@ def setup(args):
     add_detr_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # detectron2's default MODEL.DEVICE is "cuda": on a machine without one, the original's commands run on the CPU.
+    cfg.MODEL.DEVICE = str(choose_device(cfg.MODEL.DEVICE, "MODEL.DEVICE"))
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -148,8 +151,20 @@ def argument_parser():
     return parser
 
 
+def check_num_gpus(parser, num_gpus: int) -> None:
+    """detectron2's launch starts one process per GPU where there are GPUs (asserting that there are enough), and
+    --num-gpus processes on the CPU where there are none."""
+    if num_gpus < 1:
+        parser.error(f"--num-gpus {num_gpus}: give at least 1")
+    if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
+        parser.error(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s); ask for "
+                     "at most that many (--num-gpus is processes per machine)")
+
+
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args()
+    check_num_gpus(parser, args.num_gpus)
     print("Command line arguments:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

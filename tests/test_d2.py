@@ -3,10 +3,12 @@
 The converter's key map over the published state_dicts (tests/data/spec), the wrapper's outputs against
 models.build_model's on the same weights, the dataset mapper against datasets/transforms.py under the same random
 draws, d2/train_net.py training (loss going down, a checkpoint that resumes) and its --eval-only against
-main.py --eval on the same checkpoint.
+main.py --eval on the same checkpoint, and the original d2/README's commands as written.
 """
 import json
+import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -363,3 +365,145 @@ def test_imagenet_weights_in_detectron2_names_load_into_the_backbone(tmp_path):
     assert len(weights) > 50
     for key, value in weights.items():
         assert torch.equal(state[prefix + key], torch.from_numpy(value)), key
+
+
+# The original d2/README's commands, as written (run from d2/, its paths aside), on the tiny model: COCO laid out as
+# detectron2's builtin coco_2017_train / coco_2017_val expect it under $DETECTRON2_DATASETS, holding the synthetic
+# images with COCO's 80 categories (the synthetic category ids 1-5 are COCO's ids 1-5), so that the configs' own
+# DATASETS and NUM_CLASSES 80 stand. Sizes are set on the command line; the mask head's width, so that the trained
+# detector can be fine-tuned for masks. No MODEL.DEVICE: detectron2's "cuda" falls back to the CPU.
+ORIGINAL_COMMAND_SIZES = [
+    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+    "MODEL.DETR.HIDDEN_DIM", str(MASK_HEAD_SIZES["hidden_dim"]), "MODEL.DETR.NHEADS", str(MASK_HEAD_SIZES["nheads"]),
+    "MODEL.DETR.ENC_LAYERS", str(TINY_SIZES["enc_layers"]), "MODEL.DETR.DEC_LAYERS", str(TINY_SIZES["dec_layers"]),
+    "MODEL.DETR.DIM_FEEDFORWARD", str(TINY_SIZES["dim_feedforward"]), "MODEL.DETR.DROPOUT", str(TINY_SIZES["dropout"]),
+    "MODEL.DETR.NUM_OBJECT_QUERIES", "8", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.CROP.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0"]
+
+
+@pytest.fixture(scope="module")
+def detectron2_datasets(synthetic_root, tmp_path_factory):
+    """A $DETECTRON2_DATASETS folder whose coco/ holds the synthetic images under COCO's 80 categories."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    root = tmp_path_factory.mktemp("detectron2_datasets")
+    coco = root / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    things = [{"id": c["id"], "name": c["name"], "supercategory": "thing"} for c in COCO_CATEGORIES if c["isthing"]]
+    for split in ("train", "val"):
+        annotations = json.loads((synthetic_root / "annotations" / f"instances_{split}2017.json").read_text())
+        assert {a["category_id"] for a in annotations["annotations"]} <= {c["id"] for c in things}
+        annotations["categories"] = things
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(annotations))
+        (coco / f"{split}2017").symlink_to(synthetic_root / f"{split}2017", target_is_directory=True)
+    return root
+
+
+def run_in_d2(datasets_root, *argv: str) -> str:
+    """`python ARGV...` from d2/, as the original README runs its commands; returns what it printed. On the CPU
+    everywhere (no CUDA device visible), so that --num-gpus N starts N processes here."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT / "d2", env=env, capture_output=True, text=True,
+                          timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    return output
+
+
+def test_converter_takes_the_original_flags_and_its_own(tmp_path, capsys):
+    model, _ = project_model("--num_classes", "91")
+    torch.save({"model": model.state_dict()}, tmp_path / "detr.pth")
+    converter.main(["--source_model", str(tmp_path / "detr.pth"), "--output_model", str(tmp_path / "original.pth")])
+    converter.main(["--source", str(tmp_path / "detr.pth"), "--output", str(tmp_path / "own.pth")])
+    original, own = (torch.load(tmp_path / f"{name}.pth", weights_only=True)["model"] for name in ("original", "own"))
+    assert original.keys() == own.keys() and all(torch.equal(original[k], own[k]) for k in own)
+    assert original["detr.class_embed.weight"].shape[0] == 81
+    with pytest.raises(SystemExit):
+        converter.main(["--output_model", str(tmp_path / "out.pth")])
+    assert "the following arguments are required: --source/--source_model" in capsys.readouterr().err
+
+
+def test_config_files_and_keys_of_the_original_load():
+    """The original's config names and its MODEL.DETR.L1_WEIGHT (the wrapper's BBOX_WEIGHT), which wins if set."""
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["detr_256_6_6_torchvision.yaml",
+                                                             "detr_segm_256_6_6_torchvision.yaml"]
+    criterion = Detr(tiny_cfg("MODEL.DETR.L1_WEIGHT", 3.0)).criterion
+    assert criterion.weight_dict["loss_bbox"] == criterion.weight_dict["loss_bbox_0"] == 3.0
+    assert criterion.matcher.cost_bbox == 3.0
+    assert Detr(tiny_cfg()).criterion.weight_dict["loss_bbox"] == 5.0  # BBOX_WEIGHT, when L1_WEIGHT is not set
+
+
+def test_num_gpus_beyond_the_machine_names_the_flag(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    parser = train_net.argument_parser()
+    train_net.check_num_gpus(parser, 2)
+    with pytest.raises(SystemExit):
+        train_net.check_num_gpus(parser, 8)
+    assert "--num-gpus 8: this machine has 2 CUDA device(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_original_readme_converts_then_evaluates_as_written(detectron2_datasets, tmp_path):
+    """python converter.py --source_model X --output_model Y, then
+    python train_net.py --eval-only --config configs/detr_256_6_6_torchvision.yaml MODEL.WEIGHTS Y."""
+    model, _ = project_model("--num_classes", "91", *MASK_HEAD_FLAGS)  # main.py's COCO head: 91 classes
+    torch.save({"model": model.state_dict()}, tmp_path / "detr.pth")
+    converted = tmp_path / "converted_model.pth"
+    run_in_d2(detectron2_datasets, "converter.py", "--source_model", str(tmp_path / "detr.pth"),
+              "--output_model", str(converted))
+    weights = torch.load(converted, weights_only=True)["model"]
+    expected = converter.convert_state_dict(model.state_dict(), converter.COCO_CATEGORY_IDS)
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+
+    output = run_in_d2(detectron2_datasets, "train_net.py", "--eval-only", "--config",
+                       "configs/detr_256_6_6_torchvision.yaml", "MODEL.WEIGHTS", str(converted),
+                       *ORIGINAL_COMMAND_SIZES, "OUTPUT_DIR", str(tmp_path / "eval"))
+    assert "MODEL.DEVICE cuda: no CUDA device is available here, using the CPU instead" in output
+    assert "Evaluation results for coco_2017_val" in output
+    detections = json.loads((tmp_path / "eval" / "inference" / "coco_instances_results.json").read_text())
+
+    # The same weights in this process: every detection of the command, in query order.
+    cfg = tiny_cfg(*ORIGINAL_COMMAND_SIZES, "MODEL.DETR.NUM_CLASSES", 80)
+    wrapper = Detr(cfg).eval()
+    wrapper.load_state_dict(weights, strict=True)
+    coco = detectron2_datasets / "coco"
+    records = load_coco_json(str(coco / "annotations" / "instances_val2017.json"), str(coco / "val2017"))
+    mapper = DetrDatasetMapper(cfg, is_train=False)
+    assert len(detections) == len(records) * 8
+    for record in records:
+        with torch.no_grad():
+            instances = wrapper([mapper(record)])[0]["instances"]
+        ours = [d for d in detections if d["image_id"] == record["image_id"]]
+        x0, y0, x1, y1 = instances.pred_boxes.tensor.unbind(1)
+        assert torch.allclose(torch.tensor([d["bbox"] for d in ours]), torch.stack([x0, y0, x1 - x0, y1 - y0], 1),
+                              atol=1e-3)
+        assert torch.allclose(torch.tensor([d["score"] for d in ours]), instances.scores, atol=1e-4)
+        assert [d["category_id"] for d in ours] == [converter.COCO_CATEGORY_IDS[i]
+                                                    for i in instances.pred_classes.tolist()]
+
+
+@pytest.mark.slow
+def test_original_readme_trains_then_trains_masks_as_written(detectron2_datasets, tmp_path):
+    """python train_net.py --config configs/detr_256_6_6_torchvision.yaml --num-gpus N (2 processes on the CPU),
+    then python train_net.py --config configs/detr_segm_256_6_6_torchvision.yaml --num-gpus N
+    MODEL.DETR.FROZEN_WEIGHTS <model_path>. MODEL.WEIGHTS "" : the configs' ImageNet ResNet-50 would be downloaded."""
+    short = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", ""]
+    run_in_d2(detectron2_datasets, "train_net.py", "--config", "configs/detr_256_6_6_torchvision.yaml",
+              "--num-gpus", "2", *ORIGINAL_COMMAND_SIZES, *short, "DATASETS.TEST", "()",
+              "OUTPUT_DIR", str(tmp_path / "boxes"))
+    assert (tmp_path / "boxes" / "log.txt.rank1").is_file()  # the second process's log
+    detector = torch.load(tmp_path / "boxes" / "model_final.pth", map_location="cpu", weights_only=True)
+    assert detector["iteration"] == 1
+    logged = [json.loads(line) for line in (tmp_path / "boxes" / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in logged] == [1] and logged[0]["total_loss"] > 0
+
+    run_in_d2(detectron2_datasets, "train_net.py", "--config", "configs/detr_segm_256_6_6_torchvision.yaml",
+              "--num-gpus", "1", "MODEL.DETR.FROZEN_WEIGHTS", str(tmp_path / "boxes" / "model_final.pth"),
+              *ORIGINAL_COMMAND_SIZES, *short, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "masks"))
+    segm = torch.load(tmp_path / "masks" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    for key, value in detector["model"].items():  # frozen under DETRsegm's "detr."
+        assert torch.equal(segm["detr.detr." + key[len("detr."):]], value), key
+    assert any(k.startswith("detr.mask_head.") for k in segm)
+    logged = [json.loads(line) for line in (tmp_path / "masks" / "metrics.json").read_text().splitlines()]
+    assert [m["iteration"] for m in logged] == [1] and logged[0]["loss_mask"] > 0 and logged[0]["loss_dice"] > 0

@@ -1,5 +1,7 @@
 """Two processes (gloo, on this machine) do what one does: a DDP step on halves of a batch equals the step on
-the whole batch, a split evaluation gives the same COCO stats, and main.py runs under torchrun."""
+the whole batch, a split evaluation gives the same COCO stats, and main.py runs under torchrun and under the
+original's torch.distributed.launch line."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -182,3 +184,23 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path):
     assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "curves.png", "eval", "log.txt",
                                                      "predictions.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torch.distributed.launch") is None,
+                    reason="this torch no longer ships torch.distributed.launch")
+def test_main_runs_under_the_original_launcher_line(synthetic_root, tmp_path):
+    """python -m torch.distributed.launch --nproc_per_node=N --use_env main.py ..., as the original's README."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.launch", f"--nproc_per_node={WORLD_SIZE}", "--use_env",
+               "main.py", *tiny_flags(synthetic_root, out, "--epochs", "1", "--no_plots")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = done.stdout + done.stderr
+    assert f"distributed init from the torchrun/torch.distributed.launch environment (rank 0 of {WORLD_SIZE}" in printed
+    assert f"(rank 1 of {WORLD_SIZE}" in printed
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [0] and len(log[0]["test_coco_eval_bbox"]) == 12
+    args = load_checkpoint_safely(out / "checkpoint.pth")["args"]
+    assert args.world_size == WORLD_SIZE and args.local_rank is None  # --use_env: no --local-rank passed

@@ -415,6 +415,12 @@ def test_a_non_finite_loss_stops_training_with_status_1(previous_run, synthetic_
     assert (previous_run / "log.txt").read_text() == log_before
 
 
+@pytest.mark.parametrize("flags, local_rank", [([], None), (["--local-rank=1"], 1), (["--local_rank", "1"], 1)])
+def test_the_local_rank_of_torch_distributed_launch_is_accepted(flags, local_rank, synthetic_root):
+    """python -m torch.distributed.launch without --use_env passes --local-rank=N (before torch 2.0 --local_rank)."""
+    assert main_py.parse_args(tiny_flags(synthetic_root, "", *flags)).local_rank == local_rank
+
+
 # ---------------------------------------------------------------------------------------------- device, classes
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")

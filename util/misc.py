@@ -328,10 +328,11 @@ def save_on_master(*args, **kwargs) -> None:
         torch.save(*args, **kwargs)
 
 
-def choose_device(requested: str) -> torch.device:
-    """The requested device, or the CPU (with a message) when CUDA is asked for but absent."""
+def choose_device(requested: str, name: str = "--device") -> torch.device:
+    """The requested device, or the CPU (with a message naming the flag or key `name`) when CUDA is asked for but
+    absent."""
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        print(f"--device {requested}: no CUDA device is available here, using the CPU instead")
+        print(f"{name} {requested}: no CUDA device is available here, using the CPU instead")
         return torch.device("cpu")
     return torch.device(requested)
 

@@ -16,6 +16,8 @@ def add_detr_config(cfg: CN) -> None:
     # equal its --*_loss_coef defaults).
     cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
     cfg.MODEL.DETR.BBOX_WEIGHT = 5.0
+    # The original wrapper's name for BBOX_WEIGHT, so that its configs load; when set, it is the one used.
+    cfg.MODEL.DETR.L1_WEIGHT = None
     cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
     cfg.MODEL.DETR.MASK_WEIGHT = 1.0
     cfg.MODEL.DETR.DICE_WEIGHT = 1.0

@@ -80,8 +80,9 @@ def build_detr(cfg) -> nn.Module:
 def build_criterion(cfg) -> SetCriterion:
     """SetCriterion with the MODEL.DETR loss weights, for every decoder layer with DEEP_SUPERVISION."""
     c = cfg.MODEL.DETR
-    matcher = HungarianMatcher(cost_class=c.CLASS_WEIGHT, cost_bbox=c.BBOX_WEIGHT, cost_giou=c.GIOU_WEIGHT)
-    weight_dict = {"loss_ce": c.CLASS_WEIGHT, "loss_bbox": c.BBOX_WEIGHT, "loss_giou": c.GIOU_WEIGHT}
+    bbox_weight = c.BBOX_WEIGHT if c.L1_WEIGHT is None else c.L1_WEIGHT
+    matcher = HungarianMatcher(cost_class=c.CLASS_WEIGHT, cost_bbox=bbox_weight, cost_giou=c.GIOU_WEIGHT)
+    weight_dict = {"loss_ce": c.CLASS_WEIGHT, "loss_bbox": bbox_weight, "loss_giou": c.GIOU_WEIGHT}
     losses = ["labels", "boxes", "cardinality"]
     if cfg.MODEL.MASK_ON:
         weight_dict.update(loss_mask=c.MASK_WEIGHT, loss_dice=c.DICE_WEIGHT)
