@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from models import build_model  # noqa: E402
 from tools.detector import checkpoint_args, dataset_names, read_image, resize_transform  # noqa: E402
 from util.checkpoint import CheckpointError, load_checkpoint, model_state_from  # noqa: E402
-from util.hf import CONFIG_NAME, args_of_checkpoint, is_hf_folder, read_hf_folder, write_hf_folder  # noqa: E402
+from util.hf import CONFIG_NAME, HFFolderError, args_of_checkpoint, is_hf_folder, read_hf_folder, write_hf_folder  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
 
 PROG = "tools/convert_hf.py"
@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
             write_hf_folder(checkpoint, destination, args.source, args.backbone_layout, names or None)
             hf_folder, source = destination, args.source
             print(f"wrote {destination}/{CONFIG_NAME} and model.safetensors ({args.backbone_layout} backbone names)")
-    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (CheckpointError, HFFolderError, ValueError, FileExistsError, FileNotFoundError) as e:
         raise SystemExit(f"{PROG}: {e}") from None
     if not args.check:
         return {}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from util import misc as utils
+from util.hf import HFFolderError, read_hf_folder
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +56,6 @@ def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = Fal
     checked first (check_checkpoint_file); every problem raises CheckpointError naming the file. A folder is read
     as a Hugging Face DETR model folder (config.json + model.safetensors), converted in memory (util/hf.py)."""
     if not str(path_or_url).startswith(("http://", "https://")) and os.path.isdir(path_or_url):
-        from util.hf import read_hf_folder  # here: util.hf imports this module
         return read_hf_folder(path_or_url)
     with torch.serialization.safe_globals([argparse.Namespace]):
         if str(path_or_url).startswith(("http://", "https://")):
@@ -147,7 +147,7 @@ def read_checkpoint(flag: str, path: str) -> dict:
     """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
     try:
         return load_checkpoint(path)
-    except CheckpointError as e:
+    except (CheckpointError, HFFolderError) as e:
         raise SystemExit(f"{flag}: {e}") from None
 
 

@@ -15,6 +15,7 @@ torch.load(weights_only=True), and config.json is checked key by key.
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -24,8 +25,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torchvision
 from torch import Tensor
-
-from util.checkpoint import CheckpointError, load_checkpoint
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -60,7 +59,7 @@ LOSS_KEYS = {"set_cost_class": "class_cost", "set_cost_bbox": "bbox_cost", "set_
              "eos_coef": "eos_coefficient"}
 
 
-class HFFolderError(CheckpointError):
+class HFFolderError(RuntimeError):
     """A Hugging Face model folder, or a checkpoint bound for one, that cannot be converted."""
 
 
@@ -163,7 +162,8 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
         if kwargs.get("output_stride") == 16:
             dilation = True
         if name not in RESNET_DEPTHS:
-            raise HFFolderError(f"{source}: the key 'backbone' is {name!r}; the project's DETR takes a torchvision "
+            where = backbone_source if backbone_config is not None and "backbone" in backbone_config else source
+            raise HFFolderError(f"{where}: the key 'backbone' is {name!r}; the project's DETR takes a torchvision "
                                 f"ResNet ({', '.join(RESNET_DEPTHS)}), which timm's plain ResNets of these names equal")
     else:
         layout = "transformers"
@@ -222,7 +222,12 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
     }
     config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
     for flag, key in LOSS_KEYS.items():
-        config[key] = getattr(args, flag, ORIGINAL_DEFAULTS[flag])
+        value = float(getattr(args, flag, ORIGINAL_DEFAULTS[flag]))
+        if key == "eos_coefficient":
+            config[key] = value
+        elif value.is_integer():
+            config[key] = int(value)
+        # else left out: transformers 5 takes whole numbers only for these training-only weights
     if layout == "timm":
         config.update(use_timm_backbone=True, backbone=args.backbone, backbone_config=None)
     else:
@@ -450,7 +455,8 @@ def args_of_checkpoint(checkpoint: dict, state: Dict[str, Tensor], source: str) 
         args.dim_feedforward = state[prefix + "transformer.encoder.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
         raise HFFolderError(f"{source} is not a DETR checkpoint of the original layout: it has no key {e}") from None
-    layers = {stack: len({k.split(".")[3] for k in state if k.startswith(f"{prefix}transformer.{stack}.layers.")})
+    layers = {stack: len({k[len(prefix):].split(".")[3] for k in state
+                          if k.startswith(f"{prefix}transformer.{stack}.layers.")})
               for stack in ("encoder", "decoder")}
     args.enc_layers, args.dec_layers = layers["encoder"], layers["decoder"]
     args.position_embedding = "learned" if prefix + "backbone.1.row_embed.weight" in state else "sine"
@@ -536,7 +542,16 @@ def read_hf_weights(folder: Path) -> Tuple[Dict[str, Tensor], str]:
             state.update(_read_safetensors(path))
         return state, str(index)
     if binary.is_file():
-        loaded = load_checkpoint(str(binary))
+        try:
+            loaded = torch.load(binary, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # weights_only refuses every Python object but tensors and containers before creating it.
+            found = re.search(r"GLOBAL [\w.]+ |Unsupported operand \S+", str(e))
+            raise HFFolderError(f"{binary}: refused, it holds Python objects beyond tensors and containers, which "
+                                f"could run code when loaded ({found.group(0).strip() if found else 'unpickling'}"
+                                "). Nothing in it was run.") from None
+        except Exception as e:
+            raise HFFolderError(f"{binary} cannot be read: {type(e).__name__}: {e}") from None
         if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
             raise HFFolderError(f"{binary}: expected a state_dict of tensors")
         return loaded, str(binary)
