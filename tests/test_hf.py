@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hubconf
-from helpers import REPO_ROOT, run_main, tiny_args, tiny_flags, tiny_model
+import main as main_py
+from helpers import SPEC_DIR, hf_folder, randomize, run_main, tiny_args, tiny_flags, tiny_model
 from models import build_model
 from models.detr import PostProcess
 from tools.detector import checkpoint_args, load_detector
@@ -22,42 +23,10 @@ from util.misc import NestedTensor
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-SPEC_DIR = REPO_ROOT / "tests" / "data" / "spec"
-# Small transformer sizes that DetrConfig and the project's DETR both take (the mask head needs 128 and 8 heads).
-SMALL = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-             encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=6, num_labels=5)
 TRANSFORMERS_RESNET50 = {"model_type": "resnet", "layer_type": "bottleneck", "depths": [3, 4, 6, 3],
                          "hidden_sizes": [256, 512, 1024, 2048], "out_features": ["stage4"]}
 TRANSFORMERS_RESNET18 = {"model_type": "resnet", "layer_type": "basic", "depths": [2, 2, 2, 2],
                          "hidden_sizes": [64, 128, 256, 512], "out_features": ["stage1", "stage2", "stage3", "stage4"]}
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter and batch-norm statistic drawn at random, so that no output is degenerate (a fresh model's
-    zero biases and unit statistics would hide a swapped name)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(noise.abs() + 0.5)
-            elif tensor.dim() == 1:
-                tensor.add_(0.1 * noise)
-            else:
-                tensor.add_(0.02 * noise)
-    return model
-
-
-def hf_folder(path: Path, segmentation: bool = False, seed: int = 0, **config) -> Path:
-    """A random-weight transformers DETR saved by save_pretrained (timm's resnet18 unless `config` says else)."""
-    settings = dict(SMALL, use_pretrained_backbone=False, use_timm_backbone=True, backbone="resnet18")
-    settings.update(config)
-    torch.manual_seed(seed)
-    model_class = transformers.DetrForSegmentation if segmentation else transformers.DetrForObjectDetection
-    randomize(model_class(transformers.DetrConfig(**settings)), seed).save_pretrained(str(path))
-    return path
 
 
 def project_model(checkpoint: dict) -> torch.nn.Module:
@@ -223,12 +192,19 @@ def test_hf_folder_fine_tunes_with_another_class_count(tmp_path, synthetic_root)
     assert len(log) == 1 and log[0]["epoch"] == 0
 
 
-def test_hubconf_and_resume_take_a_folder(tmp_path):
+def test_hubconf_pretrained_takes_a_folder(tmp_path):
     model = randomize(tiny_model()[0]).eval()
     write_hf_folder({"model": model.state_dict(), "args": tiny_args()}, tmp_path / "hf")
     fresh = tiny_model(seed=1)[0]
     hubconf._load_pretrained(fresh, "detr_resnet50", str(tmp_path / "hf"))  # what pretrained=PATH does
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_main_accepts_a_folder_for_resume_and_frozen_weights(tmp_path, good_folder):
+    args = tiny_args("--resume", str(good_folder), "--frozen_weights", str(good_folder), "--masks")
+    main_py.check_args(args)  # no "no such file": the folder is read when the weights load
+    with pytest.raises(SystemExit, match="no such file"):
+        main_py.check_args(tiny_args("--resume", str(tmp_path / "missing")))
 
 
 # Refused: what the HF layout cannot hold, and bad or hostile folders ---------------------------------------------
@@ -347,7 +323,7 @@ def test_pickle_bin_with_a_payload_is_refused_and_not_run(tmp_path, good_folder)
     folder = broken_copy(good_folder, tmp_path, drop=("model.safetensors",))
     marker = tmp_path / "payload_ran"
     with open(folder / "pytorch_model.bin", "wb") as f:
-        pickle.dump({"model.query_position_embeddings.weight": Payload(marker)}, f)
+        pickle.dump({"model.query_position_embeddings.weight": Payload(marker)}, f, protocol=2)
     with pytest.raises(HFFolderError, match=r"pytorch_model\.bin: refused.*Nothing in it was run"):
         read_hf_folder(folder)
     assert not marker.exists()
