@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import hubconf
 import main as main_py
@@ -132,7 +133,7 @@ def test_checkpoint_round_trip_through_hf(tmp_path, layout, extra):
     folder = tmp_path / "hf"
     config = write_hf_folder(checkpoint, folder, "test checkpoint", layout=layout,
                              id2label={1: "one", 2: "two"})
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert config["id2label"]["1"] == "one" and config["id2label"]["0"] == "LABEL_0"
 
     hf_class = transformers.DetrForSegmentation if args.masks else transformers.DetrForObjectDetection
@@ -147,6 +148,19 @@ def test_checkpoint_round_trip_through_hf(tmp_path, layout, extra):
     for flag in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
                  "masks", "dilation"):
         assert getattr(back["args"], flag) == getattr(args, flag), flag
+
+
+def test_written_folder_runs_in_the_object_detection_pipeline(tmp_path):
+    model = randomize(tiny_model("--num_classes", "3")[0])
+    write_hf_folder({"model": model.state_dict(), "args": tiny_args("--num_classes", "3")}, tmp_path / "hf",
+                    id2label={0: "N/A", 1: "apple", 2: "pear"})
+    detector = transformers.pipeline("object-detection", model=str(tmp_path / "hf"), threshold=-1.0)
+    image = Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8,
+                                          generator=torch.Generator().manual_seed(0)).numpy())
+    detections = detector(image)
+    assert len(detections) == 5  # every query of the tiny model
+    assert {d["label"] for d in detections} <= {"N/A", "apple", "pear"}
+    assert all(0 <= d["box"]["xmin"] <= d["box"]["xmax"] <= 64 for d in detections)
 
 
 def spec_checkpoint(table: str) -> dict:

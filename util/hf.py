@@ -30,6 +30,16 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+# What pipeline("object-detection") resizes and normalizes images with: DETR's COCO evaluation (shorter side 800,
+# longer at most 1333, ImageNet statistics), as the hub's facebook/detr-resnet-50 has it.
+PREPROCESSOR_CONFIG = {
+    "image_processor_type": "DetrImageProcessor", "format": "coco_detection",
+    "do_resize": True, "size": {"shortest_edge": 800, "longest_edge": 1333}, "resample": 2,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_pad": True,
+}
 
 # torchvision ResNets by (block type, blocks per stage), the form of transformers' ResNetConfig.
 RESNET_DEPTHS = {
@@ -577,7 +587,8 @@ def read_hf_folder(folder) -> dict:
 
 def write_hf_folder(checkpoint, destination, source: str = "checkpoint", layout: str = "timm",
                     id2label: Optional[Dict[int, str]] = None) -> dict:
-    """Write config.json and model.safetensors of `checkpoint` into the new folder `destination`; returns the
+    """Write config.json, model.safetensors and preprocessor_config.json (for transformers' pipelines) of
+    `checkpoint` into the new folder `destination`; returns the
     config. Everything is converted and written into a temporary folder first: on any failure nothing is left."""
     from safetensors.torch import save_file
     destination = Path(destination)
@@ -588,6 +599,7 @@ def write_hf_folder(checkpoint, destination, source: str = "checkpoint", layout:
     staging = Path(tempfile.mkdtemp(prefix=destination.name + ".tmp.", dir=destination.parent))
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
         save_file(hf_state, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
         if destination.exists():
             destination.rmdir()
