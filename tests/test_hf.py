@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import hubconf
 import main as main_py
 from helpers import SPEC_DIR, hf_folder, randomize, run_main, tiny_args, tiny_flags, tiny_model
@@ -204,6 +205,19 @@ def test_hf_folder_fine_tunes_with_another_class_count(tmp_path, synthetic_root)
     assert "re-initialized because their shapes differ: class_embed.weight: checkpoint [4, 32]" in printed
     log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and log[0]["epoch"] == 0
+
+
+def test_hf_folder_evaluates_with_resume(tmp_path, synthetic_root):
+    flags = tiny_flags(synthetic_root, tmp_path / "out", "--eval", "--backbone_norm", "frozen")
+    num_classes = datasets.default_num_classes(main_py.parse_args(flags))
+    folder = hf_folder(tmp_path / "hf", d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
+                       encoder_layers=1, decoder_layers=2, num_queries=8, num_labels=num_classes)
+    run_main(flags + ["--resume", str(folder)])
+    assert (tmp_path / "out" / "eval.pth").is_file()
+    # A run of another architecture is told what differs, as for any checkpoint.
+    with pytest.raises(ValueError, match="--backbone_norm: checkpoint 'frozen', this run 'batch'"):
+        run_main(tiny_flags(synthetic_root, tmp_path / "out2", "--eval", "--backbone_norm", "batch",
+                            "--resume", str(folder)))
 
 
 def test_hubconf_pretrained_takes_a_folder(tmp_path):

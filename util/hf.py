@@ -207,6 +207,8 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
     for flag, key in LOSS_KEYS.items():
         setattr(args, flag, float(_get(config, key, (int, float), source, getattr(args, flag))))
     args.aux_loss = True  # DetrConfig's auxiliary_loss defaults off; the project trains with it, as the original
+    # The project's own architecture flags at the values this layout holds, so that --resume names any difference.
+    args.backbone_norm, args.feature_stride, args.two_stage, args.learned_queries = "frozen", 32, False, 0
     return args, layout, id2label
 
 
