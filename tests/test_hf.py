@@ -83,10 +83,15 @@ HF_CASES = {
     "learned_position": dict(position_embedding_type="learned"),
     "20_labels": dict(num_labels=20),
     "transformers_resnet50": dict(use_timm_backbone=False, backbone=None, backbone_config=TRANSFORMERS_RESNET50),
+    # facebook/detr-resnet-50's configuration
+    "r50_full_size": dict(backbone="resnet50", d_model=256, encoder_layers=6, decoder_layers=6,
+                          encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
+                          decoder_ffn_dim=2048, num_queries=100, num_labels=91),
 }
+SLOW_CASES = ("r101", "r50_full_size")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "r101" else c for c in HF_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in HF_CASES])
 def test_hf_folder_gives_the_same_outputs(tmp_path, case):
     folder = hf_folder(tmp_path / case, **HF_CASES[case])
     checkpoint = read_hf_folder(folder)

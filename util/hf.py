@@ -453,7 +453,8 @@ def project_state_to_hf(state: Dict[str, Tensor], args: argparse.Namespace, layo
 
 def args_of_checkpoint(checkpoint: dict, state: Dict[str, Tensor], source: str) -> argparse.Namespace:
     """The architecture of a checkpoint: its 'args' where it has them (a published or main.py checkpoint), the
-    sizes read from its weights (which must agree), the original's defaults for what neither tells."""
+    sizes its weights show (they win: a plain state_dict has no args), the original's defaults for what neither
+    tells (nheads, dilation). Flags the HF layout cannot hold are refused (check_args_fit)."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     args = argparse.Namespace(**{**ORIGINAL_DEFAULTS, **(vars(saved) if isinstance(saved, argparse.Namespace)
                                                            else {})})
