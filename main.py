@@ -87,7 +87,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="Path to the pretrained model. If set, only the mask head will be trained")
+                        help="Path to the pretrained model (or a Hugging Face DETR model folder). If set, only the "
+                             "mask head will be trained")
     # * Backbone
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="Name of the convolutional backbone to use")
@@ -173,12 +174,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda",
                         help="device to use for training / testing (falls back to cpu when CUDA is absent)")
     parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="", help="resume from checkpoint (a path or an https URL)")
+    parser.add_argument("--resume", default="",
+                        help="resume from checkpoint (a path or an https URL, or a Hugging Face DETR model folder: "
+                             "config.json + model.safetensors)")
     parser.add_argument("--auto_resume", action="store_true",
                         help="when --resume is not given, resume from output_dir/checkpoint.pth if it exists "
                              "(what a requeued cluster job needs)")
     parser.add_argument("--finetune", default="",
-                        help="start from this checkpoint's weights (path or URL) but not its optimizer or epoch; "
+                        help="start from this checkpoint's weights (path, URL or Hugging Face model folder) but not "
+                             "its optimizer or epoch; "
                              "parameters whose shapes differ (e.g. a class head for another --num_classes) are "
                              "re-initialized, and named")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
@@ -236,9 +240,10 @@ def check_args(args) -> None:
     """Refuse flag combinations that would fail later, after time was spent."""
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights trains only the mask head of a box model: it needs --masks")
-    if args.frozen_weights is not None and not os.path.isfile(args.frozen_weights):
+    # A folder is a Hugging Face model folder (util/hf.py); what it lacks is reported when it is read.
+    if args.frozen_weights is not None and not os.path.exists(args.frozen_weights):
         raise SystemExit(f"--frozen_weights {args.frozen_weights!r}: no such file")
-    if args.resume and not args.resume.startswith(("http://", "https://")) and not os.path.isfile(args.resume):
+    if args.resume and not args.resume.startswith(("http://", "https://")) and not os.path.exists(args.resume):
         raise SystemExit(f"--resume {args.resume!r}: no such file")
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")

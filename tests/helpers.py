@@ -169,3 +169,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Hugging Face transformers' DETR (tests/test_hf.py, tests/test_convert_hf.py) -----------------------------------
+
+# Small transformer sizes that DetrConfig and the project's DETR both take (the mask head needs 128 and 8 heads).
+HF_SMALL = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=6, num_labels=5)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and batch-norm statistic drawn at random, so that no output is degenerate (a fresh model's
+    zero biases and unit statistics would hide a swapped name)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name.endswith("running_var"):
+                tensor.copy_(noise.abs() + 0.5)
+            elif tensor.dim() == 1:
+                tensor.add_(0.1 * noise)
+            else:
+                tensor.add_(0.02 * noise)
+    return model
+
+
+def hf_folder(path: Path, segmentation: bool = False, seed: int = 0, **config) -> Path:
+    """A random-weight transformers DETR saved by save_pretrained (timm's resnet18 unless `config` says else)."""
+    settings = dict(HF_SMALL, use_pretrained_backbone=False, use_timm_backbone=True, backbone="resnet18")
+    settings.update(config)
+    torch.manual_seed(seed)
+    import transformers  # a test dependency only (tests/test_hf.py skips without it)
+    model_class = transformers.DetrForSegmentation if segmentation else transformers.DetrForObjectDetection
+    randomize(model_class(transformers.DetrConfig(**settings)), seed).save_pretrained(str(path))
+    return path

@@ -54,7 +54,8 @@ class Detector:
 def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     """The flags that say which model a tool runs: --resume CHECKPOINT, or --hub NAME with --pretrained."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL)")
+    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL), or a Hugging Face "
+                                            "DETR model folder")
     source.add_argument("--hub", help=f"a torch.hub entry point of hubconf.py: {', '.join(HUB_ENTRIES)}")
     parser.add_argument("--pretrained", help="with --hub: its published checkpoint (path, or URL to download); "
                                              "without it the hub model has random weights")
@@ -138,7 +139,8 @@ def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretr
             transform = make_synthetic_transforms("val", args.synthetic_image_size)
         else:
             transform = make_coco_transforms("val")
-        names = dataset_names(args)
+        # A Hugging Face folder's id2label (util/hf.py) names its classes.
+        names = checkpoint.get("class_names") or dataset_names(args)
     else:
         if hub not in HUB_ENTRIES:
             raise ValueError(f"--hub {hub!r} is not an entry point of hubconf.py; choose one of "

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from util import misc as utils
+from util.hf import HFFolderError, read_hf_folder
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +53,10 @@ def check_checkpoint_file(path) -> None:
 def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = False) -> dict:
     """torch.load with weights_only=True (no arbitrary code from the file), allowing the argparse.Namespace
     that DETR checkpoints carry under 'args'. A URL is fetched through torch.hub's cache. A local file is
-    checked first (check_checkpoint_file); every problem raises CheckpointError naming the file."""
+    checked first (check_checkpoint_file); every problem raises CheckpointError naming the file. A folder is read
+    as a Hugging Face DETR model folder (config.json + model.safetensors), converted in memory (util/hf.py)."""
+    if not str(path_or_url).startswith(("http://", "https://")) and os.path.isdir(path_or_url):
+        return read_hf_folder(path_or_url)
     with torch.serialization.safe_globals([argparse.Namespace]):
         if str(path_or_url).startswith(("http://", "https://")):
             try:
@@ -66,7 +70,8 @@ def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = Fal
                     f"file at {cached} (torch.hub's cache; set TORCH_HOME to move it), or pass its path "
                     "instead of the URL (--resume PATH, or pretrained=PATH for the hub entry points).") from e
         if not os.path.isfile(path_or_url):
-            raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist")
+            raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist (a checkpoint file, or a Hugging "
+                                    "Face model folder)")
         check_checkpoint_file(path_or_url)
         try:
             return torch.load(path_or_url, map_location=map_location, weights_only=True)
@@ -142,7 +147,7 @@ def read_checkpoint(flag: str, path: str) -> dict:
     """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
     try:
         return load_checkpoint(path)
-    except CheckpointError as e:
+    except (CheckpointError, HFFolderError) as e:
         raise SystemExit(f"{flag}: {e}") from None
 
 

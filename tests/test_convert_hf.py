@@ -1,0 +1,91 @@
+"""tools/convert_hf.py: the direction read from SRC, both ways through files, --check's differences, class names
+for id2label, and nothing written when the conversion fails."""
+import ast
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import REPO_ROOT, hf_folder, randomize, tiny_args, tiny_model
+from tools import convert_hf
+from util.checkpoint import load_checkpoint
+
+pytest.importorskip("transformers")
+pytest.importorskip("timm")
+
+
+@pytest.fixture
+def image_path(tmp_path):
+    path = tmp_path / "image.png"
+    pixels = torch.randint(0, 256, (48, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return path
+
+
+def test_hf_folder_to_checkpoint_and_check(tmp_path, image_path, capsys):
+    folder = hf_folder(tmp_path / "hf", id2label={i: f"class{i}" for i in range(5)},
+                       label2id={f"class{i}": i for i in range(5)})
+    differences = convert_hf.main([str(folder), str(tmp_path / "out.pth"), "--check", str(image_path),
+                                   "--size", "64"])
+    assert set(differences) == {"pred_logits", "pred_boxes"}
+    assert all(value <= 1e-4 for value in differences.values())
+    assert "largest difference of pred_logits" in capsys.readouterr().out
+    checkpoint = load_checkpoint(str(tmp_path / "out.pth"))
+    assert checkpoint["class_names"][3] == "class3" and checkpoint["args"].backbone == "resnet18"
+    assert torch.equal(checkpoint["model"]["query_embed.weight"],
+                       convert_hf.read_hf_folder(folder)["model"]["query_embed.weight"])
+
+
+def test_checkpoint_to_hf_folder_with_coco_names(tmp_path, image_path):
+    model = randomize(tiny_model("--num_classes", "3")[0])
+    args = tiny_args("--num_classes", "3")
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, tmp_path / "checkpoint.pth")
+    annotations = tmp_path / "coco" / "annotations"
+    annotations.mkdir(parents=True)
+    (annotations / "instances_val2017.json").write_text(json.dumps(
+        {"images": [], "annotations": [], "categories": [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]}))
+    differences = convert_hf.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "hf"), "--coco_path",
+                                   str(tmp_path / "coco"), "--backbone_layout", "transformers",
+                                   "--check", str(image_path), "--size", "64"])
+    assert all(value <= 1e-4 for value in differences.values())
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["id2label"] == {"0": "LABEL_0", "1": "apple", "2": "pear"}
+    assert config["backbone_config"]["model_type"] == "resnet" and config["use_timm_backbone"] is False
+
+
+def test_failed_conversion_writes_nothing(tmp_path):
+    folder = hf_folder(tmp_path / "hf")
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"model\.safetensors cannot be read"):
+        convert_hf.main([str(folder), str(tmp_path / "out" / "out.pth")])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    args = tiny_args("--pre_norm")
+    torch.save({"model": tiny_model("--pre_norm")[0].state_dict(), "args": args}, tmp_path / "pre_norm.pth")
+    with pytest.raises(SystemExit, match="--pre_norm"):
+        convert_hf.main([str(tmp_path / "pre_norm.pth"), str(tmp_path / "hf_out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "pre_norm.pth"]
+
+
+def test_conversion_needs_no_transformers(tmp_path, monkeypatch):
+    folder = hf_folder(tmp_path / "hf")
+    torch.save({"model": tiny_model()[0].state_dict(), "args": tiny_args()}, tmp_path / "checkpoint.pth")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # any import of it now fails
+    convert_hf.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "back")])
+    convert_hf.main([str(folder), str(tmp_path / "out.pth")])
+    assert (tmp_path / "back" / "model.safetensors").is_file() and (tmp_path / "out.pth").is_file()
+
+
+def test_the_core_never_imports_transformers():
+    core = [REPO_ROOT / "main.py", REPO_ROOT / "engine.py", REPO_ROOT / "hubconf.py",
+            *[path for folder in ("models", "util", "datasets") for path in (REPO_ROOT / folder).rglob("*.py")]]
+    importers = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("transformers", "timm") for n in names):
+                importers.append(str(path.relative_to(REPO_ROOT)))
+    assert len(core) > 20 and importers == []
