@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 import datasets
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import build_dataset
 from datasets.synthetic import add_synthetic_args
 from engine import enable_compile, evaluate, train_one_epoch
 from models import build_model
@@ -205,7 +205,8 @@ def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     originals = {}
     for _ in range(2):
         known, _ = parser.parse_known_args(probe)
-        reduced = automatic_choice_is_reduced(known.device) if known.dataset_file.startswith("synthetic") else True
+        # The device is asked only for a dataset with a recipe: a COCO run starts no CUDA while parsing its flags.
+        reduced = automatic_choice_is_reduced(known.device) if datasets.has_recipe(known.dataset_file) else True
         defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage, reduced)
         parser.set_defaults(**originals)  # undo the first round's, then apply this round's
         originals = {name: parser.get_default(name) for name in defaults}
@@ -253,17 +254,13 @@ def seed_everything(seed: int) -> None:
 def build_datasets(args):
     """(train dataset or None with --eval, val dataset, the COCO ground truth of the val images). The data comes
     first: a wrong path or a bad annotation file fails here, before the model is built."""
-    if args.num_classes is None:
-        args.num_classes = datasets.default_num_classes(args)
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
+    args.num_classes = datasets.num_classes(args)
+    thing_classes = datasets.thing_classes(args)
+    if thing_classes is not None:  # panoptic data: what build_model's panoptic post-processor needs
+        args.thing_classes = thing_classes
     dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
     dataset_val = build_dataset(image_set="val", args=args)
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        # Box AP of a panoptic model is measured against the instance annotations of the same images.
-        instances = datasets.coco if args.dataset_file == "coco_panoptic" else datasets.synthetic
-        return dataset_train, dataset_val, get_coco_api_from_dataset(instances.build("val", args))
-    return dataset_train, dataset_val, get_coco_api_from_dataset(dataset_val)
+    return dataset_train, dataset_val, datasets.box_ground_truth(dataset_val, args)
 
 
 def prepare_model(model: torch.nn.Module, args, device: torch.device):

@@ -429,10 +429,10 @@ def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, 
 def test_num_classes_defaults_to_the_largest_category_id_plus_one(synthetic_root, coco_copy):
     args = main_py.parse_args(tiny_flags(synthetic_root))
     assert args.num_classes is None
-    assert datasets.default_num_classes(args) == 6  # categories 1..5
+    assert datasets.num_classes(args) == 6  # categories 1..5
     edit_json(coco_copy / "annotations" / "instances_train2017.json",
               lambda d: d["categories"].append({"id": 11, "name": "hexagon", "supercategory": "shape"}))
-    assert datasets.default_num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
+    assert datasets.num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
                                                                       str(coco_copy)))) == 12
     assert main_py.parse_args(tiny_flags(synthetic_root, "", "--num_classes", "20")).num_classes == 20
 
