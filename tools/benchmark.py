@@ -299,8 +299,8 @@ def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed
     """Time box AP on `synthetic_coco_detections` two ways: pycocotools' COCOeval from the COCO results
     list (loadRes, evaluate, accumulate, summarize), and the project's CocoEvaluator (datasets/coco_eval.py)
     from the prediction tensors (update per batch of `batch_size` images, synchronize, accumulate, summarize:
-    its conversion of tensors is timed, the results list given to pycocotools is not). Each is run `repeats` times and its
-    fastest run kept.
+    its conversion of tensors is timed, the results list given to pycocotools is not). Each is run `repeats`
+    times and its fastest run kept.
 
     Returns wall seconds for both ('pycocotools_s', 'evaluator_s') and their ratio 'speedup'; the same in
     CPU seconds of this process ('*_cpu_s', 'cpu_speedup': steadier on a machine other work shares, as
