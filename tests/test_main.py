@@ -484,6 +484,31 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
 
 
+def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(straight_run, synthetic_root,
+                                                                               capsys):
+    args = main_py.parse_args(tiny_flags(synthetic_root, straight_run, "--epochs", "4", *RESUME_FLAGS))
+    recipe = datasets.recipe("synthetic", reduced_precision=main_py.automatic_choice_is_reduced("cpu"))
+    written = json.loads((straight_run / "recipe.json").read_text())
+    assert (written["dataset_file"], written["defined_in"]) == ("synthetic", "datasets/synthetic.py")
+    assert list(written["flags"]) == list(recipe)  # the recipe's flags only, with this run's values
+    assert written["flags"] == {name: getattr(args, name) for name in recipe}
+    assert written["flags"]["backbone"] == recipe["backbone"] == "resnet18" and written["flags"]["epochs"] == 4
+    replaced = written["recipe_values_replaced_by_flags_given"]
+    assert replaced["epochs"] == recipe["epochs"] and replaced["hidden_dim"] == 128 and "backbone" not in replaced
+    assert main_py.show_recipe(args) == written
+    printed = capsys.readouterr().out
+    assert printed.startswith("Recipe of --dataset_file synthetic (datasets/synthetic.py; flags given win): ")
+    assert " backbone=resnet18 " in printed and f" epochs=4 (recipe {recipe['epochs']}) " in printed
+    assert main_py.show_recipe(main_py.parse_args(["--device", "cpu"])) is None  # COCO: the original's defaults
+    assert capsys.readouterr().out == ""
+
+
+def test_help_strings_are_one_or_two_lines():
+    # The reasons behind a flag are in docs/flags.md; --help says what it does.
+    long = {a.dest: len(a.help) for a in main_py.get_args_parser()._actions if a.help and len(a.help) > 200}
+    assert long == {}
+
+
 def test_help_shows_the_defaults_of_the_dataset_named(capsys):
     with pytest.raises(SystemExit):
         main_py.parse_args(["--dataset_file", "synthetic", "--help"])
