@@ -176,6 +176,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dataset_recipe(dataset_file: str, masks: bool, two_stage: bool, device: str) -> Dict[str, Any]:
+    """The flag defaults --dataset_file brings (datasets.recipe), sized by what --amp computes in on `device`."""
+    # The device is asked only for a dataset with a recipe: a COCO run starts no CUDA while parsing its flags.
+    reduced = automatic_choice_is_reduced(device) if datasets.has_recipe(dataset_file) else True
+    return datasets.recipe(dataset_file, masks, two_stage, reduced)
+
+
 def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """Make the recipe of the dataset named in argv (datasets.recipe: the synthetic datasets bring one) the
     parser's defaults, so that every flag given in argv still wins, abbreviated or not, and --help shows the
@@ -185,9 +192,7 @@ def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     originals = {}
     for _ in range(2):
         known, _ = parser.parse_known_args(probe)
-        # The device is asked only for a dataset with a recipe: a COCO run starts no CUDA while parsing its flags.
-        reduced = automatic_choice_is_reduced(known.device) if datasets.has_recipe(known.dataset_file) else True
-        defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage, reduced)
+        defaults = dataset_recipe(known.dataset_file, known.masks, known.two_stage, known.device)
         parser.set_defaults(**originals)  # undo the first round's, then apply this round's
         originals = {name: parser.get_default(name) for name in defaults}
         parser.set_defaults(**defaults)
@@ -204,34 +209,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="--dataset_file synthetic and synthetic_panoptic bring defaults of their "
                                             "own (a CPU recipe, datasets/synthetic.py): add --help after it to see "
-                                            "them. Flags given explicitly win.")
+                                            "them; a run prints them and writes them to output_dir/recipe.json. "
+                                            "Flags given explicitly win.")
     set_dataset_defaults(parser, argv)
     return parser.parse_args(argv)
 
 
-def recipe_in_effect(args) -> Dict[str, Any]:
-    """{flag: (value of this run, the recipe's value)} for each flag the recipe of --dataset_file sets (the
-    synthetic datasets'; {} for COCO): what the run uses where no flag was given, and what a flag given replaced."""
-    if not datasets.has_recipe(args.dataset_file):
-        return {}
-    recipe = datasets.recipe(args.dataset_file, args.masks, args.two_stage, automatic_choice_is_reduced(args.device))
-    return {name: (getattr(args, name), value) for name, value in recipe.items()}
-
-
 def show_recipe(args) -> Optional[Dict[str, Any]]:
-    """Print on one line the settings the dataset's recipe gives this run, so that what a demo runs is seen
-    without reading code; returns them as written to output_dir/recipe.json (None without a recipe)."""
-    recipe = recipe_in_effect(args)
+    """Print on one line the flags the dataset's recipe sets, with the values this run uses (and the recipe's
+    where a flag given replaced it), so that what a demo runs is seen without reading code; returns the same as
+    written to output_dir/recipe.json, None for a dataset without a recipe (COCO)."""
+    recipe = dataset_recipe(args.dataset_file, args.masks, args.two_stage, args.device)
     if not recipe:
         return None
     source = datasets.dataset_file(args.dataset_file).recipe.__module__.replace(".", "/") + ".py"
-    print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): " + " ".join(
-        f"{name}={value}" + (f" (recipe {default})" if value != default else "")
-        for name, (value, default) in recipe.items()))
-    return {"dataset_file": args.dataset_file, "defined_in": source,
-            "flags": {name: value for name, (value, _) in recipe.items()},
-            "recipe_values_replaced_by_flags_given": {name: default for name, (value, default) in recipe.items()
-                                                      if value != default}}
+    used = {name: getattr(args, name) for name in recipe}
+    replaced = {name: value for name, value in recipe.items() if used[name] != value}
+    listing = " ".join(f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "")
+                       for name, value in used.items())
+    print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
+    return {"dataset_file": args.dataset_file, "defined_in": source, "flags": used,
+            "recipe_values_replaced_by_flags_given": replaced}
 
 
 def check_args(args) -> None:
