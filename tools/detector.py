@@ -32,7 +32,6 @@ HUB_ENTRIES = tuple(hubconf.URLS)  # every entry point of hubconf.py has a publi
 MAX_SIZE = 1333  # longer-side cap of --size, as in COCO evaluation
 
 
-
 @dataclass
 class Detector:
     """A DETR ready for inference on PIL images, with what it takes to read its outputs."""
@@ -61,9 +60,9 @@ def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> 
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), argparse.Namespace):
         raise ValueError(f"{source} carries no 'args' (main.py's flags) to rebuild its model from; for a "
                          f"published DETR checkpoint use --hub NAME --pretrained {source}")
-    # A checkpoint's 'args' lack the flags added after it was written (the original DETR's, all of this project's):
-    # their defaults build what it was trained as, the original's model. thing_classes is no flag (main.py sets it
-    # for panoptic data); None leaves the thing map to the model builder.
+    # A checkpoint's 'args' lack the flags added after it was written (one of the original DETR, all of this
+    # project's): main.py's defaults build what it was trained with, the original's model. thing_classes is no flag
+    # (main.py sets it for panoptic data); None leaves the thing map to the model builder.
     defaults = vars(get_args_parser().parse_args([]))
     args = argparse.Namespace(**{**defaults, "thing_classes": None, **vars(checkpoint["args"])})
     if args.num_classes is None:
