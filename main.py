@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 import datasets
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import build_dataset
 from datasets.synthetic import add_synthetic_args
 from engine import enable_compile, evaluate, train_one_epoch
 from models import build_model
@@ -50,40 +50,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument("--time_budget", default=0.0, type=float,
-                        help="minutes of training and evaluation to fit the run into (0: no limit): after each epoch "
-                             "the epochs are cut to what the measured time per epoch allows, and --lr_drop keeps "
-                             "its place in the shorter schedule")
+                        help="minutes to fit training and evaluation into (0: no limit): the epochs are cut to what "
+                             "the time per epoch allows, --lr_drop keeping its place (docs/flags.md)")
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
     parser.add_argument("--ema_decay", default=0.0, type=float,
-                        help="evaluate and save an exponential moving average of the weights with this decay per "
-                             "step (e.g. 0.998); 0, the default, keeps the original's plain weights. Training "
-                             "itself is unchanged. The checkpoint's 'model' holds the average (what was evaluated); "
-                             "'train_model' the weights training resumes from")
+                        help="evaluate and save a moving average of the weights with this decay per step (e.g. "
+                             "0.998); 0 keeps the original's weights (docs/flags.md)")
     add_switch(parser, "amp",
-               "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32); off by "
-               "default (fp32 is the original's numerics) except for the synthetic datasets",
+               "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32)",
                "fp32 forward pass")
     parser.add_argument("--amp_dtype", default="auto", choices=AMP_CHOICES,
-                        help="with --amp: 'auto' takes what the device computes natively (bfloat16; float16 with "
-                             "loss scaling on GPUs without bfloat16; fp32 on CPUs without bfloat16)")
+                        help="with --amp: 'auto' takes what the device computes natively (docs/flags.md)")
     add_switch(parser, "channels_last",
-               "run the ResNet in the channels-last memory layout, which oneDNN (CPU) and tensor cores favour; same "
-               "weights and checkpoints, off by default except for the synthetic datasets",
+               "run the ResNet in the channels-last memory layout (same weights and checkpoints)",
                "the ResNet in the default layout")
     # Speed: models/fast.py and engine.enable_compile; measured in docs/performance.md (tools/benchmark.py).
     parser.add_argument("--fast", action="store_true",
-                        help="the fast path: frozen batch norms folded into the convolutions, the ResNet "
-                             "channels-last, fused attention and a fused AdamW; same weights and checkpoints, each "
-                             "step within float rounding (1e-4) of the original's; in training on the CPU, dropout "
-                             "masks from a faster generator. Off by default except for the synthetic datasets: a "
-                             "whole run then parts from the original's after a few steps, as Adam magnifies rounding")
+                        help="the fast path: folded batch norms, channels-last, fused attention and AdamW; each "
+                             "step within float rounding of the original's (docs/flags.md)")
     parser.add_argument("--exact", dest="fast", action="store_false",
-                        help="the bit-exact path, which reproduces the original DETR's numbers and whole runs to "
-                             "the last bit (undoes --fast)")
+                        help="the bit-exact path: the original DETR's numbers to the last bit (undoes --fast)")
     parser.add_argument("--compile", action="store_true",
-                        help="run the model through torch.compile (dynamic shapes: one compilation for all image "
-                             "sizes) in training and evaluation; falls back to eager mode, with a message, where "
-                             "compile is unavailable or fails")
+                        help="run the model through torch.compile (eager mode, with a message, where it fails)")
 
     # Model parameters
     parser.add_argument("--frozen_weights", type=str, default=None,
@@ -93,22 +81,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="Name of the convolutional backbone to use")
     parser.add_argument("--feature_stride", default=32, type=int, choices=(8, 16, 32),
-                        help="Stride of the feature map the transformer reads: 32 is the original (the ResNet's "
-                             "layer4); 16 or 8 end the backbone after layer3 or layer2, a finer map from a shorter "
-                             "network")
+                        help="stride of the feature map the transformer reads: 32 (layer4) as in the original; 16 "
+                             "or 8 end the ResNet after layer3 or layer2")
     parser.add_argument("--dilation", action="store_true",
                         help="If true, we replace stride with dilation in the last convolutional block (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
                         help="Type of positional embedding to use on top of the image features")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="initial backbone weights: 'imagenet' (torchvision's IMAGENET1K_V1 file, from "
-                             "torch.hub's cache under TORCH_HOME or downloaded), 'none' (train from scratch), "
-                             "or the path of a ResNet state_dict file")
+                        help="initial backbone weights: 'imagenet' (torchvision's, from the torch.hub cache or "
+                             "downloaded), 'none' (from scratch) or the path of a ResNet state_dict file")
 
     parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
-                        help="normalization in the backbone: 'frozen' batch norm as in the original (for "
-                             "pretrained weights) or trainable 'batch' norm with every layer trained (for "
-                             "--backbone_weights none, where frozen statistics would mean no normalization)")
+                        help="'frozen' batch norm as in the original, or trainable 'batch' norm with every layer "
+                             "trained (for --backbone_weights none; docs/flags.md)")
 
     # * Transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="Number of encoding layers in the transformer")
@@ -122,29 +107,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Number of attention heads inside the transformer's attentions")
     parser.add_argument("--num_queries", default=100, type=int, help="Number of query slots")
     add_switch(parser, "two_stage",
-               "Queries from the encoder: every encoder token proposes a class and a box (with a loss of its own, "
-               "terms suffixed _enc) and the num_queries best proposals seed the decoder, whose boxes refine them. "
-               "Trains much faster from scratch; off in the original",
+               "queries from the encoder: its best class-and-box proposals (loss terms _enc) seed the decoder "
+               "(docs/flags.md)",
                "the original's learned queries")
     parser.add_argument("--learned_queries", default=0, type=int,
-                        help="with --two_stage: this many of the num_queries queries are learned embeddings, as in "
-                             "the original, and the others proposals. On panoptic data the proposals then learn the "
-                             "thing classes only and the learned queries find the stuff regions")
+                        help="with --two_stage: this many queries are learned embeddings, the others proposals (on "
+                             "panoptic data: the stuff regions' queries)")
     parser.add_argument("--query_nms", default=1.0, type=float,
-                        help="with --two_stage, at evaluation and inference: the decoder's queries pass over "
-                             "proposals that overlap a better one by more than this IoU (1.0: never)")
+                        help="with --two_stage, at evaluation: skip proposals that overlap a better one by more than "
+                             "this IoU (1.0: never)")
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument("--num_classes", default=None, type=int,
-                        help="size of the class head minus one (max category id + 1); default: 91 for coco, "
-                             "250 for coco_panoptic, read from the annotations otherwise")
+                        help="size of the class head minus one (max category id + 1); default: the dataset's own "
+                             "(91 for coco, 250 for coco_panoptic, from the annotations otherwise)")
 
     # * Segmentation
     parser.add_argument("--masks", action="store_true",
                         help="Train segmentation head if the flag is provided")
     parser.add_argument("--mask_attention_gain", default=1.0, type=float,
-                        help="the mask head's first convolution starts with its weights on the attention maps "
-                             "(values of about 1 / (heads x positions)) multiplied by this, so that it tells the "
-                             "queries apart from the first steps (1: the original's initialization)")
+                        help="initial gain of the mask head's weights on the attention maps (1: the original's "
+                             "initialization; docs/flags.md)")
     parser.add_argument("--panoptic_threshold", default=0.85, type=float,
                         help="the panoptic post-processor keeps the queries whose best class scores above this")
 
@@ -178,13 +160,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="resume from checkpoint (a path or an https URL, or a Hugging Face DETR model folder: "
                              "config.json + model.safetensors)")
     parser.add_argument("--auto_resume", action="store_true",
-                        help="when --resume is not given, resume from output_dir/checkpoint.pth if it exists "
-                             "(what a requeued cluster job needs)")
+                        help="without --resume, resume from output_dir/checkpoint.pth if it exists (requeued jobs)")
     parser.add_argument("--finetune", default="",
-                        help="start from this checkpoint's weights (path, URL or Hugging Face model folder) but not "
-                             "its optimizer or epoch; "
-                             "parameters whose shapes differ (e.g. a class head for another --num_classes) are "
-                             "re-initialized, and named")
+                        help="start from this checkpoint's weights (path, URL or Hugging Face folder), not its "
+                             "optimizer or epoch; weights of other shapes (another --num_classes) are re-initialized, and named")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
@@ -204,6 +183,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def dataset_recipe(dataset_file: str, masks: bool, two_stage: bool, device: str) -> Dict[str, Any]:
+    """The flag defaults --dataset_file brings (datasets.recipe), sized by what --amp computes in on `device`."""
+    # The device is asked only for a dataset with a recipe: a COCO run starts no CUDA while parsing its flags.
+    reduced = automatic_choice_is_reduced(device) if datasets.has_recipe(dataset_file) else True
+    return datasets.recipe(dataset_file, masks, two_stage, reduced)
+
+
 def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
     """Make the recipe of the dataset named in argv (datasets.recipe: the synthetic datasets bring one) the
     parser's defaults, so that every flag given in argv still wins, abbreviated or not, and --help shows the
@@ -213,8 +199,7 @@ def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -
     originals = {}
     for _ in range(2):
         known, _ = parser.parse_known_args(probe)
-        reduced = automatic_choice_is_reduced(known.device) if known.dataset_file.startswith("synthetic") else True
-        defaults = datasets.recipe(known.dataset_file, known.masks, known.two_stage, reduced)
+        defaults = dataset_recipe(known.dataset_file, known.masks, known.two_stage, known.device)
         parser.set_defaults(**originals)  # undo the first round's, then apply this round's
         originals = {name: parser.get_default(name) for name in defaults}
         parser.set_defaults(**defaults)
@@ -231,9 +216,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="--dataset_file synthetic and synthetic_panoptic bring defaults of their "
                                             "own (a CPU recipe, datasets/synthetic.py): add --help after it to see "
-                                            "them. Flags given explicitly win.")
+                                            "them; a run prints them and writes them to output_dir/recipe.json. "
+                                            "Flags given explicitly win.")
     set_dataset_defaults(parser, argv)
     return parser.parse_args(argv)
+
+
+def show_recipe(args) -> Optional[Dict[str, Any]]:
+    """Print on one line the flags the dataset's recipe sets, with the values this run uses (and the recipe's
+    where a flag given replaced it), so that what a demo runs is seen without reading code; returns the same as
+    written to output_dir/recipe.json, None for a dataset without a recipe (COCO)."""
+    recipe = dataset_recipe(args.dataset_file, args.masks, args.two_stage, args.device)
+    if not recipe:
+        return None
+    source = datasets.dataset_file(args.dataset_file).recipe.__module__.replace(".", "/") + ".py"
+    used = {name: getattr(args, name) for name in recipe}
+    replaced = {name: value for name, value in recipe.items() if used[name] != value}
+    listing = " ".join(f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "")
+                       for name, value in used.items())
+    print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
+    return {"dataset_file": args.dataset_file, "defined_in": source, "flags": used,
+            "recipe_values_replaced_by_flags_given": replaced}
 
 
 def check_args(args) -> None:
@@ -262,17 +265,13 @@ def seed_everything(seed: int) -> None:
 def build_datasets(args):
     """(train dataset or None with --eval, val dataset, the COCO ground truth of the val images). The data comes
     first: a wrong path or a bad annotation file fails here, before the model is built."""
-    if args.num_classes is None:
-        args.num_classes = datasets.default_num_classes(args)
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        args.thing_classes = sorted(k for k, v in datasets.default_is_thing_map(args).items() if v)
+    args.num_classes = datasets.num_classes(args)
+    thing_classes = datasets.thing_classes(args)
+    if thing_classes is not None:  # panoptic data: what build_model's panoptic post-processor needs
+        args.thing_classes = thing_classes
     dataset_train = build_dataset(image_set="train", args=args) if not args.eval else None
     dataset_val = build_dataset(image_set="val", args=args)
-    if args.dataset_file in ("coco_panoptic", "synthetic_panoptic"):
-        # Box AP of a panoptic model is measured against the instance annotations of the same images.
-        instances = datasets.coco if args.dataset_file == "coco_panoptic" else datasets.synthetic
-        return dataset_train, dataset_val, get_coco_api_from_dataset(instances.build("val", args))
-    return dataset_train, dataset_val, get_coco_api_from_dataset(dataset_val)
+    return dataset_train, dataset_val, datasets.box_ground_truth(dataset_val, args)
 
 
 def prepare_model(model: torch.nn.Module, args, device: torch.device):
@@ -474,6 +473,7 @@ def main(args):
     device = choose_device(args.device)
     args.device = str(device)
     print(args)
+    recipe = show_recipe(args)
     seed_everything(args.seed + utils.get_rank())
     amp_dtype, scaler = choose_precision(args, device)
 
@@ -488,6 +488,9 @@ def main(args):
     output_dir = prepare_output_dir(args)
     resumed = load_starting_weights(model_without_ddp, args)
     resume_training_state(resumed, optimizer, lr_scheduler, args, output_dir, scaler)
+    if recipe is not None and output_dir is not None and utils.is_main_process():
+        # Written once the run has checked its inputs: a command that fails leaves the output folder as it was.
+        (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     ema = build_ema(model_without_ddp, resumed, args)
     # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
     eval_model = ema.module if ema is not None else model

@@ -1,7 +1,7 @@
-"""Datasets: `build_dataset(image_set, args)` picks one from --dataset_file."""
-import json
-from pathlib import Path
-from typing import Dict
+"""Datasets: what each --dataset_file brings, in one table (DATASETS), and the functions main.py asks of it:
+build_dataset, num_classes, thing_classes, box_ground_truth and recipe. A new dataset is one more entry."""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.utils.data
 import torchvision
@@ -10,25 +10,51 @@ from util.misc import COCO_NUM_CLASSES, coco_panoptic_is_thing_map
 
 from . import coco, synthetic
 
-DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
+
+def _build_coco_panoptic(image_set: str, args):
+    from .coco_panoptic import build  # imported here: panopticapi is optional
+    return build(image_set, args)
 
 
-def _unknown_dataset(dataset_file: str) -> ValueError:
-    return ValueError(f"--dataset_file {dataset_file!r} is not supported; choose one of {', '.join(DATASET_FILES)}")
+@dataclass(frozen=True)
+class DatasetFile:
+    """What one --dataset_file brings: how to build it, its class-head size, its thing classes (panoptic data
+    only), the instance dataset its box AP is measured against (panoptic data only, else its own), and the flag
+    defaults it sets (its recipe: (masks, two_stage, reduced_precision) -> {flag: value})."""
+    build: Callable[[str, Any], Any]
+    num_classes: Callable[[Any], int]
+    thing_classes: Optional[Callable[[Any], List[int]]] = None
+    build_instances: Optional[Callable[[str, Any], Any]] = None
+    recipe: Optional[Callable[[bool, bool, bool], Dict[str, Any]]] = None
+
+
+DATASETS: Dict[str, DatasetFile] = {
+    # The original's class heads (util.misc.COCO_NUM_CLASSES); COCO panoptic's things are the ids up to 90.
+    "coco": DatasetFile(build=coco.build, num_classes=lambda args: COCO_NUM_CLASSES["coco"]),
+    "coco_panoptic": DatasetFile(
+        build=_build_coco_panoptic, num_classes=lambda args: COCO_NUM_CLASSES["coco_panoptic"],
+        thing_classes=lambda args: sorted(i for i, thing in coco_panoptic_is_thing_map().items() if thing),
+        build_instances=coco.build),
+    # Generated here; class counts and thing classes read from the annotations it writes (datasets/synthetic.py).
+    "synthetic": DatasetFile(build=synthetic.build, num_classes=synthetic.num_classes,
+                             recipe=synthetic.detection_recipe),
+    "synthetic_panoptic": DatasetFile(
+        build=synthetic.build_panoptic, num_classes=lambda args: synthetic.num_classes(args, panoptic=True),
+        thing_classes=synthetic.thing_classes, build_instances=synthetic.build, recipe=synthetic.panoptic_recipe),
+}
+DATASET_FILES = tuple(DATASETS)
+
+
+def dataset_file(name: str) -> DatasetFile:
+    """The DATASETS entry of --dataset_file `name`; an unknown name raises, listing the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"--dataset_file {name!r} is not supported; choose one of {', '.join(DATASET_FILES)}")
+    return DATASETS[name]
 
 
 def build_dataset(image_set: str, args):
     """The dataset of `image_set` ('train' or 'val') named by `args.dataset_file`."""
-    if args.dataset_file == "coco":
-        return coco.build(image_set, args)
-    if args.dataset_file == "coco_panoptic":
-        from .coco_panoptic import build as build_coco_panoptic  # imported here: panopticapi is optional
-        return build_coco_panoptic(image_set, args)
-    if args.dataset_file == "synthetic":
-        return synthetic.build(image_set, args)
-    if args.dataset_file == "synthetic_panoptic":
-        return synthetic.build_panoptic(image_set, args)
-    raise _unknown_dataset(args.dataset_file)
+    return dataset_file(args.dataset_file).build(image_set, args)
 
 
 def get_coco_api_from_dataset(dataset):
@@ -40,45 +66,37 @@ def get_coco_api_from_dataset(dataset):
     return None
 
 
-def default_num_classes(args) -> int:
-    """Classifier size when --num_classes is not given: the original's for COCO and COCO panoptic (91 and 250,
-    util.misc.COCO_NUM_CLASSES), otherwise max category id + 1 of the training annotations."""
-    if args.dataset_file in COCO_NUM_CLASSES:
-        return COCO_NUM_CLASSES[args.dataset_file]
-    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
-        return max(_categories(args)) + 1
-    raise _unknown_dataset(args.dataset_file)
+def num_classes(args) -> int:
+    """The class-head size (max category id + 1): --num_classes when given, else the dataset's own (91 for
+    COCO and 250 for COCO panoptic as in the original; read from the annotations for the synthetic datasets)."""
+    if args.num_classes is not None:
+        return args.num_classes
+    return dataset_file(args.dataset_file).num_classes(args)
 
 
-def default_is_thing_map(args) -> Dict[int, bool]:
-    """{category id: is a thing} for the panoptic post-processor: ids <= 90 for COCO panoptic (as in the
-    original), the `isthing` flags of the training annotations for synthetic_panoptic."""
-    if args.dataset_file == "coco_panoptic":
-        return coco_panoptic_is_thing_map()
-    if args.dataset_file == "synthetic_panoptic":
-        return {i: bool(isthing) for i, isthing in _categories(args).items()}
-    raise ValueError(f"--dataset_file {args.dataset_file!r} has no panoptic categories; "
-                     "use coco_panoptic or synthetic_panoptic")
+def thing_classes(args) -> Optional[List[int]]:
+    """The sorted thing category ids of a panoptic dataset (for the panoptic post-processor, and the proposals'
+    classes with --learned_queries); None for a dataset without panoptic categories."""
+    things = dataset_file(args.dataset_file).thing_classes
+    return None if things is None else things(args)
 
 
-def _categories(args) -> Dict[int, int]:
-    """{category id: isthing} read from the synthetic training annotations (generated first if needed):
-    the instances file for 'synthetic', the panoptic one (things and stuff) for 'synthetic_panoptic'."""
-    root = synthetic.prepare_root(args)
-    kind = "panoptic" if args.dataset_file == "synthetic_panoptic" else "instances"
-    ann_file = Path(root) / "annotations" / f"{kind}_train2017.json"
-    try:
-        data = json.loads(ann_file.read_text())
-        return {int(cat["id"]): int(cat.get("isthing", 1)) for cat in data["categories"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read the categories of {ann_file}: {e}") from e
+def box_ground_truth(dataset_val, args):
+    """The COCO ground truth box AP is measured against: that of `dataset_val`, or for panoptic data that of the
+    instance annotations of the same images."""
+    instances = dataset_file(args.dataset_file).build_instances
+    return get_coco_api_from_dataset(dataset_val if instances is None else instances("val", args))
 
 
-def recipe(dataset_file: str, masks: bool = False, two_stage: bool = True,
-           reduced_precision: bool = True) -> Dict[str, object]:
-    """The flag defaults a dataset brings with it (main.py applies them with parser.set_defaults, so flags given
-    on the command line win): the synthetic datasets' CPU recipes, sized by whether --amp computes in 16 bits on
-    this machine (`reduced_precision`); none for COCO, which keeps the original's."""
-    if dataset_file not in DATASET_FILES:
-        raise _unknown_dataset(dataset_file)
-    return synthetic.recipe(dataset_file, masks, two_stage, reduced_precision)
+def has_recipe(name: str) -> bool:
+    """Whether --dataset_file `name` sets flag defaults of its own."""
+    return dataset_file(name).recipe is not None
+
+
+def recipe(name: str, masks: bool = False, two_stage: bool = True,
+           reduced_precision: bool = True) -> Dict[str, Any]:
+    """The flag defaults --dataset_file `name` brings (main.py applies them with parser.set_defaults, so flags
+    given on the command line win): the synthetic datasets' CPU recipes, sized by whether --amp computes in 16
+    bits on this machine (`reduced_precision`); none for COCO, which keeps the original's."""
+    make = dataset_file(name).recipe
+    return {} if make is None else make(masks, two_stage, reduced_precision)

@@ -3,7 +3,7 @@
 `update` only converts each batch's predictions to compact arrays (boxes, scores, labels, mask RLEs);
 `synchronize_between_processes` gathers the detections of every process, and `accumulate` runs one
 evaluation over all of them in faster-coco-eval's C++ COCOeval: pycocotools' 12 stats, over 10x faster
-than pycocotools itself (`time_coco_evaluation` measures it). The one known difference: where a category's
+than pycocotools itself (tools/benchmark.py measures it). The one known difference: where a category's
 highest-scored detection is a true positive followed by a false positive, pycocotools' precision
 tp / (tp + fp + eps) is 1 - 2.2e-16 and the C++ one is 1.0, so a stat can differ in its 16th digit.
 
@@ -13,8 +13,6 @@ pycocotools' keys and a pycocotools `Params`, so files saved from it read as bef
 import contextlib
 import copy
 import gc
-import io
-import time
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -344,103 +342,3 @@ def prepare_for_coco(predictions: Dict[int, Dict[str, torch.Tensor]], iou_type: 
         else:
             raise ValueError(f"unsupported iou_type {iou_type!r}; expected 'bbox' or 'segm'")
     return results
-
-
-def synthetic_coco_detections(num_images: int, dets_per_image: int, seed: int, num_categories: int = 80):
-    """A COCO-like ground truth and DETR-like predictions for timing evaluations: 640x480 images with about
-    7 objects each (small to large, 1% crowd, some images without any) and exactly `dets_per_image`
-    detections per image, a few near each object (mostly the right class, higher scores) and the rest
-    anywhere (lower scores). Returns (pycocotools COCO, {image_id: {'boxes' xyxy, 'scores', 'labels'}})."""
-    from pycocotools.coco import COCO
-
-    rng = np.random.default_rng(seed)
-    width, height = 640.0, 480.0
-    images, annotations, predictions = [], [], {}
-    for image_id in range(1, num_images + 1):
-        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": int(height), "width": int(width)})
-        num_objects = int(rng.poisson(7)) if image_id % 50 else 0
-        # Side lengths log-uniform from 6 to 400 px: COCO's small, medium and large objects all occur.
-        side = np.exp(rng.uniform(np.log(6), np.log(400), num_objects))
-        aspect = np.exp(rng.uniform(-0.7, 0.7, num_objects))
-        wh = np.minimum(np.stack([side * aspect, side / aspect], 1), [width, height])
-        xy = rng.uniform(0, 1, (num_objects, 2)) * ([width, height] - wh)
-        categories = rng.integers(1, num_categories + 1, num_objects)
-        for k in range(num_objects):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(categories[k]),
-                                "bbox": [float(v) for v in (*xy[k], *wh[k])], "area": float(wh[k].prod()),
-                                "iscrowd": int(rng.random() < 0.01)})
-        near = min(dets_per_image, 3 * num_objects)
-        source = rng.integers(0, max(num_objects, 1), near)
-        jitter = rng.normal(0, 0.08, (near, 4)) * np.tile(wh[source], 2) if num_objects else np.zeros((0, 4))
-        near_boxes = np.concatenate([xy[source], xy[source] + wh[source]], 1) + jitter if num_objects else jitter
-        near_labels = np.where(rng.random(near) < 0.85, categories[source] if num_objects else 0,
-                               rng.integers(1, num_categories + 1, near))
-        far = dets_per_image - near
-        far_wh = np.minimum(np.exp(rng.uniform(np.log(6), np.log(400), (far, 2))), [width, height])
-        far_xy = rng.uniform(0, 1, (far, 2)) * ([width, height] - far_wh)
-        boxes = np.concatenate([near_boxes, np.concatenate([far_xy, far_xy + far_wh], 1)])
-        scores = np.concatenate([rng.uniform(0.3, 1.0, near), rng.beta(1, 6, far)])
-        labels = np.concatenate([near_labels, rng.integers(1, num_categories + 1, far)])
-        predictions[image_id] = {"boxes": torch.tensor(boxes, dtype=torch.float32),
-                                 "scores": torch.tensor(scores, dtype=torch.float32),
-                                 "labels": torch.tensor(labels, dtype=torch.int64)}
-    coco_gt = COCO()
-    coco_gt.dataset = {"images": images, "annotations": annotations,
-                       "categories": [{"id": c, "name": f"class_{c}"} for c in range(1, num_categories + 1)]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt.createIndex()
-    return coco_gt, predictions
-
-
-def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed: int = 0,
-                         batch_size: int = 8, num_categories: int = 80, repeats: int = 1) -> Dict[str, Any]:
-    """Time box AP on `synthetic_coco_detections` two ways: pycocotools' COCOeval from the COCO results
-    list (loadRes, evaluate, accumulate, summarize), and this module's CocoEvaluator from the prediction
-    tensors (update per batch of `batch_size` images, synchronize, accumulate, summarize: its conversion
-    of tensors is timed, the results list given to pycocotools is not). Each is run `repeats` times and its
-    fastest run kept.
-
-    Returns wall seconds for both ('pycocotools_s', 'evaluator_s') and their ratio 'speedup'; the same in
-    CPU seconds of this process ('*_cpu_s', 'cpu_speedup': steadier on a machine other work shares, as
-    both run in one thread); the two sets of 12 stats, 'max_abs_diff' between them, 'stats_equal' (within
-    1e-12) and 'stats_identical' (bit for bit)."""
-    from pycocotools.cocoeval import COCOeval
-
-    coco_gt, predictions = synthetic_coco_detections(num_images, dets_per_image, seed, num_categories)
-
-    def run_pycocotools(results):
-        reference = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
-        reference.evaluate()
-        reference.accumulate()
-        reference.summarize()
-        return reference.stats
-
-    def run_evaluator(_):
-        evaluator = CocoEvaluator(coco_gt, ["bbox"])
-        image_ids = sorted(predictions)
-        for i in range(0, len(image_ids), batch_size):
-            evaluator.update({j: predictions[j] for j in image_ids[i:i + batch_size]})
-        evaluator.synchronize_between_processes()
-        evaluator.accumulate()
-        evaluator.summarize()
-        return evaluator.coco_eval["bbox"].stats
-
-    timings = {}
-    for name, run in (("pycocotools", run_pycocotools), ("evaluator", run_evaluator)):
-        wall, cpu = [], []
-        for _ in range(repeats):
-            results = prepare_for_coco(predictions, "bbox")  # loadRes writes into it: a fresh one each time
-            with contextlib.redirect_stdout(io.StringIO()):
-                start, start_cpu = time.perf_counter(), time.process_time()
-                stats = np.asarray(run(results))
-                wall.append(time.perf_counter() - start)
-                cpu.append(time.process_time() - start_cpu)
-        timings[name] = (min(wall), min(cpu), stats)
-    (pycocotools_s, pycocotools_cpu_s, theirs), (evaluator_s, evaluator_cpu_s, ours) = timings.values()
-    max_abs_diff = float(np.abs(ours - theirs).max())
-    return {"num_images": num_images, "dets_per_image": dets_per_image, "seed": seed, "num_categories": num_categories,
-            "pycocotools_s": pycocotools_s, "evaluator_s": evaluator_s, "speedup": pycocotools_s / evaluator_s,
-            "pycocotools_cpu_s": pycocotools_cpu_s, "evaluator_cpu_s": evaluator_cpu_s,
-            "cpu_speedup": pycocotools_cpu_s / evaluator_cpu_s,
-            "pycocotools_stats": theirs.tolist(), "evaluator_stats": ours.tolist(), "max_abs_diff": max_abs_diff,
-            "stats_equal": max_abs_diff <= 1e-12, "stats_identical": bool(np.array_equal(ours, theirs))}

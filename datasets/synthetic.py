@@ -366,17 +366,16 @@ PANOPTIC_MASK_RECIPE = dict(PANOPTIC_RECIPE, mask_attention_gain=100.0, panoptic
                             lr_drop=2, output_dir="outputs/panoptic/masks")
 
 
-def recipe(dataset_file: str, masks: bool = False, two_stage: bool = True,
-           reduced_precision: bool = True) -> Dict[str, Any]:
-    """The flag defaults that `--dataset_file` brings (with --masks: the panoptic mask stage's); with
-    --no_two_stage every query is learned anyway, so no --learned_queries split. `reduced_precision`: whether
-    --amp's automatic choice computes in 16 bits on the machine (False: fp32, the shorter detection schedule)."""
-    if dataset_file == "synthetic":
-        defaults = dict(DETECTION_RECIPE if reduced_precision else FP32_DETECTION_RECIPE)
-    elif dataset_file == "synthetic_panoptic":
-        defaults = dict(PANOPTIC_MASK_RECIPE if masks else PANOPTIC_RECIPE)
-    else:
-        return {}
+def detection_recipe(masks: bool = False, two_stage: bool = True, reduced_precision: bool = True) -> Dict[str, Any]:
+    """The flag defaults of `--dataset_file synthetic`. `reduced_precision`: whether --amp's automatic choice
+    computes in 16 bits on the machine (False: fp32, the shorter schedule)."""
+    return dict(DETECTION_RECIPE if reduced_precision else FP32_DETECTION_RECIPE)
+
+
+def panoptic_recipe(masks: bool = False, two_stage: bool = True, reduced_precision: bool = True) -> Dict[str, Any]:
+    """The flag defaults of `--dataset_file synthetic_panoptic` (with --masks: the mask stage's); with
+    --no_two_stage every query is learned anyway, so no --learned_queries split."""
+    defaults = dict(PANOPTIC_MASK_RECIPE if masks else PANOPTIC_RECIPE)
     if not two_stage:
         defaults.pop("learned_queries", None)
     return defaults
@@ -420,6 +419,27 @@ def prepare_root(args) -> Path:
 def root_flag(args) -> str:
     """The flag that chose the dataset folder, for error messages."""
     return "--coco_path" if getattr(args, "coco_path", None) else "--synthetic_path"
+
+
+def read_categories(args, panoptic: bool = False) -> Dict[int, bool]:
+    """{category id: is a thing} of the training annotations (generated first if needed): the instances file
+    (things only), or with `panoptic` the panoptic one (things and stuff)."""
+    ann_file = prepare_root(args) / "annotations" / f"{'panoptic' if panoptic else 'instances'}_train2017.json"
+    try:
+        data = json.loads(ann_file.read_text())
+        return {int(cat["id"]): bool(cat.get("isthing", 1)) for cat in data["categories"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the categories of {ann_file}: {e}") from e
+
+
+def num_classes(args, panoptic: bool = False) -> int:
+    """The class-head size of the dataset: its largest category id + 1 (things, and stuff with `panoptic`)."""
+    return max(read_categories(args, panoptic)) + 1
+
+
+def thing_classes(args) -> List[int]:
+    """The thing category ids of the panoptic dataset (the `isthing` flags of its training annotations)."""
+    return sorted(i for i, isthing in read_categories(args, panoptic=True).items() if isthing)
 
 
 def native_image_size(root: Path, args) -> int:

@@ -1,7 +1,7 @@
 """DETR models: build_model(args) -> (model, criterion, postprocessors)."""
 import torch
 
-from util.misc import coco_panoptic_is_thing_map, original_num_classes
+from util.misc import original_is_thing_map, original_num_classes
 
 from .backbone import build_backbone
 from .detr import DETR, PostProcess, SetCriterion
@@ -13,7 +13,8 @@ from .two_stage import TwoStageCriterion, TwoStageDETR, check_learned_queries
 
 def build_model(args):
     """The model, its loss and its post-processors, from the parsed main.py flags (a full namespace of
-    main.get_args_parser(); main.py also sets num_classes and, for panoptic data, thing_classes)."""
+    main.get_args_parser()). main.py sets num_classes and, for panoptic data, thing_classes from the dataset
+    (datasets.num_classes, datasets.thing_classes); a namespace without them gets the original DETR's choice."""
     check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
     num_classes = args.num_classes or original_num_classes(args.dataset_file)
     device = torch.device(args.device)
@@ -33,7 +34,7 @@ def build_model(args):
     losses = ["labels", "boxes", "cardinality"]
     if args.masks:
         losses += ["masks"]
-    # Set by main.py for panoptic data (datasets.default_is_thing_map); not a command-line flag.
+    # Set by main.py for panoptic data (datasets.thing_classes); not a command-line flag.
     thing_classes = getattr(args, "thing_classes", None)
 
     # The one place the --two_stage extension (models/two_stage.py) plugs in: its model and its loss.
@@ -58,12 +59,11 @@ def build_model(args):
     postprocessors = {"bbox": PostProcess()}
     if args.masks:
         postprocessors["segm"] = PostProcessSegm()
-        if args.dataset_file == "coco_panoptic":
-            postprocessors["panoptic"] = PostProcessPanoptic(coco_panoptic_is_thing_map(),
-                                                             threshold=args.panoptic_threshold)
-        elif thing_classes is not None:
-            # Datasets of the project's own (the synthetic panoptic one) name their thing classes.
+        if thing_classes is not None:
             things = set(thing_classes)
-            postprocessors["panoptic"] = PostProcessPanoptic({i: i in things for i in range(num_classes + 1)},
-                                                             threshold=args.panoptic_threshold)
+            is_thing_map = {i: i in things for i in range(num_classes + 1)}
+        else:
+            is_thing_map = original_is_thing_map(args.dataset_file)
+        if is_thing_map is not None:
+            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=args.panoptic_threshold)
     return model, criterion, postprocessors

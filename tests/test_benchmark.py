@@ -1,8 +1,10 @@
-"""Tests of tools/benchmark.py (its tiny mode end to end, its model flags) and util/benchmark.py (timing, table)."""
+"""Tests of tools/benchmark.py (its tiny mode end to end, its model flags, its COCO evaluation data) and
+util/benchmark.py (timing, table)."""
 import contextlib
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,11 +85,32 @@ def test_unknown_mode_is_refused(tool):
 
 def test_model_flags_are_main_py_defaults(tool):
     defaults = vars(main_py.get_args_parser().parse_args([]))
-    # Random weights, nothing downloaded: the one deliberate difference.
-    assert tool.MODEL_DEFAULTS["backbone_weights"] == "none" and defaults["backbone_weights"] == "imagenet"
-    differing = {k: (v, defaults[k]) for k, v in tool.MODEL_DEFAULTS.items()
-                 if k != "backbone_weights" and defaults[k] != v}
-    assert differing == {}
+    bargs = tool.get_args_parser().parse_args(["--device", "cpu"])
+    assert bargs.backbone == defaults["backbone"] == "resnet50"
+    model = vars(tool.model_args(bargs))
+    assert model.keys() == defaults.keys()
+    differing = {k: (v, defaults[k]) for k, v in model.items() if defaults[k] != v}
+    # Random weights, nothing downloaded, on the benchmark's device: the deliberate differences.
+    assert differing == {"backbone_weights": ("none", "imagenet"), "device": ("cpu", "cuda")}
+    tiny = vars(tool.model_args(tool.get_args_parser().parse_args(["--device", "cpu", "--tiny"])))
+    assert {k for k in tiny if tiny[k] != model[k]} == set(tool.TINY_MODEL)
+    # No copy of a main.py default is left in the tool: it reads them from main.py's parser.
+    assert not hasattr(tool, "MODEL_DEFAULTS")
+
+
+def test_synthetic_detections_and_the_coco_evaluation_timing(tool):
+    coco_gt, predictions = tool.synthetic_coco_detections(num_images=60, dets_per_image=30, seed=1)
+    assert all(len(p["scores"]) == 30 for p in predictions.values())
+    assert not coco_gt.imgToAnns[50] and len(coco_gt.getCatIds()) == 80  # every 50th image has no objects
+    areas = np.array([ann["area"] for ann in coco_gt.anns.values()])
+    assert (areas < 32 ** 2).any() and (areas > 96 ** 2).any()
+
+    timing = tool.time_coco_evaluation(num_images=40, dets_per_image=30, seed=2, repeats=2)
+    assert timing["stats_equal"] and timing["max_abs_diff"] <= 1e-12
+    assert timing["pycocotools_s"] > 0 and timing["evaluator_s"] > 0
+    assert timing["speedup"] == pytest.approx(timing["pycocotools_s"] / timing["evaluator_s"])
+    assert timing["cpu_speedup"] == pytest.approx(timing["pycocotools_cpu_s"] / timing["evaluator_cpu_s"])
+    assert 0.05 < timing["pycocotools_stats"][0] < 0.95 and len(timing["evaluator_stats"]) == 12
 
 
 def test_time_interleaved_runs_rounds_and_keeps_the_best(monkeypatch):

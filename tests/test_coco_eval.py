@@ -11,8 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 
 import datasets.coco_eval as coco_eval_module
-from datasets.coco_eval import (CocoEvaluator, box_ious_by_pair, ground_truth_arrays, synthetic_coco_detections,
-                                time_coco_evaluation)
+from datasets.coco_eval import CocoEvaluator, box_ious_by_pair, ground_truth_arrays
 from faster_coco_eval import COCOeval_faster
 from util.plot_utils import load_coco_eval
 
@@ -283,21 +282,6 @@ def test_unknown_image_ids_are_refused():
     coco_gt, predictions = make_ground_truth_and_predictions(num_images=3)
     with pytest.raises(ValueError, match=r"image ids \[99\] are not in the ground truth"):
         CocoEvaluator(coco_gt, ["bbox"]).update({99: predictions[1]})
-
-
-def test_synthetic_detections_and_timing():
-    coco_gt, predictions = synthetic_coco_detections(num_images=60, dets_per_image=30, seed=1)
-    assert all(len(p["scores"]) == 30 for p in predictions.values())
-    assert not coco_gt.imgToAnns[50] and len(coco_gt.getCatIds()) == 80  # every 50th image has no objects
-    areas = np.array([ann["area"] for ann in coco_gt.anns.values()])
-    assert (areas < 32 ** 2).any() and (areas > 96 ** 2).any()
-
-    timing = time_coco_evaluation(num_images=40, dets_per_image=30, seed=2, repeats=2)
-    assert timing["stats_equal"] and timing["max_abs_diff"] <= 1e-12
-    assert timing["pycocotools_s"] > 0 and timing["evaluator_s"] > 0
-    assert timing["speedup"] == pytest.approx(timing["pycocotools_s"] / timing["evaluator_s"])
-    assert timing["cpu_speedup"] == pytest.approx(timing["pycocotools_cpu_s"] / timing["evaluator_cpu_s"])
-    assert 0.05 < timing["pycocotools_stats"][0] < 0.95 and len(timing["evaluator_stats"]) == 12
 
 
 def test_prepare_for_coco_formats():

@@ -435,10 +435,10 @@ def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, 
 def test_num_classes_defaults_to_the_largest_category_id_plus_one(synthetic_root, coco_copy):
     args = main_py.parse_args(tiny_flags(synthetic_root))
     assert args.num_classes is None
-    assert datasets.default_num_classes(args) == 6  # categories 1..5
+    assert datasets.num_classes(args) == 6  # categories 1..5
     edit_json(coco_copy / "annotations" / "instances_train2017.json",
               lambda d: d["categories"].append({"id": 11, "name": "hexagon", "supercategory": "shape"}))
-    assert datasets.default_num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
+    assert datasets.num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
                                                                       str(coco_copy)))) == 12
     assert main_py.parse_args(tiny_flags(synthetic_root, "", "--num_classes", "20")).num_classes == 20
 
@@ -488,6 +488,31 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
     assert not original.two_stage and original.learned_queries == 0
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
+
+
+def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(straight_run, synthetic_root,
+                                                                               capsys):
+    args = main_py.parse_args(tiny_flags(synthetic_root, straight_run, "--epochs", "4", *RESUME_FLAGS))
+    recipe = datasets.recipe("synthetic", reduced_precision=main_py.automatic_choice_is_reduced("cpu"))
+    written = json.loads((straight_run / "recipe.json").read_text())
+    assert (written["dataset_file"], written["defined_in"]) == ("synthetic", "datasets/synthetic.py")
+    assert list(written["flags"]) == list(recipe)  # the recipe's flags only, with this run's values
+    assert written["flags"] == {name: getattr(args, name) for name in recipe}
+    assert written["flags"]["backbone"] == recipe["backbone"] == "resnet18" and written["flags"]["epochs"] == 4
+    replaced = written["recipe_values_replaced_by_flags_given"]
+    assert replaced["epochs"] == recipe["epochs"] and replaced["hidden_dim"] == 128 and "backbone" not in replaced
+    assert main_py.show_recipe(args) == written
+    printed = capsys.readouterr().out
+    assert printed.startswith("Recipe of --dataset_file synthetic (datasets/synthetic.py; flags given win): ")
+    assert " backbone=resnet18 " in printed and f" epochs=4 (recipe {recipe['epochs']}) " in printed
+    assert main_py.show_recipe(main_py.parse_args(["--device", "cpu"])) is None  # COCO: the original's defaults
+    assert capsys.readouterr().out == ""
+
+
+def test_help_strings_are_one_or_two_lines():
+    # The reasons behind a flag are in docs/flags.md; --help says what it does.
+    long = {a.dest: len(a.help) for a in main_py.get_args_parser()._actions if a.help and len(a.help) > 200}
+    assert long == {}
 
 
 def test_help_shows_the_defaults_of_the_dataset_named(capsys):

@@ -19,7 +19,7 @@ import main as main_py
 from helpers import MASK_HEAD_FLAGS, REPO_ROOT
 from tool_checkpoints import run_tool, tiny_checkpoint
 from tools import predict
-from tools.detector import NEWER_FLAGS, dataset_names, load_detector, names_from_annotations
+from tools.detector import checkpoint_args, dataset_names, load_detector, names_from_annotations
 from util.visualize import color_for, draw_boxes, image_axes, keep_texts_inside
 
 BOX = (0.5, 0.45, 0.5, 0.4)  # cx, cy, w, h: xyxy (0.25, 0.25, 0.75, 0.65) of any image
@@ -227,14 +227,18 @@ ORIGINAL_FLAGS = (
     "start_epoch", "eval", "num_workers", "world_size", "dist_url")
 
 
-def test_newer_flags_are_main_py_defaults():
+def test_the_flags_a_checkpoint_predates_are_main_py_defaults():
     defaults = vars(main_py.get_args_parser().parse_args([]))
     assert set(ORIGINAL_FLAGS) <= set(defaults)
-    for name, value in NEWER_FLAGS.items():
-        if name == "thing_classes":  # set by main.py for panoptic data, no flag
-            assert name not in defaults
-        else:
-            assert name not in ORIGINAL_FLAGS and defaults[name] == value, name
+    original = argparse.Namespace(**{**{k: v for k, v in defaults.items() if k in ORIGINAL_FLAGS},
+                                     "dataset_file": "coco_panoptic", "masks": True, "lr": 5e-5})
+    state = {"detr.class_embed.bias": torch.zeros(251)}
+    args = vars(checkpoint_args({"model": state, "args": original}, state, "old.pth"))
+    assert (args["dataset_file"], args["masks"], args["lr"]) == ("coco_panoptic", True, 5e-5)  # its own flags
+    newer = {k: args[k] for k in defaults if k not in ORIGINAL_FLAGS}
+    # The class count from the weights; nothing to download; everything else as main.py's parser has it.
+    assert newer == {**{k: defaults[k] for k in newer}, "num_classes": 250, "backbone_weights": "none"}
+    assert args["thing_classes"] is None and "thing_classes" not in defaults  # set by main.py, no flag
 
 
 def test_a_checkpoint_with_the_original_flags_only_rebuilds_the_same_model(synthetic_root, tmp_path):
@@ -254,19 +258,26 @@ def test_a_checkpoint_with_the_original_flags_only_rebuilds_the_same_model(synth
     assert torch.equal(want["pred_logits"], got["pred_logits"]) and torch.equal(want["pred_boxes"], got["pred_boxes"])
     assert got["pred_logits"].shape[-1] == 7  # the class count, 6, read from the weights
     # The image size the tiny checkpoint names (64) is gone with its flags: the synthetic dataset's default.
-    assert rebuilt.transform(Image.new("RGB", (64, 64)), None)[0].shape[-1] == NEWER_FLAGS["synthetic_image_size"]
+    default_size = main_py.get_args_parser().parse_args([]).synthetic_image_size
+    assert rebuilt.transform(Image.new("RGB", (64, 64)), None)[0].shape[-1] == default_size
 
 
 def test_tools_import_no_script():
-    """Scripts share code through tools/detector.py only: none imports another script of tools/, nor main.py."""
+    """Scripts share code through tools/detector.py only: none imports another script of tools/, nor anything of
+    main.py but its flags (get_args_parser, the one source of their defaults)."""
     scripts = {p.stem for p in (REPO_ROOT / "tools").glob("*.py")} - {"__init__", "detector"}
     assert {"predict", "attention", "export_onnx", "plot_logs"} <= scripts
+    readers = set()
     for path in (REPO_ROOT / "tools").glob("*.py"):
         imported = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module == "main":
+                assert [alias.name for alias in node.names] == ["get_args_parser"], path.name
+                readers.add(path.name)
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
         banned = {"main", "run_with_submitit"} | scripts | {f"tools.{s}" for s in scripts}
         assert not imported & banned, f"{path.name} imports {sorted(imported & banned)}"
+    assert {"benchmark.py", "detector.py"} <= readers

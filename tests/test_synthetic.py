@@ -171,16 +171,38 @@ def test_build_checks_num_classes_and_dataset_file(root):
         datasets.build_dataset("train", args_for(root, dataset_file="voc"))
 
 
-def test_default_num_classes_and_thing_map(root):
-    assert datasets.default_num_classes(Namespace(dataset_file="coco")) == 91
-    assert datasets.default_num_classes(Namespace(dataset_file="coco_panoptic")) == 250
-    assert datasets.default_num_classes(args_for(root)) == 6
-    assert datasets.default_num_classes(args_for(root, dataset_file="synthetic_panoptic")) == 9
-    assert datasets.default_is_thing_map(args_for(root, dataset_file="synthetic_panoptic")) == {
-        1: True, 2: True, 3: True, 4: True, 5: True, 6: False, 7: False, 8: False}
-    assert datasets.default_is_thing_map(Namespace(dataset_file="coco_panoptic"))[90] is True
+def test_num_classes_and_thing_classes_come_from_the_dataset(root):
+    assert datasets.num_classes(Namespace(dataset_file="coco", num_classes=None)) == 91
+    assert datasets.num_classes(Namespace(dataset_file="coco_panoptic", num_classes=None)) == 250
+    assert datasets.num_classes(args_for(root)) == 6
+    assert datasets.num_classes(args_for(root, dataset_file="synthetic_panoptic")) == 9
+    assert datasets.num_classes(args_for(root, num_classes=12)) == 12  # the flag wins
+    assert datasets.thing_classes(args_for(root, dataset_file="synthetic_panoptic")) == [1, 2, 3, 4, 5]
+    assert datasets.thing_classes(Namespace(dataset_file="coco_panoptic")) == list(range(91))
+    assert datasets.thing_classes(args_for(root)) is None  # no panoptic categories
+    with pytest.raises(ValueError, match="--dataset_file 'voc' is not supported"):
+        datasets.num_classes(args_for(root, dataset_file="voc"))
     # --coco_path pointing at a generated dataset is used as it is, whatever the --synthetic_* flags say.
     assert synthetic.prepare_root(args_for("unused", coco_path=str(root), synthetic_train_size=1)) == root
+
+
+def test_each_dataset_file_is_one_entry_of_the_table():
+    assert datasets.DATASET_FILES == ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
+    panoptic = {name for name, entry in datasets.DATASETS.items() if entry.thing_classes is not None}
+    assert panoptic == {"coco_panoptic", "synthetic_panoptic"}
+    assert {name for name in datasets.DATASETS if datasets.has_recipe(name)} == {"synthetic", "synthetic_panoptic"}
+    assert datasets.recipe("coco") == {}
+    assert datasets.recipe("synthetic_panoptic", two_stage=False).get("learned_queries") is None
+    assert datasets.recipe("synthetic_panoptic")["learned_queries"] == 5
+
+
+def test_box_ap_of_panoptic_data_is_measured_against_the_instances(root):
+    detection = datasets.build_dataset("val", args_for(root))
+    assert datasets.box_ground_truth(detection, args_for(root)) is detection.coco
+    args = args_for(root, dataset_file="synthetic_panoptic")
+    ground_truth = datasets.box_ground_truth(datasets.build_dataset("val", args), args)
+    assert sorted(ground_truth.cats) == [1, 2, 3, 4, 5]  # the things: stuff has no boxes to find
+    assert len(ground_truth.imgs) == PARAMS["num_val"] and all("bbox" in a for a in ground_truth.anns.values())
 
 
 def test_build_panoptic(root):

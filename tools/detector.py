@@ -5,7 +5,8 @@ hubconf.py, and the images to run it on.
     images = [read_image(path) for path in list_images(["photo.jpg", "folder/"])]
 
 A module of the tools package, not a script: tools/predict.py, tools/attention.py and tools/export_onnx.py
-import it, and it imports none of them (nor main.py).
+import it, and it imports none of them; of main.py, only its flags (get_args_parser, the one source of their
+defaults).
 """
 import argparse
 import json
@@ -19,7 +20,8 @@ from PIL import Image, ImageOps
 import hubconf
 from datasets import transforms as T
 from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms
-from datasets.synthetic import DEFAULT_IMAGE_SIZE, DEFAULT_ROOT, STUFF_IDS, THING_IDS, make_synthetic_transforms
+from datasets.synthetic import STUFF_IDS, THING_IDS, make_synthetic_transforms
+from main import get_args_parser
 from models import build_model
 from models.detr import PostProcess
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
@@ -28,17 +30,6 @@ from util.visualize import COCO_NAMES, COCO_PANOPTIC_STUFF_NAMES
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 HUB_ENTRIES = tuple(hubconf.URLS)  # every entry point of hubconf.py has a published checkpoint
 MAX_SIZE = 1333  # longer-side cap of --size, as in COCO evaluation
-
-# The flags this project added to the original DETR's main.py that rebuilding a model from a checkpoint reads (the
-# model builders and the preprocessing), at the values that build what a checkpoint from before the flag was
-# trained as: the original's model (main.py's defaults; tests/test_predict.py holds them equal). A checkpoint's
-# 'args' lack the flags added after it was written: those of the original DETR's main.py lack all of these.
-# thing_classes is no flag: main.py sets it for panoptic data; None leaves the thing map to the model builder.
-NEWER_FLAGS = dict(
-    num_classes=None, backbone_norm="frozen", feature_stride=32, channels_last=False, two_stage=False,
-    learned_queries=0, query_nms=1.0, mask_attention_gain=1.0, panoptic_threshold=0.85, thing_classes=None,
-    synthetic_path=DEFAULT_ROOT, synthetic_image_size=DEFAULT_IMAGE_SIZE,
-)
 
 
 @dataclass
@@ -65,12 +56,16 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
 # The model
 
 def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> argparse.Namespace:
-    """main.py's flags a checkpoint was trained with: its 'args', with NEWER_FLAGS for the flags it predates
-    and the class count read from the weights when the flags leave it open."""
+    """main.py's flags a checkpoint was trained with: its 'args', with main.py's defaults for the flags it
+    predates, and the class count read from the weights when the flags leave it open."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), argparse.Namespace):
         raise ValueError(f"{source} carries no 'args' (main.py's flags) to rebuild its model from; for a "
                          f"published DETR checkpoint use --hub NAME --pretrained {source}")
-    args = argparse.Namespace(**{**NEWER_FLAGS, **vars(checkpoint["args"])})
+    # A checkpoint's 'args' lack the flags added after it was written (one of the original DETR, all of this
+    # project's): main.py's defaults build what it was trained with, the original's model. thing_classes is no flag
+    # (main.py sets it for panoptic data); None leaves the thing map to the model builder.
+    defaults = vars(get_args_parser().parse_args([]))
+    args = argparse.Namespace(**{**defaults, "thing_classes": None, **vars(checkpoint["args"])})
     if args.num_classes is None:
         for key in ("class_embed.bias", "detr.class_embed.bias"):
             if key in state:

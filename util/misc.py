@@ -92,8 +92,9 @@ COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 
 def original_num_classes(dataset_file: str) -> int:
-    """The class-head size the original DETR gives --dataset_file: 91 for COCO, 250 for COCO panoptic, 20 for
-    any other (datasets.default_num_classes knows the sizes of this project's own datasets)."""
+    """The class-head size the original DETR's build_model gives --dataset_file when the flags name none (91 for
+    COCO, 250 for COCO panoptic, 20 for any other): models.build_model keeps it for a namespace main.py did not
+    fill. main.py itself asks the dataset (datasets.num_classes)."""
     return COCO_NUM_CLASSES.get(dataset_file, 20)
 
 
@@ -101,6 +102,12 @@ def coco_panoptic_is_thing_map() -> Dict[int, bool]:
     """{class id: is a thing} over the COCO panoptic class head: ids up to 90 are things (the COCO detection
     categories), the others stuff."""
     return {i: i <= 90 for i in range(COCO_NUM_CLASSES["coco_panoptic"])}
+
+
+def original_is_thing_map(dataset_file: str) -> Optional[Dict[int, bool]]:
+    """The thing map the original DETR's build_model gives --dataset_file when the flags name no thing classes:
+    COCO panoptic's, None for any other (no panoptic post-processor)."""
+    return coco_panoptic_is_thing_map() if dataset_file == "coco_panoptic" else None
 
 
 def collate_fn(batch):
