@@ -214,7 +214,7 @@ def test_hf_folder_fine_tunes_with_another_class_count(tmp_path, synthetic_root)
 
 def test_hf_folder_evaluates_with_resume(tmp_path, synthetic_root):
     flags = tiny_flags(synthetic_root, tmp_path / "out", "--eval", "--backbone_norm", "frozen")
-    num_classes = datasets.default_num_classes(main_py.parse_args(flags))
+    num_classes = datasets.num_classes(main_py.parse_args(flags))
     folder = hf_folder(tmp_path / "hf", d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
                        encoder_layers=1, decoder_layers=2, num_queries=8, num_labels=num_classes)
     run_main(flags + ["--resume", str(folder)])
