@@ -1,7 +1,7 @@
 """Datasets: `build_dataset(image_set, args)` picks one from --dataset_file."""
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch.utils.data
 import torchvision
@@ -9,6 +9,7 @@ import torchvision
 from util.misc import COCO_NUM_CLASSES, coco_panoptic_is_thing_map
 
 from . import coco, synthetic
+from .transforms import output_image_size
 
 DATASET_FILES = ("coco", "coco_panoptic", "synthetic", "synthetic_panoptic")
 
@@ -38,6 +39,27 @@ def get_coco_api_from_dataset(dataset):
     if isinstance(dataset, torchvision.datasets.CocoDetection):
         return dataset.coco
     return None
+
+
+def transformed_image_sizes(dataset) -> List[Tuple[int, int]]:
+    """(w, h) of every image of `dataset` as its transforms deliver it, from the sizes its annotations record
+    (no image is read): what --eval_batching size groups the val images by. Raises ValueError when the dataset's
+    transforms give no fixed size (random scales) or it records no image sizes."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in indices] if indices is not None else list(dataset.indices)
+        dataset = dataset.dataset
+    if isinstance(dataset, torchvision.datasets.CocoDetection):
+        records, transforms = [dataset.coco.imgs[i] for i in dataset.ids], getattr(dataset, "_transforms", None)
+    elif isinstance(getattr(dataset, "coco", None), dict):  # the panoptic datasets keep the raw json
+        records, transforms = dataset.coco["images"], dataset.transforms
+    else:
+        raise ValueError(f"{type(dataset).__name__} records no image sizes")
+    sizes = []
+    for record in records:
+        size = (int(record["width"]), int(record["height"]))
+        sizes.append(output_image_size(transforms, size) if transforms is not None else size)
+    return sizes if indices is None else [sizes[i] for i in indices]
 
 
 def default_num_classes(args) -> int:
