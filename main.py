@@ -629,7 +629,8 @@ def main(args):
     if coco_evaluator is not None:
         print("Per class, last epoch:\n" + per_class_table(coco_evaluator.per_class))
     if best is not None:
-        print(f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}), {output_dir / 'checkpoint_best.pth'}")
+        print(f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}): "
+              f"{output_dir / 'checkpoint_best.pth'}")
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return test_stats

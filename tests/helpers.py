@@ -170,3 +170,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tensorboard_scalars(log_dir) -> Dict[str, List[tuple]]:
+    """{tag: [(step, value), ...]} of the event files under `log_dir`, as TensorBoard itself reads them (its
+    EventAccumulator, which drops what a later writer's purge_step discards)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
