@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,6 +269,79 @@ def test_checkpoint_best_loads_with_resume_eval_the_hub_and_the_tools(straight_r
     detector = load_detector(resume=str(path))
     for k, v in best["model"].items():
         assert torch.equal(model.state_dict()[k], v) and torch.equal(detector.model.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- --eval_batching
+
+# (width, height) of the images: four sizes after the resize below (shorter side 48, longer side at most 96).
+MIXED_SIZES = [(96, 64), (64, 96), (80, 64), (96, 64), (64, 64), (64, 96), (80, 64), (96, 64)]
+
+
+@pytest.fixture(scope="module")
+def mixed_size_coco(tmp_path_factory):
+    """A COCO-layout val set of noise images of mixed sizes, each with one large box (which a random DETR's
+    central boxes sometimes hit: AP above 0 that moves with the model's features), read back with a small
+    deterministic val resize."""
+    from PIL import Image
+
+    from datasets import transforms as T
+    from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, CocoDetection
+
+    root = tmp_path_factory.mktemp("mixed_sizes")
+    (root / "val2017").mkdir()
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i, (w, h) in enumerate(MIXED_SIZES, 1):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "val2017" / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h})
+        bw, bh = rng.uniform(0.4, 0.8) * w, rng.uniform(0.4, 0.8) * h
+        x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        annotations.append({"id": i, "image_id": i, "category_id": int(rng.integers(1, 3)), "bbox": [x, y, bw, bh],
+                            "area": bw * bh, "iscrowd": 0})
+    ann_file = root / "annotations" / "instances_val2017.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    transforms = T.Compose([T.RandomResize([48], max_size=96), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return CocoDetection(root / "val2017", ann_file, transforms, return_masks=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(), ("--dilation",)], ids=["R50", "DC5"])
+def test_eval_batching_size_gives_the_ap_of_batch_size_1_at_any_batch_size(layout, mixed_size_coco):
+    from helpers import tiny_args
+
+    args = tiny_args("--backbone", "resnet50", "--num_queries", "10", "--num_workers", "0", *layout)
+    args.num_classes, args.distributed = 3, False
+    torch.manual_seed(0)
+    model, criterion, postprocessors = build_model(args)
+    ground_truth = datasets.get_coco_api_from_dataset(mixed_size_coco)
+
+    def box_ap(eval_batching, batch_size):
+        args.eval_batching, args.batch_size = eval_batching, batch_size
+        _, _, loader = main_py.build_loaders(None, mixed_size_coco, args)
+        if eval_batching == "size":  # no batch holds two sizes, so nothing is padded
+            assert all(len({tuple(mixed_size_coco[i][0].shape) for i in batch}) == 1 for batch in loader.batch_sampler)
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader, ground_truth, torch.device("cpu"), "")
+        return stats["coco_eval_bbox"]
+
+    alone = box_ap("padded", 1)  # batches of one image: nothing to pad either way
+    assert alone[1] > 0  # AP50: the boxes found move with the features, so padding shows
+    for batch_size in (2, 8):
+        assert box_ap("size", batch_size) == pytest.approx(alone, abs=1e-4), batch_size
+    padded = [box_ap("padded", batch_size) for batch_size in (2, 8)]
+    assert any(max(abs(a - b) for a, b in zip(ap, alone)) > 1e-3 for ap in padded), padded
+
+
+def test_eval_batching_size_needs_a_fixed_val_size(synthetic_root, tmp_path, monkeypatch):
+    from datasets import transforms as T
+
+    # The training transforms pick a scale at random: no size can be known in advance.
+    monkeypatch.setattr(datasets.synthetic, "make_synthetic_transforms",
+                        lambda image_set, image_size: T.Compose([T.RandomResize([48, 64]), T.ToTensor()]))
+    with pytest.raises(SystemExit, match=r"--eval_batching size: cannot tell the val images' sizes \(RandomResize "
+                                         r"with 2 sizes picks one at random"):
+        run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--eval_batching", "size"))
 
 
 # ---------------------------------------------------------------------------------------------- resuming
