@@ -4,12 +4,12 @@ import os
 import shutil
 import sys
 import weakref
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
 import util.misc as utils
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import CocoEvaluator, per_category_ap
 
 
 def to_float32(value):
@@ -124,12 +124,15 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, amp=False, ema=None,
-                    scaler: Optional["torch.amp.GradScaler"] = None) -> Dict[str, float]:
+                    scaler: Optional["torch.amp.GradScaler"] = None,
+                    log_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
     """Train for one pass over data_loader; returns the epoch averages of every logged value.
     `amp`: the autocast type of the forward pass (see run_model); off, the steps are plain fp32.
     `ema`: a util.ema.ModelEMA of the model, updated after every step.
     `scaler`: a GradScaler (float16 autocast): the loss is scaled for the backward pass, and a step whose gradients
-    overflowed is skipped (the weights untouched, the scale lowered); the count is returned as 'skipped_steps'."""
+    overflowed is skipped (the weights untouched, the scale lowered); the count is returned as 'skipped_steps'.
+    `log_step(i, values)`: called at every step that is printed (every 10th and the last) with the step's index in
+    the epoch and its own values (losses, class_error, lr), e.g. to write them to TensorBoard."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -139,7 +142,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     print_freq = 10
     skipped_steps = 0
 
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, header):
+    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
@@ -174,6 +177,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         metric_logger.update(loss=loss_value, **loss_dict_reduced_scaled, **loss_dict_reduced_unscaled)
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if log_step is not None and (i % print_freq == 0 or i == len(data_loader) - 1):  # the printed steps
+            log_step(i, {k: meter.value for k, meter in metric_logger.meters.items()})
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
@@ -192,7 +197,8 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     """Losses and COCO metrics (bbox, segm, PQ as the postprocessors allow) over data_loader.
 
     Returns (stats, coco_evaluator): stats holds the averaged losses plus coco_eval_bbox / coco_eval_masks
-    (the 12 COCOeval stats) and PQ_all / PQ_th / PQ_st where they apply.
+    (the 12 COCOeval stats) and PQ_all / PQ_th / PQ_st where they apply; coco_evaluator.per_class holds the
+    results per category (see per_class_results).
     """
     model.eval()
     criterion.eval()
@@ -259,4 +265,46 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         stats["PQ_all"] = panoptic_res["All"]
         stats["PQ_th"] = panoptic_res["Things"]
         stats["PQ_st"] = panoptic_res["Stuff"]
+    names = {int(k): v["name"] for k, v in coco_evaluator.coco_gt.cats.items()}
+    if panoptic_evaluator is not None:
+        names.update(panoptic_evaluator.category_names)
+    # Kept beside the evaluation rather than in stats: stats is what log.txt holds, and its keys stay the original's.
+    coco_evaluator.per_class = per_class_results(coco_evaluator, panoptic_res, names)
     return stats, coco_evaluator
+
+
+def per_class_results(coco_evaluator: CocoEvaluator, panoptic_res: Optional[dict],
+                      names: Dict[int, str]) -> Dict[str, List[dict]]:
+    """{'bbox': [{'id', 'name', 'AP', 'AP50', 'AP75'} per category], 'segm' likewise with masks, 'panoptic':
+    [{'id', 'name', 'PQ', 'SQ', 'RQ'}] with panoptic results}. A category without ground truth has AP None."""
+    results = {}
+    for iou_type, coco_eval in coco_evaluator.coco_eval.items():
+        if getattr(coco_eval, "eval", None):
+            per_category = per_category_ap(coco_eval.eval)
+            results[iou_type] = [{"id": k, "name": names.get(k, str(k)), **v} for k, v in per_category.items()]
+    if panoptic_res is not None and "per_class" in panoptic_res:
+        results["panoptic"] = [{"id": int(k), "name": names.get(int(k), str(k)), "PQ": float(v["pq"]),
+                                "SQ": float(v["sq"]), "RQ": float(v["rq"])}
+                               for k, v in sorted(panoptic_res["per_class"].items(), key=lambda kv: int(kv[0]))]
+    return results
+
+
+def per_class_table(per_class: Dict[str, List[dict]]) -> str:
+    """The per-category results as a text table: one row per category, AP / AP50 / AP75 (x100) per iou type
+    and PQ / SQ / RQ (x100) for panoptic results; '-' where a category has no ground truth."""
+    columns = [(kind, stat) for kind, rows in per_class.items() if rows for stat in rows[0]
+               if stat not in ("id", "name")]
+    rows_by_id: Dict[int, Dict] = {}
+    for kind, rows in per_class.items():
+        for row in rows:
+            entry = rows_by_id.setdefault(row["id"], {"name": row["name"]})
+            entry.update({(kind, k): v for k, v in row.items() if k not in ("id", "name")})
+    width = max([len(e["name"]) for e in rows_by_id.values()] + [8])
+    heads = [f"{kind if kind != 'panoptic' else 'pano'} {stat}" for kind, stat in columns]
+    lines = [f"{'category':<{width}}  " + "  ".join(f"{h:>10}" for h in heads)]
+    for cat_id in sorted(rows_by_id):
+        entry = rows_by_id[cat_id]
+        cells = [entry.get(column) for column in columns]
+        lines.append(f"{entry['name']:<{width}}  " + "  ".join(
+            f"{100 * v:10.1f}" if v is not None else f"{'-':>10}" for v in cells))
+    return "\n".join(lines)

@@ -21,17 +21,18 @@ import datasets
 import util.misc as utils
 from datasets import build_dataset
 from datasets.synthetic import add_synthetic_args
-from engine import enable_compile, evaluate, train_one_epoch
+from engine import enable_compile, evaluate, per_class_table, train_one_epoch
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
 from models.two_stage import check_learned_queries
 from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_resume_checkpoint,  # noqa: F401
-                             drop_log_lines_from, isolated_rng, load_state_dict_checked,
-                             load_state_dict_for_finetuning, model_state_from, read_checkpoint,
+                             LOGGED_STAT, drop_log_lines_from, improves, isolated_rng, load_state_dict_checked,
+                             load_state_dict_for_finetuning, logged_stat, model_state_from, read_checkpoint,
                              remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
 from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler
 from util.ema import ModelEMA
-from util.misc import choose_device
+from util.misc import SameSizeBatchSampler, choose_device
+from util.tensorboard import evaluation_scalars, open_writer, write_scalars
 
 
 def add_switch(parser: argparse.ArgumentParser, name: str, help_on: str, help_off: str) -> None:
@@ -178,7 +179,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist_timeout", default=1800, type=int,
                         help="seconds to wait for the other processes (rendezvous, collectives) before failing")
     parser.add_argument("--no_plots", dest="plots", action="store_false",
-                        help="do not write predictions.png and curves.png to output_dir after each epoch")
+                        help="do not write predictions.png, curves.png and per_class.png to output_dir after each "
+                             "epoch")
+    parser.add_argument("--no_tensorboard", dest="tensorboard", action="store_false",
+                        help="do not write TensorBoard event files to output_dir/tensorboard/ (written by default: "
+                             "the training losses and lr at every printed step, each epoch's test losses, COCO "
+                             "stats and PQ)")
+    parser.add_argument("--best_metric", default="auto",
+                        help="the stat of log.txt whose best epoch output_dir/checkpoint_best.pth keeps: KEY, "
+                             "KEY[INDEX] or KEY.FIELD (e.g. test_coco_eval_bbox[1] for AP50, test_loss, lower "
+                             "being better for losses and errors); 'auto': box AP (test_coco_eval_bbox[0]), PQ "
+                             "(test_PQ_all.pq) for panoptic models")
+    parser.add_argument("--eval_batching", default="padded", choices=("padded", "size"),
+                        help="how evaluation batches images: 'padded', the original's, pads each batch to its "
+                             "largest image, which the ResNet's convolutions see (AP then depends on the batch "
+                             "size, most with --dilation); 'size' batches only images of the same size after "
+                             "resizing, so AP is that of batch size 1 at any --batch_size")
     add_synthetic_args(parser)
     return parser
 
@@ -250,6 +266,9 @@ def check_args(args) -> None:
         raise SystemExit(f"--resume {args.resume!r}: no such file")
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")
+    if args.best_metric != "auto" and LOGGED_STAT.fullmatch(args.best_metric) is None:
+        raise SystemExit(f"--best_metric {args.best_metric!r}: expected 'auto' or a stat of log.txt as KEY, "
+                         "KEY[INDEX] or KEY.FIELD, e.g. test_coco_eval_bbox[0] or test_PQ_all.pq")
     try:
         check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
     except ValueError as e:
@@ -302,9 +321,20 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device):
 
 def build_loaders(dataset_train, dataset_val, args):
     """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order."""
-    sampler_val = DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
-    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                                 collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    if getattr(args, "eval_batching", "padded") == "size":
+        try:
+            sizes = datasets.transformed_image_sizes(dataset_val)
+        except ValueError as e:
+            raise SystemExit(f"--eval_batching size: cannot tell the val images' sizes ({e}); use --eval_batching "
+                             "padded") from None
+        batch_sampler_val = SameSizeBatchSampler(sizes, args.batch_size, utils.get_world_size(), utils.get_rank())
+        data_loader_val = DataLoader(dataset_val, batch_sampler=batch_sampler_val, collate_fn=utils.collate_fn,
+                                     num_workers=args.num_workers)
+    else:
+        sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                       else SequentialSampler(dataset_val))
+        data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                     collate_fn=utils.collate_fn, num_workers=args.num_workers)
     if dataset_train is None:
         return None, None, data_loader_val
     sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
@@ -433,11 +463,44 @@ def build_ema(model, resumed: Optional[dict], args) -> Optional[ModelEMA]:
     return ema
 
 
+def resolve_best_metric(args, postprocessors) -> None:
+    """--best_metric auto: box AP, or PQ for a panoptic model."""
+    if args.best_metric == "auto":
+        args.best_metric = "test_PQ_all.pq" if "panoptic" in postprocessors else "test_coco_eval_bbox[0]"
+
+
+def best_so_far(resumed: Optional[dict], args, output_dir: Optional[Path]) -> Optional[dict]:
+    """The best epoch of the run a --resume checkpoint continues ({'metric', 'value', 'epoch'}, as the checkpoint
+    records it), or None (a new run, --eval, or another --best_metric). checkpoint_best.pth is written after
+    checkpoint.pth: a run stopped between the two, its last epoch the best, gets it written now."""
+    best = resumed.get("best") if resumed is not None and not args.eval else None
+    if not best or best.get("metric") != args.best_metric:
+        return None
+    if output_dir is not None and best["epoch"] == resumed.get("epoch") and utils.is_main_process():
+        save_checkpoint(resumed, output_dir / "checkpoint_best.pth")
+    return best
+
+
+def write_per_class(per_class: dict, epoch: Optional[int], output_dir: Path) -> Path:
+    """Write output_dir/eval/per_class.json ({'epoch', 'bbox', 'segm', 'panoptic'}: engine.per_class_results)
+    through a temporary file, so that a stopped run leaves the previous one whole; returns its path."""
+    path = output_dir / "eval" / "per_class.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps({"epoch": epoch, **per_class}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_parameters: int, args, output_dir: Path,
-                 saved_model, postprocessors, dataset_val, device, training_state: dict) -> None:
-    """Write the epoch's line of log.txt, its evaluation and pictures, then the checkpoint. The checkpoint comes
-    last: it marks the epoch as done. A run stopped before it (a preempted job) redoes the epoch when resumed,
-    and drop_log_lines_from removes the line written before the stop, so that log.txt holds each epoch once."""
+                 saved_model, postprocessors, dataset_val, device, training_state: dict,
+                 best: Optional[dict] = None) -> Optional[dict]:
+    """Write the epoch's line of log.txt, its evaluation and pictures, then the checkpoint, and
+    checkpoint_best.pth when the epoch beats `best` at --best_metric; returns the best epoch's record. The
+    checkpoint comes last: it marks the epoch as done. A run stopped before it (a preempted job) redoes the epoch
+    when resumed, and drop_log_lines_from removes the line written before the stop, so that log.txt holds each
+    epoch once."""
+    improved = False
     if utils.is_main_process():
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
@@ -445,24 +508,39 @@ def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_paramete
                      "n_parameters": n_parameters}
         with (output_dir / "log.txt").open("a") as f:
             f.write(json.dumps(log_stats) + "\n")
+        try:
+            value = logged_stat(log_stats, args.best_metric)
+        except ValueError as e:
+            raise SystemExit(f"--best_metric {args.best_metric}: {e}") from None
+        if improves(value, best, args.best_metric):
+            best, improved = {"metric": args.best_metric, "value": value, "epoch": epoch}, True
         if coco_evaluator is not None and "bbox" in coco_evaluator.coco_eval:
             (output_dir / "eval").mkdir(exist_ok=True)
             names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
             for name in names:
                 utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+        if getattr(coco_evaluator, "per_class", None):
+            write_per_class(coco_evaluator.per_class, epoch, output_dir)
         if args.plots:
             from util.visualize import save_training_pictures
             with isolated_rng():  # the original draws no pictures: they must not shift its sequence
                 save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
     # Where every generator stands now is where the next epoch starts: a run resumed from this checkpoint
     # continues exactly like this one. Every process draws its own augmentations.
-    checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state())}
+    checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state()),
+                  "best": best}
     paths = [output_dir / "checkpoint.pth"]
     # Keep a copy before each learning-rate drop and every 100 epochs.
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
         paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    # After checkpoint.pth, which records the best epoch: a run stopped in between writes it when resumed.
+    if improved:
+        paths.append(output_dir / "checkpoint_best.pth")
     for path in paths:
         save_checkpoint(checkpoint, path)
+    if improved:
+        print(f"Epoch {epoch}: {best['metric']} {best['value']:.4f}, the best so far: saved {paths[-1]}")
+    return best
 
 
 def main(args):
@@ -479,6 +557,7 @@ def main(args):
 
     dataset_train, dataset_val, base_ds = build_datasets(args)
     model, criterion, postprocessors = build_model(args)
+    resolve_best_metric(args, postprocessors)
     model, model_without_ddp = prepare_model(model, args, device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print("number of params:", n_parameters)
@@ -491,6 +570,7 @@ def main(args):
     if recipe is not None and output_dir is not None and utils.is_main_process():
         # Written once the run has checked its inputs: a command that fails leaves the output folder as it was.
         (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    best = best_so_far(resumed, args, output_dir)
     ema = build_ema(model_without_ddp, resumed, args)
     # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
     eval_model = ema.module if ema is not None else model
@@ -501,6 +581,13 @@ def main(args):
                                               args.output_dir, amp=amp_dtype)
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+            if utils.is_main_process():
+                path = write_per_class(coco_evaluator.per_class, resumed.get("epoch") if resumed else None,
+                                       output_dir)
+                if args.plots:
+                    from util.visualize import save_per_class_picture
+                    save_per_class_picture(path, output_dir / "per_class.png")
+        print(per_class_table(coco_evaluator.per_class))
         return test_stats
 
     print("Start training")
@@ -509,17 +596,30 @@ def main(args):
     if args.time_budget > 0 and args.start_epoch > 0 and spent_before > 0:
         # A resumed run fits what is left of the budget before it trains.
         fit_schedule_to_budget(args, lr_scheduler, args.start_epoch - 1, spent_before, planned)
-    test_stats = {}
+    # TensorBoard's axis is the training step; the run starts where its checkpoint ends, and what a stopped run
+    # wrote beyond that is purged.
+    steps_per_epoch = len(data_loader_train)
+    writer = None
+    if output_dir is not None and args.tensorboard and utils.is_main_process():
+        writer = open_writer(output_dir / "tensorboard", purge_step=args.start_epoch * steps_per_epoch)
+    test_stats, coco_evaluator = {}, None
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             sampler_train.set_epoch(epoch)
+        first_step = epoch * steps_per_epoch
+        log_step = None if writer is None else (
+            lambda i, values: write_scalars(writer, {f"train/{k}": v for k, v in values.items()}, first_step + i))
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, amp=amp_dtype, ema=ema, scaler=scaler)
+                                      args.clip_max_norm, amp=amp_dtype, ema=ema, scaler=scaler, log_step=log_step)
         lr_scheduler.step()
         # Evaluation draws from the global generators (the val loader's base seed, the val transforms), and the
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
                                               args.output_dir, amp=amp_dtype)
+        if writer is not None:
+            # At the epoch's last step; on disk before the checkpoint marks the epoch as done.
+            write_scalars(writer, evaluation_scalars(test_stats), first_step + steps_per_epoch - 1)
+            writer.flush()
         spent = spent_before + time.time() - start_time
         if args.time_budget > 0:
             # Every process takes the slowest one's time, so that all of them cut the run alike.
@@ -531,11 +631,18 @@ def main(args):
                 training_state["scaler"] = scaler.state_dict()
             if ema is not None:
                 training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
-            end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,
-                         saved_model, postprocessors, dataset_val, device, training_state)
+            best = end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,
+                                saved_model, postprocessors, dataset_val, device, training_state, best)
         if epoch + 1 >= args.epochs:  # --time_budget may have shortened the run
             break
 
+    if writer is not None:
+        writer.close()
+    if coco_evaluator is not None:
+        print("Per class, last epoch:\n" + per_class_table(coco_evaluator.per_class))
+    if best is not None:
+        print(f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}): "
+              f"{output_dir / 'checkpoint_best.pth'}")
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return test_stats

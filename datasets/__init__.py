@@ -1,7 +1,7 @@
 """Datasets: what each --dataset_file brings, in one table (DATASETS), and the functions main.py asks of it:
 build_dataset, num_classes, thing_classes, box_ground_truth and recipe. A new dataset is one more entry."""
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.utils.data
 import torchvision
@@ -9,6 +9,7 @@ import torchvision
 from util.misc import COCO_NUM_CLASSES, coco_panoptic_is_thing_map
 
 from . import coco, synthetic
+from .transforms import output_image_size
 
 
 def _build_coco_panoptic(image_set: str, args):
@@ -72,6 +73,27 @@ def num_classes(args) -> int:
     if args.num_classes is not None:
         return args.num_classes
     return dataset_file(args.dataset_file).num_classes(args)
+
+
+def transformed_image_sizes(dataset) -> List[Tuple[int, int]]:
+    """(w, h) of every image of `dataset` as its transforms deliver it, from the sizes its annotations record
+    (no image is read): what --eval_batching size groups the val images by. Raises ValueError when the dataset's
+    transforms give no fixed size (random scales) or it records no image sizes."""
+    indices = None
+    while isinstance(dataset, torch.utils.data.Subset):
+        indices = [dataset.indices[i] for i in indices] if indices is not None else list(dataset.indices)
+        dataset = dataset.dataset
+    if isinstance(dataset, torchvision.datasets.CocoDetection):
+        records, transforms = [dataset.coco.imgs[i] for i in dataset.ids], getattr(dataset, "_transforms", None)
+    elif isinstance(getattr(dataset, "coco", None), dict):  # the panoptic datasets keep the raw json
+        records, transforms = dataset.coco["images"], dataset.transforms
+    else:
+        raise ValueError(f"{type(dataset).__name__} records no image sizes")
+    sizes = []
+    for record in records:
+        size = (int(record["width"]), int(record["height"]))
+        sizes.append(output_image_size(transforms, size) if transforms is not None else size)
+    return sizes if indices is None else [sizes[i] for i in indices]
 
 
 def thing_classes(args) -> Optional[List[int]]:

@@ -321,6 +321,27 @@ def as_pycocotools_eval(eval_result: Dict[str, Any], params) -> Dict[str, Any]:
             "precision": eval_result["precision"], "recall": eval_result["recall"], "scores": eval_result["scores"]}
 
 
+def per_category_ap(eval_result: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
+    """{category id: {'AP', 'AP50', 'AP75'}} from an accumulated COCOeval's `.eval`: the first three of the 12
+    stats, each restricted to one category and averaged as COCOeval.summarize averages them (over the precision
+    entries above -1, area 'all', the largest maxDets). None for a category with no ground truth."""
+    precision = eval_result["precision"]  # [IoU thresholds, recall thresholds, categories, areas, maxDets]
+    params = eval_result["params"]
+    iou_thrs = np.asarray(params.iouThrs)
+    selections = {"AP": slice(None), "AP50": np.flatnonzero(np.isclose(iou_thrs, 0.5)),
+                  "AP75": np.flatnonzero(np.isclose(iou_thrs, 0.75))}
+    area_all = list(params.areaRngLbl).index("all")
+    results = {}
+    for k, category_id in enumerate(params.catIds):
+        row = {}
+        for name, thresholds in selections.items():
+            values = precision[thresholds, :, k, area_all, -1]
+            valid = values[values > -1]
+            row[name] = float(np.mean(valid)) if valid.size else None
+        results[int(category_id)] = row
+    return results
+
+
 def prepare_for_coco(predictions: Dict[int, Dict[str, torch.Tensor]], iou_type: str) -> List[Dict[str, Any]]:
     """Predictions to a COCO results list (as saved to JSON or given to loadRes): 'bbox' results carry
     [x, y, w, h] boxes, 'segm' results carry RLE-encoded masks (thresholded at 0.5)."""

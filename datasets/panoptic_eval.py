@@ -22,7 +22,9 @@ class PanopticEvaluator:
         self.output_dir = output_dir
         self.predictions = []
         with open(ann_file) as f:
-            self.category_ids = {c["id"] for c in json.load(f)["categories"]}
+            categories = json.load(f)["categories"]
+        self.category_ids = {c["id"] for c in categories}
+        self.category_names = {int(c["id"]): c.get("name", str(c["id"])) for c in categories}
 
     def update(self, predictions) -> None:
         """predictions: dicts with png_string, segments_info, image_id and file_name (the PNG's name)."""

@@ -258,6 +258,23 @@ class Normalize:
         return image, target
 
 
+def output_image_size(transforms, image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """(w, h) of an image of `image_size` (w, h) after `transforms` (a Compose), computed without the image; raises
+    ValueError naming the transform when the output size is not determined (a random scale or crop)."""
+    steps = transforms.transforms if isinstance(transforms, Compose) else [transforms]
+    for transform in steps:
+        if isinstance(transform, RandomResize):
+            if len(transform.sizes) != 1:
+                raise ValueError(f"{transform.__class__.__name__} with {len(transform.sizes)} sizes picks one at "
+                                 "random: the output size is not determined")
+            height, width = get_size(image_size, transform.sizes[0], transform.max_size)
+            image_size = (width, height)
+        elif not isinstance(transform, (RandomHorizontalFlip, Normalize, ToTensor)):
+            raise ValueError(f"{transform.__class__.__name__} may change the image size: the output size is not "
+                             "determined")
+    return image_size
+
+
 class Compose:
     """Apply transforms in order."""
 

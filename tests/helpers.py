@@ -205,3 +205,14 @@ def hf_folder(path: Path, segmentation: bool = False, seed: int = 0, **config) -
     model_class = transformers.DetrForSegmentation if segmentation else transformers.DetrForObjectDetection
     randomize(model_class(transformers.DetrConfig(**settings)), seed).save_pretrained(str(path))
     return path
+
+
+def tensorboard_scalars(log_dir) -> Dict[str, List[tuple]]:
+    """{tag: [(step, value), ...]} of the event files under `log_dir`, as TensorBoard itself reads them (its
+    EventAccumulator, which drops what a later writer's purge_step discards)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}

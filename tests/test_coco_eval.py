@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 
 import datasets.coco_eval as coco_eval_module
-from datasets.coco_eval import CocoEvaluator, box_ious_by_pair, ground_truth_arrays
+from datasets.coco_eval import CocoEvaluator, box_ious_by_pair, ground_truth_arrays, per_category_ap
 from faster_coco_eval import COCOeval_faster
 from util.plot_utils import load_coco_eval
 
@@ -297,3 +297,39 @@ def test_prepare_for_coco_formats():
         CocoEvaluator(COCO(), ["keypoints"])
     with pytest.raises(ValueError, match="ground-truth COCO object; got None"):
         CocoEvaluator(None, ["bbox"])
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_per_category_ap_is_cocoeval_precision_averaged_per_category(iou_type):
+    # Three categories with ground truth and a fourth with false positives only.
+    coco_gt, predictions = make_ground_truth_and_predictions(num_images=12, seed=1, num_categories=3,
+                                                             unseen_category=True)
+    evaluator = CocoEvaluator(coco_gt, [iou_type])
+    evaluator.update(predictions)
+    finish(evaluator)
+    per_category = per_category_ap(evaluator.coco_eval[iou_type].eval)
+    assert sorted(per_category) == [1, 2, 3, 4]
+    assert per_category[4] == {"AP": None, "AP50": None, "AP75": None}
+
+    reference = direct_cocoeval(coco_gt, predictions, iou_type)
+    precision = reference.eval["precision"]  # [10 IoU thresholds, 101 recalls, K categories, 4 areas, 3 maxDets]
+    for k, category in enumerate(reference.params.catIds[:3]):
+        # By hand: the mean of the valid precisions (> -1) of area 'all' at 100 detections, over all IoU
+        # thresholds (AP), at IoU 0.5 (index 0) and at IoU 0.75 (index 5).
+        expected = {}
+        for name, thresholds in (("AP", slice(None)), ("AP50", 0), ("AP75", 5)):
+            values = np.asarray(precision[thresholds, :, k, 0, 2])
+            expected[name] = float(values[values > -1].mean())
+        assert per_category[category] == pytest.approx(expected, rel=1e-9, abs=1e-12), category
+        assert 0.05 < expected["AP"] < 0.95 and expected["AP50"] > expected["AP"], expected  # not a trivial case
+        # The same numbers as pycocotools' own summary of a COCOeval restricted to this category.
+        with contextlib.redirect_stdout(io.StringIO()):
+            alone = COCOeval(coco_gt, reference.cocoDt, iou_type)
+            alone.params.catIds = [category]
+            alone.evaluate()
+            alone.accumulate()
+            alone.summarize()
+        assert [per_category[category][n] for n in ("AP", "AP50", "AP75")] == pytest.approx(
+            alone.stats[:3].tolist(), rel=1e-9, abs=1e-12)
+    # The mean over the categories with ground truth is the overall AP: each has as many valid entries.
+    assert np.mean([per_category[c]["AP"] for c in (1, 2, 3)]) == pytest.approx(reference.stats[0], rel=1e-9)

@@ -11,7 +11,7 @@ import main as main_py
 import util.misc as utils
 from helpers import MASK_HEAD_SIZES, OracleDETR, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
-from engine import evaluate, run_model, train_one_epoch
+from engine import evaluate, per_class_table, run_model, train_one_epoch
 from models import build_model
 
 
@@ -83,6 +83,23 @@ def test_an_epoch_is_the_weighted_loss_clip_step_loop(args, batches):
     assert 0 <= stats["class_error"] <= 100
 
 
+def test_log_step_gets_each_printed_step_with_its_own_values(args, batches):
+    model, criterion, optimizer = model_and_optimizer(args)
+    calls = []
+    steps = batches * 6  # 12 steps: printed at 0, 10 and the last, 11
+    stats = train_one_epoch(model, criterion, steps, optimizer, torch.device("cpu"), epoch=0,
+                            log_step=lambda i, values: calls.append((i, values)))
+    assert [i for i, _ in calls] == [0, 10, 11]
+    for _, values in calls:
+        assert values.keys() == stats.keys()
+        assert values["lr"] == optimizer.param_groups[0]["lr"]
+        # The total is the weighted sum of the step's own terms (1, 5, 2 for ce, bbox, giou, per decoder layer).
+        terms = [k for k in values if k.startswith("loss_") and not k.endswith("_unscaled")]
+        assert values["loss"] == pytest.approx(sum(values[k] for k in terms), rel=1e-5)
+    # The last step's values, not an average: they differ from the epoch's means.
+    assert calls[-1][1]["loss"] != pytest.approx(stats["loss"], rel=1e-6)
+
+
 def test_max_norm_clips_the_gradient_and_zero_disables_it(args, batches):
     norms = {}
     for max_norm in (0.0, 0.1):
@@ -136,6 +153,26 @@ def test_evaluating_the_ground_truth_scores_ap_1(args, val_dataset):
     assert stats["loss_giou_unscaled"] == pytest.approx(0, abs=1e-5)
     assert stats["class_error"] == 0 and stats["cardinality_error_unscaled"] == 0
     assert stats["loss"] == pytest.approx(stats["loss_ce"], rel=1e-3)
+
+
+def test_per_class_results_name_each_category_and_its_ap(args, val_dataset):
+    oracle = OracleDETR(val_dataset, num_classes=6, num_queries=args.num_queries, noise=0.08)
+    stats, coco_evaluator = run_evaluation(oracle, args, val_dataset)
+    rows = coco_evaluator.per_class["bbox"]
+    names = {c["id"]: c["name"] for c in val_dataset.coco.dataset["categories"]}
+    assert [(r["id"], r["name"]) for r in rows] == sorted(names.items())
+    present = {a["category_id"] for a in val_dataset.coco.dataset["annotations"]}
+    with_ground_truth = [r for r in rows if r["id"] in present]
+    assert all(r["AP"] is None for r in rows if r["id"] not in present)
+    assert all(0 <= r["AP"] <= r["AP50"] <= 1 for r in with_ground_truth)
+    # COCO's AP is the mean over the categories with ground truth of their own AP.
+    assert sum(r["AP"] for r in with_ground_truth) / len(with_ground_truth) == pytest.approx(
+        stats["coco_eval_bbox"][0], rel=1e-9)
+    table = per_class_table(coco_evaluator.per_class).splitlines()
+    assert table[0].split() == ["category", "bbox", "AP", "bbox", "AP50", "bbox", "AP75"]
+    first = with_ground_truth[0]
+    line = next(line for line in table[1:] if line.split()[0] == first["name"])
+    assert line.split()[1:] == [f"{100 * first[k]:.1f}" for k in ("AP", "AP50", "AP75")]
 
 
 def test_evaluating_noisy_boxes_scores_between_0_and_1_whatever_the_batch_size(args, val_dataset):

@@ -16,7 +16,7 @@ import torch
 
 import main as main_py
 from helpers import (MASK_HEAD_FLAGS, REPO_ROOT, file_digest, free_port, load_checkpoint_safely, run_main,
-                     tiny_flags)
+                     tensorboard_scalars, tiny_flags)
 
 # Three epochs with a learning-rate drop after the second (so checkpoint0001.pth is kept), dropout on so that
 # the model draws from the generators too.
@@ -124,6 +124,26 @@ def test_a_run_killed_anywhere_resumes_to_the_same_weights_and_log(point, nth, u
     assert not list(out.glob("**/*.tmp*")), "temporary files left behind"
     if point == "during the checkpoint write":
         assert "left half-written by a stopped run" in printed
+
+
+@pytest.mark.slow
+def test_tensorboard_after_a_kill_and_auto_resume_holds_every_step_once(uninterrupted, synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    # Epoch 1 trained, evaluated and its events on disk, then killed before its checkpoint: it is redone. (No
+    # pictures, to save time: drawn under isolated_rng, they change nothing of the run.)
+    killed = run_killed(tiny_flags(synthetic_root, out, *RUN_FLAGS, "--no_plots"),
+                        "between the log line and the checkpoint", 2, tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    before = tensorboard_scalars(out / "tensorboard")
+    assert [step for step, _ in before["train/loss"]] == [0, 3, 4, 7]  # epoch 1's steps were written
+    run_main(tiny_flags(synthetic_root, out, *RUN_FLAGS, "--no_plots", "--auto_resume"))
+    expected, got = tensorboard_scalars(uninterrupted / "tensorboard"), tensorboard_scalars(out / "tensorboard")
+    assert got.keys() == expected.keys() and "test/bbox/AP" in got
+    for tag in expected:
+        steps = [step for step, _ in got[tag]]
+        assert steps == sorted(set(steps)) == [step for step, _ in expected[tag]], tag
+        # The same run to the last bit: the redone epoch's values, not the killed one's, and those match too.
+        assert [value for _, value in got[tag]] == [value for _, value in expected[tag]], tag
 
 
 # ------------------------------------------------------------------------------------------ damaged checkpoints

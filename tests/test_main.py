@@ -5,13 +5,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import datasets
+import engine
 import main as main_py
 import util.misc as utils
-from helpers import file_digest, load_checkpoint_safely, run_main, tiny_flags
+import hubconf
+from helpers import file_digest, load_checkpoint_safely, run_main, tensorboard_scalars, tiny_flags
 from models import build_model
 from util.visualize import read_log
 
@@ -90,16 +93,17 @@ def test_a_run_writes_the_originals_files(straight_run):
         assert row["train_loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
     assert [row["train_lr"] for row in log] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
 
-    # A copy before the LR drop (after epoch index 2, as lr_drop is 3), and no other.
-    assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0002.pth"]
+    # A copy before the LR drop (after epoch index 2, as lr_drop is 3), and no other; and the best epoch's.
+    assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0002.pth",
+                                                                            "checkpoint_best.pth"]
     assert load_checkpoint_safely(straight_run / "checkpoint0002.pth")["epoch"] == 2
     assert not list(straight_run.glob("**/*.tmp*")), "temporary files left behind"
 
     coco_eval = torch.load(straight_run / "eval" / "latest.pth", weights_only=False)
     assert coco_eval["precision"].shape == (10, 101, 5, 4, 3)  # IoU thresholds, recall, classes, areas, maxDets
-    assert sorted(p.name for p in (straight_run / "eval").iterdir()) == ["000.pth", "latest.pth"]
+    assert sorted(p.name for p in (straight_run / "eval").iterdir()) == ["000.pth", "latest.pth", "per_class.json"]
 
-    for name in ("predictions.png", "curves.png"):
+    for name in ("predictions.png", "curves.png", "per_class.png"):
         data = (straight_run / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000, name
 
@@ -113,6 +117,231 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(straight_run, syn
     coco_eval = torch.load(tmp_path / "eval.pth", weights_only=False)
     assert coco_eval["precision"].shape == (10, 101, 5, 4, 3)
     assert not (tmp_path / "log.txt").exists() and not (tmp_path / "checkpoint.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard
+
+COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+# 16 training images in batches of 4: 4 steps an epoch, of which the first and the last are printed.
+STEPS_PER_EPOCH = 4
+
+
+def test_tensorboard_holds_each_logged_step_and_each_epochs_stats(straight_run):
+    scalars = tensorboard_scalars(straight_run / "tensorboard")
+    log = read_log(straight_run / "log.txt")
+    printed = [e * STEPS_PER_EPOCH + i for e in range(4) for i in (0, STEPS_PER_EPOCH - 1)]
+    for tag in ("train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou_unscaled", "train/class_error",
+                "train/lr"):
+        assert [step for step, _ in scalars[tag]] == printed, tag
+    assert all(0 < value < 100 for _, value in scalars["train/loss"])
+    assert [v for _, v in scalars["train/lr"]] == pytest.approx([1e-3] * 6 + [1e-4] * 2)
+    # Each epoch's evaluation at its last training step, with the values of log.txt.
+    ends = [(e + 1) * STEPS_PER_EPOCH - 1 for e in range(4)]
+    for k, name in enumerate(COCO_STATS):
+        steps, values = zip(*scalars[f"test/bbox/{name}"])
+        assert list(steps) == ends, name
+        assert list(values) == pytest.approx([row["test_coco_eval_bbox"][k] for row in log], rel=1e-6, abs=1e-7)
+    for key in ("loss", "loss_ce", "class_error", "cardinality_error_unscaled"):
+        steps, values = zip(*scalars[f"test/{key}"])
+        assert list(steps) == ends and list(values) == pytest.approx([row[f"test_{key}"] for row in log], rel=1e-6)
+
+
+def test_a_resumed_run_appends_to_tensorboard_without_writing_a_step_twice(straight_run, resumed_run):
+    straight = tensorboard_scalars(straight_run / "tensorboard")
+    resumed = tensorboard_scalars(resumed_run / "tensorboard")
+    assert len(list((resumed_run / "tensorboard").iterdir())) == 2  # one event file per command
+    assert resumed.keys() == straight.keys()
+    for tag in straight:
+        steps, values = zip(*resumed[tag])
+        assert list(steps) == sorted(set(steps)) == [step for step, _ in straight[tag]], tag
+        assert list(values) == pytest.approx([value for _, value in straight[tag]], rel=1e-5, abs=1e-7), tag
+
+
+def test_no_tensorboard_writes_no_event_file(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_py, "train_one_epoch", lambda *args, **kwargs: {"loss": 1.0})
+    run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "1", "--no_tensorboard", "--no_plots"))
+    assert (tmp_path / "log.txt").exists() and not (tmp_path / "tensorboard").exists()
+
+
+# ---------------------------------------------------------------------------------------------- best checkpoint
+
+def scripted_box_ap(monkeypatch, values):
+    """Skip training and make each evaluation report the next of `values` as its box AP (the rest as measured),
+    so that the best epoch is known in advance."""
+    monkeypatch.setattr(main_py, "train_one_epoch", lambda *args, **kwargs: {"loss": 1.0})
+    remaining = list(values)
+
+    def evaluate(*args, **kwargs):
+        stats, coco_evaluator = engine.evaluate(*args, **kwargs)
+        stats["coco_eval_bbox"] = [remaining.pop(0)] + stats["coco_eval_bbox"][1:]
+        return stats, coco_evaluator
+    monkeypatch.setattr(main_py, "evaluate", evaluate)
+
+
+def test_checkpoint_best_holds_the_epoch_of_the_highest_ap_also_after_a_resume(synthetic_root, tmp_path,
+                                                                               monkeypatch):
+    flags = tiny_flags(synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--auto_resume")
+    scripted_box_ap(monkeypatch, [0.1, 0.3])
+    _, printed = run_main([*flags, "--epochs", "2"])
+    assert f"Epoch 1: test_coco_eval_bbox[0] 0.3000, the best so far: saved {tmp_path / 'checkpoint_best.pth'}" \
+        in printed
+    # Epochs 2 and 3 are worse than epoch 1: a resumed run that forgot the best would take epoch 2.
+    scripted_box_ap(monkeypatch, [0.2, 0.25])
+    _, printed = run_main([*flags, "--epochs", "4"])
+    assert "the best so far" not in printed and "Best epoch: 1 (test_coco_eval_bbox[0] 0.3000)" in printed
+    log = read_log(tmp_path / "log.txt")
+    aps = [row["test_coco_eval_bbox"][0] for row in log]
+    assert aps == [0.1, 0.3, 0.2, 0.25]
+    best = load_checkpoint_safely(tmp_path / "checkpoint_best.pth")
+    assert best["epoch"] == aps.index(max(aps)) == 1
+    assert best["best"] == {"metric": "test_coco_eval_bbox[0]", "value": 0.3, "epoch": 1}
+    assert load_checkpoint_safely(tmp_path / "checkpoint.pth")["best"] == best["best"]
+    assert {"model", "optimizer", "lr_scheduler", "args"} <= best.keys()
+
+
+def test_a_best_epoch_saved_in_checkpoint_pth_only_is_written_when_resumed(synthetic_root, tmp_path, monkeypatch):
+    # As a run killed between checkpoint.pth and checkpoint_best.pth of its best epoch leaves it.
+    flags = tiny_flags(synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--auto_resume")
+    scripted_box_ap(monkeypatch, [0.1, 0.3])
+    run_main([*flags, "--epochs", "2"])
+    (tmp_path / "checkpoint_best.pth").unlink()
+    scripted_box_ap(monkeypatch, [0.2])
+    run_main([*flags, "--epochs", "3"])
+    assert load_checkpoint_safely(tmp_path / "checkpoint_best.pth")["best"]["epoch"] == 1
+
+
+def test_best_metric_picks_another_stat_lower_being_better_for_losses(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(main_py, "train_one_epoch", lambda *args, **kwargs: {"loss": 1.0})
+    losses = iter([2.0, 1.5, 1.7])
+    def evaluate(*args, **kwargs):
+        stats, coco_evaluator = engine.evaluate(*args, **kwargs)
+        return {**stats, "loss": next(losses, 1.0)}, coco_evaluator
+    monkeypatch.setattr(main_py, "evaluate", evaluate)
+    run_main(tiny_flags(synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--epochs", "3",
+                        "--best_metric", "test_loss"))
+    assert load_checkpoint_safely(tmp_path / "checkpoint_best.pth")["best"] == {
+        "metric": "test_loss", "value": 1.5, "epoch": 1}
+    with pytest.raises(SystemExit, match=r"--best_metric test_nothing: log.txt has no key 'test_nothing'"):
+        run_main(tiny_flags(synthetic_root, tmp_path / "other", "--no_plots", "--epochs", "1",
+                            "--best_metric", "test_nothing"))
+    with pytest.raises(SystemExit, match=r"--best_metric 'AP\(0\)': expected 'auto' or a stat of log.txt"):
+        run_main(tiny_flags(synthetic_root, tmp_path / "other", "--best_metric", "AP(0)"))
+
+
+def test_checkpoint_best_loads_with_resume_eval_the_hub_and_the_tools(straight_run, synthetic_root, tmp_path,
+                                                                      monkeypatch):
+    from tools.detector import load_detector
+
+    path = straight_run / "checkpoint_best.pth"
+    best = load_checkpoint_safely(path)
+    log = read_log(straight_run / "log.txt")
+    aps = [row["test_coco_eval_bbox"][0] for row in log]
+    assert best["epoch"] == aps.index(max(aps)) and best["best"]["value"] == max(aps)
+
+    # --eval reproduces that epoch's logged evaluation, and writes the per-class results.
+    stats, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--resume", str(path)))
+    row = log[best["epoch"]]
+    assert stats["coco_eval_bbox"] == pytest.approx(row["test_coco_eval_bbox"], abs=1e-12)
+    assert stats["loss"] == pytest.approx(row["test_loss"], rel=1e-6)
+    per_class = json.loads((tmp_path / "eval" / "per_class.json").read_text())
+    assert per_class["epoch"] == best["epoch"]
+    assert [r["name"] for r in per_class["bbox"]] == ["circle", "square", "triangle", "star", "cross"]
+    assert (tmp_path / "per_class.png").read_bytes().startswith(b"\x89PNG")
+    assert printed.splitlines()[-1].startswith("cross ")  # the table, last
+
+    # --resume continues training from the epoch after the best one, with its weights.
+    seen = {}
+
+    def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, *args, **kwargs):
+        seen.setdefault("epoch", epoch)
+        seen.setdefault("state", {k: v.clone() for k, v in model.state_dict().items()})
+        return {"loss": 1.0}
+    monkeypatch.setattr(main_py, "train_one_epoch", train_one_epoch)
+    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", str(best["epoch"] + 2), "--resume",
+                        str(path), "--no_plots"))
+    assert seen["epoch"] == best["epoch"] + 1
+    assert all(torch.equal(seen["state"][k], v) for k, v in best["model"].items())
+
+    # torch.hub's pretrained= path and the tools' --resume.
+    model, _, _ = build_model(best["args"])
+    hubconf._load_pretrained(model, "detr_resnet50", str(path))
+    detector = load_detector(resume=str(path))
+    for k, v in best["model"].items():
+        assert torch.equal(model.state_dict()[k], v) and torch.equal(detector.model.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------------------------------------- --eval_batching
+
+# (width, height) of the images: four sizes after the resize below (shorter side 48, longer side at most 96).
+MIXED_SIZES = [(96, 64), (64, 96), (80, 64), (96, 64), (64, 64), (64, 96), (80, 64), (96, 64)]
+
+
+@pytest.fixture(scope="module")
+def mixed_size_coco(tmp_path_factory):
+    """A COCO-layout val set of noise images of mixed sizes, each with one large box (which a random DETR's
+    central boxes sometimes hit: AP above 0 that moves with the model's features), read back with a small
+    deterministic val resize."""
+    from PIL import Image
+
+    from datasets import transforms as T
+    from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, CocoDetection
+
+    root = tmp_path_factory.mktemp("mixed_sizes")
+    (root / "val2017").mkdir()
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    images, annotations = [], []
+    for i, (w, h) in enumerate(MIXED_SIZES, 1):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "val2017" / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h})
+        bw, bh = rng.uniform(0.4, 0.8) * w, rng.uniform(0.4, 0.8) * h
+        x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+        annotations.append({"id": i, "image_id": i, "category_id": int(rng.integers(1, 3)), "bbox": [x, y, bw, bh],
+                            "area": bw * bh, "iscrowd": 0})
+    ann_file = root / "annotations" / "instances_val2017.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
+                                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    transforms = T.Compose([T.RandomResize([48], max_size=96), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return CocoDetection(root / "val2017", ann_file, transforms, return_masks=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [(), ("--dilation",)], ids=["R50", "DC5"])
+def test_eval_batching_size_gives_the_ap_of_batch_size_1_at_any_batch_size(layout, mixed_size_coco):
+    from helpers import tiny_args
+
+    args = tiny_args("--backbone", "resnet50", "--num_queries", "10", "--num_workers", "0", *layout)
+    args.num_classes, args.distributed = 3, False
+    torch.manual_seed(0)
+    model, criterion, postprocessors = build_model(args)
+    ground_truth = datasets.get_coco_api_from_dataset(mixed_size_coco)
+
+    def box_ap(eval_batching, batch_size):
+        args.eval_batching, args.batch_size = eval_batching, batch_size
+        _, _, loader = main_py.build_loaders(None, mixed_size_coco, args)
+        if eval_batching == "size":  # no batch holds two sizes, so nothing is padded
+            assert all(len({tuple(mixed_size_coco[i][0].shape) for i in batch}) == 1 for batch in loader.batch_sampler)
+        stats, _ = engine.evaluate(model, criterion, postprocessors, loader, ground_truth, torch.device("cpu"), "")
+        return stats["coco_eval_bbox"]
+
+    alone = box_ap("padded", 1)  # batches of one image: nothing to pad either way
+    assert alone[1] > 0  # AP50: the boxes found move with the features, so padding shows
+    for batch_size in (2, 8):
+        assert box_ap("size", batch_size) == pytest.approx(alone, abs=1e-4), batch_size
+    padded = [box_ap("padded", batch_size) for batch_size in (2, 8)]
+    assert any(max(abs(a - b) for a, b in zip(ap, alone)) > 1e-3 for ap in padded), padded
+
+
+def test_eval_batching_size_needs_a_fixed_val_size(synthetic_root, tmp_path, monkeypatch):
+    from datasets import transforms as T
+
+    # The training transforms pick a scale at random: no size can be known in advance.
+    monkeypatch.setattr(datasets.synthetic, "make_synthetic_transforms",
+                        lambda image_set, image_size: T.Compose([T.RandomResize([48, 64]), T.ToTensor()]))
+    with pytest.raises(SystemExit, match=r"--eval_batching size: cannot tell the val images' sizes \(RandomResize "
+                                         r"with 2 sizes picks one at random"):
+        run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--eval_batching", "size"))
 
 
 # ---------------------------------------------------------------------------------------------- resuming

@@ -216,3 +216,21 @@ def test_save_on_master_writes_atomically(tmp_path):
 def test_get_sha_reports_commit_state_and_branch():
     sha = misc.get_sha()
     assert sha.startswith("sha: ") and ", status: " in sha and ", branch: " in sha
+
+
+def test_same_size_batch_sampler_batches_one_size_at_a_time():
+    from util.misc import SameSizeBatchSampler
+
+    sizes = ["a", "b", "a", "a", "c", "b", "a", "a"]
+    batches = list(SameSizeBatchSampler(sizes, batch_size=2))
+    # Full batches as they fill up, then the partial ones; within a size, the dataset's order.
+    assert batches == [[0, 2], [1, 5], [3, 6], [4], [7]]
+    assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
+    assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
+    # Three processes: as many batches each (the list padded with repeated batches), together all of them.
+    per_rank = [list(SameSizeBatchSampler(sizes, 2, num_replicas=3, rank=r)) for r in range(3)]
+    assert [len(b) for b in per_rank] == [2, 2, 2]
+    assert sorted(map(tuple, sum(per_rank, []))) == sorted(map(tuple, batches + batches[:1]))
+    assert len(SameSizeBatchSampler(sizes, 8)) == 3
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        SameSizeBatchSampler(sizes, 0)

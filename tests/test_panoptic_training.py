@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import MASK_HEAD_FLAGS, load_checkpoint_safely, run_main, tiny_flags
+from helpers import MASK_HEAD_FLAGS, load_checkpoint_safely, run_main, tensorboard_scalars, tiny_flags
 
 # The mask head's group norms need hidden_dim + nheads and hidden_dim / 2..16 to be multiples of 8.
 PANOPTIC_FLAGS = ["--dataset_file", "synthetic_panoptic", *MASK_HEAD_FLAGS, "--epochs", "1"]
@@ -36,6 +36,28 @@ def test_mask_stage_logs_box_segm_and_panoptic_metrics(two_stage):
     assert "PQ" in printed and "Stuff" in printed
     pngs = list((masks / "panoptic_eval").glob("*.png"))
     assert len(pngs) == 8
+
+
+@pytest.mark.slow
+def test_mask_stage_writes_pq_per_class_the_best_pq_and_tensorboard(two_stage):
+    _, masks, _, _ = two_stage
+    line = json.loads((masks / "log.txt").read_text().splitlines()[-1])
+    per_class = json.loads((masks / "eval" / "per_class.json").read_text())
+    assert set(per_class) == {"epoch", "bbox", "segm", "panoptic"}
+    panoptic = {row["name"]: row for row in per_class["panoptic"]}
+    assert {"sky", "water", "ground"} <= set(panoptic)  # the stuff classes, by their names in the annotations
+    # PQ of all classes is the mean of the per-class PQ over the n classes that occur (pq_compute's average; it
+    # gives the others 0).
+    assert len(per_class["panoptic"]) == 8
+    assert sum(row["PQ"] for row in per_class["panoptic"]) / line["test_PQ_all"]["n"] == pytest.approx(
+        line["test_PQ_all"]["pq"], rel=1e-9)
+    assert all(row["PQ"] == pytest.approx(row["SQ"] * row["RQ"], rel=1e-9) for row in per_class["panoptic"])
+    best = load_checkpoint_safely(masks / "checkpoint_best.pth")["best"]
+    assert best == {"metric": "test_PQ_all.pq", "value": line["test_PQ_all"]["pq"], "epoch": 0}
+    scalars = tensorboard_scalars(masks / "tensorboard")
+    assert scalars["test/PQ_all/pq"][0][1] == pytest.approx(line["test_PQ_all"]["pq"], rel=1e-6)
+    assert [v for _, v in scalars["test/segm/AP"]] == pytest.approx([line["test_coco_eval_masks"][0]], abs=1e-7)
+    assert (masks / "per_class.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

@@ -192,3 +192,18 @@ def test_coco_train_pipeline_keeps_masks_boxes_area_consistent():
         assert torch.allclose(mask_boxes, out["boxes"][nonempty], atol=3)
         dropped_once = dropped_once or n < 3
     assert dropped_once, "no crop removed an object: the test did not exercise dropping"
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (500, 333), (1000, 200), (801, 800)])
+def test_output_image_size_is_what_the_val_transforms_deliver(size):
+    transforms = T.Compose([T.RandomResize([800], max_size=1333), T.ToTensor(),
+                            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    image, _ = transforms(Image.new("RGB", size), {})
+    assert T.output_image_size(transforms, size) == (image.shape[2], image.shape[1])
+
+
+def test_output_image_size_refuses_a_random_scale_or_crop():
+    with pytest.raises(ValueError, match="RandomResize with 2 sizes picks one at random"):
+        T.output_image_size(T.Compose([T.RandomResize([480, 512])]), (64, 64))
+    with pytest.raises(ValueError, match="RandomSizeCrop may change the image size"):
+        T.output_image_size(T.Compose([T.RandomSizeCrop(10, 20)]), (64, 64))

@@ -251,6 +251,42 @@ def drop_log_lines_from(log_path: Path, first_epoch: int) -> None:
         print(f"{log_path}: removed {dropped} line(s) of epochs from {first_epoch} on, which are redone now")
 
 
+# The best epoch ----------------------------------------------------------------------------------------------------
+
+# A stat of log.txt: a key ('test_loss'), an entry of a list ('test_coco_eval_bbox[0]') or a field of a dict
+# ('test_PQ_all.pq').
+LOGGED_STAT = re.compile(r"(\w+?)(?:\[(\d+)\]|\.(\w+))?")
+
+
+def logged_stat(row: dict, name: str) -> float:
+    """The value of the stat `name` (see LOGGED_STAT) in a log.txt row; ValueError saying what is missing."""
+    match = LOGGED_STAT.fullmatch(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a logged stat: expected KEY, KEY[INDEX] or KEY.FIELD, e.g. "
+                         "test_coco_eval_bbox[0] or test_PQ_all.pq")
+    key, index, field = match.groups()
+    if key not in row:
+        raise ValueError(f"log.txt has no key {key!r}; its keys are {', '.join(sorted(row))}")
+    value = row[key]
+    try:
+        if index is not None:
+            value = value[int(index)]
+        elif field is not None:
+            value = value[field]
+        return float(value)
+    except (IndexError, KeyError, TypeError, ValueError):
+        raise ValueError(f"{name!r}: log.txt's {key} is {value!r}") from None
+
+
+def improves(value: float, best, name: str) -> bool:
+    """Whether `value` of the stat `name` beats the `best` record ({'value', ...} or None): losses and errors
+    improve downwards, everything else (AP, AR, PQ) upwards."""
+    if best is None:
+        return True
+    lower_is_better = "loss" in name or "error" in name
+    return value < best["value"] if lower_is_better else value > best["value"]
+
+
 # The random generators -------------------------------------------------------------------------------------------
 
 def rng_state() -> dict:

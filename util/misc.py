@@ -4,7 +4,7 @@ import os
 import subprocess
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -114,6 +114,35 @@ def collate_fn(batch):
     """Collate (image, target) pairs into (NestedTensor of images, tuple of targets)."""
     images, targets = tuple(zip(*batch))
     return nested_tensor_from_tensor_list(list(images)), targets
+
+
+class SameSizeBatchSampler(torch.utils.data.Sampler):
+    """Batches of up to `batch_size` dataset indices whose images share one size (`sizes[i]`, after the
+    transforms), in dataset order within each size, so that no image of a batch is padded: a ResNet's convolutions
+    then see each image as they would alone, and the results do not depend on the batch size. With several
+    processes every one forms the same batches and takes every `num_replicas`-th from `rank` on, the list first
+    padded with repeated batches to a multiple of `num_replicas` (as DistributedSampler repeats images), so that
+    all processes run as many batches."""
+
+    def __init__(self, sizes: Sequence[Hashable], batch_size: int, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        batches, open_batches = [], {}
+        for index, size in enumerate(sizes):
+            batch = open_batches.setdefault(size, [])
+            batch.append(index)
+            if len(batch) == batch_size:
+                batches.append(open_batches.pop(size))
+        batches += [batch for batch in open_batches.values()]
+        if batches and len(batches) % num_replicas:
+            batches += batches[: num_replicas - len(batches) % num_replicas]
+        self.batches = batches[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def interpolate(input: Tensor, size: Optional[List[int]] = None, scale_factor: Optional[float] = None,

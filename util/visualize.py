@@ -128,6 +128,39 @@ def save_curves_picture(log_path, path) -> None:
     plt.close(fig)
 
 
+def save_per_class_picture(per_class_path, path) -> None:
+    """A bar chart per class from eval/per_class.json: box AP and AP50 (mask AP with masks, PQ for panoptic
+    results), one panel per kind, so that the classes that fail stand out."""
+    plt = _pyplot()
+    with open(per_class_path) as f:
+        per_class = json.load(f)
+    panels = [(kind, stats) for kind, stats in (("bbox", ("AP", "AP50")), ("segm", ("AP", "AP50")),
+                                                  ("panoptic", ("PQ", "SQ", "RQ"))) if per_class.get(kind)]
+    titles = {"bbox": "box", "segm": "mask", "panoptic": "panoptic"}
+    rows = max([len(per_class[kind]) for kind, _ in panels] + [1])
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 1.2 + 0.3 * rows),
+                             squeeze=False)
+    for ax, (kind, stats) in zip(axes[0], panels):
+        entries = per_class[kind]
+        names = [e["name"] for e in entries]
+        height = 0.8 / len(stats)
+        for j, stat in enumerate(stats):
+            values = [e[stat] if e[stat] is not None else 0.0 for e in entries]
+            positions = [i + (j - (len(stats) - 1) / 2) * height for i in range(len(entries))]
+            ax.barh(positions, values, height=height, label=stat)
+        ax.set_yticks(range(len(entries)))
+        ax.set_yticklabels(names)
+        ax.invert_yaxis()  # the first category on top
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{titles[kind]} per class" + (f" (epoch {per_class['epoch']})"
+                                                    if per_class.get("epoch") is not None else ""))
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def category_names(dataset) -> Dict[int, str]:
     """{category id: name} from a COCO-style dataset, or {} when it has none."""
     coco = getattr(dataset, "coco", None)
@@ -195,8 +228,8 @@ def save_panoptic_training_picture(model, postprocessor, dataset, path, device, 
 
 
 def save_training_pictures(model, postprocessors, dataset_val, output_dir, device) -> None:
-    """predictions.png (panoptic.png for panoptic models) and curves.png in output_dir, refreshed after each
-    epoch."""
+    """predictions.png (panoptic.png for panoptic models), curves.png and per_class.png (from eval/per_class.json)
+    in output_dir, refreshed after each epoch."""
     output_dir = Path(output_dir)
     names = category_names(dataset_val)
     if "panoptic" in postprocessors:
@@ -207,6 +240,8 @@ def save_training_pictures(model, postprocessors, dataset_val, output_dir, devic
                                  device, names)
     if (output_dir / "log.txt").exists():
         save_curves_picture(output_dir / "log.txt", output_dir / "curves.png")
+    if (output_dir / "eval" / "per_class.json").exists():
+        save_per_class_picture(output_dir / "eval" / "per_class.json", output_dir / "per_class.png")
 
 
 # Pictures of predictions on arbitrary images (tools/predict.py, tools/attention.py) ------------------------
