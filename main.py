@@ -186,15 +186,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the training losses and lr at every printed step, each epoch's test losses, COCO "
                              "stats and PQ)")
     parser.add_argument("--best_metric", default="auto",
-                        help="the stat of log.txt whose best epoch output_dir/checkpoint_best.pth keeps: KEY, "
-                             "KEY[INDEX] or KEY.FIELD (e.g. test_coco_eval_bbox[1] for AP50, test_loss, lower "
-                             "being better for losses and errors); 'auto': box AP (test_coco_eval_bbox[0]), PQ "
-                             "(test_PQ_all.pq) for panoptic models")
+                        help="log.txt stat whose best epoch checkpoint_best.pth keeps (KEY, KEY[I], KEY.FIELD); "
+                             "auto: box AP, or PQ for panoptic models")
     parser.add_argument("--eval_batching", default="padded", choices=("padded", "size"),
-                        help="how evaluation batches images: 'padded', the original's, pads each batch to its "
-                             "largest image, which the ResNet's convolutions see (AP then depends on the batch "
-                             "size, most with --dilation); 'size' batches only images of the same size after "
-                             "resizing, so AP is that of batch size 1 at any --batch_size")
+                        help="padded: the original's padded batches (AP depends on the batch size); size: only "
+                             "images of one size per batch, the AP of batch size 1 at any --batch_size")
     add_synthetic_args(parser)
     return parser
 

@@ -183,7 +183,8 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path):
     rng = checkpoint["rng"]
     assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "checkpoint_best.pth", "curves.png", "eval",
-                                                     "log.txt", "per_class.png", "predictions.png", "tensorboard"]
+                                                     "log.txt", "per_class.png", "predictions.png", "recipe.json",
+                                                     "tensorboard"]
     assert len(list((out / "tensorboard").iterdir())) == 1  # the main process's events only
 
 
