@@ -1,4 +1,5 @@
 """The training and evaluation loops: one epoch of training, one pass of COCO-style evaluation."""
+
 import math
 import os
 import shutil
@@ -92,14 +93,21 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp=False):
             raise
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         inner.compile_forward = False
-        print(f"--compile: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
-              "running without compiling")
+        print(
+            f"--compile: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+            "running without compiling"
+        )
         return run_model(model, samples, device, amp)
     return to_float32(outputs) if dtype is not None else outputs
 
 
-def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   max_norm: float = 0, scaler: Optional["torch.amp.GradScaler"] = None) -> bool:
+def optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_norm: float = 0,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+) -> bool:
     """Backward, gradient clipping at `max_norm` (0: none) and the optimizer's step; returns whether the step was
     taken. With a GradScaler (float16) the loss is scaled for the backward pass and the gradients unscaled before
     clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered."""
@@ -121,11 +129,19 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.
     return scaler.get_scale() >= scale
 
 
-def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0, amp=False, ema=None,
-                    scaler: Optional["torch.amp.GradScaler"] = None,
-                    log_step: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
+def train_one_epoch(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    max_norm: float = 0,
+    amp=False,
+    ema=None,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+    log_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> Dict[str, float]:
     """Train for one pass over data_loader; returns the epoch averages of every logged value.
     `amp`: the autocast type of the forward pass (see run_model); off, the steps are plain fp32.
     `ema`: a util.ema.ModelEMA of the model, updated after every step.
@@ -162,12 +178,16 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             print(f"Loss is {loss_value}, stopping training")
             print({k: v.item() for k, v in loss_dict_reduced.items()})
             first = next((k for k, v in loss_dict_reduced_scaled.items() if not math.isfinite(v.item())), None)
-            print(f"The first non-finite term is {first} (epoch {epoch}); the weights and the last checkpoint "
-                  "are as they were before this step.")
+            print(
+                f"The first non-finite term is {first} (epoch {epoch}); the weights and the last checkpoint "
+                "are as they were before this step."
+            )
             if scaler is not None:
                 # Loss scaling guards the gradients; a forward pass that overflows float16 is beyond it.
-                print("The forward pass ran in float16: --amp_dtype bfloat16 (where the device has it) or "
-                      "--no_amp keeps its activations in range.")
+                print(
+                    "The forward pass ran in float16: --amp_dtype bfloat16 (where the device has it) or "
+                    "--no_amp keeps its activations in range."
+                )
             sys.exit(1)
 
         skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler)
@@ -192,8 +212,16 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors: Dict, data_loader: Iterable,
-             base_ds, device: torch.device, output_dir: Optional[str], amp=False):
+def evaluate(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    postprocessors: Dict,
+    data_loader: Iterable,
+    base_ds,
+    device: torch.device,
+    output_dir: Optional[str],
+    amp=False,
+):
     """Losses and COCO metrics (bbox, segm, PQ as the postprocessors allow) over data_loader.
 
     Returns (stats, coco_evaluator): stats holds the averaged losses plus coco_eval_bbox / coco_eval_masks
@@ -212,8 +240,12 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     panoptic_evaluator = None
     if "panoptic" in postprocessors:
         from datasets.panoptic_eval import PanopticEvaluator
-        panoptic_evaluator = PanopticEvaluator(data_loader.dataset.ann_file, data_loader.dataset.ann_folder,
-                                               output_dir=os.path.join(output_dir or "", "panoptic_eval"))
+
+        panoptic_evaluator = PanopticEvaluator(
+            data_loader.dataset.ann_file,
+            data_loader.dataset.ann_folder,
+            output_dir=os.path.join(output_dir or "", "panoptic_eval"),
+        )
 
     for samples, targets in metric_logger.log_every(data_loader, 10, header):
         samples = samples.to(device)
@@ -226,8 +258,9 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
         loss_dict_reduced = utils.reduce_dict(loss_dict)
         loss_dict_reduced_scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
         loss_dict_reduced_unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
-        metric_logger.update(loss=sum(loss_dict_reduced_scaled.values()), **loss_dict_reduced_scaled,
-                             **loss_dict_reduced_unscaled)
+        metric_logger.update(
+            loss=sum(loss_dict_reduced_scaled.values()), **loss_dict_reduced_scaled, **loss_dict_reduced_unscaled
+        )
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
 
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
@@ -273,8 +306,9 @@ def evaluate(model: torch.nn.Module, criterion: torch.nn.Module, postprocessors:
     return stats, coco_evaluator
 
 
-def per_class_results(coco_evaluator: CocoEvaluator, panoptic_res: Optional[dict],
-                      names: Dict[int, str]) -> Dict[str, List[dict]]:
+def per_class_results(
+    coco_evaluator: CocoEvaluator, panoptic_res: Optional[dict], names: Dict[int, str]
+) -> Dict[str, List[dict]]:
     """{'bbox': [{'id', 'name', 'AP', 'AP50', 'AP75'} per category], 'segm' likewise with masks, 'panoptic':
     [{'id', 'name', 'PQ', 'SQ', 'RQ'}] with panoptic results}. A category without ground truth has AP None."""
     results = {}
@@ -283,17 +317,25 @@ def per_class_results(coco_evaluator: CocoEvaluator, panoptic_res: Optional[dict
             per_category = per_category_ap(coco_eval.eval)
             results[iou_type] = [{"id": k, "name": names.get(k, str(k)), **v} for k, v in per_category.items()]
     if panoptic_res is not None and "per_class" in panoptic_res:
-        results["panoptic"] = [{"id": int(k), "name": names.get(int(k), str(k)), "PQ": float(v["pq"]),
-                                "SQ": float(v["sq"]), "RQ": float(v["rq"])}
-                               for k, v in sorted(panoptic_res["per_class"].items(), key=lambda kv: int(kv[0]))]
+        results["panoptic"] = [
+            {
+                "id": int(k),
+                "name": names.get(int(k), str(k)),
+                "PQ": float(v["pq"]),
+                "SQ": float(v["sq"]),
+                "RQ": float(v["rq"]),
+            }
+            for k, v in sorted(panoptic_res["per_class"].items(), key=lambda kv: int(kv[0]))
+        ]
     return results
 
 
 def per_class_table(per_class: Dict[str, List[dict]]) -> str:
     """The per-category results as a text table: one row per category, AP / AP50 / AP75 (x100) per iou type
     and PQ / SQ / RQ (x100) for panoptic results; '-' where a category has no ground truth."""
-    columns = [(kind, stat) for kind, rows in per_class.items() if rows for stat in rows[0]
-               if stat not in ("id", "name")]
+    columns = [
+        (kind, stat) for kind, rows in per_class.items() if rows for stat in rows[0] if stat not in ("id", "name")
+    ]
     rows_by_id: Dict[int, Dict] = {}
     for kind, rows in per_class.items():
         for row in rows:
@@ -305,6 +347,8 @@ def per_class_table(per_class: Dict[str, List[dict]]) -> str:
     for cat_id in sorted(rows_by_id):
         entry = rows_by_id[cat_id]
         cells = [entry.get(column) for column in columns]
-        lines.append(f"{entry['name']:<{width}}  " + "  ".join(
-            f"{100 * v:10.1f}" if v is not None else f"{'-':>10}" for v in cells))
+        lines.append(
+            f"{entry['name']:<{width}}  "
+            + "  ".join(f"{100 * v:10.1f}" if v is not None else f"{'-':>10}" for v in cells)
+        )
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 `pretrained` is False (random weights, nothing downloaded, no ImageNet backbone either), True (the published
 checkpoint, its hash checked) or the path of a local copy of that checkpoint.
 """
+
 from typing import Union
 
 from models.backbone import Backbone, Joiner
@@ -29,8 +30,9 @@ URLS = {
 def _make_detr(backbone_name: str, dilation: bool = False, num_classes: int = 91, mask: bool = False):
     hidden_dim = 256
     # No ImageNet weights: a published checkpoint overwrites them, and pretrained=False must stay offline.
-    backbone = Backbone(backbone_name, train_backbone=True, return_interm_layers=mask, dilation=dilation,
-                        weights="none")
+    backbone = Backbone(
+        backbone_name, train_backbone=True, return_interm_layers=mask, dilation=dilation, weights="none"
+    )
     joiner = Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
     joiner.num_channels = backbone.num_channels
     transformer = Transformer(d_model=hidden_dim, return_intermediate_dec=True)
@@ -67,8 +69,7 @@ def detr_resnet50(pretrained: Union[bool, str] = False, num_classes: int = 91, r
     return _detection("detr_resnet50", "resnet50", False, pretrained, num_classes, return_postprocessor)
 
 
-def detr_resnet50_dc5(pretrained: Union[bool, str] = False, num_classes: int = 91,
-                      return_postprocessor: bool = False):
+def detr_resnet50_dc5(pretrained: Union[bool, str] = False, num_classes: int = 91, return_postprocessor: bool = False):
     """DETR-DC5 R50 (dilated last stage): 43.3 box AP on COCO val5k."""
     return _detection("detr_resnet50_dc5", "resnet50", True, pretrained, num_classes, return_postprocessor)
 
@@ -78,28 +79,42 @@ def detr_resnet101(pretrained: Union[bool, str] = False, num_classes: int = 91, 
     return _detection("detr_resnet101", "resnet101", False, pretrained, num_classes, return_postprocessor)
 
 
-def detr_resnet101_dc5(pretrained: Union[bool, str] = False, num_classes: int = 91,
-                       return_postprocessor: bool = False):
+def detr_resnet101_dc5(pretrained: Union[bool, str] = False, num_classes: int = 91, return_postprocessor: bool = False):
     """DETR-DC5 R101: 44.9 box AP on COCO val5k."""
     return _detection("detr_resnet101_dc5", "resnet101", True, pretrained, num_classes, return_postprocessor)
 
 
-def detr_resnet50_panoptic(pretrained: Union[bool, str] = False, num_classes: int = 250, threshold: float = 0.85,
-                           return_postprocessor: bool = False):
+def detr_resnet50_panoptic(
+    pretrained: Union[bool, str] = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+):
     """Panoptic DETR R50: 43.4 PQ on COCO panoptic val5k."""
-    return _panoptic("detr_resnet50_panoptic", "resnet50", False, pretrained, num_classes, threshold,
-                     return_postprocessor)
+    return _panoptic(
+        "detr_resnet50_panoptic", "resnet50", False, pretrained, num_classes, threshold, return_postprocessor
+    )
 
 
-def detr_resnet50_dc5_panoptic(pretrained: Union[bool, str] = False, num_classes: int = 250,
-                               threshold: float = 0.85, return_postprocessor: bool = False):
+def detr_resnet50_dc5_panoptic(
+    pretrained: Union[bool, str] = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+):
     """Panoptic DETR-DC5 R50: 44.6 PQ on COCO panoptic val5k."""
-    return _panoptic("detr_resnet50_dc5_panoptic", "resnet50", True, pretrained, num_classes, threshold,
-                     return_postprocessor)
+    return _panoptic(
+        "detr_resnet50_dc5_panoptic", "resnet50", True, pretrained, num_classes, threshold, return_postprocessor
+    )
 
 
-def detr_resnet101_panoptic(pretrained: Union[bool, str] = False, num_classes: int = 250, threshold: float = 0.85,
-                            return_postprocessor: bool = False):
+def detr_resnet101_panoptic(
+    pretrained: Union[bool, str] = False,
+    num_classes: int = 250,
+    threshold: float = 0.85,
+    return_postprocessor: bool = False,
+):
     """Panoptic DETR R101: 45.1 PQ on COCO panoptic val5k."""
-    return _panoptic("detr_resnet101_panoptic", "resnet101", False, pretrained, num_classes, threshold,
-                     return_postprocessor)
+    return _panoptic(
+        "detr_resnet101_panoptic", "resnet101", False, pretrained, num_classes, threshold, return_postprocessor
+    )

@@ -3,6 +3,7 @@
 One process by default; `torchrun --nproc_per_node=N main.py ...` for several (see the README). `main()` reads
 top to bottom as the run goes: data, model, optimizer, what to start from, then the epoch loop.
 """
+
 import argparse
 import datetime
 import json
@@ -25,10 +26,23 @@ from engine import enable_compile, evaluate, per_class_table, train_one_epoch
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
 from models.two_stage import check_learned_queries
-from util.checkpoint import (ARCHITECTURE_FLAGS, architecture_differences, auto_resume_checkpoint,  # noqa: F401
-                             LOGGED_STAT, drop_log_lines_from, improves, isolated_rng, load_state_dict_checked,
-                             load_state_dict_for_finetuning, logged_stat, model_state_from, read_checkpoint,
-                             remove_stale_temporary_files, restore_rng_states, rng_state, save_checkpoint)
+from util.checkpoint import (
+    architecture_differences,
+    auto_resume_checkpoint,
+    LOGGED_STAT,
+    drop_log_lines_from,
+    improves,
+    isolated_rng,
+    load_state_dict_checked,
+    load_state_dict_for_finetuning,
+    logged_stat,
+    model_state_from,
+    read_checkpoint,
+    remove_stale_temporary_files,
+    restore_rng_states,
+    rng_state,
+    save_checkpoint,
+)
 from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler
 from util.ema import ModelEMA
 from util.misc import SameSizeBatchSampler, choose_device
@@ -44,96 +58,178 @@ def add_switch(parser: argparse.ArgumentParser, name: str, help_on: str, help_of
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Set transformer detector", add_help=False)
     parser.add_argument("--lr", default=1e-4, type=float)
-    parser.add_argument("--lr_backbone", default=1e-5, type=float,
-                        help="learning rate of the backbone; 0 freezes it")
+    parser.add_argument("--lr_backbone", default=1e-5, type=float, help="learning rate of the backbone; 0 freezes it")
     parser.add_argument("--batch_size", default=2, type=int)
     parser.add_argument("--weight_decay", default=1e-4, type=float)
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
-    parser.add_argument("--time_budget", default=0.0, type=float,
-                        help="minutes to fit training and evaluation into (0: no limit): the epochs are cut to what "
-                             "the time per epoch allows, --lr_drop keeping its place (docs/flags.md)")
+    parser.add_argument(
+        "--time_budget",
+        default=0.0,
+        type=float,
+        help="minutes to fit training and evaluation into (0: no limit): the epochs are cut to what "
+        "the time per epoch allows, --lr_drop keeping its place (docs/flags.md)",
+    )
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
-    parser.add_argument("--ema_decay", default=0.0, type=float,
-                        help="evaluate and save a moving average of the weights with this decay per step (e.g. "
-                             "0.998); 0 keeps the original's weights (docs/flags.md)")
-    add_switch(parser, "amp",
-               "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32)",
-               "fp32 forward pass")
-    parser.add_argument("--amp_dtype", default="auto", choices=AMP_CHOICES,
-                        help="with --amp: 'auto' takes what the device computes natively (docs/flags.md)")
-    add_switch(parser, "channels_last",
-               "run the ResNet in the channels-last memory layout (same weights and checkpoints)",
-               "the ResNet in the default layout")
+    parser.add_argument(
+        "--ema_decay",
+        default=0.0,
+        type=float,
+        help="evaluate and save a moving average of the weights with this decay per step (e.g. "
+        "0.998); 0 keeps the original's weights (docs/flags.md)",
+    )
+    add_switch(
+        parser,
+        "amp",
+        "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32)",
+        "fp32 forward pass",
+    )
+    parser.add_argument(
+        "--amp_dtype",
+        default="auto",
+        choices=AMP_CHOICES,
+        help="with --amp: 'auto' takes what the device computes natively (docs/flags.md)",
+    )
+    add_switch(
+        parser,
+        "channels_last",
+        "run the ResNet in the channels-last memory layout (same weights and checkpoints)",
+        "the ResNet in the default layout",
+    )
     # Speed: models/fast.py and engine.enable_compile; measured in docs/performance.md (tools/benchmark.py).
-    parser.add_argument("--fast", action="store_true",
-                        help="the fast path: folded batch norms, channels-last, fused attention and AdamW; each "
-                             "step within float rounding of the original's (docs/flags.md)")
-    parser.add_argument("--exact", dest="fast", action="store_false",
-                        help="the bit-exact path: the original DETR's numbers to the last bit (undoes --fast)")
-    parser.add_argument("--compile", action="store_true",
-                        help="run the model through torch.compile (eager mode, with a message, where it fails)")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast path: folded batch norms, channels-last, fused attention and AdamW; each "
+        "step within float rounding of the original's (docs/flags.md)",
+    )
+    parser.add_argument(
+        "--exact",
+        dest="fast",
+        action="store_false",
+        help="the bit-exact path: the original DETR's numbers to the last bit (undoes --fast)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile (eager mode, with a message, where it fails)",
+    )
 
     # Model parameters
-    parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="Path to the pretrained model (or a Hugging Face DETR model folder). If set, only the "
-                             "mask head will be trained")
+    parser.add_argument(
+        "--frozen_weights",
+        type=str,
+        default=None,
+        help="Path to the pretrained model (or a Hugging Face DETR model folder). If set, only the "
+        "mask head will be trained",
+    )
     # * Backbone
-    parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="Name of the convolutional backbone to use")
-    parser.add_argument("--feature_stride", default=32, type=int, choices=(8, 16, 32),
-                        help="stride of the feature map the transformer reads: 32 (layer4) as in the original; 16 "
-                             "or 8 end the ResNet after layer3 or layer2")
-    parser.add_argument("--dilation", action="store_true",
-                        help="If true, we replace stride with dilation in the last convolutional block (DC5)")
-    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned", "v2", "v3"),
-                        help="Type of positional embedding to use on top of the image features")
-    parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="initial backbone weights: 'imagenet' (torchvision's, from the torch.hub cache or "
-                             "downloaded), 'none' (from scratch) or the path of a ResNet state_dict file")
+    parser.add_argument("--backbone", default="resnet50", type=str, help="Name of the convolutional backbone to use")
+    parser.add_argument(
+        "--feature_stride",
+        default=32,
+        type=int,
+        choices=(8, 16, 32),
+        help="stride of the feature map the transformer reads: 32 (layer4) as in the original; 16 "
+        "or 8 end the ResNet after layer3 or layer2",
+    )
+    parser.add_argument(
+        "--dilation",
+        action="store_true",
+        help="If true, we replace stride with dilation in the last convolutional block (DC5)",
+    )
+    parser.add_argument(
+        "--position_embedding",
+        default="sine",
+        type=str,
+        choices=("sine", "learned", "v2", "v3"),
+        help="Type of positional embedding to use on top of the image features",
+    )
+    parser.add_argument(
+        "--backbone_weights",
+        default="imagenet",
+        type=str,
+        help="initial backbone weights: 'imagenet' (torchvision's, from the torch.hub cache or "
+        "downloaded), 'none' (from scratch) or the path of a ResNet state_dict file",
+    )
 
-    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
-                        help="'frozen' batch norm as in the original, or trainable 'batch' norm with every layer "
-                             "trained (for --backbone_weights none; docs/flags.md)")
+    parser.add_argument(
+        "--backbone_norm",
+        default="frozen",
+        choices=("frozen", "batch"),
+        help="'frozen' batch norm as in the original, or trainable 'batch' norm with every layer "
+        "trained (for --backbone_weights none; docs/flags.md)",
+    )
 
     # * Transformer
     parser.add_argument("--enc_layers", default=6, type=int, help="Number of encoding layers in the transformer")
     parser.add_argument("--dec_layers", default=6, type=int, help="Number of decoding layers in the transformer")
-    parser.add_argument("--dim_feedforward", default=2048, type=int,
-                        help="Intermediate size of the feedforward layers in the transformer blocks")
-    parser.add_argument("--hidden_dim", default=256, type=int,
-                        help="Size of the embeddings (dimension of the transformer)")
+    parser.add_argument(
+        "--dim_feedforward",
+        default=2048,
+        type=int,
+        help="Intermediate size of the feedforward layers in the transformer blocks",
+    )
+    parser.add_argument(
+        "--hidden_dim", default=256, type=int, help="Size of the embeddings (dimension of the transformer)"
+    )
     parser.add_argument("--dropout", default=0.1, type=float, help="Dropout applied in the transformer")
-    parser.add_argument("--nheads", default=8, type=int,
-                        help="Number of attention heads inside the transformer's attentions")
+    parser.add_argument(
+        "--nheads", default=8, type=int, help="Number of attention heads inside the transformer's attentions"
+    )
     parser.add_argument("--num_queries", default=100, type=int, help="Number of query slots")
-    add_switch(parser, "two_stage",
-               "queries from the encoder: its best class-and-box proposals (loss terms _enc) seed the decoder "
-               "(docs/flags.md)",
-               "the original's learned queries")
-    parser.add_argument("--learned_queries", default=0, type=int,
-                        help="with --two_stage: this many queries are learned embeddings, the others proposals (on "
-                             "panoptic data: the stuff regions' queries)")
-    parser.add_argument("--query_nms", default=1.0, type=float,
-                        help="with --two_stage, at evaluation: skip proposals that overlap a better one by more than "
-                             "this IoU (1.0: never)")
+    add_switch(
+        parser,
+        "two_stage",
+        "queries from the encoder: its best class-and-box proposals (loss terms _enc) seed the decoder (docs/flags.md)",
+        "the original's learned queries",
+    )
+    parser.add_argument(
+        "--learned_queries",
+        default=0,
+        type=int,
+        help="with --two_stage: this many queries are learned embeddings, the others proposals (on "
+        "panoptic data: the stuff regions' queries)",
+    )
+    parser.add_argument(
+        "--query_nms",
+        default=1.0,
+        type=float,
+        help="with --two_stage, at evaluation: skip proposals that overlap a better one by more than "
+        "this IoU (1.0: never)",
+    )
     parser.add_argument("--pre_norm", action="store_true")
-    parser.add_argument("--num_classes", default=None, type=int,
-                        help="size of the class head minus one (max category id + 1); default: the dataset's own "
-                             "(91 for coco, 250 for coco_panoptic, from the annotations otherwise)")
+    parser.add_argument(
+        "--num_classes",
+        default=None,
+        type=int,
+        help="size of the class head minus one (max category id + 1); default: the dataset's own "
+        "(91 for coco, 250 for coco_panoptic, from the annotations otherwise)",
+    )
 
     # * Segmentation
-    parser.add_argument("--masks", action="store_true",
-                        help="Train segmentation head if the flag is provided")
-    parser.add_argument("--mask_attention_gain", default=1.0, type=float,
-                        help="initial gain of the mask head's weights on the attention maps (1: the original's "
-                             "initialization; docs/flags.md)")
-    parser.add_argument("--panoptic_threshold", default=0.85, type=float,
-                        help="the panoptic post-processor keeps the queries whose best class scores above this")
+    parser.add_argument("--masks", action="store_true", help="Train segmentation head if the flag is provided")
+    parser.add_argument(
+        "--mask_attention_gain",
+        default=1.0,
+        type=float,
+        help="initial gain of the mask head's weights on the attention maps (1: the original's "
+        "initialization; docs/flags.md)",
+    )
+    parser.add_argument(
+        "--panoptic_threshold",
+        default=0.85,
+        type=float,
+        help="the panoptic post-processor keeps the queries whose best class scores above this",
+    )
 
     # Loss
-    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
-                        help="Disables auxiliary decoding losses (loss at each layer)")
+    parser.add_argument(
+        "--no_aux_loss",
+        dest="aux_loss",
+        action="store_false",
+        help="Disables auxiliary decoding losses (loss at each layer)",
+    )
     # * Matcher
     parser.add_argument("--set_cost_class", default=1, type=float, help="Class coefficient in the matching cost")
     parser.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box coefficient in the matching cost")
@@ -143,28 +239,42 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dice_loss_coef", default=1, type=float)
     parser.add_argument("--bbox_loss_coef", default=5, type=float)
     parser.add_argument("--giou_loss_coef", default=2, type=float)
-    parser.add_argument("--eos_coef", default=0.1, type=float,
-                        help="Relative classification weight of the no-object class")
+    parser.add_argument(
+        "--eos_coef", default=0.1, type=float, help="Relative classification weight of the no-object class"
+    )
 
     # dataset parameters
-    parser.add_argument("--dataset_file", default="coco",
-                        help="coco, coco_panoptic, synthetic (generated here, no download) or synthetic_panoptic")
+    parser.add_argument(
+        "--dataset_file",
+        default="coco",
+        help="coco, coco_panoptic, synthetic (generated here, no download) or synthetic_panoptic",
+    )
     parser.add_argument("--coco_path", type=str)
     parser.add_argument("--coco_panoptic_path", type=str)
     parser.add_argument("--remove_difficult", action="store_true")
 
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
-    parser.add_argument("--device", default="cuda",
-                        help="device to use for training / testing (falls back to cpu when CUDA is absent)")
+    parser.add_argument(
+        "--device", default="cuda", help="device to use for training / testing (falls back to cpu when CUDA is absent)"
+    )
     parser.add_argument("--seed", default=42, type=int)
-    parser.add_argument("--resume", default="",
-                        help="resume from checkpoint (a path or an https URL, or a Hugging Face DETR model folder: "
-                             "config.json + model.safetensors)")
-    parser.add_argument("--auto_resume", action="store_true",
-                        help="without --resume, resume from output_dir/checkpoint.pth if it exists (requeued jobs)")
-    parser.add_argument("--finetune", default="",
-                        help="start from this checkpoint's weights (path, URL or Hugging Face folder), not its "
-                             "optimizer or epoch; weights of other shapes (another --num_classes) are re-initialized, and named")
+    parser.add_argument(
+        "--resume",
+        default="",
+        help="resume from checkpoint (a path or an https URL, or a Hugging Face DETR model folder: "
+        "config.json + model.safetensors)",
+    )
+    parser.add_argument(
+        "--auto_resume",
+        action="store_true",
+        help="without --resume, resume from output_dir/checkpoint.pth if it exists (requeued jobs)",
+    )
+    parser.add_argument(
+        "--finetune",
+        default="",
+        help="start from this checkpoint's weights (path, URL or Hugging Face folder), not its "
+        "optimizer or epoch; weights of other shapes (another --num_classes) are re-initialized, and named",
+    )
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
@@ -174,23 +284,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     # python -m torch.distributed.launch without --use_env passes --local-rank=N (--local_rank before torch 2.0).
     # The ranks are read from LOCAL_RANK, RANK and WORLD_SIZE, which the launcher sets either way.
-    parser.add_argument("--local_rank", "--local-rank", default=None, type=int,
-                        help="accepted from torch.distributed.launch and ignored: the rank comes from LOCAL_RANK")
-    parser.add_argument("--dist_timeout", default=1800, type=int,
-                        help="seconds to wait for the other processes (rendezvous, collectives) before failing")
-    parser.add_argument("--no_plots", dest="plots", action="store_false",
-                        help="do not write predictions.png, curves.png and per_class.png to output_dir after each "
-                             "epoch")
-    parser.add_argument("--no_tensorboard", dest="tensorboard", action="store_false",
-                        help="do not write TensorBoard event files to output_dir/tensorboard/ (written by default: "
-                             "the training losses and lr at every printed step, each epoch's test losses, COCO "
-                             "stats and PQ)")
-    parser.add_argument("--best_metric", default="auto",
-                        help="log.txt stat whose best epoch checkpoint_best.pth keeps (KEY, KEY[I], KEY.FIELD); "
-                             "auto: box AP, or PQ for panoptic models")
-    parser.add_argument("--eval_batching", default="padded", choices=("padded", "size"),
-                        help="padded: the original's padded batches (AP depends on the batch size); size: only "
-                             "images of one size per batch, the AP of batch size 1 at any --batch_size")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        default=None,
+        type=int,
+        help="accepted from torch.distributed.launch and ignored: the rank comes from LOCAL_RANK",
+    )
+    parser.add_argument(
+        "--dist_timeout",
+        default=1800,
+        type=int,
+        help="seconds to wait for the other processes (rendezvous, collectives) before failing",
+    )
+    parser.add_argument(
+        "--no_plots",
+        dest="plots",
+        action="store_false",
+        help="do not write predictions.png, curves.png and per_class.png to output_dir after each epoch",
+    )
+    parser.add_argument(
+        "--no_tensorboard",
+        dest="tensorboard",
+        action="store_false",
+        help="do not write TensorBoard event files to output_dir/tensorboard/ (written by default: "
+        "the training losses and lr at every printed step, each epoch's test losses, COCO "
+        "stats and PQ)",
+    )
+    parser.add_argument(
+        "--best_metric",
+        default="auto",
+        help="log.txt stat whose best epoch checkpoint_best.pth keeps (KEY, KEY[I], KEY.FIELD); "
+        "auto: box AP, or PQ for panoptic models",
+    )
+    parser.add_argument(
+        "--eval_batching",
+        default="padded",
+        choices=("padded", "size"),
+        help="padded: the original's padded batches (AP depends on the batch size); size: only "
+        "images of one size per batch, the AP of batch size 1 at any --batch_size",
+    )
     add_synthetic_args(parser)
     return parser
 
@@ -217,19 +350,23 @@ def set_dataset_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -
         parser.set_defaults(**defaults)
     if defaults:
         listing = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in defaults.items())
-        parser.epilog = (f"--dataset_file {known.dataset_file} sets these defaults (shown above; flags given win): "
-                         f"{listing}")
+        parser.epilog = (
+            f"--dataset_file {known.dataset_file} sets these defaults (shown above; flags given win): {listing}"
+        )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """main.py's flags, with the defaults of the dataset they name."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser("DETR training and evaluation script", parents=[get_args_parser()],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     epilog="--dataset_file synthetic and synthetic_panoptic bring defaults of their "
-                                            "own (a CPU recipe, datasets/synthetic.py): add --help after it to see "
-                                            "them; a run prints them and writes them to output_dir/recipe.json. "
-                                            "Flags given explicitly win.")
+    parser = argparse.ArgumentParser(
+        "DETR training and evaluation script",
+        parents=[get_args_parser()],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="--dataset_file synthetic and synthetic_panoptic bring defaults of their "
+        "own (a CPU recipe, datasets/synthetic.py): add --help after it to see "
+        "them; a run prints them and writes them to output_dir/recipe.json. "
+        "Flags given explicitly win.",
+    )
     set_dataset_defaults(parser, argv)
     return parser.parse_args(argv)
 
@@ -244,11 +381,16 @@ def show_recipe(args) -> Optional[Dict[str, Any]]:
     source = datasets.dataset_file(args.dataset_file).recipe.__module__.replace(".", "/") + ".py"
     used = {name: getattr(args, name) for name in recipe}
     replaced = {name: value for name, value in recipe.items() if used[name] != value}
-    listing = " ".join(f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "")
-                       for name, value in used.items())
+    listing = " ".join(
+        f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "") for name, value in used.items()
+    )
     print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
-    return {"dataset_file": args.dataset_file, "defined_in": source, "flags": used,
-            "recipe_values_replaced_by_flags_given": replaced}
+    return {
+        "dataset_file": args.dataset_file,
+        "defined_in": source,
+        "flags": used,
+        "recipe_values_replaced_by_flags_given": replaced,
+    }
 
 
 def check_args(args) -> None:
@@ -263,8 +405,10 @@ def check_args(args) -> None:
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")
     if args.best_metric != "auto" and LOGGED_STAT.fullmatch(args.best_metric) is None:
-        raise SystemExit(f"--best_metric {args.best_metric!r}: expected 'auto' or a stat of log.txt as KEY, "
-                         "KEY[INDEX] or KEY.FIELD, e.g. test_coco_eval_bbox[0] or test_PQ_all.pq")
+        raise SystemExit(
+            f"--best_metric {args.best_metric!r}: expected 'auto' or a stat of log.txt as KEY, "
+            "KEY[INDEX] or KEY.FIELD, e.g. test_coco_eval_bbox[0] or test_PQ_all.pq"
+        )
     try:
         check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
     except ValueError as e:
@@ -307,11 +451,14 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device):
     """AdamW with the backbone at its own learning rate, and the step schedule (x0.1 after --lr_drop epochs)."""
     param_dicts = [
         {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-         "lr": args.lr_backbone},
+        {
+            "params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+            "lr": args.lr_backbone,
+        },
     ]
-    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
-                                  **adamw_options(device, exact=not args.fast))
+    optimizer = torch.optim.AdamW(
+        param_dicts, lr=args.lr, weight_decay=args.weight_decay, **adamw_options(device, exact=not args.fast)
+    )
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
 
@@ -321,23 +468,36 @@ def build_loaders(dataset_train, dataset_val, args):
         try:
             sizes = datasets.transformed_image_sizes(dataset_val)
         except ValueError as e:
-            raise SystemExit(f"--eval_batching size: cannot tell the val images' sizes ({e}); use --eval_batching "
-                             "padded") from None
+            raise SystemExit(
+                f"--eval_batching size: cannot tell the val images' sizes ({e}); use --eval_batching padded"
+            ) from None
         batch_sampler_val = SameSizeBatchSampler(sizes, args.batch_size, utils.get_world_size(), utils.get_rank())
-        data_loader_val = DataLoader(dataset_val, batch_sampler=batch_sampler_val, collate_fn=utils.collate_fn,
-                                     num_workers=args.num_workers)
+        data_loader_val = DataLoader(
+            dataset_val, batch_sampler=batch_sampler_val, collate_fn=utils.collate_fn, num_workers=args.num_workers
+        )
     else:
-        sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
-                       else SequentialSampler(dataset_val))
-        data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
-                                     collate_fn=utils.collate_fn, num_workers=args.num_workers)
+        sampler_val = (
+            DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
+        )
+        data_loader_val = DataLoader(
+            dataset_val,
+            args.batch_size,
+            sampler=sampler_val,
+            drop_last=False,
+            collate_fn=utils.collate_fn,
+            num_workers=args.num_workers,
+        )
     if dataset_train is None:
         return None, None, data_loader_val
-    sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
-                     else RandomSampler(dataset_train))
-    data_loader_train = DataLoader(dataset_train, batch_sampler=BatchSampler(sampler_train, args.batch_size,
-                                                                             drop_last=True),
-                                   collate_fn=utils.collate_fn, num_workers=args.num_workers)
+    sampler_train = (
+        DistributedSampler(dataset_train, seed=args.seed) if args.distributed else RandomSampler(dataset_train)
+    )
+    data_loader_train = DataLoader(
+        dataset_train,
+        batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
+        collate_fn=utils.collate_fn,
+        num_workers=args.num_workers,
+    )
     return data_loader_train, sampler_train, data_loader_val
 
 
@@ -363,8 +523,9 @@ def load_starting_weights(model, args) -> Optional[dict]:
     returns the --resume checkpoint (None without it)."""
     if args.frozen_weights is not None:
         frozen = read_checkpoint("--frozen_weights", args.frozen_weights)
-        load_state_dict_checked(model.detr, model_state_from(frozen, args.frozen_weights),
-                                f"--frozen_weights {args.frozen_weights}")
+        load_state_dict_checked(
+            model.detr, model_state_from(frozen, args.frozen_weights), f"--frozen_weights {args.frozen_weights}"
+        )
     if args.finetune:
         start = read_checkpoint("--finetune", args.finetune)
         load_state_dict_for_finetuning(model, model_state_from(start, args.finetune), f"--finetune {args.finetune}")
@@ -379,9 +540,11 @@ def load_starting_weights(model, args) -> Optional[dict]:
             load_state_dict_checked(model, model_state_from(resumed, args.resume), "its weights")
         except ValueError as e:
             details += "\n" + str(e)
-        raise ValueError(f"--resume {args.resume} was trained with another model configuration:\n{details}\n"
-                         "Pass the checkpoint's values of these flags, or use another --output_dir "
-                         "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth).")
+        raise ValueError(
+            f"--resume {args.resume} was trained with another model configuration:\n{details}\n"
+            "Pass the checkpoint's values of these flags, or use another --output_dir "
+            "(--auto_resume and requeued jobs resume from output_dir/checkpoint.pth)."
+        )
     load_state_dict_checked(model, model_state_from(resumed, args.resume), f"--resume {args.resume}")
     if not args.eval and "train_model" in resumed:
         # Saved with --ema_decay: 'model' is the average, and training continues from the raw weights.
@@ -420,8 +583,9 @@ def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, plann
             lr_drop = args.lr_drop
     if (epochs, lr_drop) == (args.epochs, args.lr_drop):
         return
-    message = (f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} "
-               "epochs")
+    message = (
+        f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} epochs"
+    )
     if lr_drop != args.lr_drop:
         message += f", the learning rate dropping after {lr_drop}"
     args.epochs, args.lr_drop = epochs, lr_drop
@@ -488,9 +652,21 @@ def write_per_class(per_class: dict, epoch: Optional[int], output_dir: Path) -> 
     return path
 
 
-def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_parameters: int, args, output_dir: Path,
-                 saved_model, postprocessors, dataset_val, device, training_state: dict,
-                 best: Optional[dict] = None) -> Optional[dict]:
+def end_of_epoch(
+    epoch: int,
+    train_stats,
+    test_stats,
+    coco_evaluator,
+    n_parameters: int,
+    args,
+    output_dir: Path,
+    saved_model,
+    postprocessors,
+    dataset_val,
+    device,
+    training_state: dict,
+    best: Optional[dict] = None,
+) -> Optional[dict]:
     """Write the epoch's line of log.txt, its evaluation and pictures, then the checkpoint, and
     checkpoint_best.pth when the epoch beats `best` at --best_metric; returns the best epoch's record. The
     checkpoint comes last: it marks the epoch as done. A run stopped before it (a preempted job) redoes the epoch
@@ -498,10 +674,12 @@ def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_paramete
     epoch once."""
     improved = False
     if utils.is_main_process():
-        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                     **{f"test_{k}": v for k, v in test_stats.items()},
-                     "epoch": epoch,
-                     "n_parameters": n_parameters}
+        log_stats = {
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            **{f"test_{k}": v for k, v in test_stats.items()},
+            "epoch": epoch,
+            "n_parameters": n_parameters,
+        }
         with (output_dir / "log.txt").open("a") as f:
             f.write(json.dumps(log_stats) + "\n")
         try:
@@ -519,12 +697,12 @@ def end_of_epoch(epoch: int, train_stats, test_stats, coco_evaluator, n_paramete
             write_per_class(coco_evaluator.per_class, epoch, output_dir)
         if args.plots:
             from util.visualize import save_training_pictures
+
             with isolated_rng():  # the original draws no pictures: they must not shift its sequence
                 save_training_pictures(saved_model, postprocessors, dataset_val, output_dir, device)
     # Where every generator stands now is where the next epoch starts: a run resumed from this checkpoint
     # continues exactly like this one. Every process draws its own augmentations.
-    checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state()),
-                  "best": best}
+    checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state()), "best": best}
     paths = [output_dir / "checkpoint.pth"]
     # Keep a copy before each learning-rate drop and every 100 epochs.
     if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
@@ -573,15 +751,16 @@ def main(args):
     saved_model = ema.module if ema is not None else model_without_ddp
 
     if args.eval:
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                              args.output_dir, amp=amp_dtype)
+        test_stats, coco_evaluator = evaluate(
+            model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp=amp_dtype
+        )
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
             if utils.is_main_process():
-                path = write_per_class(coco_evaluator.per_class, resumed.get("epoch") if resumed else None,
-                                       output_dir)
+                path = write_per_class(coco_evaluator.per_class, resumed.get("epoch") if resumed else None, output_dir)
                 if args.plots:
                     from util.visualize import save_per_class_picture
+
                     save_per_class_picture(path, output_dir / "per_class.png")
         print(per_class_table(coco_evaluator.per_class))
         return test_stats
@@ -603,15 +782,34 @@ def main(args):
         if args.distributed:
             sampler_train.set_epoch(epoch)
         first_step = epoch * steps_per_epoch
-        log_step = None if writer is None else (
-            lambda i, values: write_scalars(writer, {f"train/{k}": v for k, v in values.items()}, first_step + i))
-        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch,
-                                      args.clip_max_norm, amp=amp_dtype, ema=ema, scaler=scaler, log_step=log_step)
+        log_step = (
+            None
+            if writer is None
+            else (
+                lambda i, values, first=first_step: write_scalars(
+                    writer, {f"train/{k}": v for k, v in values.items()}, first + i
+                )
+            )
+        )
+        train_stats = train_one_epoch(
+            model,
+            criterion,
+            data_loader_train,
+            optimizer,
+            device,
+            epoch,
+            args.clip_max_norm,
+            amp=amp_dtype,
+            ema=ema,
+            scaler=scaler,
+            log_step=log_step,
+        )
         lr_scheduler.step()
         # Evaluation draws from the global generators (the val loader's base seed, the val transforms), and the
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
-        test_stats, coco_evaluator = evaluate(eval_model, criterion, postprocessors, data_loader_val, base_ds, device,
-                                              args.output_dir, amp=amp_dtype)
+        test_stats, coco_evaluator = evaluate(
+            eval_model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp=amp_dtype
+        )
         if writer is not None:
             # At the epoch's last step; on disk before the checkpoint marks the epoch as done.
             write_scalars(writer, evaluation_scalars(test_stats), first_step + steps_per_epoch - 1)
@@ -621,14 +819,31 @@ def main(args):
             # Every process takes the slowest one's time, so that all of them cut the run alike.
             fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)), planned)
         if output_dir is not None:
-            training_state = {"model": saved_model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "lr_scheduler": lr_scheduler.state_dict(), "time_spent_s": spent}
+            training_state = {
+                "model": saved_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "time_spent_s": spent,
+            }
             if scaler is not None:
                 training_state["scaler"] = scaler.state_dict()
             if ema is not None:
                 training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
-            best = end_of_epoch(epoch, train_stats, test_stats, coco_evaluator, n_parameters, args, output_dir,
-                                saved_model, postprocessors, dataset_val, device, training_state, best)
+            best = end_of_epoch(
+                epoch,
+                train_stats,
+                test_stats,
+                coco_evaluator,
+                n_parameters,
+                args,
+                output_dir,
+                saved_model,
+                postprocessors,
+                dataset_val,
+                device,
+                training_state,
+                best,
+            )
         if epoch + 1 >= args.epochs:  # --time_budget may have shortened the run
             break
 
@@ -637,8 +852,9 @@ def main(args):
     if coco_evaluator is not None:
         print("Per class, last epoch:\n" + per_class_table(coco_evaluator.per_class))
     if best is not None:
-        print(f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}): "
-              f"{output_dir / 'checkpoint_best.pth'}")
+        print(
+            f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}): {output_dir / 'checkpoint_best.pth'}"
+        )
     total_time = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
     return test_stats
@@ -648,15 +864,27 @@ def explain_lost_process(error: BaseException, args) -> str:
     """What to tell a user whose distributed run stopped because another of its processes died."""
     rank, world = getattr(args, "rank", 0), getattr(args, "world_size", 1)
     checkpoint = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
-    kept = (f"The last checkpoint, {checkpoint}, is intact: rerun with --auto_resume to continue from it."
-            if checkpoint is not None and checkpoint.exists() else "No checkpoint had been written yet.")
-    return (f"rank {rank} of {world}: another process of this run was lost ({str(error).splitlines()[0][:300]}). "
-            "Its own log (or torchrun's summary, which names the failed rank) says why it stopped. " + kept)
+    kept = (
+        f"The last checkpoint, {checkpoint}, is intact: rerun with --auto_resume to continue from it."
+        if checkpoint is not None and checkpoint.exists()
+        else "No checkpoint had been written yet."
+    )
+    return (
+        f"rank {rank} of {world}: another process of this run was lost ({str(error).splitlines()[0][:300]}). "
+        "Its own log (or torchrun's summary, which names the failed rank) says why it stopped. " + kept
+    )
 
 
 # The errors torch.distributed gives a process whose peer died or stopped answering (gloo and NCCL).
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
-             "NCCL communicator was aborted", "Socket Timeout")
+LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "timed out",
+    "Timed out",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Trainer.checkpoint, which requeues the same training with --auto_resume: it cont
 output_dir/checkpoint.pth, the last finished epoch. `--cluster local` runs the same tasks on this machine
 (CPU processes talking gloo when there is no GPU), to try a configuration before spending cluster time.
 """
+
 import argparse
 import copy
 import os
@@ -23,25 +24,39 @@ CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Submit DETR training with submitit", parents=[detr_main.get_args_parser()])
-    parser.add_argument("--ngpus", default=8, type=int,
-                        help="GPUs per node, one task each (with --cluster local on a CPU: processes)")
+    parser.add_argument(
+        "--ngpus", default=8, type=int, help="GPUs per node, one task each (with --cluster local on a CPU: processes)"
+    )
     parser.add_argument("--nodes", default=4, type=int, help="number of nodes")
-    parser.add_argument("--timeout", default=2800, type=int,
-                        help="minutes a job may run; it is then requeued and resumes from its checkpoint")
-    parser.add_argument("--partition", default=None, type=str,
-                        help="Slurm partition (default: the cluster's default partition)")
-    parser.add_argument("--use_volta32", action="store_true",
-                        help="ask for 32 GB V100s (Slurm constraint volta32gb)")
-    parser.add_argument("--comment", default="", type=str,
-                        help="Slurm comment, e.g. why a job needs priority; shown by squeue")
-    parser.add_argument("--job_dir", default="experiments/%j", type=str,
-                        help="folder of submitit's logs and the rendezvous file, and output_dir unless that is "
-                             "given; %%j becomes the job id. Every node must see it (a shared file system)")
+    parser.add_argument(
+        "--timeout",
+        default=2800,
+        type=int,
+        help="minutes a job may run; it is then requeued and resumes from its checkpoint",
+    )
+    parser.add_argument(
+        "--partition", default=None, type=str, help="Slurm partition (default: the cluster's default partition)"
+    )
+    parser.add_argument("--use_volta32", action="store_true", help="ask for 32 GB V100s (Slurm constraint volta32gb)")
+    parser.add_argument(
+        "--comment", default="", type=str, help="Slurm comment, e.g. why a job needs priority; shown by squeue"
+    )
+    parser.add_argument(
+        "--job_dir",
+        default="experiments/%j",
+        type=str,
+        help="folder of submitit's logs and the rendezvous file, and output_dir unless that is "
+        "given; %%j becomes the job id. Every node must see it (a shared file system)",
+    )
     parser.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading)")
     parser.add_argument("--mem_per_gpu", default=40, type=int, help="GB of memory asked for each GPU's task")
-    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
-                        help="slurm: submit and return; local: run the tasks on this machine and wait for them "
-                             "(one node); debug: run a single task in this process, for a debugger")
+    parser.add_argument(
+        "--cluster",
+        default="slurm",
+        choices=("slurm", "local", "debug"),
+        help="slurm: submit and return; local: run the tasks on this machine and wait for them "
+        "(one node); debug: run a single task in this process, for a debugger",
+    )
     return parser
 
 
@@ -62,8 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cluster == "debug" and args.ngpus != 1:
         parser.error("--cluster debug runs one task in this process: pass --ngpus 1")
     if args.cluster != "slurm" and uses_local_gpus(args) and args.ngpus > torch.cuda.device_count():
-        parser.error(f"--ngpus {args.ngpus}: this machine has {torch.cuda.device_count()} GPU(s); ask for at most "
-                     "that many, or pass --device cpu for CPU processes")
+        parser.error(
+            f"--ngpus {args.ngpus}: this machine has {torch.cuda.device_count()} GPU(s); ask for at most "
+            "that many, or pass --device cpu for CPU processes"
+        )
     return args
 
 
@@ -100,11 +117,11 @@ class Trainer(submitit.helpers.Checkpointable):
         args.output_dir = args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.num_tasks > 1:
             # What torchrun would set: main.py's init_distributed_mode reads them.
-            os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-                              LOCAL_RANK=str(job_env.local_rank))
+            os.environ.update(
+                RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks), LOCAL_RANK=str(job_env.local_rank)
+            )
             if args.dist_url == "env://":  # asked for explicitly: the first node hosts the store
-                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                      overwrite=True)
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         print(f"{job_env}: output in {args.output_dir}", flush=True)
         return detr_main.main(args)
 
@@ -121,8 +138,12 @@ class Trainer(submitit.helpers.Checkpointable):
             new_args.resume = ""  # this run's own checkpoint wins over a --resume given at submission
         if new_args.dist_url.startswith("file://"):
             new_args.dist_url = new_dist_url(new_args.job_dir)
-        print(f"Requeuing: the job will resume from {checkpoint}" if os.path.isfile(checkpoint) else
-              f"Requeuing: no {checkpoint} yet, the job will start over", flush=True)
+        print(
+            f"Requeuing: the job will resume from {checkpoint}"
+            if os.path.isfile(checkpoint)
+            else f"Requeuing: no {checkpoint} yet, the job will start over",
+            flush=True,
+        )
         return submitit.helpers.DelayedSubmission(type(self)(new_args))
 
 
@@ -159,8 +180,11 @@ def main(argv=None):
     executor = make_executor(args)
     job = executor.submit(Trainer(args))
     output_dir = args.output_dir.replace("%j", str(job.job_id))
-    print(f"Submitted job {job.job_id} ({args.cluster}); submitit logs in {job.paths.folder}, "
-          f"training output in {output_dir}", flush=True)
+    print(
+        f"Submitted job {job.job_id} ({args.cluster}); submitit logs in {job.paths.folder}, "
+        f"training output in {output_dir}",
+        flush=True,
+    )
     if args.cluster != "slurm":
         # The job runs on this machine: wait for it, and fail as it fails.
         job.results()  # one per task

@@ -9,6 +9,7 @@ detr.backbone.0.backbone.res2.0.conv2.norm), every other key moves under "detr."
 rows of the dataset's categories in detectron2's contiguous order, then the no-object row (--classes).
 The output is {"model": state_dict}, which detectron2's DetectionCheckpointer reads through MODEL.WEIGHTS.
 """
+
 import argparse
 import json
 import os
@@ -23,27 +24,114 @@ from torch import Tensor
 # The repository root, for util/ (this file is also run as a script from anywhere).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.checkpoint import load_checkpoint, model_state_from  # noqa: E402
+from util.checkpoint import load_checkpoint, model_state_from
 
 # COCO's 80 category ids in the order detectron2 numbers its classes 0-79 (the ids of instances_val2017.json,
 # sorted). main.py's COCO class head is indexed by these ids (91 classes + no-object).
 COCO_CATEGORY_IDS = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
-    64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
 ]
 
 # Top-level modules of DETR and DETRsegm that move under "detr." as they are. (A DETRsegm state has the
 # detector under "detr." already; it moves under "detr.detr.", where the wrapper's DETRsegm keeps it.)
-DETR_MODULES = ("transformer", "class_embed", "bbox_embed", "query_embed", "input_proj", "backbone",
-                "bbox_attention", "mask_head")
+DETR_MODULES = (
+    "transformer",
+    "class_embed",
+    "bbox_embed",
+    "query_embed",
+    "input_proj",
+    "backbone",
+    "bbox_attention",
+    "mask_head",
+)
 # Heads of main.py's --two_stage, which the wrapper does not build.
 TWO_STAGE_MODULES = ("enc_output", "enc_output_norm", "enc_class_embed", "enc_bbox_embed")
 
 BACKBONE_BODY = re.compile(r"^(?P<prefix>(detr\.)?backbone\.0\.)body\.(?P<rest>.+)$")
 STEM = re.compile(r"^(?P<conv>conv1|bn1)\.(?P<param>.+)$")
-BLOCK = re.compile(r"^layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?P<layer>conv[1-3]|bn[1-3]|downsample\.[01])\."
-                   r"(?P<param>.+)$")
+BLOCK = re.compile(
+    r"^layer(?P<stage>[1-4])\.(?P<block>\d+)\.(?P<layer>conv[1-3]|bn[1-3]|downsample\.[01])\."
+    r"(?P<param>.+)$"
+)
 
 
 class ConversionError(ValueError):
@@ -57,8 +145,10 @@ def convert_backbone_key(key: str, rest: str) -> str:
         return "stem.conv1." + stem["param"] if stem["conv"] == "conv1" else "stem.conv1.norm." + stem["param"]
     block = BLOCK.match(rest)
     if block is None:
-        raise ConversionError(f"{key}: not a ResNet layer the detectron2 backbone has (expected conv1, bn1 or "
-                              "layer1-4 blocks; a torchvision 'fc' is not part of DETR's backbone)")
+        raise ConversionError(
+            f"{key}: not a ResNet layer the detectron2 backbone has (expected conv1, bn1 or "
+            "layer1-4 blocks; a torchvision 'fc' is not part of DETR's backbone)"
+        )
     # torchvision's layer1..4 are detectron2's res2..res5 (named by their stride, 2^2..2^5).
     stage = f"res{int(block['stage']) + 1}.{block['block']}."
     layer, param = block["layer"], block["param"]
@@ -78,15 +168,19 @@ def convert_key(key: str) -> str:
     if body:
         return "detr." + body["prefix"] + "backbone." + convert_backbone_key(key, body["rest"])
     # A DETRsegm key: the detector's own keys under "detr.", the mask head's beside them.
-    detector_key = key[len("detr."):] if key.startswith("detr.") else key
+    detector_key = key[len("detr.") :] if key.startswith("detr.") else key
     top = detector_key.split(".", 1)[0]
     if top in TWO_STAGE_MODULES:
-        raise ConversionError(f"{key}: a --two_stage head; the detectron2 wrapper builds the original's learned "
-                              "queries only. Convert a checkpoint trained without --two_stage")
+        raise ConversionError(
+            f"{key}: a --two_stage head; the detectron2 wrapper builds the original's learned "
+            "queries only. Convert a checkpoint trained without --two_stage"
+        )
     # Besides the ResNet body, the backbone holds only a learned position embedding (backbone.1).
     if top not in DETR_MODULES or top == "backbone" and not detector_key.startswith("backbone.1."):
-        raise ConversionError(f"{key}: not a key of this project's DETR or DETRsegm (expected "
-                              f"{', '.join(DETR_MODULES)}, optionally under 'detr.')")
+        raise ConversionError(
+            f"{key}: not a key of this project's DETR or DETRsegm (expected "
+            f"{', '.join(DETR_MODULES)}, optionally under 'detr.')"
+        )
     return "detr." + key
 
 
@@ -103,7 +197,8 @@ def remap_class_head(key: str, value: Tensor, category_ids: Sequence[int]) -> Te
         raise ConversionError(
             f"{key} has {value.shape[0]} rows ({num_classes} classes + no-object) but the category ids asked for go "
             f"up to {max(too_large)}: pass --classes with the annotation file of the dataset this checkpoint was "
-            "trained on, or --classes keep")
+            "trained on, or --classes keep"
+        )
     rows = torch.as_tensor(list(category_ids) + [num_classes], device=value.device)
     return value.index_select(0, rows)
 
@@ -158,14 +253,27 @@ def convert_checkpoint(source: str, output: str, classes: str = "coco") -> Dict[
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Convert a DETR checkpoint to the detectron2 wrapper's format")
     # --source_model and --output_model are the original d2/converter.py's names, kept so its commands still run.
-    parser.add_argument("--source", "--source_model", dest="source", required=True,
-                        help="main.py checkpoint or published DETR file (path or URL)")
-    parser.add_argument("--output", "--output_model", dest="output", required=True,
-                        help="where to write the converted checkpoint (.pth)")
-    parser.add_argument("--classes", default="coco",
-                        help="how the class head maps to detectron2's contiguous classes: 'coco' (the 80 COCO "
-                             "categories, for COCO and COCO-panoptic checkpoints), a COCO annotation file (its "
-                             "categories sorted by id, as detectron2 registers the dataset), or 'keep'")
+    parser.add_argument(
+        "--source",
+        "--source_model",
+        dest="source",
+        required=True,
+        help="main.py checkpoint or published DETR file (path or URL)",
+    )
+    parser.add_argument(
+        "--output",
+        "--output_model",
+        dest="output",
+        required=True,
+        help="where to write the converted checkpoint (.pth)",
+    )
+    parser.add_argument(
+        "--classes",
+        default="coco",
+        help="how the class head maps to detectron2's contiguous classes: 'coco' (the 80 COCO "
+        "categories, for COCO and COCO-panoptic checkpoints), a COCO annotation file (its "
+        "categories sorted by id, as detectron2 registers the dataset), or 'keep'",
+    )
     args = parser.parse_args(argv)
     try:
         converted = convert_checkpoint(args.source, args.output, args.classes)

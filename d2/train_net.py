@@ -1,11 +1,13 @@
 """Train and evaluate DETR with detectron2's DefaultTrainer.
 
     python d2/train_net.py --config-file d2/configs/detr_256_6_6_torchvision.yaml --num-gpus 8
-    python d2/train_net.py --config-file d2/configs/detr_256_6_6_torchvision.yaml --eval-only MODEL.WEIGHTS converted.pth
+    python d2/train_net.py --config-file d2/configs/detr_256_6_6_torchvision.yaml --eval-only \
+        MODEL.WEIGHTS converted.pth
 
 Datasets are detectron2's registered ones (COCO under $DETECTRON2_DATASETS), or any COCO-format folder given
 with --dataset NAME ANNOTATIONS.json IMAGE_DIR and named in DATASETS.TRAIN / DATASETS.TEST.
 """
+
 import itertools
 import os
 import sys
@@ -26,8 +28,8 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 # d2/ for the wrapper package, the repository root for models/ and util/ (this file is run as a script).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from detr import DetrDatasetMapper, add_detr_config  # noqa: E402  (also registers the Detr meta-architecture)
-from util.misc import choose_device  # noqa: E402
+from detr import DetrDatasetMapper, add_detr_config  # (also registers the Detr meta-architecture)
+from util.misc import choose_device
 
 
 def create_ddp_model_on_any_device(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -82,8 +84,7 @@ class Trainer(DefaultTrainer):
         backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
         rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
         lr = cfg.SOLVER.BASE_LR
-        groups = [{"params": rest, "lr": lr},
-                  {"params": backbone, "lr": lr * cfg.SOLVER.BACKBONE_MULTIPLIER}]
+        groups = [{"params": rest, "lr": lr}, {"params": backbone, "lr": lr * cfg.SOLVER.BACKBONE_MULTIPLIER}]
         groups = [g for g in groups if g["params"]]
         optimizer_name = cfg.SOLVER.OPTIMIZER.upper()
         if optimizer_name == "ADAMW":
@@ -146,8 +147,13 @@ def main(args) -> Dict[str, Any]:
 def argument_parser():
     """detectron2's flags (--config-file, --eval-only, --resume, --num-gpus, ...) and --dataset."""
     parser = default_argument_parser()
-    parser.add_argument("--dataset", nargs=3, action="append", metavar=("NAME", "ANNOTATIONS", "IMAGE_DIR"),
-                        help="register a COCO-format dataset under NAME (repeatable)")
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        metavar=("NAME", "ANNOTATIONS", "IMAGE_DIR"),
+        help="register a COCO-format dataset under NAME (repeatable)",
+    )
     return parser
 
 
@@ -157,8 +163,10 @@ def check_num_gpus(parser, num_gpus: int) -> None:
     if num_gpus < 1:
         parser.error(f"--num-gpus {num_gpus}: give at least 1")
     if torch.cuda.is_available() and num_gpus > torch.cuda.device_count():
-        parser.error(f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s); ask for "
-                     "at most that many (--num-gpus is processes per machine)")
+        parser.error(
+            f"--num-gpus {num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s); ask for "
+            "at most that many (--num-gpus is processes per machine)"
+        )
 
 
 if __name__ == "__main__":
@@ -166,5 +174,11 @@ if __name__ == "__main__":
     args = parser.parse_args()
     check_num_gpus(parser, args.num_gpus)
     print("Command line arguments:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )

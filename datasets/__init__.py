@@ -1,5 +1,6 @@
 """Datasets: what each --dataset_file brings, in one table (DATASETS), and the functions main.py asks of it:
 build_dataset, num_classes, thing_classes, box_ground_truth and recipe. A new dataset is one more entry."""
+
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -14,6 +15,7 @@ from .transforms import output_image_size
 
 def _build_coco_panoptic(image_set: str, args):
     from .coco_panoptic import build  # imported here: panopticapi is optional
+
     return build(image_set, args)
 
 
@@ -22,6 +24,7 @@ class DatasetFile:
     """What one --dataset_file brings: how to build it, its class-head size, its thing classes (panoptic data
     only), the instance dataset its box AP is measured against (panoptic data only, else its own), and the flag
     defaults it sets (its recipe: (masks, two_stage, reduced_precision) -> {flag: value})."""
+
     build: Callable[[str, Any], Any]
     num_classes: Callable[[Any], int]
     thing_classes: Optional[Callable[[Any], List[int]]] = None
@@ -33,15 +36,22 @@ DATASETS: Dict[str, DatasetFile] = {
     # The original's class heads (util.misc.COCO_NUM_CLASSES); COCO panoptic's things are the ids up to 90.
     "coco": DatasetFile(build=coco.build, num_classes=lambda args: COCO_NUM_CLASSES["coco"]),
     "coco_panoptic": DatasetFile(
-        build=_build_coco_panoptic, num_classes=lambda args: COCO_NUM_CLASSES["coco_panoptic"],
+        build=_build_coco_panoptic,
+        num_classes=lambda args: COCO_NUM_CLASSES["coco_panoptic"],
         thing_classes=lambda args: sorted(i for i, thing in coco_panoptic_is_thing_map().items() if thing),
-        build_instances=coco.build),
+        build_instances=coco.build,
+    ),
     # Generated here; class counts and thing classes read from the annotations it writes (datasets/synthetic.py).
-    "synthetic": DatasetFile(build=synthetic.build, num_classes=synthetic.num_classes,
-                             recipe=synthetic.detection_recipe),
+    "synthetic": DatasetFile(
+        build=synthetic.build, num_classes=synthetic.num_classes, recipe=synthetic.detection_recipe
+    ),
     "synthetic_panoptic": DatasetFile(
-        build=synthetic.build_panoptic, num_classes=lambda args: synthetic.num_classes(args, panoptic=True),
-        thing_classes=synthetic.thing_classes, build_instances=synthetic.build, recipe=synthetic.panoptic_recipe),
+        build=synthetic.build_panoptic,
+        num_classes=lambda args: synthetic.num_classes(args, panoptic=True),
+        thing_classes=synthetic.thing_classes,
+        build_instances=synthetic.build,
+        recipe=synthetic.panoptic_recipe,
+    ),
 }
 DATASET_FILES = tuple(DATASETS)
 
@@ -115,8 +125,7 @@ def has_recipe(name: str) -> bool:
     return dataset_file(name).recipe is not None
 
 
-def recipe(name: str, masks: bool = False, two_stage: bool = True,
-           reduced_precision: bool = True) -> Dict[str, Any]:
+def recipe(name: str, masks: bool = False, two_stage: bool = True, reduced_precision: bool = True) -> Dict[str, Any]:
     """The flag defaults --dataset_file `name` brings (main.py applies them with parser.set_defaults, so flags
     given on the command line win): the synthetic datasets' CPU recipes, sized by whether --amp computes in 16
     bits on this machine (`reduced_precision`); none for COCO, which keeps the original's."""

@@ -5,6 +5,7 @@ Layout expected under --coco_path (as distributed by cocodataset.org):
 Targets hold boxes in absolute xyxy pixels; `transforms.Normalize` turns them into the normalized
 (cx, cy, w, h) that the model predicts.
 """
+
 import json
 import os
 from pathlib import Path
@@ -42,8 +43,10 @@ class CocoDetection(torchvision.datasets.CocoDetection):
                 dataset = json.load(f)
             if isinstance(dataset, dict):
                 check_coco_annotations(dataset, ann_file, return_masks)
-            raise ValueError(f"annotation file {ann_file} is not in COCO format ({type(e).__name__}: {e}); "
-                             "expected a dict with 'images', 'annotations' and 'categories'") from e
+            raise ValueError(
+                f"annotation file {ann_file} is not in COCO format ({type(e).__name__}: {e}); "
+                "expected a dict with 'images', 'annotations' and 'categories'"
+            ) from e
         check_coco_annotations(self.coco.dataset, ann_file, return_masks)
         check_images_exist(self.coco.dataset["images"], img_folder, ann_file)
         # Not `self.transforms`: torchvision's base class would apply it to the raw annotation list.
@@ -81,32 +84,45 @@ def check_coco_annotations(dataset: Dict[str, Any], ann_file, return_masks: bool
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise ValueError(f"annotation file {ann_file}: missing or non-list top-level key '{key}'")
-    required = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id", "bbox", "area"),
-                "categories": ("id",)}
+    required = {
+        "images": ("id", "file_name"),
+        "annotations": ("id", "image_id", "category_id", "bbox", "area"),
+        "categories": ("id",),
+    }
     for key, fields in required.items():
         for i, entry in enumerate(dataset[key]):
             if not isinstance(entry, dict):
-                raise ValueError(f"annotation file {ann_file}: {key}[{i}] must be a JSON object, got "
-                                 f"{type(entry).__name__} {str(entry)[:50]}")
+                raise ValueError(
+                    f"annotation file {ann_file}: {key}[{i}] must be a JSON object, got "
+                    f"{type(entry).__name__} {str(entry)[:50]}"
+                )
             missing = [field for field in fields if field not in entry]
             if missing:
                 raise ValueError(f"annotation file {ann_file}: {key}[{i}] lacks key '{missing[0]}'")
     category_ids = {cat["id"] for cat in dataset["categories"]}
     for i, ann in enumerate(dataset["annotations"]):
         bbox = ann["bbox"]
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise ValueError(f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) 'bbox' must be "
-                             f"[x, y, w, h] numbers, got {str(bbox)[:60]}")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+        ):
+            raise ValueError(
+                f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) 'bbox' must be "
+                f"[x, y, w, h] numbers, got {str(bbox)[:60]}"
+            )
         # (A box outside the image is clamped to it, and an empty or NaN one dropped, as in the original.)
         if ann["category_id"] not in category_ids:
-            raise ValueError(f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) has category_id "
-                             f"{ann['category_id']!r}, which is not among its 'categories' ids "
-                             f"{sorted(category_ids)[:20]}; add the category or fix the annotation")
+            raise ValueError(
+                f"annotation file {ann_file}: annotations[{i}] (id {ann['id']}) has category_id "
+                f"{ann['category_id']!r}, which is not among its 'categories' ids "
+                f"{sorted(category_ids)[:20]}; add the category or fix the annotation"
+            )
         # Only --masks reads segmentations; crowd annotations are dropped before that.
         if return_masks and ann.get("iscrowd", 0) == 0 and "segmentation" not in ann:
-            raise ValueError(f"annotation file {ann_file}: annotations[{i}] lacks key 'segmentation', "
-                             "which --masks needs")
+            raise ValueError(
+                f"annotation file {ann_file}: annotations[{i}] lacks key 'segmentation', which --masks needs"
+            )
 
 
 def check_images_exist(images: List[Dict[str, Any]], img_folder, ann_file) -> None:
@@ -114,11 +130,15 @@ def check_images_exist(images: List[Dict[str, Any]], img_folder, ann_file) -> No
     if not os.path.isdir(img_folder):
         raise FileNotFoundError(f"image folder {img_folder} (for {ann_file}) does not exist")
     present = set(os.listdir(img_folder))  # one listing instead of a stat per image: COCO has 118k
-    missing = [img["file_name"] for img in images
-               if img["file_name"] not in present and not os.path.isfile(os.path.join(img_folder, img["file_name"]))]
+    missing = [
+        img["file_name"]
+        for img in images
+        if img["file_name"] not in present and not os.path.isfile(os.path.join(img_folder, img["file_name"]))
+    ]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {ann_file} are missing, e.g. "
-                                f"{os.path.join(img_folder, missing[0])}")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) listed in {ann_file} are missing, e.g. {os.path.join(img_folder, missing[0])}"
+        )
     if len(images) <= MAX_IMAGES_TO_PROBE:
         # Reading each header (not the pixels) catches files that are not images before training starts;
         # past this count (COCO's 118k) it would cost more than it saves, and __getitem__ still names the file.
@@ -141,11 +161,19 @@ def check_category_ids(dataset: Dict[str, Any], ann_file, num_classes: Optional[
     ids += [ann["category_id"] for ann in dataset.get("annotations", []) if "category_id" in ann]
     too_large = [i for i in ids if i >= num_classes]
     if too_large:
-        example = next((f" (e.g. annotation id {ann.get('id')})" for ann in dataset.get("annotations", [])
-                        if ann.get("category_id") == max(too_large)), "")
-        raise ValueError(f"category id {max(too_large)} in {ann_file}{example} does not fit --num_classes "
-                         f"{num_classes}: category ids must be < num_classes; pass --num_classes "
-                         f"{max(too_large) + 1} or more")
+        example = next(
+            (
+                f" (e.g. annotation id {ann.get('id')})"
+                for ann in dataset.get("annotations", [])
+                if ann.get("category_id") == max(too_large)
+            ),
+            "",
+        )
+        raise ValueError(
+            f"category id {max(too_large)} in {ann_file}{example} does not fit --num_classes "
+            f"{num_classes}: category ids must be < num_classes; pass --num_classes "
+            f"{max(too_large) + 1} or more"
+        )
 
 
 def convert_coco_poly_to_mask(segmentations: List[Any], height: int, width: int) -> torch.Tensor:
@@ -215,18 +243,22 @@ def make_coco_transforms(image_set: str) -> T.Compose:
     normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     scales = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
     if image_set == "train":
-        return T.Compose([
-            T.RandomHorizontalFlip(),
-            T.RandomSelect(
-                T.RandomResize(scales, max_size=1333),
-                T.Compose([
-                    T.RandomResize([400, 500, 600]),
-                    T.RandomSizeCrop(384, 600),
+        return T.Compose(
+            [
+                T.RandomHorizontalFlip(),
+                T.RandomSelect(
                     T.RandomResize(scales, max_size=1333),
-                ]),
-            ),
-            normalize,
-        ])
+                    T.Compose(
+                        [
+                            T.RandomResize([400, 500, 600]),
+                            T.RandomSizeCrop(384, 600),
+                            T.RandomResize(scales, max_size=1333),
+                        ]
+                    ),
+                ),
+                normalize,
+            ]
+        )
     if image_set == "val":
         return T.Compose([T.RandomResize([800], max_size=1333), normalize])
     raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")

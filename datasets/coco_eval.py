@@ -10,6 +10,7 @@ tp / (tp + fp + eps) is 1 - 2.2e-16 and the C++ one is 1.0, so a stat can differ
 `.coco_eval[iou_type]` is the COCOeval with `.stats` (the 12 numbers), `.params` and `.eval`; `.eval` has
 pycocotools' keys and a pycocotools `Params`, so files saved from it read as before.
 """
+
 import contextlib
 import copy
 import gc
@@ -31,16 +32,20 @@ class CocoEvaluator:
 
     def __init__(self, coco_gt, iou_types: Sequence[str]):
         if coco_gt is None:
-            raise ValueError("CocoEvaluator needs the ground-truth COCO object; got None (get_coco_api_from_dataset "
-                             "returns None for datasets without COCO instance annotations, e.g. panoptic ones: "
-                             "use the instances dataset of the same images)")
+            raise ValueError(
+                "CocoEvaluator needs the ground-truth COCO object; got None (get_coco_api_from_dataset "
+                "returns None for datasets without COCO instance annotations, e.g. panoptic ones: "
+                "use the instances dataset of the same images)"
+            )
         for iou_type in iou_types:
             if iou_type not in ("bbox", "segm"):
                 raise ValueError(f"CocoEvaluator: unsupported iou_type {iou_type!r}; expected 'bbox' or 'segm'")
         self.coco_gt = ground_truth_copy(coco_gt)
         self.iou_types = list(iou_types)
-        self.coco_eval = {iou_type: BatchedIoUCOCOeval(self.coco_gt, iouType=iou_type, print_function=print)
-                          for iou_type in self.iou_types}
+        self.coco_eval = {
+            iou_type: BatchedIoUCOCOeval(self.coco_gt, iouType=iou_type, print_function=print)
+            for iou_type in self.iou_types
+        }
         self.img_ids: List[int] = []
         self.known_img_ids = set(self.coco_gt.imgs)
         self.detections: List[Dict[str, Any]] = []  # one entry per update: arrays over its detections
@@ -51,8 +56,10 @@ class CocoEvaluator:
         img_ids = sorted({int(image_id) for image_id in predictions})
         unknown = [i for i in img_ids if i not in self.known_img_ids]
         if unknown:
-            raise ValueError(f"CocoEvaluator.update: image ids {unknown[:10]} are not in the ground truth; "
-                             "predictions must be keyed by the dataset's image ids")
+            raise ValueError(
+                f"CocoEvaluator.update: image ids {unknown[:10]} are not in the ground truth; "
+                "predictions must be keyed by the dataset's image ids"
+            )
         first_entry = len(self.img_ids)
         self.img_ids.extend(img_ids)
         by_id = {int(image_id): prediction for image_id, prediction in predictions.items()}
@@ -89,8 +96,13 @@ class CocoEvaluator:
             detections = g["detections"]
             entry = detections["entry"] + offset  # this process's entries, as indices into all_img_ids
             keep = is_first[entry]
-            kept.append({key: ([v for v, k in zip(value, keep) if k] if isinstance(value, list) else value[keep])
-                         for key, value in detections.items() if key != "entry"})
+            kept.append(
+                {
+                    key: ([v for v, k in zip(value, keep) if k] if isinstance(value, list) else value[keep])
+                    for key, value in detections.items()
+                    if key != "entry"
+                }
+            )
             kept[-1]["image_id"] = all_img_ids[entry[keep]]
             offset += len(g["img_ids"])
         merged = concatenate_detections(kept)
@@ -99,8 +111,12 @@ class CocoEvaluator:
             with gc_paused():
                 coco_eval.cocoDt = detections_to_coco(self.coco_gt, merged, iou_type)
             if iou_type == "bbox":
-                coco_eval.detection_arrays = {"image_id": merged["image_id"], "category_id": merged["labels"],
-                                              "boxes": merged["boxes"], "scores": merged["scores"]}
+                coco_eval.detection_arrays = {
+                    "image_id": merged["image_id"],
+                    "category_id": merged["labels"],
+                    "boxes": merged["boxes"],
+                    "scores": merged["scores"],
+                }
             coco_eval.params.imgIds = [int(i) for i in img_ids]
 
     def accumulate(self) -> None:
@@ -134,9 +150,13 @@ class BatchedIoUCOCOeval(COCOeval_faster):
         p = self.params
         self._box_ious = None
         if p.iouType == "bbox" and p.useCats and self.detection_arrays is not None:
-            self._box_ious = box_ious_by_pair(ground_truth_arrays(self.cocoGt.dataset["annotations"]),
-                                              self.detection_arrays, np.unique(p.imgIds), np.unique(p.catIds),
-                                              max(p.maxDets))
+            self._box_ious = box_ious_by_pair(
+                ground_truth_arrays(self.cocoGt.dataset["annotations"]),
+                self.detection_arrays,
+                np.unique(p.imgIds),
+                np.unique(p.catIds),
+                max(p.maxDets),
+            )
         try:
             super().evaluate()
         finally:
@@ -151,20 +171,24 @@ class BatchedIoUCOCOeval(COCOeval_faster):
 
 def ground_truth_arrays(annotations: List[Dict[str, Any]]) -> Dict[str, np.ndarray]:
     """COCO annotations as the arrays box_ious_by_pair takes: image_id, category_id, boxes (xywh), iscrowd."""
-    return {"image_id": np.array([a["image_id"] for a in annotations], dtype=np.int64),
-            "category_id": np.array([a["category_id"] for a in annotations], dtype=np.int64),
-            "boxes": np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4),
-            "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool)}
+    return {
+        "image_id": np.array([a["image_id"] for a in annotations], dtype=np.int64),
+        "category_id": np.array([a["category_id"] for a in annotations], dtype=np.int64),
+        "boxes": np.array([a["bbox"] for a in annotations], dtype=np.float64).reshape(-1, 4),
+        "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in annotations], dtype=bool),
+    }
 
 
-def box_ious_by_pair(gt: Dict[str, np.ndarray], dt: Dict[str, np.ndarray], image_ids: np.ndarray,
-                     category_ids: np.ndarray, max_dets: int) -> Dict[Any, np.ndarray]:
+def box_ious_by_pair(
+    gt: Dict[str, np.ndarray], dt: Dict[str, np.ndarray], image_ids: np.ndarray, category_ids: np.ndarray, max_dets: int
+) -> Dict[Any, np.ndarray]:
     """{(image id, category id): IoU [detections, ground truths]} for every pair that has both: detections
     sorted by descending score (ties in their given order) and cut at `max_dets`, ground truths in their
     given order, IoU as pycocotools' bbIou computes it (over the detection's own area for crowd regions).
 
     gt: 'image_id', 'category_id', 'boxes' (xywh), 'iscrowd'; dt: the same with 'scores' for 'iscrowd'.
     image_ids and category_ids: sorted arrays of those evaluated."""
+
     def pair_keys(image, category):
         position = np.searchsorted(category_ids, category).clip(max=len(category_ids) - 1)
         evaluated = np.isin(image, image_ids) & (category_ids[position] == category)
@@ -217,10 +241,14 @@ def box_ious_by_pair(gt: Dict[str, np.ndarray], dt: Dict[str, np.ndarray], image
     num_gts = per_detection[pair_start]
     flat_start = np.r_[0, np.cumsum(num_dets * num_gts)]
     num_categories = len(category_ids)
-    return {(int(key // num_categories), int(category_ids[key % num_categories])):
-            iou[flat_start[k]:flat_start[k + 1]].reshape(nd, ng)
-            for k, (key, nd, ng) in enumerate(zip(pair_of_detection[pair_start].tolist(), num_dets.tolist(),
-                                                  num_gts.tolist()))}
+    return {
+        (int(key // num_categories), int(category_ids[key % num_categories])): iou[
+            flat_start[k] : flat_start[k + 1]
+        ].reshape(nd, ng)
+        for k, (key, nd, ng) in enumerate(
+            zip(pair_of_detection[pair_start].tolist(), num_dets.tolist(), num_gts.tolist())
+        )
+    }
 
 
 @contextlib.contextmanager
@@ -282,8 +310,14 @@ def empty_detections(iou_types: Sequence[str]) -> Dict[str, Any]:
 
 def concatenate_detections(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Detections of several `update` calls (or processes) as one, in order."""
-    return {key: ([item for part in parts for item in part[key]] if isinstance(parts[0][key], list)
-                  else np.concatenate([part[key] for part in parts])) for key in parts[0]}
+    return {
+        key: (
+            [item for part in parts for item in part[key]]
+            if isinstance(parts[0][key], list)
+            else np.concatenate([part[key] for part in parts])
+        )
+        for key in parts[0]
+    }
 
 
 def detections_to_coco(coco_gt: FastCOCO, detections: Dict[str, Any], iou_type: str) -> FastCOCO:
@@ -297,16 +331,27 @@ def detections_to_coco(coco_gt: FastCOCO, detections: Dict[str, Any], iou_type: 
         rles = detections["rles"]
         area = mask_util.area(rles) if rles else np.zeros(0)
         boxes = mask_util.toBbox(rles) if rles else np.zeros((0, 4))
-    columns = zip(range(1, len(boxes) + 1), detections["image_id"].tolist(), detections["labels"].tolist(),
-                  detections["scores"].tolist(), boxes.tolist(), area.tolist())
-    annotations = [{"id": k, "image_id": image_id, "category_id": label, "score": score, "bbox": box, "area": a,
-                    "iscrowd": 0} for k, image_id, label, score, box, a in columns]
+    columns = zip(
+        range(1, len(boxes) + 1),
+        detections["image_id"].tolist(),
+        detections["labels"].tolist(),
+        detections["scores"].tolist(),
+        boxes.tolist(),
+        area.tolist(),
+    )
+    annotations = [
+        {"id": k, "image_id": image_id, "category_id": label, "score": score, "bbox": box, "area": a, "iscrowd": 0}
+        for k, image_id, label, score, box, a in columns
+    ]
     if iou_type == "segm":
         for annotation, rle in zip(annotations, detections["rles"]):
             annotation["segmentation"] = rle
     coco_dt = FastCOCO()
-    coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                       "annotations": annotations}
+    coco_dt.dataset = {
+        "images": coco_gt.dataset["images"],
+        "categories": coco_gt.dataset["categories"],
+        "annotations": annotations,
+    }
     coco_dt.createIndex()
     return coco_dt
 
@@ -317,8 +362,14 @@ def as_pycocotools_eval(eval_result: Dict[str, Any], params) -> Dict[str, Any]:
     pycoco_params = Params(iouType=params.iouType)
     for name in ("imgIds", "catIds", "iouThrs", "recThrs", "maxDets", "areaRng", "areaRngLbl", "useCats"):
         setattr(pycoco_params, name, copy.deepcopy(getattr(params, name)))
-    return {"params": pycoco_params, "counts": list(eval_result["counts"]), "date": eval_result["date"],
-            "precision": eval_result["precision"], "recall": eval_result["recall"], "scores": eval_result["scores"]}
+    return {
+        "params": pycoco_params,
+        "counts": list(eval_result["counts"]),
+        "date": eval_result["date"],
+        "precision": eval_result["precision"],
+        "recall": eval_result["recall"],
+        "scores": eval_result["scores"],
+    }
 
 
 def per_category_ap(eval_result: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
@@ -328,8 +379,11 @@ def per_category_ap(eval_result: Dict[str, Any]) -> Dict[int, Dict[str, Any]]:
     precision = eval_result["precision"]  # [IoU thresholds, recall thresholds, categories, areas, maxDets]
     params = eval_result["params"]
     iou_thrs = np.asarray(params.iouThrs)
-    selections = {"AP": slice(None), "AP50": np.flatnonzero(np.isclose(iou_thrs, 0.5)),
-                  "AP75": np.flatnonzero(np.isclose(iou_thrs, 0.75))}
+    selections = {
+        "AP": slice(None),
+        "AP50": np.flatnonzero(np.isclose(iou_thrs, 0.5)),
+        "AP75": np.flatnonzero(np.isclose(iou_thrs, 0.75)),
+    }
     area_all = list(params.areaRngLbl).index("all")
     results = {}
     for k, category_id in enumerate(params.catIds):
@@ -353,13 +407,14 @@ def prepare_for_coco(predictions: Dict[int, Dict[str, torch.Tensor]], iou_type: 
         labels = prediction["labels"].tolist()
         if iou_type == "bbox":
             boxes = xyxy_to_xywh(prediction["boxes"]).tolist()
-            results.extend({"image_id": int(image_id), "category_id": label, "bbox": box, "score": score}
-                           for box, label, score in zip(boxes, labels, scores))
+            results.extend(
+                {"image_id": int(image_id), "category_id": label, "bbox": box, "score": score}
+                for box, label, score in zip(boxes, labels, scores)
+            )
         elif iou_type == "segm":
             for rle, label, score in zip(encode_masks(prediction["masks"]), labels, scores):
                 rle["counts"] = rle["counts"].decode("utf-8")  # str, so results can be saved as JSON
-                results.append({"image_id": int(image_id), "category_id": label, "segmentation": rle,
-                                "score": score})
+                results.append({"image_id": int(image_id), "category_id": label, "segmentation": rle, "score": score})
         else:
             raise ValueError(f"unsupported iou_type {iou_type!r}; expected 'bbox' or 'segm'")
     return results

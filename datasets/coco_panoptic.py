@@ -7,6 +7,7 @@ Layout (as distributed by cocodataset.org):
 Each PNG encodes segment ids as colors (id = R + 256 G + 256^2 B); the JSON's `segments_info` gives each
 segment's category, area and crowd flag. Targets are per-segment binary masks, their boxes and labels.
 """
+
 import json
 import os
 from pathlib import Path
@@ -38,8 +39,10 @@ class CocoPanoptic:
                 if ann is None:
                     raise ValueError(f"{ann_file}: image {img['file_name']} (id {img['id']}) has no annotation")
                 if Path(img["file_name"]).stem != Path(ann["file_name"]).stem:
-                    raise ValueError(f"{ann_file}: image {img['file_name']} (id {img['id']}) is annotated by "
-                                     f"{ann['file_name']}; the file names must match up to the extension")
+                    raise ValueError(
+                        f"{ann_file}: image {img['file_name']} (id {img['id']}) is annotated by "
+                        f"{ann['file_name']}; the file names must match up to the extension"
+                    )
                 annotations.append(ann)
             self.coco["annotations"] = annotations
 
@@ -59,8 +62,9 @@ class CocoPanoptic:
         present = set(os.listdir(self.ann_folder)) if os.path.isdir(self.ann_folder) else set()
         for ann in self.coco.get("annotations", []):
             if ann["file_name"] not in present:
-                raise FileNotFoundError(f"panoptic PNG {Path(self.ann_folder) / ann['file_name']} listed in "
-                                        f"{self.ann_file} is missing")
+                raise FileNotFoundError(
+                    f"panoptic PNG {Path(self.ann_folder) / ann['file_name']} listed in {self.ann_file} is missing"
+                )
             if check_segments:
                 self._load_masks(ann)
 
@@ -74,8 +78,10 @@ class CocoPanoptic:
         masks = ids[None] == segment_ids[:, None, None]
         missing = segment_ids[~masks.reshape(len(segment_ids), -1).any(1)] if len(segment_ids) else []
         if len(missing):
-            raise ValueError(f"{png_path}: segment ids {[int(i) for i in missing]} of {self.ann_file} do not "
-                             f"occur in the PNG (the PNG and the JSON do not belong together)")
+            raise ValueError(
+                f"{png_path}: segment ids {[int(i) for i in missing]} of {self.ann_file} do not "
+                f"occur in the PNG (the PNG and the JSON do not belong together)"
+            )
         return torch.as_tensor(masks, dtype=torch.uint8)
 
     def __getitem__(self, idx: int):
@@ -88,8 +94,10 @@ class CocoPanoptic:
         if "segments_info" in info:
             masks = self._load_masks(info)
             if masks.shape[-2:] != (h, w):
-                raise ValueError(f"{Path(self.ann_folder) / info['file_name']} is {masks.shape[-1]}x{masks.shape[-2]}"
-                                 f" but its image {img_path} is {w}x{h}")
+                raise ValueError(
+                    f"{Path(self.ann_folder) / info['file_name']} is {masks.shape[-1]}x{masks.shape[-2]}"
+                    f" but its image {img_path} is {w}x{h}"
+                )
             labels = torch.tensor([seg["category_id"] for seg in info["segments_info"]], dtype=torch.int64)
             if self.return_masks:
                 target["masks"] = masks
@@ -115,8 +123,10 @@ class CocoPanoptic:
 
 def build(image_set: str, args) -> CocoPanoptic:
     """The train or val split of COCO panoptic from --coco_path (images) and --coco_panoptic_path."""
-    layout = ("expected --coco_path/{train2017,val2017}/ with the images and --coco_panoptic_path/ with "
-              "annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/ (the PNGs)")
+    layout = (
+        "expected --coco_path/{train2017,val2017}/ with the images and --coco_panoptic_path/ with "
+        "annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/ (the PNGs)"
+    )
     if getattr(args, "coco_path", None) is None or getattr(args, "coco_panoptic_path", None) is None:
         raise ValueError(f"--dataset_file coco_panoptic needs both --coco_path and --coco_panoptic_path; {layout}")
     img_root, ann_root = Path(args.coco_path), Path(args.coco_panoptic_path)
@@ -127,15 +137,22 @@ def build(image_set: str, args) -> CocoPanoptic:
     img_folder = img_root / split
     ann_folder = ann_root / f"panoptic_{split}"
     ann_file = ann_root / "annotations" / f"panoptic_{split}.json"
-    for flag, path in [("--coco_path", img_folder), ("--coco_panoptic_path", ann_folder),
-                       ("--coco_panoptic_path", ann_file)]:
+    for flag, path in [
+        ("--coco_path", img_folder),
+        ("--coco_panoptic_path", ann_folder),
+        ("--coco_panoptic_path", ann_file),
+    ]:
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist (check {flag}); {layout}")
 
-    dataset = CocoPanoptic(img_folder, ann_folder, ann_file, transforms=make_coco_transforms(image_set),
-                           return_masks=args.masks)
+    dataset = CocoPanoptic(
+        img_folder, ann_folder, ann_file, transforms=make_coco_transforms(image_set), return_masks=args.masks
+    )
     dataset.validate()
     segments = [seg for ann in dataset.coco.get("annotations", []) for seg in ann.get("segments_info", [])]
-    check_category_ids({"categories": dataset.coco.get("categories", []), "annotations": segments}, ann_file,
-                       getattr(args, "num_classes", None))
+    check_category_ids(
+        {"categories": dataset.coco.get("categories", []), "annotations": segments},
+        ann_file,
+        getattr(args, "num_classes", None),
+    )
     return dataset

@@ -1,4 +1,5 @@
 """Panoptic quality (PQ, SQ, RQ; Kirillov et al. 2019) of predictions, computed by panopticapi's pq_compute."""
+
 import io
 import json
 import os
@@ -62,8 +63,10 @@ class PanopticEvaluator:
         try:
             from panopticapi.evaluation import pq_compute
         except ImportError as e:
-            raise ImportError("panoptic evaluation needs panopticapi: pip install panopticapi-lite "
-                              "(or git+https://github.com/cocodataset/panopticapi.git)") from e
+            raise ImportError(
+                "panoptic evaluation needs panopticapi: pip install panopticapi-lite "
+                "(or git+https://github.com/cocodataset/panopticapi.git)"
+            ) from e
         predictions_json = os.path.join(self.output_dir, "predictions.json")
         with open(predictions_json, "w") as f:
             json.dump({"annotations": self.predictions}, f)

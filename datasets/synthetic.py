@@ -16,6 +16,7 @@ also where a later shape covers part of it. Occlusion is limited so that every s
 60% of its pixels visible. Panoptic segments describe visible pixels only, as that format requires.
 Everything follows from the seed: the same parameters give byte-identical files.
 """
+
 import argparse
 import contextlib
 import json
@@ -54,13 +55,27 @@ MARKER = "synthetic.json"
 GENERATOR_VERSION = 1
 
 # Shape colours; each is jittered per object, and one far from the background under the shape is chosen.
-PALETTE = np.array([(215, 45, 40), (240, 140, 30), (240, 215, 50), (50, 170, 70), (40, 200, 200),
-                    (45, 75, 205), (140, 60, 190), (215, 60, 170), (240, 240, 240), (30, 30, 30)], dtype=np.float64)
+PALETTE = np.array(
+    [
+        (215, 45, 40),
+        (240, 140, 30),
+        (240, 215, 50),
+        (50, 170, 70),
+        (40, 200, 200),
+        (45, 75, 205),
+        (140, 60, 190),
+        (215, 60, 170),
+        (240, 240, 240),
+        (30, 30, 30),
+    ],
+    dtype=np.float64,
+)
 STUFF_COLORS = {"sky": (110, 170, 230), "water": (35, 95, 150), "ground": (120, 100, 60)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Drawing
+
 
 def unit_polygon(name: str) -> np.ndarray:
     """Vertices [V, 2] of shape `name`, centred at 0 and inscribed in the unit circle."""
@@ -200,14 +215,17 @@ def pick_color(rng: np.random.Generator, background: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Writing the dataset
 
+
 def categories(panoptic: bool = False) -> List[Dict[str, Any]]:
     """COCO categories: the things, plus (for the panoptic file) the stuff with `isthing` and a colour."""
     things = [{"id": THING_IDS[n], "name": n, "supercategory": "shape"} for n in THING_NAMES]
     if not panoptic:
         return things
     things = [dict(cat, isthing=1, color=[int(c) for c in color]) for cat, color in zip(things, PALETTE)]
-    stuff = [{"id": STUFF_IDS[n], "name": n, "supercategory": "background", "isthing": 0,
-              "color": list(STUFF_COLORS[n])} for n in STUFF_NAMES]
+    stuff = [
+        {"id": STUFF_IDS[n], "name": n, "supercategory": "background", "isthing": 0, "color": list(STUFF_COLORS[n])}
+        for n in STUFF_NAMES
+    ]
     return things + stuff
 
 
@@ -238,32 +256,53 @@ def write_split(root: Path, split: str, seed: int, num_images: int, image_size: 
             polygon = shape["polygon"]
             x0, y0 = polygon.min(0)
             x1, y1 = polygon.max(0)
-            instances.append({
-                "id": len(instances) + 1, "image_id": image_id, "category_id": shape["category_id"],
-                "segmentation": [[float(v) for v in polygon.reshape(-1)]],
-                "area": round(polygon_area(polygon), 2),
-                "bbox": [float(x0), float(y0), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
-                "iscrowd": 0,
-            })
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": image_id,
+                    "category_id": shape["category_id"],
+                    "segmentation": [[float(v) for v in polygon.reshape(-1)]],
+                    "area": round(polygon_area(polygon), 2),
+                    "bbox": [float(x0), float(y0), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+                    "iscrowd": 0,
+                }
+            )
             segment_id = shape["category_id"] * 1000 + k + 1
             segment_ids[shape["visible"]] = segment_id
-            segments.append({"id": int(segment_id), "category_id": shape["category_id"],
-                             "area": int(shape["visible"].sum()), "bbox": segment_bbox(shape["visible"]),
-                             "iscrowd": 0})
+            segments.append(
+                {
+                    "id": int(segment_id),
+                    "category_id": shape["category_id"],
+                    "area": int(shape["visible"].sum()),
+                    "bbox": segment_bbox(shape["visible"]),
+                    "iscrowd": 0,
+                }
+            )
         for category_id in np.unique(stuff_map):
             visible = segment_ids == category_id * 1000
             if visible.any():  # a stuff region can be hidden entirely by shapes
-                segments.append({"id": int(category_id * 1000), "category_id": int(category_id),
-                                 "area": int(visible.sum()), "bbox": segment_bbox(visible), "iscrowd": 0})
+                segments.append(
+                    {
+                        "id": int(category_id * 1000),
+                        "category_id": int(category_id),
+                        "area": int(visible.sum()),
+                        "bbox": segment_bbox(visible),
+                        "iscrowd": 0,
+                    }
+                )
         Image.fromarray(id2rgb(segment_ids)).save(root / f"panoptic_{split}2017" / f"{stem}.png")
         panoptic.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments})
 
     info = {"description": "DETR synthetic shapes", "seed": seed, "generator_version": GENERATOR_VERSION}
     (root / "annotations").mkdir(exist_ok=True)
-    write_json(root / "annotations" / f"instances_{split}2017.json",
-               {"info": info, "images": images, "annotations": instances, "categories": categories()})
-    write_json(root / "annotations" / f"panoptic_{split}2017.json",
-               {"info": info, "images": images, "annotations": panoptic, "categories": categories(panoptic=True)})
+    write_json(
+        root / "annotations" / f"instances_{split}2017.json",
+        {"info": info, "images": images, "annotations": instances, "categories": categories()},
+    )
+    write_json(
+        root / "annotations" / f"panoptic_{split}2017.json",
+        {"info": info, "images": images, "annotations": panoptic, "categories": categories(panoptic=True)},
+    )
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -292,8 +331,13 @@ def exclusive_lock(path: Path):
         yield
 
 
-def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE, num_val: int = DEFAULT_VAL_SIZE,
-             image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
+def generate(
+    root,
+    seed: int = DEFAULT_SEED,
+    num_train: int = DEFAULT_TRAIN_SIZE,
+    num_val: int = DEFAULT_VAL_SIZE,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> Path:
     """Write the synthetic dataset under `root`, unless it already holds one made with these parameters.
 
     Files are written to a temporary sibling folder that replaces `root` only when complete, so an
@@ -301,8 +345,13 @@ def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE
     not a synthetic dataset is never overwritten.
     """
     root = Path(root)
-    params = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "num_train": int(num_train),
-              "num_val": int(num_val), "image_size": int(image_size)}
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "image_size": int(image_size),
+    }
     if read_marker(root) == params:
         return root
     if image_size < 16:
@@ -312,12 +361,16 @@ def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE
         if read_marker(root) == params:  # another process generated it while we waited
             return root
         if root.exists() and read_marker(root) is None and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists but is not a synthetic dataset (it has no {MARKER}); "
-                                  "choose another --synthetic_path or remove the folder")
+            raise FileExistsError(
+                f"{root} exists but is not a synthetic dataset (it has no {MARKER}); "
+                "choose another --synthetic_path or remove the folder"
+            )
         for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by an interrupted generation
             shutil.rmtree(stale)
-        print(f"Generating the synthetic dataset in {root} ({num_train} train, {num_val} val images "
-              f"of {image_size}x{image_size}, seed {seed})")
+        print(
+            f"Generating the synthetic dataset in {root} ({num_train} train, {num_val} val images "
+            f"of {image_size}x{image_size}, seed {seed})"
+        )
         start = time.time()
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         try:
@@ -344,26 +397,69 @@ def generate(root, seed: int = DEFAULT_SEED, num_train: int = DEFAULT_TRAIN_SIZE
 # The recipes: what `--dataset_file synthetic` / `synthetic_panoptic` train with unless a flag says otherwise, a
 # model and schedule sized so that a 2-core CPU reaches a useful AP in minutes. Why each value: docs/synthetic.md.
 RECIPE = dict(
-    backbone="resnet18", backbone_weights="none", backbone_norm="batch", hidden_dim=128, nheads=8, enc_layers=2,
-    dec_layers=3, dim_feedforward=512, num_queries=20, dropout=0.0, batch_size=8, lr=2e-4, lr_backbone=2e-4,
-    weight_decay=1e-4, epochs=16, lr_drop=13, amp=True, channels_last=True, fast=True, num_workers=0,
+    backbone="resnet18",
+    backbone_weights="none",
+    backbone_norm="batch",
+    hidden_dim=128,
+    nheads=8,
+    enc_layers=2,
+    dec_layers=3,
+    dim_feedforward=512,
+    num_queries=20,
+    dropout=0.0,
+    batch_size=8,
+    lr=2e-4,
+    lr_backbone=2e-4,
+    weight_decay=1e-4,
+    epochs=16,
+    lr_drop=13,
+    amp=True,
+    channels_last=True,
+    fast=True,
+    num_workers=0,
     output_dir="outputs/synthetic",
 )
 # Detection: queries from the proposals of a stride-8 map, no encoder layers, one decoder layer, query NMS.
 # --time_budget: the schedule shrinks where epochs run slower than planned, so that the README's main command
 # (install and data generation, about 2.5 minutes, included) ends within 15 minutes on any machine (docs/flags.md).
-DETECTION_RECIPE = dict(RECIPE, two_stage=True, feature_stride=8, enc_layers=0, dec_layers=1, query_nms=0.7,
-                        lr=1e-3, lr_backbone=1e-3, synthetic_train_size=3200, epochs=15, lr_drop=12, time_budget=12.0)
+DETECTION_RECIPE = dict(
+    RECIPE,
+    two_stage=True,
+    feature_stride=8,
+    enc_layers=0,
+    dec_layers=1,
+    query_nms=0.7,
+    lr=1e-3,
+    lr_backbone=1e-3,
+    synthetic_train_size=3200,
+    epochs=15,
+    lr_drop=12,
+    time_budget=12.0,
+)
 # Detection where --amp runs fp32 (a CPU without native bfloat16, util.amp): a step costs about 3.5 times the
 # bfloat16 one there, so the schedule shrinks to fit the demo's 15 minutes: 4 epochs, and batches of 4 (10% less
 # time per image than 8 on AVX2, and as much learned per image). Measured in docs/synthetic.md.
 FP32_DETECTION_RECIPE = dict(DETECTION_RECIPE, batch_size=4, epochs=4, lr_drop=3)
 # Panoptic, box stage: the detection recipe, plus 5 learned queries for the stuff regions.
-PANOPTIC_RECIPE = dict(DETECTION_RECIPE, dec_layers=2, learned_queries=5, epochs=12, lr_drop=10, time_budget=0.0,
-                       output_dir="outputs/panoptic/boxes")
+PANOPTIC_RECIPE = dict(
+    DETECTION_RECIPE,
+    dec_layers=2,
+    learned_queries=5,
+    epochs=12,
+    lr_drop=10,
+    time_budget=0.0,
+    output_dir="outputs/panoptic/boxes",
+)
 # Panoptic, mask stage (--masks): the box stage's architecture, its own schedule and mask-head settings.
-PANOPTIC_MASK_RECIPE = dict(PANOPTIC_RECIPE, mask_attention_gain=100.0, panoptic_threshold=0.5, lr=5e-4, epochs=2,
-                            lr_drop=2, output_dir="outputs/panoptic/masks")
+PANOPTIC_MASK_RECIPE = dict(
+    PANOPTIC_RECIPE,
+    mask_attention_gain=100.0,
+    panoptic_threshold=0.5,
+    lr=5e-4,
+    epochs=2,
+    lr_drop=2,
+    output_dir="outputs/panoptic/masks",
+)
 
 
 def detection_recipe(masks: bool = False, two_stage: bool = True, reduced_precision: bool = True) -> Dict[str, Any]:
@@ -383,17 +479,30 @@ def panoptic_recipe(masks: bool = False, two_stage: bool = True, reduced_precisi
 
 def add_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --synthetic_* flags (used by --dataset_file synthetic and synthetic_panoptic) to `parser`."""
-    parser.add_argument("--synthetic_path", default=DEFAULT_ROOT,
-                        help="where the synthetic dataset is generated (on first use, or again when a "
-                             "--synthetic_* flag changes) when --coco_path is not given")
-    parser.add_argument("--synthetic_seed", default=DEFAULT_SEED, type=int,
-                        help="seed of the synthetic dataset: the same seed gives identical files")
-    parser.add_argument("--synthetic_train_size", default=DEFAULT_TRAIN_SIZE, type=int,
-                        help="number of synthetic training images")
-    parser.add_argument("--synthetic_val_size", default=DEFAULT_VAL_SIZE, type=int,
-                        help="number of synthetic validation images")
-    parser.add_argument("--synthetic_image_size", default=DEFAULT_IMAGE_SIZE, type=int,
-                        help="side in pixels of the (square) synthetic images")
+    parser.add_argument(
+        "--synthetic_path",
+        default=DEFAULT_ROOT,
+        help="where the synthetic dataset is generated (on first use, or again when a "
+        "--synthetic_* flag changes) when --coco_path is not given",
+    )
+    parser.add_argument(
+        "--synthetic_seed",
+        default=DEFAULT_SEED,
+        type=int,
+        help="seed of the synthetic dataset: the same seed gives identical files",
+    )
+    parser.add_argument(
+        "--synthetic_train_size", default=DEFAULT_TRAIN_SIZE, type=int, help="number of synthetic training images"
+    )
+    parser.add_argument(
+        "--synthetic_val_size", default=DEFAULT_VAL_SIZE, type=int, help="number of synthetic validation images"
+    )
+    parser.add_argument(
+        "--synthetic_image_size",
+        default=DEFAULT_IMAGE_SIZE,
+        type=int,
+        help="side in pixels of the (square) synthetic images",
+    )
     return parser
 
 
@@ -404,10 +513,12 @@ def prepare_root(args) -> Path:
     it does not exist). Otherwise --synthetic_path (default data/synthetic) is generated from the flags,
     and generated again whenever they differ from what it was made with.
     """
-    params = dict(seed=getattr(args, "synthetic_seed", DEFAULT_SEED),
-                  num_train=getattr(args, "synthetic_train_size", DEFAULT_TRAIN_SIZE),
-                  num_val=getattr(args, "synthetic_val_size", DEFAULT_VAL_SIZE),
-                  image_size=getattr(args, "synthetic_image_size", DEFAULT_IMAGE_SIZE))
+    params = dict(
+        seed=getattr(args, "synthetic_seed", DEFAULT_SEED),
+        num_train=getattr(args, "synthetic_train_size", DEFAULT_TRAIN_SIZE),
+        num_val=getattr(args, "synthetic_val_size", DEFAULT_VAL_SIZE),
+        image_size=getattr(args, "synthetic_image_size", DEFAULT_IMAGE_SIZE),
+    )
     coco_path = getattr(args, "coco_path", None)
     if coco_path:
         if not Path(coco_path).exists():
@@ -478,14 +589,22 @@ def build_panoptic(image_set: str, args):
     root = prepare_root(args)
     ann_file = root / "annotations" / f"panoptic_{image_set}2017.json"
     if not ann_file.exists():
-        raise FileNotFoundError(f"{ann_file} is missing: {root_flag(args)} {root} must hold a synthetic "
-                                "dataset with panoptic annotations")
-    dataset = CocoPanoptic(root / f"{image_set}2017", root / f"panoptic_{image_set}2017", ann_file,
-                           transforms=make_synthetic_transforms(image_set, native_image_size(root, args)),
-                           return_masks=getattr(args, "masks", False))
+        raise FileNotFoundError(
+            f"{ann_file} is missing: {root_flag(args)} {root} must hold a synthetic dataset with panoptic annotations"
+        )
+    dataset = CocoPanoptic(
+        root / f"{image_set}2017",
+        root / f"panoptic_{image_set}2017",
+        ann_file,
+        transforms=make_synthetic_transforms(image_set, native_image_size(root, args)),
+        return_masks=getattr(args, "masks", False),
+    )
     dataset.validate()
     # Panoptic files list the category ids of every image's segments; those ids are the classifier targets.
     segments = [seg for ann in dataset.coco["annotations"] for seg in ann["segments_info"]]
-    check_category_ids({"categories": dataset.coco["categories"], "annotations": segments}, ann_file,
-                       getattr(args, "num_classes", None))
+    check_category_ids(
+        {"categories": dataset.coco["categories"], "annotations": segments},
+        ann_file,
+        getattr(args, "num_classes", None),
+    )
     return dataset

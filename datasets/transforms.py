@@ -5,6 +5,7 @@ Every transform takes and returns `(image, target)` so that boxes, masks and are
 (`boxes` in absolute xyxy, `labels`, `area`, `iscrowd`, optional `masks` [N, H, W]) and per-image fields
 (`size` as (h, w), `orig_size`, `image_id`). Transforms never modify the dict they are given.
 """
+
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,7 +43,7 @@ def crop(image: PIL.Image.Image, target: Target, region: Tuple[int, int, int, in
         target["area"] = (corners[:, 1, :] - corners[:, 0, :]).prod(dim=1)
         keep = torch.all(corners[:, 1, :] > corners[:, 0, :], dim=1)
     if "masks" in target:
-        target["masks"] = target["masks"][:, top:top + height, left:left + width]
+        target["masks"] = target["masks"][:, top : top + height, left : left + width]
         if "boxes" not in target:
             keep = target["masks"].flatten(1).any(1)
     if "boxes" in target or "masks" in target:
@@ -67,8 +68,9 @@ def hflip(image: PIL.Image.Image, target: Target):
     return flipped, target
 
 
-def get_size_with_aspect_ratio(image_size: Tuple[int, int], size: int,
-                               max_size: Optional[int] = None) -> Tuple[int, int]:
+def get_size_with_aspect_ratio(
+    image_size: Tuple[int, int], size: int, max_size: Optional[int] = None
+) -> Tuple[int, int]:
     """Output (h, w) whose shorter side is `size`, shrunk so the longer side stays near `max_size`.
 
     Rounds exactly as the original DETR (int() truncation of the longer side), so that the resulting
@@ -86,16 +88,16 @@ def get_size_with_aspect_ratio(image_size: Tuple[int, int], size: int,
     return size, int(size * width / height)
 
 
-def get_size(image_size: Tuple[int, int], size: Union[int, Sequence[int]],
-             max_size: Optional[int] = None) -> Tuple[int, int]:
+def get_size(
+    image_size: Tuple[int, int], size: Union[int, Sequence[int]], max_size: Optional[int] = None
+) -> Tuple[int, int]:
     """Output (h, w) for `resize`: a sequence `size` is read as (w, h); an int is the shorter side."""
     if isinstance(size, (list, tuple)):
         return tuple(size[::-1])
     return get_size_with_aspect_ratio(image_size, size, max_size)
 
 
-def resize(image: PIL.Image.Image, target: Target, size: Union[int, Sequence[int]],
-           max_size: Optional[int] = None):
+def resize(image: PIL.Image.Image, target: Target, size: Union[int, Sequence[int]], max_size: Optional[int] = None):
     """Resize the image (see `get_size`), scaling boxes and area by the same ratios; masks are resized with
     nearest interpolation and thresholded at 0.5 so they stay binary."""
     out_size = get_size(image.size, size, max_size)
@@ -265,13 +267,16 @@ def output_image_size(transforms, image_size: Tuple[int, int]) -> Tuple[int, int
     for transform in steps:
         if isinstance(transform, RandomResize):
             if len(transform.sizes) != 1:
-                raise ValueError(f"{transform.__class__.__name__} with {len(transform.sizes)} sizes picks one at "
-                                 "random: the output size is not determined")
+                raise ValueError(
+                    f"{transform.__class__.__name__} with {len(transform.sizes)} sizes picks one at "
+                    "random: the output size is not determined"
+                )
             height, width = get_size(image_size, transform.sizes[0], transform.max_size)
             image_size = (width, height)
         elif not isinstance(transform, (RandomHorizontalFlip, Normalize, ToTensor)):
-            raise ValueError(f"{transform.__class__.__name__} may change the image size: the output size is not "
-                             "determined")
+            raise ValueError(
+                f"{transform.__class__.__name__} may change the image size: the output size is not determined"
+            )
     return image_size
 
 

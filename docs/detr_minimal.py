@@ -23,6 +23,7 @@ positions added once at the input rather than at every layer, no auxiliary decod
     python docs/detr_minimal.py IMAGE --weights W.pth     # a state_dict of MinimalDETR
     python docs/detr_minimal.py IMAGE --imagenet_backbone # ImageNet ResNet-50 weights (torchvision download)
 """
+
 import argparse
 
 import torch
@@ -36,31 +37,52 @@ class MinimalDETR(nn.Module):
     """A complete DETR forward pass: images [B, 3, H, W] (ImageNet-normalized) -> pred_logits [B, Q,
     num_classes + 1] and pred_boxes [B, Q, 4] (cx, cy, w, h in [0, 1])."""
 
-    def __init__(self, num_classes: int = 91, hidden_dim: int = 256, nheads: int = 8, num_encoder_layers: int = 6,
-                 num_decoder_layers: int = 6, num_queries: int = 100, imagenet_backbone: bool = False):
+    def __init__(
+        self,
+        num_classes: int = 91,
+        hidden_dim: int = 256,
+        nheads: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        num_queries: int = 100,
+        imagenet_backbone: bool = False,
+    ):
         super().__init__()
         weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if imagenet_backbone else None
         resnet = torchvision.models.resnet50(weights=weights)
         # Everything but the global pooling and the ImageNet classifier: a feature map of stride 32.
         self.backbone = nn.Sequential(*list(resnet.children())[:-2])
         self.input_proj = nn.Conv2d(2048, hidden_dim, kernel_size=1)
-        self.transformer = nn.Transformer(hidden_dim, nheads, num_encoder_layers, num_decoder_layers,
-                                          dim_feedforward=2048, dropout=0.1, batch_first=True)
+        self.transformer = nn.Transformer(
+            hidden_dim,
+            nheads,
+            num_encoder_layers,
+            num_decoder_layers,
+            dim_feedforward=2048,
+            dropout=0.1,
+            batch_first=True,
+        )
         # Half of each position vector says the row, half the column; 50 of each covers images up to 1600 px.
         self.row_embed = nn.Parameter(torch.rand(50, hidden_dim // 2))
         self.col_embed = nn.Parameter(torch.rand(50, hidden_dim // 2))
         # One learned query per prediction slot: the decoder turns each into "what is in my slot".
         self.query_embed = nn.Parameter(torch.rand(num_queries, hidden_dim))
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # + 1: "no object"
-        self.box_head = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                      nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-                                      nn.Linear(hidden_dim, 4))
+        self.box_head = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, 4),
+        )
 
     def positions(self, h: int, w: int) -> Tensor:
         """[h * w, hidden_dim]: for the cell in row i and column j, column embedding j then row embedding i."""
         if h > len(self.row_embed) or w > len(self.col_embed):
-            raise ValueError(f"a {h}x{w} feature map needs more than the {len(self.row_embed)} learned rows and "
-                             "columns: use images of at most 1600 pixels a side")
+            raise ValueError(
+                f"a {h}x{w} feature map needs more than the {len(self.row_embed)} learned rows and "
+                "columns: use images of at most 1600 pixels a side"
+            )
         cols = self.col_embed[:w].unsqueeze(0).expand(h, w, -1)
         rows = self.row_embed[:h].unsqueeze(1).expand(h, w, -1)
         return torch.cat([cols, rows], dim=-1).flatten(0, 1)

@@ -1,4 +1,5 @@
 """DETR models: build_model(args) -> (model, criterion, postprocessors)."""
+
 import torch
 
 from util.misc import original_is_thing_map, original_num_classes
@@ -39,22 +40,37 @@ def build_model(args):
 
     # The one place the --two_stage extension (models/two_stage.py) plugs in: its model and its loss.
     if args.two_stage:
-        model = TwoStageDETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                             aux_loss=args.aux_loss, query_nms=args.query_nms, learned_queries=args.learned_queries)
-        weight_dict.update({"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef,
-                            "loss_giou_enc": args.giou_loss_coef})
+        model = TwoStageDETR(
+            backbone,
+            transformer,
+            num_classes=num_classes,
+            num_queries=args.num_queries,
+            aux_loss=args.aux_loss,
+            query_nms=args.query_nms,
+            learned_queries=args.learned_queries,
+        )
+        weight_dict.update(
+            {"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef, "loss_giou_enc": args.giou_loss_coef}
+        )
         # Beside learned queries, the proposals learn the thing classes of panoptic data only.
-        criterion = TwoStageCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
-                                      losses=losses, proposal_classes=thing_classes if args.learned_queries else None)
+        criterion = TwoStageCriterion(
+            num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=args.eos_coef,
+            losses=losses,
+            proposal_classes=thing_classes if args.learned_queries else None,
+        )
     else:
-        model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
-                     aux_loss=args.aux_loss)
-        criterion = SetCriterion(num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef,
-                                 losses=losses)
+        model = DETR(
+            backbone, transformer, num_classes=num_classes, num_queries=args.num_queries, aux_loss=args.aux_loss
+        )
+        criterion = SetCriterion(
+            num_classes, matcher=matcher, weight_dict=weight_dict, eos_coef=args.eos_coef, losses=losses
+        )
     criterion.to(device)
     if args.masks:
-        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None),
-                         attention_gain=args.mask_attention_gain)
+        model = DETRsegm(model, freeze_detr=(args.frozen_weights is not None), attention_gain=args.mask_attention_gain)
 
     postprocessors = {"bbox": PostProcess()}
     if args.masks:

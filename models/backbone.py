@@ -1,4 +1,5 @@
 """The CNN backbone: a torchvision ResNet with frozen batch norm, returning padded feature maps and their masks."""
+
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -30,12 +31,14 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
         self.eps = eps
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # BatchNorm2d checkpoints carry a counter this module has no use for.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def scale_and_shift(self) -> Tuple[Tensor, Tensor]:
         """(scale, shift) [C] such that forward(x) = x * scale + shift per channel."""
@@ -58,6 +61,7 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 # The folded blocks below spell out each (conv, norm) pair: TorchScript cannot pass modules to a helper.
+
 
 class FoldedBasicBlock(BasicBlock):
     """torchvision's BasicBlock (resnet18/34) with each FrozenBatchNorm2d folded into the convolution before it."""
@@ -127,8 +131,15 @@ def fold_frozen_batch_norms(body: IntermediateLayerGetter) -> None:
 class BackboneBase(nn.Module):
     """Wraps a ResNet body; returns the chosen stages as NestedTensors with the padding mask resized to each."""
 
-    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
-                 train_stem: bool = False, last_layer: int = 4):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        train_backbone: bool,
+        num_channels: int,
+        return_interm_layers: bool,
+        train_stem: bool = False,
+        last_layer: int = 4,
+    ):
         super().__init__()
         for name, parameter in backbone.named_parameters():
             # The stem and layer1 stay frozen even when the backbone trains: pretrained, they carry generic
@@ -185,8 +196,10 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
         return None
     if weights != "imagenet":
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--backbone_weights {weights!r}: no such file. Give 'imagenet', 'none' "
-                                    "(train from scratch) or the path of a ResNet state_dict file.")
+            raise FileNotFoundError(
+                f"--backbone_weights {weights!r}: no such file. Give 'imagenet', 'none' "
+                "(train from scratch) or the path of a ResNet state_dict file."
+            )
         state = torch.load(weights, map_location="cpu", weights_only=True)
         return state.get("model", state) if isinstance(state, dict) else state
     if name not in IMAGENET_WEIGHTS:
@@ -201,7 +214,8 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
             f"--backbone_weights imagenet: could not load {file_name} for {name} ({type(e).__name__}: {e}). "
             f"It is looked for at {cached} (set TORCH_HOME to move it) and otherwise downloaded from {url}. "
             "Options: put that file there, pass --backbone_weights PATH to a local ResNet state_dict, or "
-            "--backbone_weights none to train the backbone from scratch.") from e
+            "--backbone_weights none to train the backbone from scratch."
+        ) from e
 
 
 # --backbone_norm: 'frozen' (the original's FrozenBatchNorm2d, right for pretrained weights) or 'batch'
@@ -218,24 +232,38 @@ class Backbone(BackboneBase):
     `dilation` trades the last stage's stride for dilation (DC5); `stride` 8 or 16 ends the body after layer2
     or layer3 (a finer feature map from a shorter network) instead of the original's layer4 (stride 32)."""
 
-    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 weights: str = "none", norm: str = "frozen", stride: int = 32):
+    def __init__(
+        self,
+        name: str,
+        train_backbone: bool,
+        return_interm_layers: bool,
+        dilation: bool,
+        weights: str = "none",
+        norm: str = "frozen",
+        stride: int = 32,
+    ):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
-            raise ValueError(f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, "
-                             "resnet101, resnet152)")
+            raise ValueError(
+                f"--backbone {name!r} is not a torchvision ResNet (resnet18, resnet34, resnet50, resnet101, resnet152)"
+            )
         if dilation and name in ("resnet18", "resnet34"):
             # torchvision's BasicBlock (resnet18/34) has no dilated form; fail here rather than deep inside it.
-            raise ValueError(f"--dilation needs a bottleneck ResNet (resnet50, resnet101, resnet152); {name} "
-                             "has basic blocks, which torchvision cannot dilate. Drop --dilation or change --backbone")
+            raise ValueError(
+                f"--dilation needs a bottleneck ResNet (resnet50, resnet101, resnet152); {name} "
+                "has basic blocks, which torchvision cannot dilate. Drop --dilation or change --backbone"
+            )
         if stride not in FEATURE_STRIDES:
             raise ValueError(f"--feature_stride must be one of {sorted(FEATURE_STRIDES)}, got {stride!r}")
         if dilation and stride != 32:
-            raise ValueError(f"--dilation changes the stride of layer4, which --feature_stride {stride} leaves "
-                             "out; use one of the two")
+            raise ValueError(
+                f"--dilation changes the stride of layer4, which --feature_stride {stride} leaves "
+                "out; use one of the two"
+            )
         if norm not in NORM_LAYERS:
             raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
-        body = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                                                 norm_layer=NORM_LAYERS[norm])
+        body = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
+        )
         # As in the original, only the main process loads pretrained weights: the others receive them through
         # DistributedDataParallel's initial broadcast.
         state = load_backbone_weights(name, weights) if is_main_process() else None
@@ -247,13 +275,21 @@ class Backbone(BackboneBase):
             missing = [k for k in missing if not k.startswith("fc.")]
             unexpected = [k for k in unexpected if not k.startswith("fc.")]
             if missing or unexpected:
-                raise RuntimeError(f"--backbone_weights {weights}: backbone weights do not fit {name}: "
-                                   f"missing {missing[:10]}, unexpected {unexpected[:10]}")
+                raise RuntimeError(
+                    f"--backbone_weights {weights}: backbone weights do not fit {name}: "
+                    f"missing {missing[:10]}, unexpected {unexpected[:10]}"
+                )
         last_layer = FEATURE_STRIDES[stride]
         # Each stage doubles the channels: layer4 has 512 (basic blocks) or 2048 (bottlenecks).
         num_channels = (512 if name in ("resnet18", "resnet34") else 2048) >> (4 - last_layer)
-        super().__init__(body, train_backbone, num_channels, return_interm_layers, train_stem=(norm == "batch"),
-                         last_layer=last_layer)
+        super().__init__(
+            body,
+            train_backbone,
+            num_channels,
+            return_interm_layers,
+            train_stem=(norm == "batch"),
+            last_layer=last_layer,
+        )
 
 
 class Joiner(nn.Sequential):
@@ -277,8 +313,15 @@ def build_backbone(args) -> Joiner:
     position_embedding = build_position_encoding(args)
     train_backbone = args.lr_backbone > 0
     return_interm_layers = args.masks
-    backbone = Backbone(args.backbone, train_backbone, return_interm_layers, args.dilation,
-                        weights=args.backbone_weights, norm=args.backbone_norm, stride=args.feature_stride)
+    backbone = Backbone(
+        args.backbone,
+        train_backbone,
+        return_interm_layers,
+        args.dilation,
+        weights=args.backbone_weights,
+        norm=args.backbone_norm,
+        stride=args.feature_stride,
+    )
     if args.channels_last:
         backbone.use_channels_last()
     model = Joiner(backbone, position_embedding)

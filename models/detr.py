@@ -1,4 +1,5 @@
 """DETR: the detector, its set-prediction loss (SetCriterion) and the box post-processor."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -6,8 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util import box_ops
-from util.misc import (NestedTensor, accuracy, get_world_size, interpolate, is_dist_avail_and_initialized,
-                       nested_tensor_from_tensor_list, to_nested_tensor)
+from util.misc import (
+    NestedTensor,
+    accuracy,
+    get_world_size,
+    interpolate,
+    is_dist_avail_and_initialized,
+    nested_tensor_from_tensor_list,
+    to_nested_tensor,
+)
 
 from .segmentation import dice_loss, sigmoid_focal_loss
 
@@ -24,8 +32,9 @@ class DETR(nn.Module):
     overrides _build_queries, predict and mask_attention_inputs.
     """
 
-    def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False):
+    def __init__(
+        self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int, aux_loss: bool = False
+    ):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -61,8 +70,7 @@ class DETR(nn.Module):
         outputs_class = self.class_embed(hs)
         return self._outputs(outputs_class, outputs_coord), hs, memory, queries
 
-    def mask_attention_inputs(self, hs: Tensor, memory: Tensor, queries: Tensor,
-                              pos: Tensor) -> Tuple[Tensor, Tensor]:
+    def mask_attention_inputs(self, hs: Tensor, memory: Tensor, queries: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
         """What the mask head's attention (DETRsegm) compares: the last decoder layer's states with the encoder
         memory. queries and pos (the position encoding) are there for extensions (models/two_stage.py)."""
         return hs[-1], memory
@@ -91,8 +99,9 @@ class SetCriterion(nn.Module):
     decoder layer is matched and supervised on its own, its terms suffixed _0, _1, ...
     """
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: List[str]):
+    def __init__(
+        self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float, losses: List[str]
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -110,8 +119,7 @@ class SetCriterion(nn.Module):
         src_logits = outputs["pred_logits"]
         idx = _get_src_permutation_idx(indices)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64,
-                                    device=src_logits.device)
+        target_classes = torch.full(src_logits.shape[:2], self.num_classes, dtype=torch.int64, device=src_logits.device)
         target_classes[idx] = target_classes_o
         losses = {"loss_ce": F.cross_entropy(src_logits.transpose(1, 2), target_classes, self.empty_weight)}
         if log:
@@ -133,8 +141,9 @@ class SetCriterion(nn.Module):
         src_boxes = outputs["pred_boxes"][idx]
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)], dim=0)
         loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
-        loss_giou = 1 - torch.diag(box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src_boxes),
-                                                               box_ops.box_cxcywh_to_xyxy(target_boxes)))
+        loss_giou = 1 - torch.diag(
+            box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(src_boxes), box_ops.box_cxcywh_to_xyxy(target_boxes))
+        )
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
     def loss_masks(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
@@ -145,16 +154,21 @@ class SetCriterion(nn.Module):
         target_masks, _ = nested_tensor_from_tensor_list([t["masks"] for t in targets]).decompose()
         target_masks = target_masks.to(src_masks)[tgt_idx]
         # Predictions are at 1/4 of the feature resolution; compare at the (padded) image resolution.
-        src_masks = interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear",
-                                align_corners=False)
+        src_masks = interpolate(src_masks[:, None], size=target_masks.shape[-2:], mode="bilinear", align_corners=False)
         src_masks = src_masks[:, 0].flatten(1)
         target_masks = target_masks.flatten(1).view(src_masks.shape)
-        return {"loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
-                "loss_dice": dice_loss(src_masks, target_masks, num_boxes)}
+        return {
+            "loss_mask": sigmoid_focal_loss(src_masks, target_masks, num_boxes),
+            "loss_dice": dice_loss(src_masks, target_masks, num_boxes),
+        }
 
     def get_loss(self, loss: str, outputs, targets, indices, num_boxes, **kwargs) -> Dict[str, Tensor]:
-        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality,
-                    "boxes": self.loss_boxes, "masks": self.loss_masks}
+        loss_map = {
+            "labels": self.loss_labels,
+            "cardinality": self.loss_cardinality,
+            "boxes": self.loss_boxes,
+            "masks": self.loss_masks,
+        }
         if loss not in loss_map:
             raise ValueError(f"unknown loss {loss!r}; expected one of {sorted(loss_map)}")
         return loss_map[loss](outputs, targets, indices, num_boxes, **kwargs)
@@ -216,15 +230,16 @@ class PostProcess(nn.Module):
         """target_sizes [B, 2]: each image's (height, width), usually its original size."""
         out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
         if len(out_logits) != len(target_sizes) or target_sizes.shape[1] != 2:
-            raise ValueError(f"target_sizes must be [batch, 2] = [{len(out_logits)}, 2], "
-                             f"got {list(target_sizes.shape)}")
+            raise ValueError(
+                f"target_sizes must be [batch, 2] = [{len(out_logits)}, 2], got {list(target_sizes.shape)}"
+            )
         prob = F.softmax(out_logits, -1)
         scores, labels = prob[..., :-1].max(-1)
         boxes = box_ops.box_cxcywh_to_xyxy(out_bbox)
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
 class MLP(nn.Module):

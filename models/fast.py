@@ -2,7 +2,8 @@
 
 `build_model` returns the bit-exact model: the original DETR's numbers to the last bit (the parity case).
 `enable_fast_path(model)` makes the same model, with the same weights and state_dict, faster; main.py applies
-it with --fast (off by default: over a whole run, Adam magnifies the rounding differences). What it changes, each measured by tools/benchmark.py (docs/performance.md):
+it with --fast (off by default: over a whole run, Adam magnifies the rounding differences). What it changes,
+each measured by tools/benchmark.py (docs/performance.md):
 
 - every FrozenBatchNorm2d of the ResNet runs folded into the convolution before it (one pass over each
   activation instead of two; the folded weight is recomputed every forward, so training is unchanged);
@@ -15,6 +16,7 @@ it with --fast (off by default: over a whole run, Adam magnifies the rounding di
 Results stay within float rounding of the exact path: outputs and losses within 1e-4, gradients within 1e-3
 relative (tests/test_fast_path.py).
 """
+
 import inspect
 from typing import Any, Dict
 

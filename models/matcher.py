@@ -1,4 +1,5 @@
 """Hungarian matching between predictions and ground-truth objects."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -51,5 +52,4 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(args) -> HungarianMatcher:
-    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
-                            cost_giou=args.set_cost_giou)
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)

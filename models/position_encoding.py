@@ -1,4 +1,5 @@
 """Positional encodings of the backbone's feature map: fixed sine/cosine, or learned row/column embeddings."""
+
 import math
 from typing import Optional
 
@@ -15,8 +16,9 @@ class PositionEmbeddingSine(nn.Module):
     cumulative sum of the inverted padding mask), so padding a batch does not move the encoding of an image.
     """
 
-    def __init__(self, num_pos_feats: int = 64, temperature: int = 10000, normalize: bool = False,
-                 scale: Optional[float] = None):
+    def __init__(
+        self, num_pos_feats: int = 64, temperature: int = 10000, normalize: bool = False, scale: Optional[float] = None
+    ):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError("PositionEmbeddingSine: scale is only used with normalize=True")
@@ -68,8 +70,9 @@ class PositionEmbeddingLearned(nn.Module):
             raise ValueError(f"PositionEmbeddingLearned covers feature maps up to 50x50, got {h}x{w}")
         cols = self.col_embed(torch.arange(w, device=x.device))  # [W, F]
         rows = self.row_embed(torch.arange(h, device=x.device))  # [H, F]
-        pos = torch.cat([cols.unsqueeze(0).expand(h, w, cols.shape[-1]),
-                         rows.unsqueeze(1).expand(h, w, rows.shape[-1])], dim=-1)
+        pos = torch.cat(
+            [cols.unsqueeze(0).expand(h, w, cols.shape[-1]), rows.unsqueeze(1).expand(h, w, rows.shape[-1])], dim=-1
+        )
         return pos.permute(2, 0, 1).unsqueeze(0).expand(x.shape[0], -1, -1, -1)
 
 

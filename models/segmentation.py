@@ -6,6 +6,7 @@ encoder memory (MHAttentionMap) and turns them into a mask logit map with a smal
 loss and the DICE loss. PostProcessSegm gives per-query binary masks for COCO evaluation;
 PostProcessPanoptic merges the queries into one panoptic id map in the COCO panoptic PNG format.
 """
+
 import io
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -114,9 +115,11 @@ class MaskHeadSmallConv(nn.Module):
         super().__init__()
         inter_dims = [dim, context_dim // 2, context_dim // 4, context_dim // 8, context_dim // 16, context_dim // 64]
         if any(d == 0 or d % 8 for d in inter_dims[:5]):
-            raise ValueError(f"the mask head's group norms (8 groups) need hidden_dim + nheads ({dim}) and "
-                             f"hidden_dim // 2, 4, 8, 16 ({inter_dims[1:5]}) to be positive multiples of 8; "
-                             "use e.g. --hidden_dim 256 --nheads 8 (the default) or --hidden_dim 128 --nheads 8")
+            raise ValueError(
+                f"the mask head's group norms (8 groups) need hidden_dim + nheads ({dim}) and "
+                f"hidden_dim // 2, 4, 8, 16 ({inter_dims[1:5]}) to be positive multiples of 8; "
+                "use e.g. --hidden_dim 256 --nheads 8 (the default) or --hidden_dim 128 --nheads 8"
+            )
         self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
         self.gn1 = nn.GroupNorm(8, dim)
         self.lay2 = nn.Conv2d(dim, inter_dims[1], 3, padding=1)
@@ -212,8 +215,9 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     return loss.sum() / num_boxes
 
 
-def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
-                       gamma: float = 2) -> Tensor:
+def sigmoid_focal_loss(
+    inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2
+) -> Tensor:
     """Focal loss (Lin et al. 2017, RetinaNet) on logits `inputs` [N, P] against binary `targets` [N, P].
 
     (1 - p_t) ** gamma down-weights the easy pixels; alpha (ignored when negative) balances positives
@@ -240,8 +244,13 @@ class PostProcessSegm(nn.Module):
         self.threshold = threshold
 
     @torch.no_grad()
-    def forward(self, results: List[Dict[str, Tensor]], outputs: Dict[str, Tensor], orig_target_sizes: Tensor,
-                max_target_sizes: Tensor) -> List[Dict[str, Tensor]]:
+    def forward(
+        self,
+        results: List[Dict[str, Tensor]],
+        outputs: Dict[str, Tensor],
+        orig_target_sizes: Tensor,
+        max_target_sizes: Tensor,
+    ) -> List[Dict[str, Tensor]]:
         """orig_target_sizes [B, 2]: (h, w) of the original images; max_target_sizes [B, 2]: (h, w) of the
         images as fed to the model (before padding)."""
         assert len(orig_target_sizes) == len(max_target_sizes)
@@ -303,8 +312,9 @@ class PostProcessPanoptic(nn.Module):
                 if not self.is_thing_map[label]:
                     stuff_equiv_classes[label].append(k)
 
-            area, seg_img = self._ids_and_area(cur_masks, len(cur_scores), (h, w), final_size,
-                                               list(stuff_equiv_classes.values()))
+            area, seg_img = self._ids_and_area(
+                cur_masks, len(cur_scores), (h, w), final_size, list(stuff_equiv_classes.values())
+            )
             if cur_classes.numel() > 0:
                 # Drop tiny segments and re-assign their pixels among the remaining queries, until none is left.
                 while True:

@@ -4,6 +4,7 @@ It differs from nn.Transformer in three ways that matter for DETR: positional en
 queries and keys of every attention layer (never to the values), the decoder returns the output of every layer
 (for the auxiliary losses) after a shared final LayerNorm, and there is no decoder self-attention mask.
 """
+
 import copy
 from typing import List, Optional
 
@@ -40,7 +41,7 @@ def _keep_mask(x: Tensor, p: float) -> Tensor:
     """fast_dropout's mask: 1 / (1 - p) where an element is kept, 0 where dropped, in x's dtype."""
     n = x.numel()
     # random_ from -(2 ** 63) with no upper bound draws all 64 bits.
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2 ** 63), None)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
     uniform = bits.view(torch.int16)[:n].reshape(x.shape).to(torch.float32)  # integers in [-32768, 32767]
     threshold = float(round(p * 65536) - 32768)
     # Integers: (u - threshold + 1) clamped to [0, 1] is 1 where u >= threshold and 0 below it.
@@ -54,17 +55,26 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
-def explicit_attention_fast_dropout(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
-                                    in_proj_weight: Tensor, in_proj_bias: Tensor, out_proj_weight: Tensor,
-                                    out_proj_bias: Tensor, num_heads: int, dropout: float) -> Tensor:
+def explicit_attention_fast_dropout(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Optional[Tensor],
+    in_proj_weight: Tensor,
+    in_proj_bias: Tensor,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor,
+    num_heads: int,
+    dropout: float,
+) -> Tensor:
     """nn.MultiheadAttention's explicit path (sequence-first, no attention mask) in training, with fast_dropout
     on the attention weights. On the CPU, scaled_dot_product_attention with dropout falls back to this same
     explicit attention, with bernoulli_ dropout."""
     tgt_len, batch, embed = query.shape
     head_dim = embed // num_heads
     q = F.linear(query, in_proj_weight[:embed], in_proj_bias[:embed])
-    k = F.linear(key, in_proj_weight[embed:2 * embed], in_proj_bias[embed:2 * embed])
-    v = F.linear(value, in_proj_weight[2 * embed:], in_proj_bias[2 * embed:])
+    k = F.linear(key, in_proj_weight[embed : 2 * embed], in_proj_bias[embed : 2 * embed])
+    v = F.linear(value, in_proj_weight[2 * embed :], in_proj_bias[2 * embed :])
     q = q.reshape(tgt_len, batch * num_heads, head_dim).transpose(0, 1) * (float(head_dim) ** -0.5)
     k = k.reshape(k.shape[0], batch * num_heads, head_dim).transpose(0, 1)
     v = v.reshape(v.shape[0], batch * num_heads, head_dim).transpose(0, 1)
@@ -90,19 +100,27 @@ def with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
 class Transformer(nn.Module):
     """Encoder-decoder; forward(src, mask, query_embed, pos_embed) -> (hs [layers, B, Q, d], memory [B, d, H, W])."""
 
-    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
-                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str = "relu", normalize_before: bool = False, return_intermediate_dec: bool = False):
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+        return_intermediate_dec: bool = False,
+    ):
         super().__init__()
-        encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                                normalize_before)
+        encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
         # Pre-norm layers leave their output un-normalized, so the encoder then needs a final LayerNorm.
         encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
         self.encoder = TransformerEncoder(encoder_layer, num_encoder_layers, encoder_norm)
-        decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                                normalize_before)
-        self.decoder = TransformerDecoder(decoder_layer, num_decoder_layers, nn.LayerNorm(d_model),
-                                          return_intermediate=return_intermediate_dec)
+        decoder_layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, normalize_before)
+        self.decoder = TransformerDecoder(
+            decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate=return_intermediate_dec
+        )
         self._reset_parameters()
         self.d_model = d_model
         self.nhead = nhead
@@ -135,8 +153,13 @@ class TransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
 
-    def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> Tensor:
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos)
@@ -148,24 +171,43 @@ class TransformerEncoder(nn.Module):
 class TransformerDecoder(nn.Module):
     """A stack of decoder layers; with return_intermediate, returns every layer's normed output stacked."""
 
-    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: Optional[nn.Module] = None,
-                 return_intermediate: bool = False):
+    def __init__(
+        self,
+        decoder_layer: nn.Module,
+        num_layers: int,
+        norm: Optional[nn.Module] = None,
+        return_intermediate: bool = False,
+    ):
         super().__init__()
         self.layers = _get_clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.norm = norm
         self.return_intermediate = return_intermediate
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
-                query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+    ) -> Tensor:
         output = tgt
         intermediate: List[Tensor] = []
         for layer in self.layers:
-            output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                           tgt_key_padding_mask=tgt_key_padding_mask,
-                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+            output = layer(
+                output,
+                memory,
+                tgt_mask=tgt_mask,
+                memory_mask=memory_mask,
+                tgt_key_padding_mask=tgt_key_padding_mask,
+                memory_key_padding_mask=memory_key_padding_mask,
+                pos=pos,
+                query_pos=query_pos,
+            )
             if self.return_intermediate:
                 # Each layer's prediction goes through the same final norm as the last one's.
                 intermediate.append(self.norm(output) if self.norm is not None else output)
@@ -179,8 +221,15 @@ class TransformerDecoder(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + feed-forward, post-norm by default or pre-norm with normalize_before."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str = "relu", normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -195,28 +244,48 @@ class TransformerEncoderLayer(nn.Module):
         self.fused_attention = False  # see the note at the top
 
     # The same dispatch as TransformerDecoderLayer.cross_attention: TorchScript cannot pass modules to a helper.
-    def self_attention(self, q: Tensor, k: Tensor, v: Tensor, src_mask: Optional[Tensor],
-                       src_key_padding_mask: Optional[Tensor]) -> Tensor:
+    def self_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]
+    ) -> Tensor:
         attn = self.self_attn
         if self.fused_attention and src_mask is None:
             if fast_dropout_applies(attn.training, attn.dropout, q):
                 assert attn.in_proj_weight is not None and attn.in_proj_bias is not None
-                return explicit_attention_fast_dropout(q, k, v, src_key_padding_mask, attn.in_proj_weight,
-                                                       attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                                                       attn.num_heads, attn.dropout)
+                return explicit_attention_fast_dropout(
+                    q,
+                    k,
+                    v,
+                    src_key_padding_mask,
+                    attn.in_proj_weight,
+                    attn.in_proj_bias,
+                    attn.out_proj.weight,
+                    attn.out_proj.bias,
+                    attn.num_heads,
+                    attn.dropout,
+                )
             return attn(q, k, value=v, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
         return attn(q, k, value=v, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
 
-    def forward_post(self, src: Tensor, src_mask: Optional[Tensor] = None,
-                     src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
+    def forward_post(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> Tensor:
         q = k = with_pos_embed(src, pos)
         src2 = self.self_attention(q, k, src, src_mask, src_key_padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout2(src2))
 
-    def forward_pre(self, src: Tensor, src_mask: Optional[Tensor] = None,
-                    src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None) -> Tensor:
+    def forward_pre(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> Tensor:
         src2 = self.norm1(src)
         q = k = with_pos_embed(src2, pos)
         src2 = self.self_attention(q, k, src2, src_mask, src_key_padding_mask)
@@ -224,8 +293,13 @@ class TransformerEncoderLayer(nn.Module):
         src2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm2(src)))))
         return src + self.dropout2(src2)
 
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+    ) -> Tensor:
         if self.normalize_before:
             return self.forward_pre(src, src_mask, src_key_padding_mask, pos)
         return self.forward_post(src, src_mask, src_key_padding_mask, pos)
@@ -234,8 +308,15 @@ class TransformerEncoderLayer(nn.Module):
 class TransformerDecoderLayer(nn.Module):
     """Query self-attention, cross-attention to the encoder memory, feed-forward; post- or pre-norm."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str = "relu", normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -252,55 +333,90 @@ class TransformerDecoderLayer(nn.Module):
         self.normalize_before = normalize_before
         self.fused_attention = False  # the cross-attention's; see the note at the top
 
-    def cross_attention(self, q: Tensor, k: Tensor, v: Tensor, memory_mask: Optional[Tensor],
-                        memory_key_padding_mask: Optional[Tensor]) -> Tensor:
+    def cross_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, memory_mask: Optional[Tensor], memory_key_padding_mask: Optional[Tensor]
+    ) -> Tensor:
         attn = self.multihead_attn
         if self.fused_attention and memory_mask is None:
             if fast_dropout_applies(attn.training, attn.dropout, q):
                 assert attn.in_proj_weight is not None and attn.in_proj_bias is not None
-                return explicit_attention_fast_dropout(q, k, v, memory_key_padding_mask, attn.in_proj_weight,
-                                                       attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                                                       attn.num_heads, attn.dropout)
+                return explicit_attention_fast_dropout(
+                    q,
+                    k,
+                    v,
+                    memory_key_padding_mask,
+                    attn.in_proj_weight,
+                    attn.in_proj_bias,
+                    attn.out_proj.weight,
+                    attn.out_proj.bias,
+                    attn.num_heads,
+                    attn.dropout,
+                )
             return attn(q, k, value=v, key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
         return attn(q, k, value=v, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
 
-    def forward_post(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                     memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                     memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
-                     query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward_post(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+    ) -> Tensor:
         q = k = with_pos_embed(tgt, query_pos)
         tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.cross_attention(with_pos_embed(tgt, query_pos), with_pos_embed(memory, pos), memory,
-                                    memory_mask, memory_key_padding_mask)
+        tgt2 = self.cross_attention(
+            with_pos_embed(tgt, query_pos), with_pos_embed(memory, pos), memory, memory_mask, memory_key_padding_mask
+        )
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(tgt2))
 
-    def forward_pre(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                    memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                    memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
-                    query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward_pre(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+    ) -> Tensor:
         tgt2 = self.norm1(tgt)
         q = k = with_pos_embed(tgt2, query_pos)
         tgt2 = self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = tgt + self.dropout1(tgt2)
         tgt2 = self.norm2(tgt)
-        tgt2 = self.cross_attention(with_pos_embed(tgt2, query_pos), with_pos_embed(memory, pos), memory,
-                                    memory_mask, memory_key_padding_mask)
+        tgt2 = self.cross_attention(
+            with_pos_embed(tgt2, query_pos), with_pos_embed(memory, pos), memory, memory_mask, memory_key_padding_mask
+        )
         tgt = tgt + self.dropout2(tgt2)
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm3(tgt)))))
         return tgt + self.dropout3(tgt2)
 
-    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
-                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
-                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
-                query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+    ) -> Tensor:
         if self.normalize_before:
-            return self.forward_pre(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                                    memory_key_padding_mask, pos, query_pos)
-        return self.forward_post(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                                 memory_key_padding_mask, pos, query_pos)
+            return self.forward_pre(
+                tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos
+            )
+        return self.forward_post(
+            tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask, pos, query_pos
+        )
 
 
 def _get_clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -319,7 +435,13 @@ def _get_activation_fn(activation: str):
 
 def build_transformer(args) -> Transformer:
     """The transformer from the flags; the decoder always returns every layer (auxiliary losses need them)."""
-    return Transformer(d_model=args.hidden_dim, dropout=args.dropout, nhead=args.nheads,
-                       dim_feedforward=args.dim_feedforward, num_encoder_layers=args.enc_layers,
-                       num_decoder_layers=args.dec_layers, normalize_before=args.pre_norm,
-                       return_intermediate_dec=True)
+    return Transformer(
+        d_model=args.hidden_dim,
+        dropout=args.dropout,
+        nhead=args.nheads,
+        dim_feedforward=args.dim_feedforward,
+        num_encoder_layers=args.enc_layers,
+        num_decoder_layers=args.dec_layers,
+        normalize_before=args.pre_norm,
+        return_intermediate_dec=True,
+    )

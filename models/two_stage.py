@@ -7,6 +7,7 @@ flags: --two_stage, --learned_queries (some queries stay learned embeddings, as 
 --query_nms (at inference, pass over proposals that overlap a better one). build_model picks both classes
 when --two_stage is given; everything else (backbone, transformer, heads, mask head) is DETR's.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -32,8 +33,16 @@ class TwoStageDETR(DETR):
     num_learned_queries: torch.jit.Final[int]
     has_learned_queries: torch.jit.Final[bool]
 
-    def __init__(self, backbone: nn.Module, transformer: nn.Module, num_classes: int, num_queries: int,
-                 aux_loss: bool = False, query_nms: float = 1.0, learned_queries: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transformer: nn.Module,
+        num_classes: int,
+        num_queries: int,
+        aux_loss: bool = False,
+        query_nms: float = 1.0,
+        learned_queries: int = 0,
+    ):
         """query_nms: in eval mode, pass over proposals that overlap a better one by more than this IoU when
         picking the queries (1.0: never)."""
         check_learned_queries(learned_queries, num_queries, two_stage=True)
@@ -76,8 +85,9 @@ class TwoStageDETR(DETR):
             out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}
         return out, hs, memory, queries
 
-    def forward_queries_from_encoder(self, src: Tensor, mask: Tensor,
-                                     pos: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward_queries_from_encoder(
+        self, src: Tensor, mask: Tensor, pos: Tensor
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The transformer pass. Each encoder output token proposes a class and a box from its own
         state and its 8 neighbours' (a 3x3 convolution over the memory map), the box as an offset (in
         inverse-sigmoid space) from an anchor of a quarter of the image centred on the token.
@@ -116,13 +126,11 @@ class TwoStageDETR(DETR):
             learned_pos = self.query_embed.weight.unsqueeze(1).expand(-1, bs, -1).to(query_pos.dtype)
             tgt = torch.cat([tgt, torch.zeros_like(learned_pos)])
             query_pos = torch.cat([query_pos, learned_pos])
-        hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq,
-                                      query_pos=query_pos)
+        hs = self.transformer.decoder(tgt, memory, memory_key_padding_mask=mask_seq, pos=pos_seq, query_pos=query_pos)
         queries = (tgt + query_pos).transpose(0, 1)
         return hs.transpose(1, 2), memory_map, top, enc_logits, enc_boxes, anchors, queries
 
-    def mask_attention_inputs(self, hs: Tensor, memory: Tensor, queries: Tensor,
-                              pos: Tensor) -> Tuple[Tensor, Tensor]:
+    def mask_attention_inputs(self, hs: Tensor, memory: Tensor, queries: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
         """A proposal's decoder state need not say what and where it is (its class and box are offsets from the
         proposal's, and the decoder can leave them unchanged): the mask head's attention adds the query's own
         input (the proposal's state and position) to it, and the positions to the memory."""
@@ -134,8 +142,15 @@ class TwoStageCriterion(SetCriterion):
     supervised like a decoder layer, but assigned by position, which does not change as they learn: each
     object to the token nearest its centre."""
 
-    def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: List[str], proposal_classes: Optional[List[int]] = None):
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: nn.Module,
+        weight_dict: Dict[str, float],
+        eos_coef: float,
+        losses: List[str],
+        proposal_classes: Optional[List[int]] = None,
+    ):
         """proposal_classes: the classes the proposals learn (None: all). The targets of other classes are left
         to the learned queries (--learned_queries), e.g. the stuff of panoptic data, which every token of a
         region would otherwise propose, crowding the objects out of the top proposals."""
@@ -147,8 +162,9 @@ class TwoStageCriterion(SetCriterion):
         same number of boxes, all classes')."""
         losses = super().forward(outputs, targets)
         enc_outputs = outputs["enc_outputs"]
-        enc_targets = targets if self.proposal_classes is None else [
-            only_classes(t, self.proposal_classes) for t in targets]
+        enc_targets = (
+            targets if self.proposal_classes is None else [only_classes(t, self.proposal_classes) for t in targets]
+        )
         indices = match_to_nearest_anchor(enc_outputs["anchors"], enc_targets)
         num_boxes = self.num_boxes(targets, enc_outputs["pred_logits"].device)
         losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
@@ -161,8 +177,9 @@ def check_learned_queries(learned_queries: int, num_queries: int, two_stage: boo
     if learned_queries and not two_stage:
         raise ValueError("--learned_queries needs --two_stage (without it every query is learned)")
     if not 0 <= learned_queries < num_queries:
-        raise ValueError(f"--learned_queries must lie in [0, --num_queries - 1] = [0, {num_queries - 1}], "
-                         f"got {learned_queries}")
+        raise ValueError(
+            f"--learned_queries must lie in [0, --num_queries - 1] = [0, {num_queries - 1}], got {learned_queries}"
+        )
 
 
 def select_distinct(scores: Tensor, boxes: Tensor, k: int, iou_threshold: float) -> Tensor:

@@ -1,6 +1,7 @@
 """Plain helpers of the tests (pytest fixtures and the session set-up live in conftest.py): the repository's
 paths, the one tiny model and the flags built on it, running main.py in this process, reading checkpoints,
 an oracle DETR with known outputs, and a guard against network access."""
+
 import argparse
 import contextlib
 import hashlib
@@ -32,8 +33,17 @@ MASK_HEAD_SIZES = dict(hidden_dim=128, nheads=8)
 MASK_HEAD_FLAGS = [str(flag) for name, value in MASK_HEAD_SIZES.items() for flag in (f"--{name}", value)]
 
 # main.py's flags of the tiny model on its own: ResNet-18 without weights, 5 queries, on the CPU.
-TINY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--backbone_weights", "none", *TINY_SIZE_FLAGS,
-              "--num_queries", "5"]
+TINY_FLAGS = [
+    "--device",
+    "cpu",
+    "--backbone",
+    "resnet18",
+    "--backbone_weights",
+    "none",
+    *TINY_SIZE_FLAGS,
+    "--num_queries",
+    "5",
+]
 
 # The session's synthetic dataset (conftest.synthetic_root): 16 training and 8 validation images of 64x64 pixels.
 SYNTHETIC_SIZES = dict(seed=0, num_train=16, num_val=8, image_size=64)
@@ -47,6 +57,7 @@ def tiny_args(*extra: str):
 def tiny_model(*extra: str, seed: int = 0):
     """(model, criterion, postprocessors) of build_model(tiny_args(*extra)), with a fixed seed."""
     from models import build_model
+
     torch.manual_seed(seed)
     return build_model(tiny_args(*extra))
 
@@ -54,15 +65,36 @@ def tiny_model(*extra: str, seed: int = 0):
 def tiny_flags(root, output_dir="", *extra: str) -> List[str]:
     """main.py flags that train the tiny model for an epoch in seconds on the synthetic dataset at `root`:
     the tiny sizes with 8 queries (the synthetic recipe's backbone: ResNet-18 without weights)."""
-    flags = ["--dataset_file", "synthetic", "--synthetic_path", str(root),
-             "--synthetic_seed", str(SYNTHETIC_SIZES["seed"]),
-             "--synthetic_train_size", str(SYNTHETIC_SIZES["num_train"]),
-             "--synthetic_val_size", str(SYNTHETIC_SIZES["num_val"]),
-             "--synthetic_image_size", str(SYNTHETIC_SIZES["image_size"]),
-             *TINY_SIZE_FLAGS, "--num_queries", "8", "--batch_size", "4", "--num_workers", "0",
-             "--device", "cpu", "--no_amp", "--output_dir", str(output_dir),
-             # The original's learned queries on the stride-32 map; tests/test_two_stage.py covers the others.
-             "--no_two_stage", "--feature_stride", "32"]
+    flags = [
+        "--dataset_file",
+        "synthetic",
+        "--synthetic_path",
+        str(root),
+        "--synthetic_seed",
+        str(SYNTHETIC_SIZES["seed"]),
+        "--synthetic_train_size",
+        str(SYNTHETIC_SIZES["num_train"]),
+        "--synthetic_val_size",
+        str(SYNTHETIC_SIZES["num_val"]),
+        "--synthetic_image_size",
+        str(SYNTHETIC_SIZES["image_size"]),
+        *TINY_SIZE_FLAGS,
+        "--num_queries",
+        "8",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no_amp",
+        "--output_dir",
+        str(output_dir),
+        # The original's learned queries on the stride-32 map; tests/test_two_stage.py covers the others.
+        "--no_two_stage",
+        "--feature_stride",
+        "32",
+    ]
     return flags + list(extra)
 
 
@@ -151,6 +183,7 @@ def block_network(monkeypatch, hub_cache: bool = False) -> List[str]:
         def _refuse(*args, **kwargs):
             attempts.append(f"{what}{args[:2]}")
             raise NetworkUsed(f"test tried to use the network: {what}{args[:2]}")
+
         return _refuse
 
     monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
@@ -174,8 +207,17 @@ def free_port() -> int:
 # Hugging Face transformers' DETR (tests/test_hf.py, tests/test_convert_hf.py) -----------------------------------
 
 # Small transformer sizes that DetrConfig and the project's DETR both take (the mask head needs 128 and 8 heads).
-HF_SMALL = dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=6, num_labels=5)
+HF_SMALL = dict(
+    d_model=32,
+    encoder_layers=1,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    num_queries=6,
+    num_labels=5,
+)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -202,6 +244,7 @@ def hf_folder(path: Path, segmentation: bool = False, seed: int = 0, **config) -
     settings.update(config)
     torch.manual_seed(seed)
     import transformers  # a test dependency only (tests/test_hf.py skips without it)
+
     model_class = transformers.DetrForSegmentation if segmentation else transformers.DetrForObjectDetection
     randomize(model_class(transformers.DetrConfig(**settings)), seed).save_pretrained(str(path))
     return path
@@ -214,5 +257,6 @@ def tensorboard_scalars(log_dir) -> Dict[str, List[tuple]]:
 
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0: keep every event
     accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }

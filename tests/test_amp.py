@@ -1,6 +1,7 @@
 """util/amp.py and the float16 path of engine.py and main.py: --amp takes the autocast type the hardware computes
 natively; float16 trains with a loss scaler that grows, backs off and skips overflowing steps, and whose state
 survives an exact resume."""
+
 import json
 import math
 from argparse import Namespace
@@ -97,8 +98,9 @@ def fp16_training(synthetic_root):
 def test_the_loss_scale_grows_after_clean_steps_and_backs_off_on_an_overflow(fp16_training):
     model, criterion, optimizer, batches = fp16_training
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=2)
-    stats = train_one_epoch(model, criterion, batches * 2, optimizer, CPU, epoch=0, max_norm=0.1,
-                            amp=torch.float16, scaler=scaler)
+    stats = train_one_epoch(
+        model, criterion, batches * 2, optimizer, CPU, epoch=0, max_norm=0.1, amp=torch.float16, scaler=scaler
+    )
     # 4 clean steps, growth every 2: 8 -> 16 -> 32.
     assert stats["skipped_steps"] == 0 and stats["loss_scale"] == 32.0 and math.isfinite(stats["loss"])
 
@@ -107,8 +109,9 @@ def test_the_loss_scale_grows_after_clean_steps_and_backs_off_on_an_overflow(fp1
     handle = parameter.register_hook(lambda grad: torch.full_like(grad, math.inf))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     adam_state = {k: v["exp_avg"].clone() for k, v in optimizer.state_dict()["state"].items()}
-    stats = train_one_epoch(model, criterion, batches[:1], optimizer, CPU, epoch=1, max_norm=0.1,
-                            amp=torch.float16, scaler=scaler)
+    stats = train_one_epoch(
+        model, criterion, batches[:1], optimizer, CPU, epoch=1, max_norm=0.1, amp=torch.float16, scaler=scaler
+    )
     handle.remove()
     assert stats["skipped_steps"] == 1 and stats["loss_scale"] == 16.0
     for name, p in model.named_parameters():
@@ -117,16 +120,26 @@ def test_the_loss_scale_grows_after_clean_steps_and_backs_off_on_an_overflow(fp1
         assert torch.equal(v["exp_avg"], adam_state[k]), k
 
     # The run goes on: the next clean step updates the weights again.
-    train_one_epoch(model, criterion, batches[:1], optimizer, CPU, epoch=2, max_norm=0.1, amp=torch.float16,
-                    scaler=scaler)
+    train_one_epoch(
+        model, criterion, batches[:1], optimizer, CPU, epoch=2, max_norm=0.1, amp=torch.float16, scaler=scaler
+    )
     assert not torch.equal(parameter, before[next(n for n, p in model.named_parameters() if p is parameter)])
 
 
 def test_float16_steps_follow_fp32_within_half_precision(fp16_training, synthetic_root):
     model, criterion, optimizer, batches = fp16_training
     # A scale the untrained model's large gradients fit in float16 (the default 65536 skips the first steps).
-    fp16 = train_one_epoch(model, criterion, batches, optimizer, CPU, epoch=0, max_norm=0.1, amp=torch.float16,
-                           scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    fp16 = train_one_epoch(
+        model,
+        criterion,
+        batches,
+        optimizer,
+        CPU,
+        epoch=0,
+        max_norm=0.1,
+        amp=torch.float16,
+        scaler=torch.amp.GradScaler("cpu", init_scale=8.0),
+    )
     args = main_py.parse_args(tiny_flags(synthetic_root))
     args.num_classes = 6
     model32, criterion32, _, optimizer32 = tiny_detr_and_optimizer(args)
@@ -140,8 +153,17 @@ def test_the_scaler_state_survives_an_exact_resume(synthetic_root, tmp_path):
     with pytest.warns(UserWarning, match="emulated") if torch.float16 not in amp.native_dtypes(CPU) else nullcontext():
         _, printed = run_main(tiny_flags(synthetic_root, tmp_path / "straight", "--epochs", "2", *flags))
         run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "1", *flags))
-        run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "2", *flags, "--resume",
-                            str(tmp_path / "resumed" / "checkpoint.pth")))
+        run_main(
+            tiny_flags(
+                synthetic_root,
+                tmp_path / "resumed",
+                "--epochs",
+                "2",
+                *flags,
+                "--resume",
+                str(tmp_path / "resumed" / "checkpoint.pth"),
+            )
+        )
     assert "--amp: float16 autocast with loss scaling, as --amp_dtype asks" in printed
     straight, resumed = read_log(tmp_path / "straight" / "log.txt"), read_log(tmp_path / "resumed" / "log.txt")
     assert [r["epoch"] for r in resumed] == [0, 1]

@@ -1,4 +1,5 @@
 """tools/attention.py: the attention weights captured by the hooks, and the two pictures."""
+
 import contextlib
 import io
 
@@ -14,8 +15,9 @@ from tools.detector import load_detector
 
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_root, tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", synthetic_root, box=(0.5, 0.5, 0.4, 0.4),
-                           label=3)
+    return tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny.pth", synthetic_root, box=(0.5, 0.5, 0.4, 0.4), label=3
+    )
 
 
 def test_hooks_capture_the_last_layers_attention(checkpoint):
@@ -38,8 +40,8 @@ def test_hooks_capture_the_last_layers_attention(checkpoint):
     # Keys that ignore the image (zero key projection) make every query attend uniformly: 1/6 per cell.
     d = model.transformer.d_model
     with torch.no_grad():
-        layer.in_proj_weight[d:2 * d] = 0
-        layer.in_proj_bias[d:2 * d] = 0
+        layer.in_proj_weight[d : 2 * d] = 0
+        layer.in_proj_bias[d : 2 * d] = 0
     uniform = attention.capture_attention(model, image)
     assert torch.allclose(uniform.decoder, torch.full((8, 2, 3), 1 / 6), atol=1e-6)
 
@@ -66,8 +68,19 @@ def test_command_writes_both_pictures(checkpoint, tmp_path):
     Image.fromarray(pixels).save(image)
     out = tmp_path / "out"
     # As a user runs it, from the repository root.
-    command = run_tool("attention.py", image, "--resume", checkpoint, "--output_dir", out, "--points", "10,10",
-                       "100,70", "--device", "cpu")
+    command = run_tool(
+        "attention.py",
+        image,
+        "--resume",
+        checkpoint,
+        "--output_dir",
+        out,
+        "--points",
+        "10,10",
+        "100,70",
+        "--device",
+        "cpu",
+    )
     assert command.returncode == 0, command.stderr
     assert "8 object(s)" in command.stdout  # every query of the fixed model scores 0.9975
     for name in ("shapes_decoder_attention.png", "shapes_encoder_attention.png"):
@@ -95,8 +108,9 @@ def test_bad_inputs(checkpoint, tmp_path):
 def test_two_stage_model_without_encoder_layers(synthetic_root, tmp_path):
     """The synthetic detection defaults (--two_stage --enc_layers 0): the decoder's attention is captured and
     drawn; there is no encoder attention, which the command says instead of failing."""
-    checkpoint = tiny_checkpoint(tmp_path / "two_stage.pth", synthetic_root, "--two_stage", "--enc_layers", "0",
-                                 "--feature_stride", "16")
+    checkpoint = tiny_checkpoint(
+        tmp_path / "two_stage.pth", synthetic_root, "--two_stage", "--enc_layers", "0", "--feature_stride", "16"
+    )
     detector = load_detector(resume=str(checkpoint))
     maps = attention.capture_attention(detector.model, torch.randn(3, 64, 96))  # 4 x 6 at stride 16
     assert maps.encoder is None
@@ -105,8 +119,19 @@ def test_two_stage_model_without_encoder_layers(synthetic_root, tmp_path):
     image = tmp_path / "grey.png"
     Image.fromarray(np.full((64, 96, 3), 128, np.uint8)).save(image)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        status = attention.main([str(image), "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"),
-                                 "--threshold", "0", "--device", "cpu"])
+        status = attention.main(
+            [
+                str(image),
+                "--resume",
+                str(checkpoint),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--threshold",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     assert status == 0
     assert "no encoder picture" in printed.getvalue()
     assert (tmp_path / "out" / "grey_decoder_attention.png").exists()

@@ -1,4 +1,5 @@
 """Tests of models/backbone.py: frozen batch norm, which layers train, feature masks, and where weights come from."""
+
 import os
 import re
 
@@ -8,8 +9,7 @@ import torchvision
 from torch import nn
 
 from helpers import block_network, tiny_args
-from models.backbone import (IMAGENET_WEIGHTS, Backbone, FrozenBatchNorm2d, Joiner, build_backbone,
-                             load_backbone_weights)
+from models.backbone import IMAGENET_WEIGHTS, Backbone, FrozenBatchNorm2d, Joiner, build_backbone, load_backbone_weights
 from models.position_encoding import PositionEmbeddingSine
 from util.misc import nested_tensor_from_tensor_list
 
@@ -28,6 +28,7 @@ def random_batchnorm(n, seed=0):
 
 # ---------------------------------------------------------------------------------------------- FrozenBatchNorm2d
 
+
 def test_frozen_batchnorm_equals_batchnorm_in_eval():
     bn = random_batchnorm(6)
     frozen = FrozenBatchNorm2d(6)
@@ -42,7 +43,7 @@ def test_frozen_batchnorm_adds_eps_before_rsqrt():
     frozen = FrozenBatchNorm2d(1)
     frozen.running_var.zero_()  # a channel with zero variance stays finite: x / sqrt(0 + 1e-5)
     x = torch.full((1, 1, 1, 1), 2.0)
-    assert frozen(x).item() == pytest.approx(2.0 / 1e-5 ** 0.5, rel=1e-5)
+    assert frozen(x).item() == pytest.approx(2.0 / 1e-5**0.5, rel=1e-5)
 
 
 def test_frozen_batchnorm_has_no_parameters_and_ignores_train_mode():
@@ -60,6 +61,7 @@ def test_frozen_batchnorm_has_no_parameters_and_ignores_train_mode():
 
 
 # ---------------------------------------------------------------------------------------------- Backbone
+
 
 def test_only_layer2_to_4_train():
     backbone = Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=False)
@@ -86,7 +88,7 @@ def test_features_and_downsampled_masks():
         assert feature.mask.shape == (2, 64 // stride, 96 // stride) and feature.mask.dtype == torch.bool
         # A feature cell is padding when the pixel it samples (nearest) is: columns >= 64 / stride.
         expected = torch.zeros(2, 64 // stride, 96 // stride, dtype=torch.bool)
-        expected[0, :, 64 // stride:] = True
+        expected[0, :, 64 // stride :] = True
         assert torch.equal(feature.mask, expected), name
     # The last stage of the default (non-intermediate) backbone.
     last = Backbone("resnet18", train_backbone=True, return_interm_layers=False, dilation=False)
@@ -150,12 +152,14 @@ def test_build_backbone_from_flags():
 
 # ---------------------------------------------------------------------------------------------- --backbone_weights
 
+
 def stand_in_resnet18(seed=0):
     """A ResNet-18 state_dict whose every entry (batch-norm statistics included) is random and non-default."""
     g = torch.Generator().manual_seed(seed)
     state = torchvision.models.resnet18(weights=None).state_dict()
-    return {k: (torch.randn(v.shape, generator=g).abs() + 0.1 if v.is_floating_point() else v)
-            for k, v in state.items()}
+    return {
+        k: (torch.randn(v.shape, generator=g).abs() + 0.1 if v.is_floating_point() else v) for k, v in state.items()
+    }
 
 
 def assert_loaded(backbone, state):
@@ -231,8 +235,10 @@ def test_backbone_weights_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- --channels_last
 
+
 def test_channels_last_runs_the_same_model_in_another_layout(tmp_path):
     from helpers import tiny_model
+
     plain, _, _ = tiny_model("--backbone_norm", "batch")
     fast, _, _ = tiny_model("--backbone_norm", "batch", "--channels_last")
     body = fast.backbone[0].body
@@ -260,7 +266,7 @@ def test_channels_last_runs_the_same_model_in_another_layout(tmp_path):
         for key in ("pred_logits", "pred_boxes"):
             torch.testing.assert_close(outs[1][key], outs[0][key], rtol=0, atol=1e-4)
         if not train:
-            for m, out in zip((plain, fast), outs):
+            for out in outs:
                 (out["pred_logits"].logsumexp(-1).mean() + out["pred_boxes"].mean()).backward()
             for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -269,6 +275,7 @@ def test_channels_last_runs_the_same_model_in_another_layout(tmp_path):
 def test_channels_last_scripts(monkeypatch):
     import warnings
     from helpers import tiny_model
+
     model, _, _ = tiny_model("--channels_last")
     model.eval()
     samples = nested_tensor_from_tensor_list([torch.rand(3, 64, 80)])
@@ -281,6 +288,7 @@ def test_channels_last_scripts(monkeypatch):
 
 def test_channels_last_is_a_synthetic_default_that_a_flag_undoes():
     import main as main_py
+
     assert main_py.parse_args(["--dataset_file", "synthetic"]).channels_last is True
     assert main_py.parse_args(["--dataset_file", "synthetic_panoptic"]).channels_last is True
     assert main_py.parse_args(["--dataset_file", "synthetic", "--no_channels_last"]).channels_last is False

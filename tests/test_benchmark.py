@@ -1,5 +1,6 @@
 """Tests of tools/benchmark.py (its tiny mode end to end, its model flags, its COCO evaluation data) and
 util/benchmark.py (timing, table)."""
+
 import contextlib
 import importlib.util
 import json
@@ -33,8 +34,19 @@ def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     modes = ["exact", "fast", "channels_last", "amp", "amp+channels_last"]
     # bfloat16 asked for by name: the amp modes then differ from fp32 on every CPU kind (emulated where not native).
     with pytest.warns(UserWarning) if not amp.native_dtypes(torch.device("cpu")) else contextlib.nullcontext():
-        tool.main(["--tiny", "--device", "cpu", "--modes", ",".join(modes), "--amp_dtype", "bfloat16",
-                   "--output", str(output)])
+        tool.main(
+            [
+                "--tiny",
+                "--device",
+                "cpu",
+                "--modes",
+                ",".join(modes),
+                "--amp_dtype",
+                "bfloat16",
+                "--output",
+                str(output),
+            ]
+        )
     results = json.loads(output.read_text())
     # The hardware is named: the CPU's model, torch's capability, native bfloat16 or not.
     hardware = results["hardware"]
@@ -43,7 +55,10 @@ def test_tiny_mode_writes_every_row_and_mode(tool, tmp_path, capsys):
     assert results["amp_dtype"] == "bfloat16"
     assert f"torch capability {hardware['capability']}" in results["machine"]
     assert list(results["modes"]) == modes
-    assert results["modes"]["fast"]["main_py_flags"] == "--fast" and results["modes"]["exact"]["main_py_flags"] == "--exact"
+    assert (
+        results["modes"]["fast"]["main_py_flags"] == "--fast"
+        and results["modes"]["exact"]["main_py_flags"] == "--exact"
+    )
     for row in ("inference", "train"):
         for mode in modes:
             timing = results["rows"][row][mode]
@@ -72,8 +87,9 @@ def test_unavailable_optional_mode_is_a_note_not_a_failure(tool, tmp_path, monke
         raise ModuleNotFoundError("No module named 'transformers'")
 
     monkeypatch.setattr(tool, "HuggingFaceMode", no_transformers)
-    results = tool.main(["--tiny", "--device", "cpu", "--modes", "hf", "--skip",
-                         "inference,throughput,train,coco_eval,pipeline"])
+    results = tool.main(
+        ["--tiny", "--device", "cpu", "--modes", "hf", "--skip", "inference,throughput,train,coco_eval,pipeline"]
+    )
     assert list(results["modes"]) == ["exact", "hf"]
     assert results["modes"]["hf"]["note"] == "skipped: ModuleNotFoundError: No module named 'transformers'"
 
@@ -103,7 +119,7 @@ def test_synthetic_detections_and_the_coco_evaluation_timing(tool):
     assert all(len(p["scores"]) == 30 for p in predictions.values())
     assert not coco_gt.imgToAnns[50] and len(coco_gt.getCatIds()) == 80  # every 50th image has no objects
     areas = np.array([ann["area"] for ann in coco_gt.anns.values()])
-    assert (areas < 32 ** 2).any() and (areas > 96 ** 2).any()
+    assert (areas < 32**2).any() and (areas > 96**2).any()
 
     timing = tool.time_coco_evaluation(num_images=40, dets_per_image=30, seed=2, repeats=2)
     assert timing["stats_equal"] and timing["max_abs_diff"] <= 1e-12
@@ -124,8 +140,9 @@ def test_time_interleaved_runs_rounds_and_keeps_the_best(monkeypatch):
         return next(fake_seconds)
 
     monkeypatch.setattr(timing, "time_call", fake_time_call)
-    results = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                               torch.device("cpu"), repeats=2)
+    results = time_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), repeats=2
+    )
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert results["a"] == {"times_s": [3.0, 1.0], "first_call_s": 5.0, "best_s": 1.0, "median_s": 3.0}
     assert results["b"]["times_s"] == [2.0, 4.0] and results["b"]["best_s"] == 2.0

@@ -1,10 +1,18 @@
 """Tests of util/box_ops.py against hand-computed numbers and torchvision's independent implementations."""
+
 import pytest
 import torch
 import torchvision
 
-from util.box_ops import (DegenerateBoxError, box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh,
-                          generalized_box_iou, masks_to_boxes)
+from util.box_ops import (
+    DegenerateBoxError,
+    box_area,
+    box_cxcywh_to_xyxy,
+    box_iou,
+    box_xyxy_to_cxcywh,
+    generalized_box_iou,
+    masks_to_boxes,
+)
 
 
 def random_xyxy(n, generator, scale=10.0):
@@ -40,10 +48,14 @@ def test_box_area():
 
 def test_box_iou_hand_computed():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0],   # overlap 1, union 4 + 4 - 1 = 7
-                      [4.0, 4.0, 5.0, 5.0],   # disjoint, union 4 + 1 = 5
-                      [0.0, 0.0, 2.0, 2.0],   # identical
-                      [0.0, 0.0, 1.0, 2.0]])  # inside, half the area
+    b = torch.tensor(
+        [
+            [1.0, 1.0, 3.0, 3.0],  # overlap 1, union 4 + 4 - 1 = 7
+            [4.0, 4.0, 5.0, 5.0],  # disjoint, union 4 + 1 = 5
+            [0.0, 0.0, 2.0, 2.0],  # identical
+            [0.0, 0.0, 1.0, 2.0],
+        ]
+    )  # inside, half the area
     iou, union = box_iou(a, b)
     assert iou.shape == union.shape == (1, 4)
     torch.testing.assert_close(iou, torch.tensor([[1 / 7, 0.0, 1.0, 0.5]]))
@@ -52,10 +64,14 @@ def test_box_iou_hand_computed():
 
 def test_generalized_box_iou_hand_computed():
     a = torch.tensor([[0.0, 0.0, 2.0, 2.0]])
-    b = torch.tensor([[1.0, 1.0, 3.0, 3.0],   # enclosing 3x3 = 9: 1/7 - (9 - 7) / 9
-                      [4.0, 4.0, 5.0, 5.0],   # enclosing 5x5 = 25: 0 - (25 - 5) / 25
-                      [0.0, 0.0, 2.0, 2.0],   # identical: 1
-                      [3.0, 0.0, 5.0, 2.0]])  # side by side, gap 1: enclosing 5x2 = 10: 0 - (10 - 8) / 10
+    b = torch.tensor(
+        [
+            [1.0, 1.0, 3.0, 3.0],  # enclosing 3x3 = 9: 1/7 - (9 - 7) / 9
+            [4.0, 4.0, 5.0, 5.0],  # enclosing 5x5 = 25: 0 - (25 - 5) / 25
+            [0.0, 0.0, 2.0, 2.0],  # identical: 1
+            [3.0, 0.0, 5.0, 2.0],
+        ]
+    )  # side by side, gap 1: enclosing 5x2 = 10: 0 - (10 - 8) / 10
     expected = torch.tensor([[1 / 7 - 2 / 9, -0.8, 1.0, -0.2]])
     torch.testing.assert_close(generalized_box_iou(a, b), expected)
 
@@ -93,7 +109,7 @@ def test_generalized_box_iou_rejects_degenerate_boxes(which):
 def test_masks_to_boxes_hand_computed():
     masks = torch.zeros(2, 6, 8)
     masks[0, 1:4, 2:6] = 1  # rows 1..3, columns 2..5
-    masks[1, 5, 0] = 1      # a single pixel in the bottom-left corner
+    masks[1, 5, 0] = 1  # a single pixel in the bottom-left corner
     expected = torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 5.0, 0.0, 5.0]])
     torch.testing.assert_close(masks_to_boxes(masks), expected)
     torch.testing.assert_close(masks_to_boxes(masks), torchvision.ops.masks_to_boxes(masks.bool()))

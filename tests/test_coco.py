@@ -1,4 +1,5 @@
 """datasets/coco.py: COCO annotations to target tensors, and clear errors for bad datasets."""
+
 import json
 from argparse import Namespace
 
@@ -22,21 +23,48 @@ def write_coco(root, images=None, annotations=None, categories=None, split="trai
     if images is None:
         images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 30, "width": 40} for i in (1, 2, 3)]
     for img in images:
-        Image.new("RGB", (img["width"], img["height"]), (40, 80, 120)).save(
-            root / f"{split}2017" / img["file_name"])
+        Image.new("RGB", (img["width"], img["height"]), (40, 80, 120)).save(root / f"{split}2017" / img["file_name"])
     if annotations is None:
         annotations = [
-            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [5, 5, 10, 10], "area": 100, "iscrowd": 0,
-             "segmentation": [square(5, 5, 10)]},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 3,
+                "bbox": [5, 5, 10, 10],
+                "area": 100,
+                "iscrowd": 0,
+                "segmentation": [square(5, 5, 10)],
+            },
             # a crowd annotation: dropped
-            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 1,
-             "segmentation": {"counts": [0, 10, 1190], "size": [30, 40]}},
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 4,
+                "bbox": [0, 0, 20, 20],
+                "area": 400,
+                "iscrowd": 1,
+                "segmentation": {"counts": [0, 10, 1190], "size": [30, 40]},
+            },
             # extends past the right edge: clamped to x1 = 40
-            {"id": 3, "image_id": 2, "category_id": 7, "bbox": [30, 10, 20, 5], "area": 100, "iscrowd": 0,
-             "segmentation": [square(30, 10, 10)]},
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 7,
+                "bbox": [30, 10, 20, 5],
+                "area": 100,
+                "iscrowd": 0,
+                "segmentation": [square(30, 10, 10)],
+            },
             # zero width: dropped
-            {"id": 4, "image_id": 2, "category_id": 7, "bbox": [10, 10, 0, 5], "area": 0, "iscrowd": 0,
-             "segmentation": [square(10, 10, 1)]},
+            {
+                "id": 4,
+                "image_id": 2,
+                "category_id": 7,
+                "bbox": [10, 10, 0, 5],
+                "area": 0,
+                "iscrowd": 0,
+                "segmentation": [square(10, 10, 1)],
+            },
         ]
     if categories is None:
         categories = [{"id": i, "name": f"c{i}"} for i in (3, 4, 7)]
@@ -46,8 +74,9 @@ def write_coco(root, images=None, annotations=None, categories=None, split="trai
 
 
 def args_for(root, **overrides):
-    return Namespace(**{"dataset_file": "coco", "coco_path": str(root), "masks": False, "num_classes": None,
-                        **overrides})
+    return Namespace(
+        **{"dataset_file": "coco", "coco_path": str(root), "masks": False, "num_classes": None, **overrides}
+    )
 
 
 def test_convert_coco_poly_to_mask():
@@ -61,14 +90,37 @@ def test_convert_coco_poly_to_mask():
 def test_convert_drops_crowd_and_degenerate_and_clamps():
     image = Image.new("RGB", (40, 30))
     annotations = [
-        {"bbox": [5, 5, 10, 10], "category_id": 3, "area": 100, "iscrowd": 0, "segmentation": [square(5, 5, 10)],
-         "keypoints": [6, 6, 2, 8, 8, 1]},
-        {"bbox": [0, 0, 20, 20], "category_id": 4, "area": 400, "iscrowd": 1, "segmentation": [square(0, 0, 20)],
-         "keypoints": [0, 0, 0, 0, 0, 0]},
-        {"bbox": [-5, 25, 20, 10], "category_id": 5, "area": 50, "segmentation": [square(0, 25, 5)],
-         "keypoints": [1, 26, 2, 0, 0, 0]},  # no 'iscrowd' key: not crowd
-        {"bbox": [10, 35, 5, 5], "category_id": 6, "area": 25, "iscrowd": 0, "segmentation": [square(10, 29, 1)],
-         "keypoints": [0, 0, 0, 0, 0, 0]},  # below the image: empty after clamping
+        {
+            "bbox": [5, 5, 10, 10],
+            "category_id": 3,
+            "area": 100,
+            "iscrowd": 0,
+            "segmentation": [square(5, 5, 10)],
+            "keypoints": [6, 6, 2, 8, 8, 1],
+        },
+        {
+            "bbox": [0, 0, 20, 20],
+            "category_id": 4,
+            "area": 400,
+            "iscrowd": 1,
+            "segmentation": [square(0, 0, 20)],
+            "keypoints": [0, 0, 0, 0, 0, 0],
+        },
+        {
+            "bbox": [-5, 25, 20, 10],
+            "category_id": 5,
+            "area": 50,
+            "segmentation": [square(0, 25, 5)],
+            "keypoints": [1, 26, 2, 0, 0, 0],
+        },  # no 'iscrowd' key: not crowd
+        {
+            "bbox": [10, 35, 5, 5],
+            "category_id": 6,
+            "area": 25,
+            "iscrowd": 0,
+            "segmentation": [square(10, 29, 1)],
+            "keypoints": [0, 0, 0, 0, 0, 0],
+        },  # below the image: empty after clamping
     ]
     _, target = ConvertCocoPolysToMask(return_masks=True)(image, {"image_id": 9, "annotations": annotations})
     assert target["boxes"].tolist() == [[5, 5, 15, 15], [0, 25, 15, 30]]
@@ -82,8 +134,9 @@ def test_convert_drops_crowd_and_degenerate_and_clamps():
 
 
 def test_convert_empty_annotations():
-    _, target = ConvertCocoPolysToMask(return_masks=True)(Image.new("RGB", (40, 30)),
-                                                          {"image_id": 1, "annotations": []})
+    _, target = ConvertCocoPolysToMask(return_masks=True)(
+        Image.new("RGB", (40, 30)), {"image_id": 1, "annotations": []}
+    )
     assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
     assert target["masks"].shape == (0, 30, 40)
 
@@ -171,10 +224,16 @@ def test_missing_and_undecodable_images(tmp_path, monkeypatch):
 
 def test_make_coco_transforms_train_sizes(tmp_path):
     import random
+
     random.seed(0)
     image = Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8))
-    target = {"boxes": torch.tensor([[10.0, 10, 200, 150]]), "labels": torch.tensor([1]),
-              "area": torch.tensor([190.0 * 140]), "iscrowd": torch.tensor([0]), "size": torch.tensor([300, 400])}
+    target = {
+        "boxes": torch.tensor([[10.0, 10, 200, 150]]),
+        "labels": torch.tensor([1]),
+        "area": torch.tensor([190.0 * 140]),
+        "iscrowd": torch.tensor([0]),
+        "size": torch.tensor([300, 400]),
+    }
     transforms = coco.make_coco_transforms("train")
     for _ in range(5):
         out, out_target = transforms(image, target)
@@ -186,19 +245,21 @@ def test_make_coco_transforms_train_sizes(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- bad data
 
+
 def image_of_mode(mode: str, size=(40, 30)) -> Image.Image:
     """A 40x30 image in `mode` whose left half is dark and right half bright."""
     if mode == "I;16":
         pixels = np.zeros((size[1], size[0]), dtype=np.uint16)
-        pixels[:, size[0] // 2:] = 50000
+        pixels[:, size[0] // 2 :] = 50000
         return Image.fromarray(pixels)
     image = Image.new("RGB", size, (10, 10, 10))
     image.paste((240, 240, 240), (size[0] // 2, 0, size[0], size[1]))
     return image.convert(mode, dither=Image.Dither.NONE)
 
 
-@pytest.mark.parametrize("mode, suffix", [("L", ".jpg"), ("CMYK", ".jpg"), ("I;16", ".png"), ("RGBA", ".png"),
-                                          ("P", ".png"), ("LA", ".png")])
+@pytest.mark.parametrize(
+    "mode, suffix", [("L", ".jpg"), ("CMYK", ".jpg"), ("I;16", ".png"), ("RGBA", ".png"), ("P", ".png"), ("LA", ".png")]
+)
 def test_images_of_any_mode_load_as_8_bit_rgb(mode, suffix, tmp_path):
     path = tmp_path / f"image{suffix}"
     image_of_mode(mode).save(path)
@@ -241,13 +302,17 @@ def test_a_truncated_jpeg_is_named_with_its_image_id(tmp_path):
         dataset[1]
 
 
-@pytest.mark.parametrize("bbox, kept", [
-    ([-10, -10, 25, 25], [[0, 0, 15, 15]]),  # partly outside: clamped
-    ([50, 40, 10, 10], []),  # wholly outside: empty after clamping, dropped
-    ([5, 5, 0, 10], []),  # zero width: dropped
-    ([5, 5, 10, -3], []),  # negative height: dropped
-    ([float("nan"), 5, 10, 10], []),  # NaN: dropped
-], ids=["partly_outside", "outside", "zero_width", "negative_height", "nan"])
+@pytest.mark.parametrize(
+    "bbox, kept",
+    [
+        ([-10, -10, 25, 25], [[0, 0, 15, 15]]),  # partly outside: clamped
+        ([50, 40, 10, 10], []),  # wholly outside: empty after clamping, dropped
+        ([5, 5, 0, 10], []),  # zero width: dropped
+        ([5, 5, 10, -3], []),  # negative height: dropped
+        ([float("nan"), 5, 10, 10], []),  # NaN: dropped
+    ],
+    ids=["partly_outside", "outside", "zero_width", "negative_height", "nan"],
+)
 def test_boxes_outside_empty_or_nan_are_clamped_or_dropped_as_in_the_original(bbox, kept, tmp_path):
     write_coco(tmp_path, annotations=[{"id": 1, "image_id": 1, "category_id": 3, "bbox": bbox, "area": 1}])
     dataset = coco.build_from_folder(tmp_path, "train", transforms=None, args=args_for(tmp_path))
@@ -258,13 +323,17 @@ def test_boxes_outside_empty_or_nan_are_clamped_or_dropped_as_in_the_original(bb
     assert target["boxes"].shape == (len(kept), 4) and torch.isfinite(target["boxes"]).all()
 
 
-@pytest.mark.parametrize("change, expected", [
-    (lambda d: d["annotations"].__setitem__(0, [5, 5, 10, 10]), r"annotations\[0\] must be a JSON object"),
-    (lambda d: d["annotations"][0].update(bbox="5 5 10 10"), r"annotations\[0\] \(id 1\) 'bbox' must be"),
-    (lambda d: d["annotations"][0].update(bbox=[5, 5, None, 10]), r"annotations\[0\] \(id 1\) 'bbox' must be"),
-    (lambda d: d.update(images={"id": 1}), "non-list top-level key 'images'"),
-    (lambda d: d["categories"].__setitem__(0, "c3"), r"categories\[0\] must be a JSON object"),
-], ids=["annotation_not_an_object", "bbox_a_string", "bbox_with_null", "images_not_a_list", "category_a_string"])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (lambda d: d["annotations"].__setitem__(0, [5, 5, 10, 10]), r"annotations\[0\] must be a JSON object"),
+        (lambda d: d["annotations"][0].update(bbox="5 5 10 10"), r"annotations\[0\] \(id 1\) 'bbox' must be"),
+        (lambda d: d["annotations"][0].update(bbox=[5, 5, None, 10]), r"annotations\[0\] \(id 1\) 'bbox' must be"),
+        (lambda d: d.update(images={"id": 1}), "non-list top-level key 'images'"),
+        (lambda d: d["categories"].__setitem__(0, "c3"), r"categories\[0\] must be a JSON object"),
+    ],
+    ids=["annotation_not_an_object", "bbox_a_string", "bbox_with_null", "images_not_a_list", "category_a_string"],
+)
 def test_annotation_files_of_the_wrong_shape_name_the_file_and_the_key(change, expected, tmp_path):
     ann_file = write_coco(tmp_path)
     data = json.loads(ann_file.read_text())

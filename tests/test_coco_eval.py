@@ -1,4 +1,5 @@
 """datasets/coco_eval.py: batch-wise, multi-process evaluation on faster-coco-eval gives pycocotools' numbers."""
+
 import contextlib
 import copy
 import io
@@ -32,8 +33,9 @@ def rectangle(x0, y0, w, h):
     return [x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]
 
 
-def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, crowded_image=False,
-                                      tied_scores=False, unseen_category=False):
+def make_ground_truth_and_predictions(
+    num_images=12, seed=0, num_categories=3, crowded_image=False, tied_scores=False, unseen_category=False
+):
     """A random COCO ground truth (rectangles and triangles, a few crowd) and predictions near it: jittered
     copies with random scores, missed objects, false positives, an image without detections (5) and one
     without ground truth (7). crowded_image: image 3 also gets 150 false positives of the class of one of
@@ -52,9 +54,17 @@ def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, c
             x0, y0 = rng.uniform(0, WIDTH - w), rng.uniform(0, HEIGHT - h)
             polygon = [x0, y0, x0 + w, y0, x0 + w, y0 + h] + ([x0, y0 + h] if rng.random() < 0.6 else [])
             category = int(rng.integers(1, num_categories + 1))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x0, y0, w, h], "area": float(polygon_mask(polygon).sum()),
-                                "iscrowd": int(rng.random() < 0.1), "segmentation": [polygon]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": [x0, y0, w, h],
+                    "area": float(polygon_mask(polygon).sum()),
+                    "iscrowd": int(rng.random() < 0.1),
+                    "segmentation": [polygon],
+                }
+            )
             if rng.random() < 0.8:  # detected, a little off
                 dx, dy = rng.normal(0, 1.5, 2)
                 moved = [v + (dx if i % 2 == 0 else dy) for i, v in enumerate(polygon)]
@@ -82,8 +92,11 @@ def make_ground_truth_and_predictions(num_images=12, seed=0, num_categories=3, c
             "masks": torch.tensor(np.array(probabilities), dtype=torch.float32).reshape(-1, 1, HEIGHT, WIDTH),
         }
     coco_gt = COCO()
-    coco_gt.dataset = {"images": images, "annotations": annotations,
-                       "categories": [{"id": i, "name": f"c{i}"} for i in range(1, detected_categories + 1)]}
+    coco_gt.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": f"c{i}"} for i in range(1, detected_categories + 1)],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
     return coco_gt, predictions
@@ -107,8 +120,11 @@ def direct_cocoeval(coco_gt, predictions, iou_type):
             coco_dt = coco_gt.loadRes(results)
         else:  # loadRes refuses an empty list
             coco_dt = COCO()
-            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": coco_gt.dataset["categories"],
-                               "annotations": []}
+            coco_dt.dataset = {
+                "images": coco_gt.dataset["images"],
+                "categories": coco_gt.dataset["categories"],
+                "annotations": [],
+            }
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         evaluator.evaluate()
@@ -163,16 +179,16 @@ def test_hard_cases_match_pycocotools():
     # Crowd regions, 150 detections of one category in image 3 (maxDets 1, 10 and 100 all cut), an image
     # without ground truth, one without detections, tied scores, and 5 categories of which one has
     # detections but no ground truth.
-    coco_gt, predictions = make_ground_truth_and_predictions(num_images=16, seed=3, num_categories=4,
-                                                             crowded_image=True, tied_scores=True,
-                                                             unseen_category=True)
+    coco_gt, predictions = make_ground_truth_and_predictions(
+        num_images=16, seed=3, num_categories=4, crowded_image=True, tied_scores=True, unseen_category=True
+    )
     assert sum(ann["iscrowd"] for ann in coco_gt.anns.values()) >= 2
     assert predictions[CROWDED]["labels"].bincount().max() > 100
     assert not coco_gt.imgToAnns[NO_GROUND_TRUTH] and len(predictions[NO_GROUND_TRUTH]["scores"]) > 0
     evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
     ids = sorted(predictions)
     for i in range(0, len(ids), 4):
-        evaluator.update({j: predictions[j] for j in ids[i:i + 4]})
+        evaluator.update({j: predictions[j] for j in ids[i : i + 4]})
     finish(evaluator)
     assert_identical(evaluator, coco_gt, predictions, check_range=False)
     precision = evaluator.coco_eval["bbox"].eval["precision"]
@@ -217,34 +233,55 @@ def library_box_ious(evaluator):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_batched_box_ious_equal_the_library_bit_for_bit(seed):
-    coco_gt, predictions = make_ground_truth_and_predictions(num_images=16, seed=seed, num_categories=4,
-                                                             crowded_image=True, tied_scores=True,
-                                                             unseen_category=True)
+    coco_gt, predictions = make_ground_truth_and_predictions(
+        num_images=16, seed=seed, num_categories=4, crowded_image=True, tied_scores=True, unseen_category=True
+    )
     evaluator = CocoEvaluator(coco_gt, ["bbox"])
     evaluator.update(predictions)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.synchronize_between_processes()
     ours = evaluator.coco_eval["bbox"]
     p = ours.params
-    batched = box_ious_by_pair(ground_truth_arrays(ours.cocoGt.dataset["annotations"]), ours.detection_arrays,
-                               np.unique(p.imgIds), np.unique(p.catIds), 100)
+    batched = box_ious_by_pair(
+        ground_truth_arrays(ours.cocoGt.dataset["annotations"]),
+        ours.detection_arrays,
+        np.unique(p.imgIds),
+        np.unique(p.catIds),
+        100,
+    )
     library = library_box_ious(evaluator)
-    assert sorted(batched) == sorted(library) and any(crowd for crowd in ground_truth_arrays(
-        ours.cocoGt.dataset["annotations"])["iscrowd"])
+    assert sorted(batched) == sorted(library) and any(
+        crowd for crowd in ground_truth_arrays(ours.cocoGt.dataset["annotations"])["iscrowd"]
+    )
     for pair, iou in library.items():
         assert batched[pair].shape == iou.shape and np.array_equal(batched[pair], iou), pair
     assert max(iou.shape[0] for iou in library.values()) == 100  # image 3's 150 detections of a class, cut
 
     # Detections only where there is no ground truth of their category: no pair to compute.
     no_pairs = dict(ours.detection_arrays, category_id=np.full_like(ours.detection_arrays["category_id"], 5))
-    assert box_ious_by_pair(ground_truth_arrays(ours.cocoGt.dataset["annotations"]), no_pairs,
-                            np.unique(p.imgIds), np.unique(p.catIds), 100) == {}
+    assert (
+        box_ious_by_pair(
+            ground_truth_arrays(ours.cocoGt.dataset["annotations"]),
+            no_pairs,
+            np.unique(p.imgIds),
+            np.unique(p.catIds),
+            100,
+        )
+        == {}
+    )
 
 
 def test_no_detections_at_all():
     coco_gt, predictions = make_ground_truth_and_predictions(seed=4)
-    empty = {i: {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
-                 "masks": torch.zeros(0, 1, HEIGHT, WIDTH)} for i in predictions}
+    empty = {
+        i: {
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 1, HEIGHT, WIDTH),
+        }
+        for i in predictions
+    }
     evaluator = CocoEvaluator(coco_gt, ["bbox", "segm"])
     evaluator.update(empty)
     assert_identical(finish(evaluator), coco_gt, empty, check_range=False)
@@ -285,8 +322,12 @@ def test_unknown_image_ids_are_refused():
 
 
 def test_prepare_for_coco_formats():
-    prediction = {"boxes": torch.tensor([[1.0, 2.0, 4.0, 8.0]]), "scores": torch.tensor([0.5]),
-                  "labels": torch.tensor([3]), "masks": torch.zeros(1, 4, 5)}
+    prediction = {
+        "boxes": torch.tensor([[1.0, 2.0, 4.0, 8.0]]),
+        "scores": torch.tensor([0.5]),
+        "labels": torch.tensor([3]),
+        "masks": torch.zeros(1, 4, 5),
+    }
     prediction["masks"][0, 1:3, 2:4] = 0.9
     (bbox,) = coco_eval_module.prepare_for_coco({7: prediction}, "bbox")
     assert bbox == {"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.5}
@@ -302,8 +343,9 @@ def test_prepare_for_coco_formats():
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_per_category_ap_is_cocoeval_precision_averaged_per_category(iou_type):
     # Three categories with ground truth and a fourth with false positives only.
-    coco_gt, predictions = make_ground_truth_and_predictions(num_images=12, seed=1, num_categories=3,
-                                                             unseen_category=True)
+    coco_gt, predictions = make_ground_truth_and_predictions(
+        num_images=12, seed=1, num_categories=3, unseen_category=True
+    )
     evaluator = CocoEvaluator(coco_gt, [iou_type])
     evaluator.update(predictions)
     finish(evaluator)
@@ -330,6 +372,7 @@ def test_per_category_ap_is_cocoeval_precision_averaged_per_category(iou_type):
             alone.accumulate()
             alone.summarize()
         assert [per_category[category][n] for n in ("AP", "AP50", "AP75")] == pytest.approx(
-            alone.stats[:3].tolist(), rel=1e-9, abs=1e-12)
+            alone.stats[:3].tolist(), rel=1e-9, abs=1e-12
+        )
     # The mean over the categories with ground truth is the overall AP: each has as many valid entries.
     assert np.mean([per_category[c]["AP"] for c in (1, 2, 3)]) == pytest.approx(reference.stats[0], rel=1e-9)

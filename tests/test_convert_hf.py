@@ -1,5 +1,6 @@
 """tools/convert_hf.py: the direction read from SRC, both ways through files, --check's differences, class names
 for id2label, and nothing written when the conversion fails."""
+
 import ast
 import json
 import sys
@@ -25,17 +26,18 @@ def image_path(tmp_path):
 
 
 def test_hf_folder_to_checkpoint_and_check(tmp_path, image_path, capsys):
-    folder = hf_folder(tmp_path / "hf", id2label={i: f"class{i}" for i in range(5)},
-                       label2id={f"class{i}": i for i in range(5)})
-    differences = convert_hf.main([str(folder), str(tmp_path / "out.pth"), "--check", str(image_path),
-                                   "--size", "64"])
+    folder = hf_folder(
+        tmp_path / "hf", id2label={i: f"class{i}" for i in range(5)}, label2id={f"class{i}": i for i in range(5)}
+    )
+    differences = convert_hf.main([str(folder), str(tmp_path / "out.pth"), "--check", str(image_path), "--size", "64"])
     assert set(differences) == {"pred_logits", "pred_boxes"}
     assert all(value <= 1e-4 for value in differences.values())
     assert "largest difference of pred_logits" in capsys.readouterr().out
     checkpoint = load_checkpoint(str(tmp_path / "out.pth"))
     assert checkpoint["class_names"][3] == "class3" and checkpoint["args"].backbone == "resnet18"
-    assert torch.equal(checkpoint["model"]["query_embed.weight"],
-                       convert_hf.read_hf_folder(folder)["model"]["query_embed.weight"])
+    assert torch.equal(
+        checkpoint["model"]["query_embed.weight"], convert_hf.read_hf_folder(folder)["model"]["query_embed.weight"]
+    )
 
 
 def test_checkpoint_to_hf_folder_with_coco_names(tmp_path, image_path):
@@ -44,11 +46,25 @@ def test_checkpoint_to_hf_folder_with_coco_names(tmp_path, image_path):
     torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, tmp_path / "checkpoint.pth")
     annotations = tmp_path / "coco" / "annotations"
     annotations.mkdir(parents=True)
-    (annotations / "instances_val2017.json").write_text(json.dumps(
-        {"images": [], "annotations": [], "categories": [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]}))
-    differences = convert_hf.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "hf"), "--coco_path",
-                                   str(tmp_path / "coco"), "--backbone_layout", "transformers",
-                                   "--check", str(image_path), "--size", "64"])
+    (annotations / "instances_val2017.json").write_text(
+        json.dumps(
+            {"images": [], "annotations": [], "categories": [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]}
+        )
+    )
+    differences = convert_hf.main(
+        [
+            str(tmp_path / "checkpoint.pth"),
+            str(tmp_path / "hf"),
+            "--coco_path",
+            str(tmp_path / "coco"),
+            "--backbone_layout",
+            "transformers",
+            "--check",
+            str(image_path),
+            "--size",
+            "64",
+        ]
+    )
     assert all(value <= 1e-4 for value in differences.values())
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["id2label"] == {"0": "LABEL_0", "1": "apple", "2": "pear"}
@@ -79,13 +95,22 @@ def test_conversion_needs_no_transformers(tmp_path, monkeypatch):
 
 
 def test_the_core_never_imports_transformers():
-    core = [REPO_ROOT / "main.py", REPO_ROOT / "engine.py", REPO_ROOT / "hubconf.py",
-            *[path for folder in ("models", "util", "datasets") for path in (REPO_ROOT / folder).rglob("*.py")]]
+    core = [
+        REPO_ROOT / "main.py",
+        REPO_ROOT / "engine.py",
+        REPO_ROOT / "hubconf.py",
+        *[path for folder in ("models", "util", "datasets") for path in (REPO_ROOT / folder).rglob("*.py")],
+    ]
     importers = []
     for path in core:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             if any(n.split(".")[0] in ("transformers", "timm") for n in names):
                 importers.append(str(path.relative_to(REPO_ROOT)))
     assert len(core) > 20 and importers == []

@@ -1,6 +1,7 @@
 """The README's "Train on your own COCO-format dataset", step by step, on the synthetic shapes written as a
 custom COCO folder: train with --dataset_file coco --coco_path --num_classes, fine-tune with another class
 count, evaluate, predict, plot."""
+
 import contextlib
 import io
 import json
@@ -30,8 +31,9 @@ def test_train_finetune_evaluate_predict_plot(tmp_path):
 
     # 1. Train from scratch.
     first = tmp_path / "first"
-    stats, _ = run_main(data + TINY_MODEL + ["--num_classes", str(num_classes), "--epochs", "1",
-                                             "--output_dir", str(first)])
+    stats, _ = run_main(
+        data + TINY_MODEL + ["--num_classes", str(num_classes), "--epochs", "1", "--output_dir", str(first)]
+    )
     assert len(stats["coco_eval_bbox"]) == 12
     for name in ("checkpoint.pth", "log.txt", "eval/latest.pth"):
         assert (first / name).exists()
@@ -41,8 +43,22 @@ def test_train_finetune_evaluate_predict_plot(tmp_path):
     # 2. Fine-tune it for a dataset of more classes: the class head is re-initialized and named; the rest is
     #    loaded (the frozen stem equals the first run's although this run's seed differs).
     second = tmp_path / "second"
-    _, printed = run_main(data + TINY_MODEL + ["--num_classes", "9", "--finetune", str(first / "checkpoint.pth"),
-                                               "--epochs", "1", "--seed", "7", "--output_dir", str(second)])
+    _, printed = run_main(
+        data
+        + TINY_MODEL
+        + [
+            "--num_classes",
+            "9",
+            "--finetune",
+            str(first / "checkpoint.pth"),
+            "--epochs",
+            "1",
+            "--seed",
+            "7",
+            "--output_dir",
+            str(second),
+        ]
+    )
     assert "re-initialized" in printed and "class_embed.weight" in printed
     tuned = torch.load(second / "checkpoint.pth", weights_only=False)["model"]
     assert tuned["class_embed.weight"].shape[0] == 10
@@ -50,15 +66,29 @@ def test_train_finetune_evaluate_predict_plot(tmp_path):
 
     # 3. Evaluate the fine-tuned checkpoint.
     evaluation = tmp_path / "evaluation"
-    stats, _ = run_main(data + TINY_MODEL + ["--num_classes", "9", "--eval", "--resume",
-                                             str(second / "checkpoint.pth"), "--output_dir", str(evaluation)])
+    stats, _ = run_main(
+        data
+        + TINY_MODEL
+        + ["--num_classes", "9", "--eval", "--resume", str(second / "checkpoint.pth"), "--output_dir", str(evaluation)]
+    )
     assert len(stats["coco_eval_bbox"]) == 12 and (evaluation / "eval.pth").exists()
 
     # 4. Predict on the validation images: names from the dataset, results pycocotools reads.
     predictions = tmp_path / "predictions"
     with contextlib.redirect_stdout(io.StringIO()):
-        status = predict.main(["--resume", str(second / "checkpoint.pth"), str(root / "val2017"), "--output_dir",
-                               str(predictions), "--threshold", "0", "--device", "cpu"])
+        status = predict.main(
+            [
+                "--resume",
+                str(second / "checkpoint.pth"),
+                str(root / "val2017"),
+                "--output_dir",
+                str(predictions),
+                "--threshold",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     assert status == 0
     assert len(list(predictions.glob("*_detections.png"))) == 2
     detector = load_detector(resume=str(second / "checkpoint.pth"))

@@ -5,6 +5,7 @@ models.build_model's on the same weights, the dataset mapper against datasets/tr
 draws, d2/train_net.py training (loss going down, a checkpoint that resumes) and its --eval-only against
 main.py --eval on the same checkpoint, and the original d2/README's commands as written.
 """
+
 import json
 import os
 import random
@@ -14,26 +15,27 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("detectron2", reason="detectron2 is not installed: pip install a detectron2 wheel "
-                                         "(or build it from source) to test d2/")
+pytest.importorskip(
+    "detectron2",
+    reason="detectron2 is not installed: pip install a detectron2 wheel (or build it from source) to test d2/",
+)
 
-from helpers import (MASK_HEAD_FLAGS, MASK_HEAD_SIZES, REPO_ROOT, SPEC_DIR, TINY_SIZES,  # noqa: E402
-                     run_main, tiny_args, tiny_flags)
+from helpers import MASK_HEAD_FLAGS, MASK_HEAD_SIZES, REPO_ROOT, SPEC_DIR, TINY_SIZES, run_main, tiny_args, tiny_flags
 
 sys.path.insert(0, str(REPO_ROOT / "d2"))
 
-import converter  # noqa: E402
-import train_net  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.data.datasets import load_coco_json  # noqa: E402
-from detr import Detr, DetrDatasetMapper, add_detr_config  # noqa: E402
+import converter
+import train_net
+from detectron2.config import get_cfg
+from detectron2.data.datasets import load_coco_json
+from detr import Detr, DetrDatasetMapper, add_detr_config
 
-import datasets.synthetic  # noqa: E402
-import main as main_py  # noqa: E402
-from datasets.coco import CocoDetection, IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms  # noqa: E402
-from models import build_model  # noqa: E402
-from util.box_ops import box_xyxy_to_cxcywh  # noqa: E402
-from util.checkpoint import compare_state_dict, load_checkpoint, model_state_from  # noqa: E402
+import datasets.synthetic
+import main as main_py
+from datasets.coco import CocoDetection, IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms
+from models import build_model
+from util.box_ops import box_xyxy_to_cxcywh
+from util.checkpoint import compare_state_dict, load_checkpoint, model_state_from
 
 CONFIGS = REPO_ROOT / "d2" / "configs"
 SYNTHETIC_CLASSES = [1, 2, 3, 4, 5]  # the synthetic dataset's category ids; detectron2's classes 0-4
@@ -42,13 +44,38 @@ STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 # The wrapper's counterpart of helpers.tiny_flags: ResNet-18, the tiny sizes (helpers.TINY_SIZES), 8 queries, the 5
 # synthetic classes, 64-pixel images.
-TINY_OPTS = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-             "MODEL.DETR.NUM_CLASSES", 5, "MODEL.DETR.HIDDEN_DIM", TINY_SIZES["hidden_dim"],
-             "MODEL.DETR.NHEADS", TINY_SIZES["nheads"], "MODEL.DETR.ENC_LAYERS", TINY_SIZES["enc_layers"],
-             "MODEL.DETR.DEC_LAYERS", TINY_SIZES["dec_layers"],
-             "MODEL.DETR.DIM_FEEDFORWARD", TINY_SIZES["dim_feedforward"],
-             "MODEL.DETR.NUM_OBJECT_QUERIES", 8, "MODEL.DETR.DROPOUT", TINY_SIZES["dropout"],
-             "INPUT.MIN_SIZE_TRAIN", (48, 56, 64, 72), "INPUT.MIN_SIZE_TEST", 64, "DATALOADER.NUM_WORKERS", 0]
+TINY_OPTS = [
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.RESNETS.DEPTH",
+    18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    64,
+    "MODEL.DETR.NUM_CLASSES",
+    5,
+    "MODEL.DETR.HIDDEN_DIM",
+    TINY_SIZES["hidden_dim"],
+    "MODEL.DETR.NHEADS",
+    TINY_SIZES["nheads"],
+    "MODEL.DETR.ENC_LAYERS",
+    TINY_SIZES["enc_layers"],
+    "MODEL.DETR.DEC_LAYERS",
+    TINY_SIZES["dec_layers"],
+    "MODEL.DETR.DIM_FEEDFORWARD",
+    TINY_SIZES["dim_feedforward"],
+    "MODEL.DETR.NUM_OBJECT_QUERIES",
+    8,
+    "MODEL.DETR.DROPOUT",
+    TINY_SIZES["dropout"],
+    "INPUT.MIN_SIZE_TRAIN",
+    (48, 56, 64, 72),
+    "INPUT.MIN_SIZE_TEST",
+    64,
+    "DATALOADER.NUM_WORKERS",
+    0,
+]
 
 
 def tiny_cfg(*opts, config: str = "detr_256_6_6_torchvision.yaml"):
@@ -66,33 +93,68 @@ def spec_state(name: str):
     return {key: torch.empty(json.loads(shape), device="meta") for key, shape, _ in rows}
 
 
-@pytest.mark.parametrize("name, opts", [
-    ("resnet50", ["MODEL.RESNETS.DEPTH", 50]),
-    ("resnet101", ["MODEL.RESNETS.DEPTH", 101]),
-    ("resnet50_panoptic", ["MODEL.RESNETS.DEPTH", 50, "MODEL.MASK_ON", True,
-                           "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"]]),
-])
+@pytest.mark.parametrize(
+    "name, opts",
+    [
+        ("resnet50", ["MODEL.RESNETS.DEPTH", 50]),
+        ("resnet101", ["MODEL.RESNETS.DEPTH", 101]),
+        (
+            "resnet50_panoptic",
+            [
+                "MODEL.RESNETS.DEPTH",
+                50,
+                "MODEL.MASK_ON",
+                True,
+                "MODEL.RESNETS.OUT_FEATURES",
+                ["res2", "res3", "res4", "res5"],
+            ],
+        ),
+    ],
+)
 def test_converter_covers_every_key_of_the_published_checkpoints(name, opts):
     state = spec_state(name)
     converted = converter.convert_state_dict(state, converter.COCO_CATEGORY_IDS)
     assert len(converted) == len(state)
     # The published architecture, 80 COCO classes; built on the meta device (shapes only, no memory).
-    cfg = tiny_cfg(*opts, "MODEL.DEVICE", "meta", "MODEL.DETR.NUM_CLASSES", 80, "MODEL.DETR.HIDDEN_DIM", 256,
-                   "MODEL.DETR.NHEADS", 8, "MODEL.DETR.ENC_LAYERS", 6, "MODEL.DETR.DEC_LAYERS", 6,
-                   "MODEL.DETR.DIM_FEEDFORWARD", 2048, "MODEL.DETR.NUM_OBJECT_QUERIES", 100,
-                   "MODEL.RESNETS.RES2_OUT_CHANNELS", 256)
+    cfg = tiny_cfg(
+        *opts,
+        "MODEL.DEVICE",
+        "meta",
+        "MODEL.DETR.NUM_CLASSES",
+        80,
+        "MODEL.DETR.HIDDEN_DIM",
+        256,
+        "MODEL.DETR.NHEADS",
+        8,
+        "MODEL.DETR.ENC_LAYERS",
+        6,
+        "MODEL.DETR.DEC_LAYERS",
+        6,
+        "MODEL.DETR.DIM_FEEDFORWARD",
+        2048,
+        "MODEL.DETR.NUM_OBJECT_QUERIES",
+        100,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        256,
+    )
     with torch.device("meta"):
         model = Detr(cfg)
     assert compare_state_dict(model, converted) == ([], [], [])
     model.load_state_dict(converted, strict=True)
     # Spot checks of the names: the stem, a bottleneck's norm, a shortcut, the 91 + 1 class rows down to 80 + 1.
     prefix = "detr." if name.endswith("panoptic") else ""
-    assert converter.convert_key(prefix + "backbone.0.body.bn1.running_var") == \
-        "detr." + prefix + "backbone.0.backbone.stem.conv1.norm.running_var"
-    assert converter.convert_key(prefix + "backbone.0.body.layer3.5.bn2.weight") == \
-        "detr." + prefix + "backbone.0.backbone.res4.5.conv2.norm.weight"
-    assert converter.convert_key(prefix + "backbone.0.body.layer4.0.downsample.1.bias") == \
-        "detr." + prefix + "backbone.0.backbone.res5.0.shortcut.norm.bias"
+    assert (
+        converter.convert_key(prefix + "backbone.0.body.bn1.running_var")
+        == "detr." + prefix + "backbone.0.backbone.stem.conv1.norm.running_var"
+    )
+    assert (
+        converter.convert_key(prefix + "backbone.0.body.layer3.5.bn2.weight")
+        == "detr." + prefix + "backbone.0.backbone.res4.5.conv2.norm.weight"
+    )
+    assert (
+        converter.convert_key(prefix + "backbone.0.body.layer4.0.downsample.1.bias")
+        == "detr." + prefix + "backbone.0.backbone.res5.0.shortcut.norm.bias"
+    )
     assert converted["detr." + prefix + "class_embed.weight"].shape == (81, 256)
 
 
@@ -103,11 +165,14 @@ def test_class_head_keeps_the_coco_rows_and_no_object():
     assert len(converter.COCO_CATEGORY_IDS) == len(set(converter.COCO_CATEGORY_IDS)) == 80
 
 
-@pytest.mark.parametrize("key, expected", [
-    ("enc_class_embed.weight", "enc_class_embed.weight: a --two_stage head"),
-    ("backbone.0.body.fc.weight", "backbone.0.body.fc.weight: not a ResNet layer"),
-    ("decoder.layers.0.linear1.weight", "decoder.layers.0.linear1.weight: not a key of this project's DETR"),
-])
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        ("enc_class_embed.weight", "enc_class_embed.weight: a --two_stage head"),
+        ("backbone.0.body.fc.weight", "backbone.0.body.fc.weight: not a ResNet layer"),
+        ("decoder.layers.0.linear1.weight", "decoder.layers.0.linear1.weight: not a key of this project's DETR"),
+    ],
+)
 def test_converter_refuses_what_it_cannot_convert_naming_the_key(key, expected):
     with pytest.raises(converter.ConversionError, match=expected.replace(".", r"\.")):
         converter.convert_state_dict({key: torch.zeros(1)}, None)
@@ -163,16 +228,25 @@ def test_converted_model_predicts_what_the_project_model_predicts(masks, feature
     last = {32: "res5", 8: "res3"}[feature_stride]
     opts = ["MODEL.RESNETS.OUT_FEATURES", [last]]
     if masks:
-        opts = ["MODEL.MASK_ON", True, "MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
-                "MODEL.DETR.HIDDEN_DIM", MASK_HEAD_SIZES["hidden_dim"], "MODEL.DETR.NHEADS",
-                MASK_HEAD_SIZES["nheads"]]
+        opts = [
+            "MODEL.MASK_ON",
+            True,
+            "MODEL.RESNETS.OUT_FEATURES",
+            ["res2", "res3", "res4", "res5"],
+            "MODEL.DETR.HIDDEN_DIM",
+            MASK_HEAD_SIZES["hidden_dim"],
+            "MODEL.DETR.NHEADS",
+            MASK_HEAD_SIZES["nheads"],
+        ]
     wrapper = Detr(tiny_cfg(*opts))
     wrapper.load_state_dict(converted, strict=True)
     wrapper.eval()
 
     generator = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 256, (3, 64, 80), generator=generator, dtype=torch.uint8),
-              torch.randint(0, 256, (3, 72, 56), generator=generator, dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (3, 64, 80), generator=generator, dtype=torch.uint8),
+        torch.randint(0, 256, (3, 72, 56), generator=generator, dtype=torch.uint8),
+    ]
     original_sizes = [(96, 120), (90, 70)]  # as if the loader had resized the originals
     with torch.no_grad():
         outputs = wrapper([{"image": im, "height": h, "width": w} for im, (h, w) in zip(images, original_sizes)])
@@ -197,8 +271,9 @@ def test_converted_model_predicts_what_the_project_model_predicts(masks, feature
 
 def test_mapper_matches_datasets_transforms_under_the_same_draws(synthetic_root):
     """DETR's COCO training augmentation (flip, multi-scale resize to 480-800, the crop branch) both ways."""
-    cfg = tiny_cfg("INPUT.MIN_SIZE_TRAIN", (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
-                   "MODEL.MASK_ON", True)
+    cfg = tiny_cfg(
+        "INPUT.MIN_SIZE_TRAIN", (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800), "MODEL.MASK_ON", True
+    )
     mapper = DetrDatasetMapper(cfg, is_train=True)
     ann_file = synthetic_root / "annotations" / "instances_train2017.json"
     # With a dataset name, category ids become detectron2's contiguous classes, as a registered dataset's do.
@@ -242,21 +317,56 @@ def test_mapper_resizes_for_evaluation_as_main_py_and_keeps_no_annotations(synth
 def train_net_args(synthetic_root, output_dir, *opts, flags=()):
     datasets = []
     for split in ("train", "val"):
-        datasets += ["--dataset", f"d2test_{split}", str(synthetic_root / "annotations" / f"instances_{split}2017.json"),
-                     str(synthetic_root / f"{split}2017")]
-    argv = ["--config-file", str(CONFIGS / "detr_256_6_6_torchvision.yaml"), *flags, *datasets,
-            *[str(o) for o in TINY_OPTS], "DATASETS.TRAIN", "('d2test_train',)", "DATASETS.TEST", "('d2test_val',)",
-            "OUTPUT_DIR", str(output_dir), "SEED", "0", *[str(o) for o in opts]]
+        datasets += [
+            "--dataset",
+            f"d2test_{split}",
+            str(synthetic_root / "annotations" / f"instances_{split}2017.json"),
+            str(synthetic_root / f"{split}2017"),
+        ]
+    argv = [
+        "--config-file",
+        str(CONFIGS / "detr_256_6_6_torchvision.yaml"),
+        *flags,
+        *datasets,
+        *[str(o) for o in TINY_OPTS],
+        "DATASETS.TRAIN",
+        "('d2test_train',)",
+        "DATASETS.TEST",
+        "('d2test_val',)",
+        "OUTPUT_DIR",
+        str(output_dir),
+        "SEED",
+        "0",
+        *[str(o) for o in opts],
+    ]
     return train_net.argument_parser().parse_args(argv)
 
 
 # Training from scratch (no ImageNet weights here), as main.py's synthetic defaults: trainable batch norm, the whole
 # backbone at the full learning rate. One image size and no crop, so that the loss falls clearly in a few
 # iterations (the mapper's crop branch is tested above).
-TRAIN_OPTS = ("MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.IMS_PER_BATCH", "8",
-              "SOLVER.BASE_LR", "1e-3", "SOLVER.BACKBONE_MULTIPLIER", "1.0", "SOLVER.STEPS", "()",
-              "SOLVER.CHECKPOINT_PERIOD", "1000", "TEST.EVAL_PERIOD", "0", "INPUT.CROP.ENABLED", "False",
-              "INPUT.MIN_SIZE_TRAIN", "(64,)")
+TRAIN_OPTS = (
+    "MODEL.RESNETS.NORM",
+    "BN",
+    "MODEL.BACKBONE.FREEZE_AT",
+    "0",
+    "SOLVER.IMS_PER_BATCH",
+    "8",
+    "SOLVER.BASE_LR",
+    "1e-3",
+    "SOLVER.BACKBONE_MULTIPLIER",
+    "1.0",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "INPUT.CROP.ENABLED",
+    "False",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+)
 
 
 def test_train_net_lowers_the_loss_and_resumes_from_its_checkpoint(synthetic_root, tmp_path):
@@ -293,10 +403,27 @@ def test_eval_only_gives_main_py_eval_box_ap_on_a_converted_checkpoint(synthetic
     main_ap = stats["coco_eval_bbox"][0]
 
     converted = tmp_path / "converted.pth"
-    converter.main(["--source", str(checkpoint), "--output", str(converted),
-                    "--classes", str(synthetic_root / "annotations" / "instances_train2017.json")])
-    args = train_net_args(synthetic_root, tmp_path / "d2", "MODEL.WEIGHTS", converted, "MODEL.RESNETS.NORM", "BN",
-                          "MODEL.BACKBONE.FREEZE_AT", 0, flags=["--eval-only"])
+    converter.main(
+        [
+            "--source",
+            str(checkpoint),
+            "--output",
+            str(converted),
+            "--classes",
+            str(synthetic_root / "annotations" / "instances_train2017.json"),
+        ]
+    )
+    args = train_net_args(
+        synthetic_root,
+        tmp_path / "d2",
+        "MODEL.WEIGHTS",
+        converted,
+        "MODEL.RESNETS.NORM",
+        "BN",
+        "MODEL.BACKBONE.FREEZE_AT",
+        0,
+        flags=["--eval-only"],
+    )
     results = train_net.main(args)
     d2_ap = results["bbox"]["AP"] / 100  # detectron2 reports percent
     assert d2_ap == pytest.approx(main_ap, abs=0.01)
@@ -319,27 +446,40 @@ def test_eval_only_gives_main_py_eval_box_ap_on_a_converted_checkpoint(synthetic
         result = postprocessors["bbox"](outputs, target["orig_size"][None])[0]
         ours = [d for d in detections if d["image_id"] == int(target["image_id"])]
         x0, y0, x1, y1 = result["boxes"].unbind(1)
-        assert torch.allclose(torch.tensor([d["bbox"] for d in ours]), torch.stack([x0, y0, x1 - x0, y1 - y0], 1),
-                              atol=1e-3)
+        assert torch.allclose(
+            torch.tensor([d["bbox"] for d in ours]), torch.stack([x0, y0, x1 - x0, y1 - y0], 1), atol=1e-3
+        )
         assert torch.allclose(torch.tensor([d["score"] for d in ours]), result["scores"], atol=1e-4)
         assert [d["category_id"] for d in ours] == [SYNTHETIC_CLASSES[i] for i in result["labels"].tolist()]
 
 
 def test_segmentation_config_trains_the_mask_head_on_a_frozen_detector(synthetic_root, tmp_path):
     # The mask head's group norms need hidden_dim + nheads and hidden_dim / 16 in multiples of 8.
-    width = ("MODEL.DETR.HIDDEN_DIM", str(MASK_HEAD_SIZES["hidden_dim"]),
-             "MODEL.DETR.NHEADS", str(MASK_HEAD_SIZES["nheads"]))
+    width = (
+        "MODEL.DETR.HIDDEN_DIM",
+        str(MASK_HEAD_SIZES["hidden_dim"]),
+        "MODEL.DETR.NHEADS",
+        str(MASK_HEAD_SIZES["nheads"]),
+    )
     train_net.main(train_net_args(synthetic_root, tmp_path / "boxes", *TRAIN_OPTS, *width, "SOLVER.MAX_ITER", "2"))
     detector = torch.load(tmp_path / "boxes" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
 
-    args = train_net_args(synthetic_root, tmp_path / "masks", *TRAIN_OPTS, *width, "SOLVER.MAX_ITER", "3",
-                          "MODEL.DETR.FROZEN_WEIGHTS", tmp_path / "boxes" / "model_final.pth")
+    args = train_net_args(
+        synthetic_root,
+        tmp_path / "masks",
+        *TRAIN_OPTS,
+        *width,
+        "SOLVER.MAX_ITER",
+        "3",
+        "MODEL.DETR.FROZEN_WEIGHTS",
+        tmp_path / "boxes" / "model_final.pth",
+    )
     args.config_file = str(CONFIGS / "detr_segm_256_6_6_torchvision.yaml")
     train_net.main(args)
     segm = torch.load(tmp_path / "masks" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     # The detector sits under DETRsegm's "detr." and did not move (its batch norms' statistics neither).
     for key, value in detector.items():
-        assert torch.equal(segm["detr.detr." + key[len("detr."):]], value), key
+        assert torch.equal(segm["detr.detr." + key[len("detr.") :]], value), key
     assert any(k.startswith("detr.mask_head.") for k in segm)
     logged = [json.loads(line) for line in (tmp_path / "masks" / "metrics.json").read_text().splitlines()]
     assert "loss_mask" in logged[0] and "loss_dice" in logged[0]
@@ -356,8 +496,11 @@ def test_imagenet_weights_in_detectron2_names_load_into_the_backbone(tmp_path):
     model = Detr(tiny_cfg())
     prefix = "detr.backbone.0.backbone."
     generator = torch.Generator().manual_seed(0)
-    weights = {k[len(prefix):]: torch.randn(v.shape, generator=generator).numpy()
-               for k, v in model.state_dict().items() if k.startswith(prefix)}
+    weights = {
+        k[len(prefix) :]: torch.randn(v.shape, generator=generator).numpy()
+        for k, v in model.state_dict().items()
+        if k.startswith(prefix)
+    }
     with open(tmp_path / "R-18.pkl", "wb") as f:
         pickle.dump({"model": weights, "__author__": "torchvision", "matching_heuristics": True}, f)
     DetectionCheckpointer(model).load(str(tmp_path / "R-18.pkl"))
@@ -373,12 +516,33 @@ def test_imagenet_weights_in_detectron2_names_load_into_the_backbone(tmp_path):
 # DATASETS and NUM_CLASSES 80 stand. Sizes are set on the command line; the mask head's width, so that the trained
 # detector can be fine-tuned for masks. No MODEL.DEVICE: detectron2's "cuda" falls back to the CPU.
 ORIGINAL_COMMAND_SIZES = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.DETR.HIDDEN_DIM", str(MASK_HEAD_SIZES["hidden_dim"]), "MODEL.DETR.NHEADS", str(MASK_HEAD_SIZES["nheads"]),
-    "MODEL.DETR.ENC_LAYERS", str(TINY_SIZES["enc_layers"]), "MODEL.DETR.DEC_LAYERS", str(TINY_SIZES["dec_layers"]),
-    "MODEL.DETR.DIM_FEEDFORWARD", str(TINY_SIZES["dim_feedforward"]), "MODEL.DETR.DROPOUT", str(TINY_SIZES["dropout"]),
-    "MODEL.DETR.NUM_OBJECT_QUERIES", "8", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
-    "INPUT.CROP.ENABLED", "False", "DATALOADER.NUM_WORKERS", "0"]
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.DETR.HIDDEN_DIM",
+    str(MASK_HEAD_SIZES["hidden_dim"]),
+    "MODEL.DETR.NHEADS",
+    str(MASK_HEAD_SIZES["nheads"]),
+    "MODEL.DETR.ENC_LAYERS",
+    str(TINY_SIZES["enc_layers"]),
+    "MODEL.DETR.DEC_LAYERS",
+    str(TINY_SIZES["dec_layers"]),
+    "MODEL.DETR.DIM_FEEDFORWARD",
+    str(TINY_SIZES["dim_feedforward"]),
+    "MODEL.DETR.DROPOUT",
+    str(TINY_SIZES["dropout"]),
+    "MODEL.DETR.NUM_OBJECT_QUERIES",
+    "8",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(64,)",
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.CROP.ENABLED",
+    "False",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -403,8 +567,9 @@ def run_in_d2(datasets_root, *argv: str) -> str:
     """`python ARGV...` from d2/, as the original README runs its commands; returns what it printed. On the CPU
     everywhere (no CUDA device visible), so that --num-gpus N starts N processes here."""
     env = dict(os.environ, DETECTRON2_DATASETS=str(datasets_root), CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT / "d2", env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=REPO_ROOT / "d2", env=env, capture_output=True, text=True, timeout=600
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
     return output
@@ -425,8 +590,10 @@ def test_converter_takes_the_original_flags_and_its_own(tmp_path, capsys):
 
 def test_config_files_and_keys_of_the_original_load():
     """The original's config names and its MODEL.DETR.L1_WEIGHT (the wrapper's BBOX_WEIGHT), which wins if set."""
-    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == ["detr_256_6_6_torchvision.yaml",
-                                                             "detr_segm_256_6_6_torchvision.yaml"]
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == [
+        "detr_256_6_6_torchvision.yaml",
+        "detr_segm_256_6_6_torchvision.yaml",
+    ]
     criterion = Detr(tiny_cfg("MODEL.DETR.L1_WEIGHT", 3.0)).criterion
     assert criterion.weight_dict["loss_bbox"] == criterion.weight_dict["loss_bbox_0"] == 3.0
     assert criterion.matcher.cost_bbox == 3.0
@@ -450,15 +617,30 @@ def test_original_readme_converts_then_evaluates_as_written(detectron2_datasets,
     model, _ = project_model("--num_classes", "91", *MASK_HEAD_FLAGS)  # main.py's COCO head: 91 classes
     torch.save({"model": model.state_dict()}, tmp_path / "detr.pth")
     converted = tmp_path / "converted_model.pth"
-    run_in_d2(detectron2_datasets, "converter.py", "--source_model", str(tmp_path / "detr.pth"),
-              "--output_model", str(converted))
+    run_in_d2(
+        detectron2_datasets,
+        "converter.py",
+        "--source_model",
+        str(tmp_path / "detr.pth"),
+        "--output_model",
+        str(converted),
+    )
     weights = torch.load(converted, weights_only=True)["model"]
     expected = converter.convert_state_dict(model.state_dict(), converter.COCO_CATEGORY_IDS)
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
 
-    output = run_in_d2(detectron2_datasets, "train_net.py", "--eval-only", "--config",
-                       "configs/detr_256_6_6_torchvision.yaml", "MODEL.WEIGHTS", str(converted),
-                       *ORIGINAL_COMMAND_SIZES, "OUTPUT_DIR", str(tmp_path / "eval"))
+    output = run_in_d2(
+        detectron2_datasets,
+        "train_net.py",
+        "--eval-only",
+        "--config",
+        "configs/detr_256_6_6_torchvision.yaml",
+        "MODEL.WEIGHTS",
+        str(converted),
+        *ORIGINAL_COMMAND_SIZES,
+        "OUTPUT_DIR",
+        str(tmp_path / "eval"),
+    )
     assert "MODEL.DEVICE cuda: no CUDA device is available here, using the CPU instead" in output
     assert "Evaluation results for coco_2017_val" in output
     detections = json.loads((tmp_path / "eval" / "inference" / "coco_instances_results.json").read_text())
@@ -476,11 +658,13 @@ def test_original_readme_converts_then_evaluates_as_written(detectron2_datasets,
             instances = wrapper([mapper(record)])[0]["instances"]
         ours = [d for d in detections if d["image_id"] == record["image_id"]]
         x0, y0, x1, y1 = instances.pred_boxes.tensor.unbind(1)
-        assert torch.allclose(torch.tensor([d["bbox"] for d in ours]), torch.stack([x0, y0, x1 - x0, y1 - y0], 1),
-                              atol=1e-3)
+        assert torch.allclose(
+            torch.tensor([d["bbox"] for d in ours]), torch.stack([x0, y0, x1 - x0, y1 - y0], 1), atol=1e-3
+        )
         assert torch.allclose(torch.tensor([d["score"] for d in ours]), instances.scores, atol=1e-4)
-        assert [d["category_id"] for d in ours] == [converter.COCO_CATEGORY_IDS[i]
-                                                    for i in instances.pred_classes.tolist()]
+        assert [d["category_id"] for d in ours] == [
+            converter.COCO_CATEGORY_IDS[i] for i in instances.pred_classes.tolist()
+        ]
 
 
 @pytest.mark.slow
@@ -489,21 +673,45 @@ def test_original_readme_trains_then_trains_masks_as_written(detectron2_datasets
     then python train_net.py --config configs/detr_segm_256_6_6_torchvision.yaml --num-gpus N
     MODEL.DETR.FROZEN_WEIGHTS <model_path>. MODEL.WEIGHTS "" : the configs' ImageNet ResNet-50 would be downloaded."""
     short = ["SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "MODEL.WEIGHTS", ""]
-    run_in_d2(detectron2_datasets, "train_net.py", "--config", "configs/detr_256_6_6_torchvision.yaml",
-              "--num-gpus", "2", *ORIGINAL_COMMAND_SIZES, *short, "DATASETS.TEST", "()",
-              "OUTPUT_DIR", str(tmp_path / "boxes"))
+    run_in_d2(
+        detectron2_datasets,
+        "train_net.py",
+        "--config",
+        "configs/detr_256_6_6_torchvision.yaml",
+        "--num-gpus",
+        "2",
+        *ORIGINAL_COMMAND_SIZES,
+        *short,
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(tmp_path / "boxes"),
+    )
     assert (tmp_path / "boxes" / "log.txt.rank1").is_file()  # the second process's log
     detector = torch.load(tmp_path / "boxes" / "model_final.pth", map_location="cpu", weights_only=True)
     assert detector["iteration"] == 1
     logged = [json.loads(line) for line in (tmp_path / "boxes" / "metrics.json").read_text().splitlines()]
     assert [m["iteration"] for m in logged] == [1] and logged[0]["total_loss"] > 0
 
-    run_in_d2(detectron2_datasets, "train_net.py", "--config", "configs/detr_segm_256_6_6_torchvision.yaml",
-              "--num-gpus", "1", "MODEL.DETR.FROZEN_WEIGHTS", str(tmp_path / "boxes" / "model_final.pth"),
-              *ORIGINAL_COMMAND_SIZES, *short, "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "masks"))
+    run_in_d2(
+        detectron2_datasets,
+        "train_net.py",
+        "--config",
+        "configs/detr_segm_256_6_6_torchvision.yaml",
+        "--num-gpus",
+        "1",
+        "MODEL.DETR.FROZEN_WEIGHTS",
+        str(tmp_path / "boxes" / "model_final.pth"),
+        *ORIGINAL_COMMAND_SIZES,
+        *short,
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(tmp_path / "masks"),
+    )
     segm = torch.load(tmp_path / "masks" / "model_final.pth", map_location="cpu", weights_only=True)["model"]
     for key, value in detector["model"].items():  # frozen under DETRsegm's "detr."
-        assert torch.equal(segm["detr.detr." + key[len("detr."):]], value), key
+        assert torch.equal(segm["detr.detr." + key[len("detr.") :]], value), key
     assert any(k.startswith("detr.mask_head.") for k in segm)
     logged = [json.loads(line) for line in (tmp_path / "masks" / "metrics.json").read_text().splitlines()]
     assert [m["iteration"] for m in logged] == [1] and logged[0]["loss_mask"] > 0 and logged[0]["loss_dice"] > 0

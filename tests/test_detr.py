@@ -1,4 +1,5 @@
 """Tests of models/detr.py: DETR's inputs and outputs, SetCriterion's loss values, PostProcess, MLP; and build_model."""
+
 import copy
 import math
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from helpers import tiny_args, tiny_model
 from models.detr import DETR, MLP, PostProcess, SetCriterion
 from models.matcher import HungarianMatcher
-from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from util.misc import NestedTensor
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def rand_images(*sizes, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------- forward
+
 
 def test_outputs(tiny):
     model, _, _ = tiny
@@ -90,16 +92,19 @@ def test_padding_is_handled_through_the_mask(tiny):
     assert not torch.allclose(unmasked["pred_logits"], alone["pred_logits"], atol=1e-4)
 
 
-@pytest.mark.parametrize("bad, error, message", [
-    (torch.rand(64, 64), ValueError, r"\[B, 3, H, W\]"),
-    (torch.rand(1, 1, 3, 64, 64), ValueError, r"\[B, 3, H, W\]"),
-    (torch.rand(2, 1, 64, 64), ValueError, "3 channels, got 1"),
-    (torch.rand(1, 4, 64, 64), ValueError, "3 channels, got 4"),
-    (torch.rand(4, 64, 64), ValueError, "3 channels, got 4"),
-    ([torch.rand(3, 64, 64), torch.rand(64, 64)], ValueError, r"\[3, H, W\]"),
-    ([torch.rand(1, 64, 64)], ValueError, "3 channels, got 1"),
-    ("image.jpg", TypeError, "NestedTensor, a tensor or a list"),
-])
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (torch.rand(64, 64), ValueError, r"\[B, 3, H, W\]"),
+        (torch.rand(1, 1, 3, 64, 64), ValueError, r"\[B, 3, H, W\]"),
+        (torch.rand(2, 1, 64, 64), ValueError, "3 channels, got 1"),
+        (torch.rand(1, 4, 64, 64), ValueError, "3 channels, got 4"),
+        (torch.rand(4, 64, 64), ValueError, "3 channels, got 4"),
+        ([torch.rand(3, 64, 64), torch.rand(64, 64)], ValueError, r"\[3, H, W\]"),
+        ([torch.rand(1, 64, 64)], ValueError, "3 channels, got 1"),
+        ("image.jpg", TypeError, "NestedTensor, a tensor or a list"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(tiny, bad, error, message):
     model, _, _ = tiny
     with pytest.raises(error, match=message):
@@ -107,6 +112,7 @@ def test_bad_inputs_raise_clear_errors(tiny, bad, error, message):
 
 
 # ---------------------------------------------------------------------------------------------- SetCriterion
+
 
 class FixedMatcher(torch.nn.Module):
     """Returns the given indices, so the losses are checked apart from the matching."""
@@ -121,16 +127,30 @@ class FixedMatcher(torch.nn.Module):
 
 def hand_case():
     # 3 classes (0, 1, 2) + no-object (3); 2 images, 3 queries each.
-    logits = torch.tensor([[[2.0, 0.5, -1.0, 0.0],     # argmax 0
-                            [0.1, 0.2, 2.3, 1.5],      # argmax 2
-                            [-0.5, 1.0, 0.0, 0.2]],    # argmax 1, matched to label 1: right
-                           [[0.0, 0.0, 3.0, 0.5],      # argmax 2, matched to label 2: right
-                            [1.0, -1.0, 0.5, 1.2],     # argmax 3 (no-object), matched to label 0: wrong
-                            [0.3, 0.2, 0.1, 0.9]]])    # argmax 3
-    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.6, 0.6, 0.2, 0.2], [0.45, 0.55, 0.3, 0.2]],
-                          [[0.3, 0.5, 0.2, 0.2], [0.6, 0.6, 0.4, 0.2], [0.5, 0.5, 0.5, 0.5]]])
-    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
-               {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.4], [0.7, 0.6, 0.3, 0.2]])}]
+    logits = torch.tensor(
+        [
+            [
+                [2.0, 0.5, -1.0, 0.0],  # argmax 0
+                [0.1, 0.2, 2.3, 1.5],  # argmax 2
+                [-0.5, 1.0, 0.0, 0.2],
+            ],  # argmax 1, matched to label 1: right
+            [
+                [0.0, 0.0, 3.0, 0.5],  # argmax 2, matched to label 2: right
+                [1.0, -1.0, 0.5, 1.2],  # argmax 3 (no-object), matched to label 0: wrong
+                [0.3, 0.2, 0.1, 0.9],
+            ],
+        ]
+    )  # argmax 3
+    boxes = torch.tensor(
+        [
+            [[0.2, 0.2, 0.1, 0.1], [0.6, 0.6, 0.2, 0.2], [0.45, 0.55, 0.3, 0.2]],
+            [[0.3, 0.5, 0.2, 0.2], [0.6, 0.6, 0.4, 0.2], [0.5, 0.5, 0.5, 0.5]],
+        ]
+    )
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
+        {"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.4], [0.7, 0.6, 0.3, 0.2]])},
+    ]
     indices = [(torch.tensor([2]), torch.tensor([0])), (torch.tensor([0, 1]), torch.tensor([0, 1]))]
     return {"pred_logits": logits, "pred_boxes": boxes}, targets, indices
 
@@ -148,8 +168,9 @@ def giou_by_hand(a, b):
 def test_set_criterion_hand_computed_losses():
     outputs, targets, indices = hand_case()
     eos = 0.1
-    criterion = SetCriterion(3, FixedMatcher(indices), weight_dict={}, eos_coef=eos,
-                             losses=["labels", "boxes", "cardinality"])
+    criterion = SetCriterion(
+        3, FixedMatcher(indices), weight_dict={}, eos_coef=eos, losses=["labels", "boxes", "cardinality"]
+    )
     losses = criterion(outputs, targets)
     assert set(losses) == {"loss_ce", "class_error", "loss_bbox", "loss_giou", "cardinality_error"}
 
@@ -167,9 +188,11 @@ def test_set_criterion_hand_computed_losses():
     assert losses["loss_ce"].item() == pytest.approx(num / den, rel=1e-6)
 
     # Boxes: sums over the 3 matched pairs, divided by the number of target boxes (3).
-    pairs = [(outputs["pred_boxes"][0, 2].tolist(), targets[0]["boxes"][0].tolist()),
-             (outputs["pred_boxes"][1, 0].tolist(), targets[1]["boxes"][0].tolist()),
-             (outputs["pred_boxes"][1, 1].tolist(), targets[1]["boxes"][1].tolist())]
+    pairs = [
+        (outputs["pred_boxes"][0, 2].tolist(), targets[0]["boxes"][0].tolist()),
+        (outputs["pred_boxes"][1, 0].tolist(), targets[1]["boxes"][0].tolist()),
+        (outputs["pred_boxes"][1, 1].tolist(), targets[1]["boxes"][1].tolist()),
+    ]
     l1 = sum(abs(p - t) for pred, tgt in pairs for p, t in zip(pred, tgt)) / 3
     giou = sum(1 - giou_by_hand(pred, tgt) for pred, tgt in pairs) / 3
     assert losses["loss_bbox"].item() == pytest.approx(l1, rel=1e-6)
@@ -184,6 +207,7 @@ def test_set_criterion_hand_computed_losses():
 def test_set_criterion_matches_independent_functional_losses():
     # The same case with torch's own functions for cross-entropy and torchvision's GIoU.
     import torchvision
+
     outputs, targets, indices = hand_case()
     weight = torch.tensor([1.0, 1.0, 1.0, 0.25])
     criterion = SetCriterion(3, FixedMatcher(indices), weight_dict={}, eos_coef=0.25, losses=["labels", "boxes"])
@@ -203,15 +227,20 @@ def test_aux_losses_have_suffixes_and_equal_the_per_layer_losses():
     g = torch.Generator().manual_seed(0)
 
     def layer_outputs():
-        return {"pred_logits": torch.randn(2, 4, 6, generator=g),
-                "pred_boxes": torch.rand(2, 4, 4, generator=g) * 0.5 + 0.2}
+        return {
+            "pred_logits": torch.randn(2, 4, 6, generator=g),
+            "pred_boxes": torch.rand(2, 4, 4, generator=g) * 0.5 + 0.2,
+        }
 
-    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
-               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    targets = [
+        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4]])},
+        {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
     outputs = layer_outputs()
     outputs["aux_outputs"] = [layer_outputs(), layer_outputs()]  # 3 decoder layers
-    criterion = SetCriterion(5, HungarianMatcher(1, 5, 2), weight_dict={}, eos_coef=0.1,
-                             losses=["labels", "boxes", "cardinality"])
+    criterion = SetCriterion(
+        5, HungarianMatcher(1, 5, 2), weight_dict={}, eos_coef=0.1, losses=["labels", "boxes", "cardinality"]
+    )
     losses = criterion(outputs, targets)
     base = {"loss_ce", "loss_bbox", "loss_giou", "cardinality_error"}
     # class_error is logged for the last layer only.
@@ -258,9 +287,16 @@ def test_training_on_images_without_objects(tiny, case):
 
 # ---------------------------------------------------------------------------------------------- PostProcess
 
+
 def test_postprocess_hand_computed():
-    logits = torch.tensor([[[1.0, 2.0, 0.0, 3.0],      # no-object (last) is likeliest, but it is dropped
-                            [0.0, 0.0, 4.0, 0.0]]])
+    logits = torch.tensor(
+        [
+            [
+                [1.0, 2.0, 0.0, 3.0],  # no-object (last) is likeliest, but it is dropped
+                [0.0, 0.0, 4.0, 0.0],
+            ]
+        ]
+    )
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5]]])
     (result,) = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))
     z0 = math.exp(1) + math.exp(2) + math.exp(0) + math.exp(3)
@@ -285,10 +321,11 @@ def test_postprocess_scales_each_image_by_its_own_size():
 
 # ---------------------------------------------------------------------------------------------- MLP and build
 
+
 def test_mlp_is_linear_relu_chain():
     torch.manual_seed(0)
     mlp = MLP(6, 8, 4, 3)
-    assert [(l.in_features, l.out_features) for l in mlp.layers] == [(6, 8), (8, 8), (8, 4)]
+    assert [(layer.in_features, layer.out_features) for layer in mlp.layers] == [(6, 8), (8, 8), (8, 4)]
     x = torch.randn(5, 6)
     a, b, c = mlp.layers
     expected = c(F.relu(b(F.relu(a(x)))))  # no activation after the last layer
@@ -296,8 +333,9 @@ def test_mlp_is_linear_relu_chain():
 
 
 def test_build_from_flags():
-    model, criterion, post = tiny_model("--dec_layers", "3", "--num_classes", "7", "--eos_coef", "0.2",
-                                        "--bbox_loss_coef", "4", "--giou_loss_coef", "3")
+    model, criterion, post = tiny_model(
+        "--dec_layers", "3", "--num_classes", "7", "--eos_coef", "0.2", "--bbox_loss_coef", "4", "--giou_loss_coef", "3"
+    )
     assert isinstance(model, DETR) and model.aux_loss and model.num_queries == 5
     assert model.class_embed.out_features == 8 and criterion.num_classes == 7
     assert criterion.empty_weight[-1].item() == pytest.approx(0.2) and criterion.empty_weight[:-1].eq(1).all()

@@ -1,6 +1,7 @@
 """Two processes (gloo, on this machine) do what one does: a DDP step on halves of a batch equals the step on
 the whole batch, a split evaluation gives the same COCO stats, and main.py runs under torchrun and under the
 original's torch.distributed.launch line."""
+
 import importlib.util
 import json
 import os
@@ -17,16 +18,13 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, 
 
 import main as main_py
 import util.misc as utils
-from helpers import (REPO_ROOT, OracleDETR, free_port, load_checkpoint_safely, tiny_detr_and_optimizer,
-                     tiny_flags)
+from helpers import REPO_ROOT, OracleDETR, free_port, load_checkpoint_safely, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
 from engine import evaluate, train_one_epoch
 
 WORLD_SIZE = 2
 CPU = torch.device("cpu")
 ORACLE_NOISE = 0.08
-
-
 
 
 def ddp_args(root):
@@ -74,17 +72,22 @@ def run_evaluations(args, distributed: bool):
     _, criterion, postprocessors, _ = tiny_detr_and_optimizer(args)
     results = {}
     for name, loader in evaluation_loaders(dataset, distributed).items():
-        stats, evaluator = evaluate(oracle, criterion, postprocessors, loader,
-                                    get_coco_api_from_dataset(loader.dataset), CPU, output_dir="")
-        results[name] = (stats["coco_eval_bbox"], sorted(evaluator.img_ids),
-                         sorted(evaluator.coco_eval["bbox"].params.imgIds))
+        stats, evaluator = evaluate(
+            oracle, criterion, postprocessors, loader, get_coco_api_from_dataset(loader.dataset), CPU, output_dir=""
+        )
+        results[name] = (
+            stats["coco_eval_bbox"],
+            sorted(evaluator.img_ids),
+            sorted(evaluator.coco_eval["bbox"].params.imgIds),
+        )
     return results
 
 
 def worker(rank: int, port: int, root: str, out_dir: str):
     """One of the 2 processes: a DDP step on its half of the global batch, then the split evaluations."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     args = ddp_args(root)
     utils.init_distributed_mode(args)
@@ -95,9 +98,14 @@ def worker(rank: int, port: int, root: str, out_dir: str):
         images, targets = global_batch()
         half = slice(2 * rank, 2 * rank + 2)
         stats = one_step(ddp_model, criterion, optimizer, images[half], targets[half], args.clip_max_norm)
-        torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                    "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                    "loss": stats["loss"]}, Path(out_dir) / f"step_rank{rank}.pth")
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                "loss": stats["loss"],
+            },
+            Path(out_dir) / f"step_rank{rank}.pth",
+        )
         with open(Path(out_dir) / f"evaluation_rank{rank}.json", "w") as f:
             json.dump(run_evaluations(args, distributed=True), f)
     finally:
@@ -109,8 +117,9 @@ def two_processes(synthetic_root, tmp_path_factory):
     """What each of 2 processes (spawned, joined through gloo) wrote, by rank."""
     out = tmp_path_factory.mktemp("two_processes")
     # fork, not spawn: the children start in a second instead of importing torch again (25 s on a busy box).
-    context = mp.start_processes(worker, args=(free_port(), str(synthetic_root), str(out)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="fork")
+    context = mp.start_processes(
+        worker, args=(free_port(), str(synthetic_root), str(out)), nprocs=WORLD_SIZE, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + 300
     while not context.join(timeout=5):  # raises if a process failed
         if time.monotonic() > deadline:
@@ -167,9 +176,19 @@ def test_a_split_evaluation_gives_the_stats_of_one_process(two_processes, synthe
 @pytest.mark.slow
 def test_main_runs_under_torchrun(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "main.py",
-               *tiny_flags(synthetic_root, out, "--epochs", "1")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "main.py",
+        *tiny_flags(synthetic_root, out, "--epochs", "1"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -182,20 +201,37 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path):
     # Each process's generators are kept, for an exact resume: they were seeded differently (seed + rank).
     rng = checkpoint["rng"]
     assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "checkpoint_best.pth", "curves.png", "eval",
-                                                     "log.txt", "per_class.png", "predictions.png", "recipe.json",
-                                                     "tensorboard"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.pth",
+        "checkpoint_best.pth",
+        "curves.png",
+        "eval",
+        "log.txt",
+        "per_class.png",
+        "predictions.png",
+        "recipe.json",
+        "tensorboard",
+    ]
     assert len(list((out / "tensorboard").iterdir())) == 1  # the main process's events only
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("torch.distributed.launch") is None,
-                    reason="this torch no longer ships torch.distributed.launch")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch.distributed.launch") is None,
+    reason="this torch no longer ships torch.distributed.launch",
+)
 def test_main_runs_under_the_original_launcher_line(synthetic_root, tmp_path):
     """python -m torch.distributed.launch --nproc_per_node=N --use_env main.py ..., as the original's README."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.launch", f"--nproc_per_node={WORLD_SIZE}", "--use_env",
-               "main.py", *tiny_flags(synthetic_root, out, "--epochs", "1", "--no_plots")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.launch",
+        f"--nproc_per_node={WORLD_SIZE}",
+        "--use_env",
+        "main.py",
+        *tiny_flags(synthetic_root, out, "--epochs", "1", "--no_plots"),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

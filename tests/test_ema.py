@@ -27,8 +27,7 @@ def test_the_average_follows_the_weights_with_a_rising_decay():
     d = 2 / 11  # (1 + n) / (10 + n) after the first update, below 0.5
     for k, v in ema.module.state_dict().items():
         if v.is_floating_point():
-            torch.testing.assert_close(v, d * start[k] + (1 - d) * model.state_dict()[k], rtol=0, atol=1e-6,
-                                       msg=k)
+            torch.testing.assert_close(v, d * start[k] + (1 - d) * model.state_dict()[k], rtol=0, atol=1e-6, msg=k)
     assert ema.module[1].num_batches_tracked.item() == 1  # integer buffers are copied
 
     for _ in range(20):  # the decay has risen to its cap: a step now moves the average halfway
@@ -47,7 +46,6 @@ def test_a_decay_outside_0_1_is_refused(decay):
         ModelEMA(nn.Linear(2, 2), decay)
 
 
-
 @pytest.fixture(scope="module")
 def ema_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("ema")
@@ -55,27 +53,31 @@ def ema_run(synthetic_root, tmp_path_factory):
     return out
 
 
-def test_the_checkpoint_holds_the_evaluated_average_and_the_weights_training_resumes_from(ema_run, synthetic_root,
-                                                                                          tmp_path):
+def test_the_checkpoint_holds_the_evaluated_average_and_the_weights_training_resumes_from(
+    ema_run, synthetic_root, tmp_path
+):
     checkpoint = load_checkpoint_safely(ema_run / "checkpoint.pth")
     assert checkpoint["ema_updates"] == 3 * 4  # 16 training images in batches of 4, 3 epochs
     assert checkpoint["model"].keys() == checkpoint["train_model"].keys()
-    differ = [k for k, v in checkpoint["model"].items()
-              if v.is_floating_point() and not torch.allclose(v, checkpoint["train_model"][k])]
+    differ = [
+        k
+        for k, v in checkpoint["model"].items()
+        if v.is_floating_point() and not torch.allclose(v, checkpoint["train_model"][k])
+    ]
     assert "class_embed.weight" in differ
     model, _, _ = build_model(checkpoint["args"])
     model.load_state_dict(checkpoint["model"])  # the average is a model of the same layout
 
     # 'model' is what was evaluated: --eval on the checkpoint gives the AP of the last log line.
     stats, _ = run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--resume", str(ema_run / "checkpoint.pth")))
-    assert stats["coco_eval_bbox"] == pytest.approx(read_log(ema_run / "log.txt")[-1]["test_coco_eval_bbox"],
-                                                    abs=1e-12)
+    assert stats["coco_eval_bbox"] == pytest.approx(read_log(ema_run / "log.txt")[-1]["test_coco_eval_bbox"], abs=1e-12)
 
 
 def test_resuming_with_the_average_continues_exactly(ema_run, synthetic_root, tmp_path):
     run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "1", *EMA_FLAGS))
-    run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "3", *EMA_FLAGS,
-                        "--resume", str(tmp_path / "checkpoint.pth")))
+    run_main(
+        tiny_flags(synthetic_root, tmp_path, "--epochs", "3", *EMA_FLAGS, "--resume", str(tmp_path / "checkpoint.pth"))
+    )
     straight, resumed = read_log(ema_run / "log.txt"), read_log(tmp_path / "log.txt")
     assert [row["epoch"] for row in resumed] == [0, 1, 2]
     for a, b in zip(straight, resumed):

@@ -1,5 +1,6 @@
 """engine.py: one training epoch is the plain weighted-loss / clip / step loop and reports its averages; a
 non-finite loss stops before the step; evaluation scores predictions with COCO's metrics."""
+
 import math
 import random
 
@@ -87,8 +88,15 @@ def test_log_step_gets_each_printed_step_with_its_own_values(args, batches):
     model, criterion, optimizer = model_and_optimizer(args)
     calls = []
     steps = batches * 6  # 12 steps: printed at 0, 10 and the last, 11
-    stats = train_one_epoch(model, criterion, steps, optimizer, torch.device("cpu"), epoch=0,
-                            log_step=lambda i, values: calls.append((i, values)))
+    stats = train_one_epoch(
+        model,
+        criterion,
+        steps,
+        optimizer,
+        torch.device("cpu"),
+        epoch=0,
+        log_step=lambda i, values: calls.append((i, values)),
+    )
     assert [i for i, _ in calls] == [0, 10, 11]
     for _, values in calls:
         assert values.keys() == stats.keys()
@@ -121,6 +129,7 @@ def test_a_non_finite_loss_exits_before_the_step(args, batches, capsys):
         losses = forward(outputs, targets)
         losses["loss_bbox_0"] = losses["loss_bbox_0"] + math.inf
         return losses
+
     criterion.forward = infinite_boxes
     with pytest.raises(SystemExit) as raised:
         train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), epoch=0, max_norm=0.1)
@@ -136,8 +145,9 @@ def test_a_non_finite_loss_exits_before_the_step(args, batches, capsys):
 def run_evaluation(model, args, dataset, batch_size=2):
     _, criterion, postprocessors = build_model(args)
     loader = DataLoader(dataset, batch_size, sampler=SequentialSampler(dataset), collate_fn=utils.collate_fn)
-    return evaluate(model, criterion, postprocessors, loader, get_coco_api_from_dataset(dataset),
-                    torch.device("cpu"), output_dir="")
+    return evaluate(
+        model, criterion, postprocessors, loader, get_coco_api_from_dataset(dataset), torch.device("cpu"), output_dir=""
+    )
 
 
 def test_evaluating_the_ground_truth_scores_ap_1(args, val_dataset):
@@ -167,7 +177,8 @@ def test_per_class_results_name_each_category_and_its_ap(args, val_dataset):
     assert all(0 <= r["AP"] <= r["AP50"] <= 1 for r in with_ground_truth)
     # COCO's AP is the mean over the categories with ground truth of their own AP.
     assert sum(r["AP"] for r in with_ground_truth) / len(with_ground_truth) == pytest.approx(
-        stats["coco_eval_bbox"][0], rel=1e-9)
+        stats["coco_eval_bbox"][0], rel=1e-9
+    )
     table = per_class_table(coco_evaluator.per_class).splitlines()
     assert table[0].split() == ["category", "bbox", "AP", "bbox", "AP50", "bbox", "AP75"]
     first = with_ground_truth[0]
@@ -234,6 +245,7 @@ def test_amp_is_off_by_default_except_for_synthetic_data(synthetic_root):
 
 def test_amp_with_the_mask_head_gives_float32_masks_and_finite_losses(args, batches):
     import copy
+
     mask_args = copy.copy(args)
     mask_args.masks = True
     # The mask head's group norms need multiples of 8.
@@ -241,8 +253,9 @@ def test_amp_with_the_mask_head_gives_float32_masks_and_finite_losses(args, batc
     torch.manual_seed(0)
     model, criterion, _ = build_model(mask_args)
     samples, targets = batches[0]
-    targets = [dict(t, masks=torch.zeros(len(t["labels"]), *samples.tensors.shape[-2:], dtype=torch.bool))
-               for t in targets]
+    targets = [
+        dict(t, masks=torch.zeros(len(t["labels"]), *samples.tensors.shape[-2:], dtype=torch.bool)) for t in targets
+    ]
     outputs = run_model(model, samples, torch.device("cpu"), amp=True)
     assert outputs["pred_masks"].dtype == torch.float32
     loss_dict = criterion(outputs, targets)

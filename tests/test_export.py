@@ -1,4 +1,5 @@
 """The model outside eager PyTorch: TorchScript, ONNX (run in onnxruntime) and torch.compile, each against eager."""
+
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ def padded_batch(seed=0):
 
 # ---------------------------------------------------------------------------------------------- TorchScript
 
+
 def test_script_detr(detection_model):
     scripted = torch.jit.script(detection_model)
     batch = padded_batch()
@@ -46,9 +48,15 @@ def test_script_backbone():
         assert torch.equal(script[k].mask, eager[k].mask)
 
 
-@pytest.mark.parametrize("make", [lambda: PositionEmbeddingSine(16, normalize=True), lambda: PositionEmbeddingSine(8),
-                                  lambda: PositionEmbeddingLearned(16)],
-                         ids=["sine-normalized", "sine", "learned"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PositionEmbeddingSine(16, normalize=True),
+        lambda: PositionEmbeddingSine(8),
+        lambda: PositionEmbeddingLearned(16),
+    ],
+    ids=["sine-normalized", "sine", "learned"],
+)
 def test_script_position_embeddings(make):
     torch.manual_seed(0)
     module = make()
@@ -63,21 +71,29 @@ def test_script_position_embeddings(make):
 
 # ---------------------------------------------------------------------------------------------- ONNX
 
+
 def assert_onnx_export_matches_eager(model, path, extra_outputs: int = 0):
     """Export `model` (eval mode) to ONNX at `path` with dynamic batch, height and width, run it in onnxruntime
     at the exported size and at other ones, and compare OUTPUTS with eager PyTorch (within 1e-4). The graph's
     outputs are OUTPUTS followed by `extra_outputs` others."""
     import onnxruntime
+
     batch = torch.export.Dim("batch", min=1, max=16)
     height = torch.export.Dim("height", min=64, max=1344)
     width = torch.export.Dim("width", min=64, max=1344)
-    program = torch.onnx.export(model, (torch.rand(2, 3, 64, 96),), dynamo=True, verbose=False,
-                                dynamic_shapes=({0: batch, 2: height, 3: width},),
-                                input_names=["images"], output_names=list(OUTPUTS))
+    program = torch.onnx.export(
+        model,
+        (torch.rand(2, 3, 64, 96),),
+        dynamo=True,
+        verbose=False,
+        dynamic_shapes=({0: batch, 2: height, 3: width},),
+        input_names=["images"],
+        output_names=list(OUTPUTS),
+    )
     program.save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    assert names[:len(OUTPUTS)] == list(OUTPUTS) and len(names) == len(OUTPUTS) + extra_outputs
+    assert names[: len(OUTPUTS)] == list(OUTPUTS) and len(names) == len(OUTPUTS) + extra_outputs
     g = torch.Generator().manual_seed(0)
     # The exported size, then other batch sizes, heights and widths than the one exported with.
     for shape in [(2, 3, 64, 96), (1, 3, 96, 64), (3, 3, 128, 100)]:
@@ -97,13 +113,24 @@ def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_pat
 
 def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
     """The synthetic detection defaults' query selection (the best distinct proposals, gathers) exports too."""
-    model, _, _ = tiny_model("--no_aux_loss", "--dec_layers", "1", "--two_stage", "--enc_layers", "0",
-                             "--feature_stride", "16", "--query_nms", "0.5")
+    model, _, _ = tiny_model(
+        "--no_aux_loss",
+        "--dec_layers",
+        "1",
+        "--two_stage",
+        "--enc_layers",
+        "0",
+        "--feature_stride",
+        "16",
+        "--query_nms",
+        "0.5",
+    )
     # After the detections: the proposals' logits, boxes and anchors (enc_outputs).
     assert_onnx_export_matches_eager(model.eval(), tmp_path / "two_stage.onnx", extra_outputs=3)
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile
+
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager(detection_model):

@@ -1,5 +1,6 @@
 """tools/export_onnx.py: the exported file has a dynamic batch, height and width, and onnxruntime agrees with PyTorch
 within 1e-4 on images of sizes the export never saw."""
+
 import contextlib
 import io
 import re
@@ -27,8 +28,9 @@ def exported(synthetic_root, tmp_path_factory):
     for name, (h, w) in {"a.png": (70, 50), "b.jpg": (64, 160)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / name)
     output = folder / "tiny.onnx"
-    command = run_tool("export_onnx.py", "--resume", checkpoint, "--output", output, "--check", folder / "a.png",
-                       folder / "b.jpg")
+    command = run_tool(
+        "export_onnx.py", "--resume", checkpoint, "--output", output, "--check", folder / "a.png", folder / "b.jpg"
+    )
     assert command.returncode == 0, command.stdout + command.stderr
     return checkpoint, output, command.stdout
 
@@ -46,6 +48,7 @@ def test_onnx_agrees_with_pytorch(exported):
     assert export_onnx.largest_difference(module, output, [batch]) <= 1e-4
 
     import onnx
+
     graph_input = onnx.load(str(output)).graph.input[0]
     dims = graph_input.type.tensor_type.shape.dim
     assert graph_input.name == "images" and len(dims) == 4
@@ -58,8 +61,9 @@ def test_exit_status_says_whether_the_difference_is_tolerated(exported, monkeypa
     # Skip the slow export: reuse the file, then check it against a tolerance nothing meets.
     monkeypatch.setattr(export_onnx, "export", lambda module, path: shutil.copy(output, path))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        status = export_onnx.main(["--resume", str(checkpoint), "--output", str(output.with_name("again.onnx")),
-                                   "--tolerance", "0"])
+        status = export_onnx.main(
+            ["--resume", str(checkpoint), "--output", str(output.with_name("again.onnx")), "--tolerance", "0"]
+        )
     assert status == 1 and "ABOVE the tolerance" in printed.getvalue()
     with contextlib.redirect_stdout(io.StringIO()):
         assert export_onnx.main(["--resume", str(checkpoint), "--output", str(output.with_name("again.onnx"))]) == 0

@@ -3,6 +3,7 @@ switch of models/transformer.py, --exact and --compile (engine.enable_compile).
 
 The fast path must stay within float rounding of the exact one: outputs and losses within 1e-4, gradients within
 1e-3 relative, on the parity case's configuration and its neighbours (R50, masks, two-stage, pre-norm)."""
+
 import copy
 import math
 
@@ -19,17 +20,50 @@ from models.fast import adamw_options, enable_fast_path
 from util.misc import nested_tensor_from_tensor_list
 
 # The parity case's flags (tests/data/spec/parity/case.json), without the ImageNet weights the default asks for.
-PARITY_FLAGS = ["--device", "cpu", "--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--enc_layers",
-                "2", "--dec_layers", "2", "--dim_feedforward", "128", "--num_queries", "10", "--dropout", "0.0",
-                "--backbone_weights", "none"]
+PARITY_FLAGS = [
+    "--device",
+    "cpu",
+    "--backbone",
+    "resnet18",
+    "--hidden_dim",
+    "64",
+    "--nheads",
+    "4",
+    "--enc_layers",
+    "2",
+    "--dec_layers",
+    "2",
+    "--dim_feedforward",
+    "128",
+    "--num_queries",
+    "10",
+    "--dropout",
+    "0.0",
+    "--backbone_weights",
+    "none",
+]
 CONFIGURATIONS = {
     "parity": PARITY_FLAGS,
     # The mask head's group norms need widths in multiples of 8.
     "masks": PARITY_FLAGS + ["--masks", *MASK_HEAD_FLAGS],
     "two_stage": PARITY_FLAGS + ["--two_stage", "--feature_stride", "16"],
     "pre_norm": PARITY_FLAGS + ["--pre_norm"],
-    "resnet50": ["--device", "cpu", "--backbone", "resnet50", "--backbone_weights", "none", "--dropout", "0.0",
-                 "--enc_layers", "2", "--dec_layers", "2", "--num_queries", "20"],
+    "resnet50": [
+        "--device",
+        "cpu",
+        "--backbone",
+        "resnet50",
+        "--backbone_weights",
+        "none",
+        "--dropout",
+        "0.0",
+        "--enc_layers",
+        "2",
+        "--dec_layers",
+        "2",
+        "--num_queries",
+        "20",
+    ],
 }
 
 
@@ -55,7 +89,9 @@ def fill_weights(model: torch.nn.Module, seed: int = 0) -> None:
 def inputs(seed: int = 0):
     """Two images of different sizes (so the batch has padding) and their targets."""
     g = torch.Generator().manual_seed(seed)
-    images = nested_tensor_from_tensor_list([torch.randn(3, 96, 128, generator=g), torch.randn(3, 112, 80, generator=g)])
+    images = nested_tensor_from_tensor_list(
+        [torch.randn(3, 96, 128, generator=g), torch.randn(3, 112, 80, generator=g)]
+    )
     targets = []
     for n in (3, 5):
         boxes = torch.cat([torch.rand(n, 2, generator=g) * 0.5 + 0.25, torch.rand(n, 2, generator=g) * 0.3 + 0.1], 1)
@@ -221,8 +257,8 @@ def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
     assert torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
     assert not torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)
     # Halves of the mask are independent (no period within a tensor).
-    first, second = (y[: n // 2] == 0).double(), (y[n // 2: 2 * (n // 2)] == 0).double()
-    assert abs((first * second).mean().item() - dropped ** 2) < 0.01
+    first, second = (y[: n // 2] == 0).double(), (y[n // 2 : 2 * (n // 2)] == 0).double()
+    assert abs((first * second).mean().item() - dropped**2) < 0.01
     half = transformer.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
     assert half.dtype == torch.bfloat16
     same = torch.randn(5)
@@ -241,8 +277,17 @@ def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropo
     expected = attention(query, key, value, key_padding_mask=padding)[0]
     monkeypatch.setattr(transformer, "fast_dropout", lambda x, p, training: x)
     got = transformer.explicit_attention_fast_dropout(
-        query, key, value, padding, attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight,
-        attention.out_proj.bias, attention.num_heads, attention.dropout)
+        query,
+        key,
+        value,
+        padding,
+        attention.in_proj_weight,
+        attention.in_proj_bias,
+        attention.out_proj.weight,
+        attention.out_proj.bias,
+        attention.num_heads,
+        attention.dropout,
+    )
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), query)
     (grad_got,) = torch.autograd.grad(got.square().sum(), query)
@@ -257,8 +302,7 @@ def test_fast_path_trains_with_fast_dropout_in_the_transformer(monkeypatch):
     assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, transformer.FastDropout))
     calls = []
     original = transformer.explicit_attention_fast_dropout
-    monkeypatch.setattr(transformer, "explicit_attention_fast_dropout",
-                        lambda *a: calls.append(a[-1]) or original(*a))
+    monkeypatch.setattr(transformer, "explicit_attention_fast_dropout", lambda *a: calls.append(a[-1]) or original(*a))
     images, targets = inputs()
     model.train()
     losses = criterion(model(images), [{k: v for k, v in t.items() if k != "masks"} for t in targets])
@@ -327,6 +371,7 @@ def test_main_runs_the_fast_path_with_fast(monkeypatch, synthetic_root):
 
 # ------------------------------------------------------------------------------------------------------ --compile
 
+
 def test_compile_unavailable_falls_back_with_a_message(monkeypatch, capsys):
     monkeypatch.setattr(engine.shutil, "which", lambda name: None)
     model, _, _ = build_model(tiny_args())
@@ -339,6 +384,7 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
     def failing_compile(model, **kwargs):
         def call(*args):
             raise torch._dynamo.exc.InternalTorchDynamoError("simulated failure")
+
         return call
 
     monkeypatch.setattr(engine.torch, "compile", failing_compile)
@@ -357,8 +403,10 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(engine.compile_unavailable_reason(torch.device("cpu")) != "",
-                    reason=f"torch.compile cannot run here: {engine.compile_unavailable_reason(torch.device('cpu'))}")
+@pytest.mark.skipif(
+    engine.compile_unavailable_reason(torch.device("cpu")) != "",
+    reason=f"torch.compile cannot run here: {engine.compile_unavailable_reason(torch.device('cpu'))}",
+)
 def test_compiled_model_matches_eager_across_image_sizes():
     torch.manual_seed(0)
     model, criterion, _ = build_model(tiny_args("--enc_layers", "1", "--dec_layers", "1"))
@@ -368,8 +416,11 @@ def test_compiled_model_matches_eager_across_image_sizes():
     assert engine.enable_compile(model, cpu)
     with torch.no_grad():
         # Two sizes, one compilation (dynamic shapes), and a padded batch.
-        for images in (torch.randn(1, 3, 64, 96), torch.randn(1, 3, 96, 64),
-                       nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 80, 48)])):
+        for images in (
+            torch.randn(1, 3, 64, 96),
+            torch.randn(1, 3, 96, 64),
+            nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 80, 48)]),
+        ):
             out, expected = engine.run_model(model, images, cpu), eager(images)
             for key in ("pred_logits", "pred_boxes"):
                 torch.testing.assert_close(out[key], expected[key], rtol=1e-4, atol=1e-4)

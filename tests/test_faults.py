@@ -1,6 +1,7 @@
 """The fault matrix: a run killed anywhere, damaged and hostile checkpoints, a lost process of a distributed run.
 Whatever happens, the run can continue and nothing already saved is lost. (A full disk, a non-finite loss and bad
 annotations are in test_main.py; bad images and boxes in test_coco.py. The README's table lists every case.)"""
+
 import os
 import re
 import shutil
@@ -14,9 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import main as main_py
-from helpers import (MASK_HEAD_FLAGS, REPO_ROOT, file_digest, free_port, load_checkpoint_safely, run_main,
-                     tensorboard_scalars, tiny_flags)
+from helpers import (
+    MASK_HEAD_FLAGS,
+    REPO_ROOT,
+    file_digest,
+    free_port,
+    load_checkpoint_safely,
+    run_main,
+    tensorboard_scalars,
+    tiny_flags,
+)
 
 # Three epochs with a learning-rate drop after the second (so checkpoint0001.pth is kept), dropout on so that
 # the model draws from the generators too.
@@ -112,8 +120,7 @@ KILL_POINTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point, nth", KILL_POINTS, ids=[f"{p.replace(' ', '_')}_{n}" for p, n in KILL_POINTS])
-def test_a_run_killed_anywhere_resumes_to_the_same_weights_and_log(point, nth, uninterrupted, synthetic_root,
-                                                                   tmp_path):
+def test_a_run_killed_anywhere_resumes_to_the_same_weights_and_log(point, nth, uninterrupted, synthetic_root, tmp_path):
     out = tmp_path / "out"
     killed = run_killed(tiny_flags(synthetic_root, out, *RUN_FLAGS), point, nth, tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -131,8 +138,12 @@ def test_tensorboard_after_a_kill_and_auto_resume_holds_every_step_once(uninterr
     out = tmp_path / "out"
     # Epoch 1 trained, evaluated and its events on disk, then killed before its checkpoint: it is redone. (No
     # pictures, to save time: drawn under isolated_rng, they change nothing of the run.)
-    killed = run_killed(tiny_flags(synthetic_root, out, *RUN_FLAGS, "--no_plots"),
-                        "between the log line and the checkpoint", 2, tmp_path)
+    killed = run_killed(
+        tiny_flags(synthetic_root, out, *RUN_FLAGS, "--no_plots"),
+        "between the log line and the checkpoint",
+        2,
+        tmp_path,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     before = tensorboard_scalars(out / "tensorboard")
     assert [step for step, _ in before["train/loss"]] == [0, 3, 4, 7]  # epoch 1's steps were written
@@ -147,6 +158,7 @@ def test_tensorboard_after_a_kill_and_auto_resume_holds_every_step_once(uninterr
 
 
 # ------------------------------------------------------------------------------------------ damaged checkpoints
+
 
 def truncate(path: Path) -> None:
     data = path.read_bytes()
@@ -171,14 +183,16 @@ def digests(folder: Path) -> dict:
     return {p.relative_to(folder): file_digest(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("damage, what", [(truncate, "is cut short"), (flip_a_bit_in_the_weights, "is damaged")],
-                         ids=["truncated", "bit_flipped"])
+@pytest.mark.parametrize(
+    "damage, what",
+    [(truncate, "is cut short"), (flip_a_bit_in_the_weights, "is damaged")],
+    ids=["truncated", "bit_flipped"],
+)
 def test_a_damaged_checkpoint_is_named_by_resume_and_auto_resume(damage, what, damaged_run, synthetic_root):
     damage(damaged_run / "checkpoint.pth")
     before = digests(damaged_run)
     with pytest.raises(SystemExit) as stopped:
-        run_main(tiny_flags(synthetic_root, damaged_run, *RUN_FLAGS, "--resume",
-                            str(damaged_run / "checkpoint.pth")))
+        run_main(tiny_flags(synthetic_root, damaged_run, *RUN_FLAGS, "--resume", str(damaged_run / "checkpoint.pth")))
     message = str(stopped.value.code)
     assert message.startswith(f"--resume: checkpoint {damaged_run / 'checkpoint.pth'} {what}"), message
 
@@ -202,12 +216,12 @@ def test_auto_resume_with_no_intact_copy_says_so(damaged_run, synthetic_root):
 
 def test_the_named_intact_copy_resumes(damaged_run, uninterrupted, synthetic_root):
     truncate(damaged_run / "checkpoint.pth")
-    run_main(tiny_flags(synthetic_root, damaged_run, *RUN_FLAGS, "--resume",
-                        str(damaged_run / "checkpoint0001.pth")))
+    run_main(tiny_flags(synthetic_root, damaged_run, *RUN_FLAGS, "--resume", str(damaged_run / "checkpoint0001.pth")))
     assert_same_run(uninterrupted, damaged_run)
 
 
 # ------------------------------------------------------------------------------------------ hostile files
+
 
 class Payload:
     """Unpickling this creates a file: what a malicious checkpoint would do instead (run any code)."""
@@ -248,6 +262,7 @@ def test_main_refuses_a_hostile_checkpoint(flag, hostile, synthetic_root, tmp_pa
 
 def test_hub_entry_points_refuse_a_hostile_local_file(tmp_path):
     import hubconf
+
     marker = tmp_path / "payload_ran"
     path = tmp_path / "hostile.pth"
     torch.save({"model": {}, "extra": Payload(marker)}, path)
@@ -256,11 +271,17 @@ def test_hub_entry_points_refuse_a_hostile_local_file(tmp_path):
     assert_refused(str(error.value), path, marker)
 
 
-@pytest.mark.parametrize("tool, extra", [("predict", ["--output_dir", "{out}"]),
-                                         ("attention", ["--output_dir", "{out}"]),
-                                         ("export_onnx", ["--output", "{out}/model.onnx"])])
+@pytest.mark.parametrize(
+    "tool, extra",
+    [
+        ("predict", ["--output_dir", "{out}"]),
+        ("attention", ["--output_dir", "{out}"]),
+        ("export_onnx", ["--output", "{out}/model.onnx"]),
+    ],
+)
 def test_tools_refuse_a_hostile_checkpoint(tool, extra, hostile, synthetic_root, tmp_path):
     import importlib
+
     path, marker = hostile
     module = importlib.import_module(f"tools.{tool}")
     image = next((synthetic_root / "val2017").glob("*.jpg"))
@@ -274,6 +295,7 @@ def test_tools_refuse_a_hostile_checkpoint(tool, extra, hostile, synthetic_root,
 
 def test_backbone_weights_refuse_a_hostile_file(tmp_path):
     from models.backbone import load_backbone_weights
+
     marker = tmp_path / "payload_ran"
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(1), "extra": Payload(marker)}, path)
@@ -286,12 +308,22 @@ def test_backbone_weights_refuse_a_hostile_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resumes(uninterrupted, synthetic_root,
-                                                                                  tmp_path):
+def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resumes(
+    uninterrupted, synthetic_root, tmp_path
+):
     out = tmp_path / "out"
     flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                "127.0.0.1", "--master_port", str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
     # Two processes, each with half of the 16 images in batches of 4: 2 steps an epoch each; rank 1 dies in
     # epoch 1's second step.
     started = time.monotonic()
@@ -306,8 +338,14 @@ def test_a_lost_process_of_a_distributed_run_stops_the_others_and_the_run_resume
     assert checkpoint["epoch"] == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun[-1] = str(free_port())
-    resumed = subprocess.run([*torchrun, "main.py", *flags, "--auto_resume"], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*torchrun, "main.py", *flags, "--auto_resume"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert len((out / "log.txt").read_text().splitlines()) == 3
     assert load_checkpoint_safely(out / "checkpoint.pth")["epoch"] == 2
@@ -321,15 +359,32 @@ def test_without_torchrun_the_survivor_says_a_process_was_lost(synthetic_root, t
     flags = tiny_flags(synthetic_root, out, *RUN_FLAGS, "--dist_timeout", "120")
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    base = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(free_port()), KILL_AT="mid-step", KILL_NTH="4", KILL_RANK="1")
+    base = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        KILL_AT="mid-step",
+        KILL_NTH="4",
+        KILL_RANK="1",
+    )
     started = time.monotonic()
-    survivor = subprocess.Popen([sys.executable, "main.py", *flags], cwd=REPO_ROOT,
-                                env=dict(base, RANK="0", LOCAL_RANK="0"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, str(script), *flags], cwd=REPO_ROOT,
-                              env=dict(base, RANK="1", LOCAL_RANK="1"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    survivor = subprocess.Popen(
+        [sys.executable, "main.py", *flags],
+        cwd=REPO_ROOT,
+        env=dict(base, RANK="0", LOCAL_RANK="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        [sys.executable, str(script), *flags],
+        cwd=REPO_ROOT,
+        env=dict(base, RANK="1", LOCAL_RANK="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _, stderr = survivor.communicate(timeout=300)
     victim.wait(timeout=60)
     assert victim.returncode == -signal.SIGKILL

@@ -2,6 +2,7 @@
 backbone names) build random-weight models that save_pretrained writes into folders, which the project reads;
 the project's checkpoints go the other way and transformers' from_pretrained reads them. Outputs of both models
 on the same padded batch must agree, and round trips must give back every tensor exactly."""
+
 import json
 import os
 import pickle
@@ -25,10 +26,20 @@ from util.misc import NestedTensor
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-TRANSFORMERS_RESNET50 = {"model_type": "resnet", "layer_type": "bottleneck", "depths": [3, 4, 6, 3],
-                         "hidden_sizes": [256, 512, 1024, 2048], "out_features": ["stage4"]}
-TRANSFORMERS_RESNET18 = {"model_type": "resnet", "layer_type": "basic", "depths": [2, 2, 2, 2],
-                         "hidden_sizes": [64, 128, 256, 512], "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+TRANSFORMERS_RESNET50 = {
+    "model_type": "resnet",
+    "layer_type": "bottleneck",
+    "depths": [3, 4, 6, 3],
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "out_features": ["stage4"],
+}
+TRANSFORMERS_RESNET18 = {
+    "model_type": "resnet",
+    "layer_type": "basic",
+    "depths": [2, 2, 2, 2],
+    "hidden_sizes": [64, 128, 256, 512],
+    "out_features": ["stage1", "stage2", "stage3", "stage4"],
+}
 
 
 def project_model(checkpoint: dict) -> torch.nn.Module:
@@ -84,9 +95,18 @@ HF_CASES = {
     "20_labels": dict(num_labels=20),
     "transformers_resnet50": dict(use_timm_backbone=False, backbone=None, backbone_config=TRANSFORMERS_RESNET50),
     # facebook/detr-resnet-50's configuration
-    "r50_full_size": dict(backbone="resnet50", d_model=256, encoder_layers=6, decoder_layers=6,
-                          encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048,
-                          decoder_ffn_dim=2048, num_queries=100, num_labels=91),
+    "r50_full_size": dict(
+        backbone="resnet50",
+        d_model=256,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+        num_queries=100,
+        num_labels=91,
+    ),
 }
 SLOW_CASES = ("r101", "r50_full_size")
 
@@ -97,8 +117,11 @@ def test_hf_folder_gives_the_same_outputs(tmp_path, case):
     checkpoint = read_hf_folder(folder)
     expected_layout = "transformers" if case.startswith("transformers") else "timm"
     assert checkpoint["hf_backbone_layout"] == expected_layout
-    assert checkpoint["args"].backbone == {"r101": "resnet101", "learned_position": "resnet18",
-                                           "20_labels": "resnet18"}.get(case, "resnet50")
+    assert checkpoint["args"].backbone == {
+        "r101": "resnet101",
+        "learned_position": "resnet18",
+        "20_labels": "resnet18",
+    }.get(case, "resnet50")
     assert checkpoint["args"].dilation == (case == "dc5")
     hf_model = transformers.DetrForObjectDetection.from_pretrained(str(folder)).eval()
     compare_outputs(project_model(checkpoint), hf_model)
@@ -106,10 +129,19 @@ def test_hf_folder_gives_the_same_outputs(tmp_path, case):
 
 @pytest.mark.parametrize("layout", ["timm", "transformers"])
 def test_hf_panoptic_folder_gives_the_same_masks(tmp_path, layout):
-    backbone = dict(backbone="resnet18") if layout == "timm" else dict(
-        use_timm_backbone=False, backbone=None, backbone_config=TRANSFORMERS_RESNET18)
-    folder = hf_folder(tmp_path / layout, segmentation=True, d_model=128, encoder_attention_heads=8,
-                       decoder_attention_heads=8, **backbone)
+    backbone = (
+        dict(backbone="resnet18")
+        if layout == "timm"
+        else dict(use_timm_backbone=False, backbone=None, backbone_config=TRANSFORMERS_RESNET18)
+    )
+    folder = hf_folder(
+        tmp_path / layout,
+        segmentation=True,
+        d_model=128,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        **backbone,
+    )
     checkpoint = read_hf_folder(folder)
     assert checkpoint["args"].masks and "mask_head.lay1.weight" in checkpoint["model"]
     hf_model = transformers.DetrForSegmentation.from_pretrained(str(folder)).eval()
@@ -129,16 +161,22 @@ def test_id2label_becomes_the_class_names(tmp_path):
 
 # 2. Project -> HF -> project -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout,extra", [("timm", ()), ("transformers", ()),
-                                          ("timm", ("--position_embedding", "learned")),
-                                          ("timm", ("--masks", "--hidden_dim", "128", "--nheads", "8"))])
+
+@pytest.mark.parametrize(
+    "layout,extra",
+    [
+        ("timm", ()),
+        ("transformers", ()),
+        ("timm", ("--position_embedding", "learned")),
+        ("timm", ("--masks", "--hidden_dim", "128", "--nheads", "8")),
+    ],
+)
 def test_checkpoint_round_trip_through_hf(tmp_path, layout, extra):
     model = randomize(tiny_model(*extra)[0]).eval()
     args = tiny_args(*extra)
     checkpoint = {"model": model.state_dict(), "args": args, "epoch": 3}
     folder = tmp_path / "hf"
-    config = write_hf_folder(checkpoint, folder, "test checkpoint", layout=layout,
-                             id2label={1: "one", 2: "two"})
+    config = write_hf_folder(checkpoint, folder, "test checkpoint", layout=layout, id2label={1: "one", 2: "two"})
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert config["id2label"]["1"] == "one" and config["id2label"]["0"] == "LABEL_0"
 
@@ -151,18 +189,31 @@ def test_checkpoint_round_trip_through_hf(tmp_path, layout, extra):
     assert back["model"].keys() == checkpoint["model"].keys()
     for key, value in checkpoint["model"].items():
         assert torch.equal(back["model"][key], value), key
-    for flag in ("backbone", "hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
-                 "masks", "dilation"):
+    for flag in (
+        "backbone",
+        "hidden_dim",
+        "nheads",
+        "enc_layers",
+        "dec_layers",
+        "dim_feedforward",
+        "num_queries",
+        "masks",
+        "dilation",
+    ):
         assert getattr(back["args"], flag) == getattr(args, flag), flag
 
 
 def test_written_folder_runs_in_the_object_detection_pipeline(tmp_path):
     model = randomize(tiny_model("--num_classes", "3")[0])
-    write_hf_folder({"model": model.state_dict(), "args": tiny_args("--num_classes", "3")}, tmp_path / "hf",
-                    id2label={0: "N/A", 1: "apple", 2: "pear"})
+    write_hf_folder(
+        {"model": model.state_dict(), "args": tiny_args("--num_classes", "3")},
+        tmp_path / "hf",
+        id2label={0: "N/A", 1: "apple", 2: "pear"},
+    )
     detector = transformers.pipeline("object-detection", model=str(tmp_path / "hf"), threshold=-1.0)
-    image = Image.fromarray(torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8,
-                                          generator=torch.Generator().manual_seed(0)).numpy())
+    image = Image.fromarray(
+        torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    )
     detections = detector(image)
     assert len(detections) == 5  # every query of the tiny model
     assert {d["label"] for d in detections} <= {"N/A", "apple", "pear"}
@@ -181,8 +232,11 @@ def spec_checkpoint(table: str) -> dict:
 
 # 3. Published checkpoints and fine-tuning ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("table", ["state_dict_detr_resnet50.tsv",
-                                   pytest.param("state_dict_detr_resnet50_panoptic.tsv", marks=pytest.mark.slow)])
+
+@pytest.mark.parametrize(
+    "table",
+    ["state_dict_detr_resnet50.tsv", pytest.param("state_dict_detr_resnet50_panoptic.tsv", marks=pytest.mark.slow)],
+)
 def test_published_checkpoint_round_trips_exactly(tmp_path, table):
     checkpoint = spec_checkpoint(table)
     config = write_hf_folder(checkpoint, tmp_path / "hf", table)
@@ -202,11 +256,22 @@ def test_published_checkpoint_loads_in_transformers(tmp_path):
 
 def test_hf_folder_fine_tunes_with_another_class_count(tmp_path, synthetic_root):
     # The tiny synthetic recipe's sizes (tests/helpers.py), 3 labels where the synthetic data has more.
-    folder = hf_folder(tmp_path / "hf", d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
-                       encoder_layers=1, decoder_layers=2, num_queries=8, num_labels=3)
+    folder = hf_folder(
+        tmp_path / "hf",
+        d_model=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_queries=8,
+        num_labels=3,
+    )
     # HF models freeze their backbone's batch norms (the synthetic recipe trains them: --backbone_norm batch).
-    _, printed = run_main(tiny_flags(synthetic_root, tmp_path / "out", "--finetune", str(folder), "--epochs", "1",
-                                     "--backbone_norm", "frozen"))
+    _, printed = run_main(
+        tiny_flags(
+            synthetic_root, tmp_path / "out", "--finetune", str(folder), "--epochs", "1", "--backbone_norm", "frozen"
+        )
+    )
     assert "re-initialized because their shapes differ: class_embed.weight: checkpoint [4, 32]" in printed
     log = [json.loads(line) for line in (tmp_path / "out" / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and log[0]["epoch"] == 0
@@ -215,14 +280,23 @@ def test_hf_folder_fine_tunes_with_another_class_count(tmp_path, synthetic_root)
 def test_hf_folder_evaluates_with_resume(tmp_path, synthetic_root):
     flags = tiny_flags(synthetic_root, tmp_path / "out", "--eval", "--backbone_norm", "frozen")
     num_classes = datasets.num_classes(main_py.parse_args(flags))
-    folder = hf_folder(tmp_path / "hf", d_model=32, encoder_attention_heads=2, decoder_attention_heads=2,
-                       encoder_layers=1, decoder_layers=2, num_queries=8, num_labels=num_classes)
+    folder = hf_folder(
+        tmp_path / "hf",
+        d_model=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_queries=8,
+        num_labels=num_classes,
+    )
     run_main(flags + ["--resume", str(folder)])
     assert (tmp_path / "out" / "eval.pth").is_file()
     # A run of another architecture is told what differs, as for any checkpoint.
     with pytest.raises(ValueError, match="--backbone_norm: checkpoint 'frozen', this run 'batch'"):
-        run_main(tiny_flags(synthetic_root, tmp_path / "out2", "--eval", "--backbone_norm", "batch",
-                            "--resume", str(folder)))
+        run_main(
+            tiny_flags(synthetic_root, tmp_path / "out2", "--eval", "--backbone_norm", "batch", "--resume", str(folder))
+        )
 
 
 def test_hubconf_pretrained_takes_a_folder(tmp_path):
@@ -242,9 +316,15 @@ def test_main_accepts_a_folder_for_resume_and_frozen_weights(tmp_path, good_fold
 
 # Refused: what the HF layout cannot hold, and bad or hostile folders ---------------------------------------------
 
-@pytest.mark.parametrize("flags,named", [(("--pre_norm",), "--pre_norm"),
-                                         (("--feature_stride", "16"), "--feature_stride"),
-                                         (("--backbone_norm", "batch"), "--backbone_norm")])
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (("--pre_norm",), "--pre_norm"),
+        (("--feature_stride", "16"), "--feature_stride"),
+        (("--backbone_norm", "batch"), "--backbone_norm"),
+    ],
+)
 def test_what_the_hf_layout_cannot_hold_is_refused(tmp_path, flags, named):
     checkpoint = {"model": tiny_model(*flags)[0].state_dict(), "args": tiny_args(*flags)}
     with pytest.raises(HFFolderError, match=named):
@@ -278,6 +358,7 @@ def good_folder(tmp_path_factory) -> Path:
 def broken_copy(good: Path, tmp_path: Path, config=None, drop=(), state=None) -> Path:
     """A copy of `good` with config.json replaced (a dict or a raw string), files dropped, or other weights."""
     from safetensors.torch import save_file
+
     folder = tmp_path / "broken"
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -296,6 +377,7 @@ def good_config(good: Path) -> dict:
 
 def good_state(good: Path) -> dict:
     from safetensors.torch import load_file
+
     return load_file(str(good / "model.safetensors"))
 
 
@@ -303,30 +385,50 @@ BAD_FOLDERS = {
     "no config.json": (lambda g: dict(drop=("config.json",)), r"broken is a folder without config\.json"),
     "config not an object": (lambda g: dict(config="[1, 2]"), r"config\.json: expected a JSON object"),
     "config not JSON": (lambda g: dict(config="{'d_model': "), r"config\.json is not valid JSON"),
-    "d_model a string": (lambda g: dict(config={**good_config(g), "d_model": "big"}),
-                         r"config\.json: the key 'd_model' must be int"),
-    "another model type": (lambda g: dict(config={**good_config(g), "model_type": "deformable_detr"}),
-                           r"config\.json: the key 'model_type' is 'deformable_detr'"),
-    "unknown backbone": (lambda g: dict(config={**good_config(g), "backbone_config": {
-        **good_config(g)["backbone_config"], "backbone": "efficientnet_b0"}}),
-        r"config\.json \(backbone_config\): the key 'backbone' is 'efficientnet_b0'"),
-    "unknown backbone, hub's flat form": (lambda g: dict(config={**good_config(g), "backbone_config": None,
-                                                                 "use_timm_backbone": True, "backbone": "vit"}),
-                                          r"config\.json: the key 'backbone' is 'vit'"),
-    "other decoder heads": (lambda g: dict(config={**good_config(g), "decoder_attention_heads": 2}),
-                            r"config\.json: the key 'decoder_attention_heads'"),
+    "d_model a string": (
+        lambda g: dict(config={**good_config(g), "d_model": "big"}),
+        r"config\.json: the key 'd_model' must be int",
+    ),
+    "another model type": (
+        lambda g: dict(config={**good_config(g), "model_type": "deformable_detr"}),
+        r"config\.json: the key 'model_type' is 'deformable_detr'",
+    ),
+    "unknown backbone": (
+        lambda g: dict(
+            config={
+                **good_config(g),
+                "backbone_config": {**good_config(g)["backbone_config"], "backbone": "efficientnet_b0"},
+            }
+        ),
+        r"config\.json \(backbone_config\): the key 'backbone' is 'efficientnet_b0'",
+    ),
+    "unknown backbone, hub's flat form": (
+        lambda g: dict(
+            config={**good_config(g), "backbone_config": None, "use_timm_backbone": True, "backbone": "vit"}
+        ),
+        r"config\.json: the key 'backbone' is 'vit'",
+    ),
+    "other decoder heads": (
+        lambda g: dict(config={**good_config(g), "decoder_attention_heads": 2}),
+        r"config\.json: the key 'decoder_attention_heads'",
+    ),
     "no weights": (lambda g: dict(drop=("model.safetensors",)), r"holds no weights: expected model\.safetensors"),
     "class head of another size": (
         lambda g: dict(state={**good_state(g), "class_labels_classifier.weight": torch.zeros(9, 32)}),
-        r"(?s)model\.safetensors does not fit .*class_labels_classifier\.weight: \[9, 32\], expected \[6, 32\]"),
+        r"(?s)model\.safetensors does not fit .*class_labels_classifier\.weight: \[9, 32\], expected \[6, 32\]",
+    ),
     "a q projection of another size": (
         lambda g: dict(state={**good_state(g), "model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(8, 32)}),
-        r"model\.safetensors: shapes that do not fit .*model\.encoder\.layers\.0\.self_attn\.q_proj\.weight"),
+        r"model\.safetensors: shapes that do not fit .*model\.encoder\.layers\.0\.self_attn\.q_proj\.weight",
+    ),
     "a missing tensor": (
         lambda g: dict(state={k: v for k, v in good_state(g).items() if k != "model.input_projection.bias"}),
-        r"(?s)model\.safetensors does not fit .*missing keys: model\.input_projection\.bias"),
-    "an unknown tensor": (lambda g: dict(state={**good_state(g), "model.extra.weight": torch.zeros(2)}),
-                          r"(?s)model\.safetensors does not fit .*unexpected keys: model\.extra\.weight"),
+        r"(?s)model\.safetensors does not fit .*missing keys: model\.input_projection\.bias",
+    ),
+    "an unknown tensor": (
+        lambda g: dict(state={**good_state(g), "model.extra.weight": torch.zeros(2)}),
+        r"(?s)model\.safetensors does not fit .*unexpected keys: model\.extra\.weight",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Tests of hubconf.py and util/checkpoint.py: the published layouts, safe loading, and no surprise network."""
+
 import argparse
 import os
 import urllib.error
@@ -54,12 +55,15 @@ def layout(model):
 
 def refuse_weight_files(monkeypatch):
     """Any read of a weights file fails: building with pretrained=False must not load anything."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"weights were loaded: torch.load{args[:1]}")
+
     monkeypatch.setattr(torch, "load", refuse)
 
 
 # ---------------------------------------------------------------------------------------------- layouts, offline
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", DETECTION + PANOPTIC)
@@ -85,13 +89,14 @@ def test_layout_files_agree_with_each_other():
     # under "detr." (with a 250-class head), then the mask head.
     r50, pan = read_layout("detr_resnet50"), read_layout("detr_resnet50_panoptic")
     inner = [row for row in pan if row[0].startswith("detr.")]
-    assert len(inner) == len(r50) and pan[:len(inner)] == inner
+    assert len(inner) == len(r50) and pan[: len(inner)] == inner
     for (k, s, d), (pk, ps, pd) in zip(r50, inner):
         assert pk == "detr." + k and pd == d
         assert ps == s or (k.startswith("class_embed.") and ps == [251] + s[1:] and s[0] == 92), k
 
 
 # ---------------------------------------------------------------------------------------------- pretrained=True
+
 
 @pytest.fixture
 def tiny_hub(monkeypatch):
@@ -129,7 +134,7 @@ def test_pretrained_download_checks_the_hash_and_loads_safely(tiny_hub, monkeypa
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", record)
     with pytest.raises(RuntimeError, match="detr-r50-e632da11.pth"):
         hubconf.detr_resnet50(pretrained=True)
-    (url, kwargs), = calls
+    ((url, kwargs),) = calls
     assert url == PUBLISHED["detr_resnet50"]
     assert kwargs.get("check_hash") is True and kwargs.get("weights_only") is True
 
@@ -148,6 +153,7 @@ def test_pretrained_true_uses_a_copy_in_the_hub_cache(tiny_hub, monkeypatch, tmp
 
 
 # ---------------------------------------------------------------------------------------------- local checkpoints
+
 
 @pytest.fixture(scope="module")
 def r50_checkpoint(tmp_path_factory):
@@ -239,6 +245,7 @@ def test_model_state_from_accepts_bare_state_dicts_and_rejects_others():
 
 # ---------------------------------------------------------------------------------------------- torch.hub itself
 
+
 def test_hubconf_needs_only_torch_and_torchvision():
     assert hubconf.dependencies == ["torch", "torchvision"]
     for entry in DETECTION + PANOPTIC:
@@ -249,8 +256,9 @@ def test_hubconf_needs_only_torch_and_torchvision():
 def test_torch_hub_load_from_a_local_clone(monkeypatch, tmp_path):
     attempts = block_network(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    model, post = torch.hub.load(str(REPO_ROOT), "detr_resnet50", source="local", pretrained=False, num_classes=10,
-                                 return_postprocessor=True)
+    model, post = torch.hub.load(
+        str(REPO_ROOT), "detr_resnet50", source="local", pretrained=False, num_classes=10, return_postprocessor=True
+    )
     assert model.class_embed.out_features == 11 and type(post).__name__ == "PostProcess"
     model.eval()
     with torch.no_grad():

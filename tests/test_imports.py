@@ -1,5 +1,6 @@
 """Which way imports run (the project's layering rule): the import graph of the project's own modules, read from their
 source (lazy imports inside functions included), has no cycle, and each layer imports only the ones below it."""
+
 import ast
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -9,8 +10,13 @@ from helpers import REPO_ROOT
 # Not the project's code: the tests themselves, environments (and any hidden folder), caches and outputs.
 EXCLUDED_DIRS = {"tests", "venv", "outputs", "__pycache__", "build"}
 # What each top-level part may import of the project besides itself (util/ is the ground floor).
-ALLOWED = {"util": set(), "models": {"util"}, "datasets": {"util"}, "engine": {"util", "datasets"},
-           "hubconf": {"models", "util"}}
+ALLOWED = {
+    "util": set(),
+    "models": {"util"},
+    "datasets": {"util"},
+    "engine": {"util", "datasets"},
+    "hubconf": {"models", "util"},
+}
 # main.py's flags are the one source of their defaults: the tools' shared module reads them (`from main import
 # get_args_parser` and nothing else of main.py, which tests/test_predict.py checks).
 FLAG_READERS = {("tools.detector", "main")}
@@ -58,10 +64,12 @@ def imports_of(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
             # `from pkg import x` imports the module pkg.x when there is one, else a name defined in pkg.
-            targets = [resolve(f"{base}.{alias.name}" if base else alias.name, path, modules)
-                       or resolve(base, path, modules) for alias in node.names]
+            targets = [
+                resolve(f"{base}.{alias.name}" if base else alias.name, path, modules) or resolve(base, path, modules)
+                for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in targets if t is not None and t != name)
@@ -83,7 +91,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -126,8 +134,13 @@ def test_find_cycle_finds_one():
 
 
 def test_layers_import_only_the_ones_below():
-    wrong = [f"{name} imports {target}" for name, targets in import_graph().items() if top(name) in ALLOWED
-             for target in sorted(targets) if top(target) != top(name) and top(target) not in ALLOWED[top(name)]]
+    wrong = [
+        f"{name} imports {target}"
+        for name, targets in import_graph().items()
+        if top(name) in ALLOWED
+        for target in sorted(targets)
+        if top(target) != top(name) and top(target) not in ALLOWED[top(name)]
+    ]
     assert wrong == []
 
 
@@ -135,6 +148,11 @@ def test_no_script_is_imported_by_a_module():
     modules = project_files()
     scripts = {name for name, path in modules.items() if is_script(path)}
     assert "main" in scripts
-    wrong = [f"{name} imports the script {target}" for name, targets in import_graph().items()
-             if name not in scripts for target in sorted(targets & scripts) if (name, target) not in FLAG_READERS]
+    wrong = [
+        f"{name} imports the script {target}"
+        for name, targets in import_graph().items()
+        if name not in scripts
+        for target in sorted(targets & scripts)
+        if (name, target) not in FLAG_READERS
+    ]
     assert wrong == []

@@ -1,5 +1,6 @@
 """main.py end to end on a tiny model and the session's synthetic dataset: the files a run writes, resuming,
 atomic checkpoints, refusing bad input before training, the CPU fallback, and fine-tuning."""
+
 import argparse
 import json
 import shutil
@@ -20,7 +21,6 @@ from util.visualize import read_log
 
 # Dropout on, so that a resumed run also needs the model's own draws from torch's generator to continue.
 RESUME_FLAGS = ("--dropout", "0.1", "--lr_drop", "3")
-
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def assert_same_logs(log_a, log_b, tol=1e-6):
 
 # ---------------------------------------------------------------------------------------------- output files
 
+
 def test_a_run_writes_the_originals_files(straight_run):
     checkpoint = load_checkpoint_safely(straight_run / "checkpoint.pth")
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= checkpoint.keys()
@@ -81,9 +82,21 @@ def test_a_run_writes_the_originals_files(straight_run):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for row in log:
         assert row["n_parameters"] == n_parameters
-        for key in ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "train_lr",
-                    "train_class_error", "test_loss", "test_loss_ce", "test_loss_bbox", "test_loss_giou",
-                    "test_class_error", "train_loss_bbox_0", "test_cardinality_error_unscaled"):
+        for key in (
+            "train_loss",
+            "train_loss_ce",
+            "train_loss_bbox",
+            "train_loss_giou",
+            "train_lr",
+            "train_class_error",
+            "test_loss",
+            "test_loss_ce",
+            "test_loss_bbox",
+            "test_loss_giou",
+            "test_class_error",
+            "train_loss_bbox_0",
+            "test_cardinality_error_unscaled",
+        ):
             assert isinstance(row[key], float), key
         assert len(row["test_coco_eval_bbox"]) == 12
         assert all(-1 <= v <= 1 for v in row["test_coco_eval_bbox"])
@@ -94,8 +107,11 @@ def test_a_run_writes_the_originals_files(straight_run):
     assert [row["train_lr"] for row in log] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
 
     # A copy before the LR drop (after epoch index 2, as lr_drop is 3), and no other; and the best epoch's.
-    assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0002.pth",
-                                                                            "checkpoint_best.pth"]
+    assert sorted(p.name for p in straight_run.glob("checkpoint*.pth")) == [
+        "checkpoint.pth",
+        "checkpoint0002.pth",
+        "checkpoint_best.pth",
+    ]
     assert load_checkpoint_safely(straight_run / "checkpoint0002.pth")["epoch"] == 2
     assert not list(straight_run.glob("**/*.tmp*")), "temporary files left behind"
 
@@ -121,8 +137,20 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_evaluation(straight_run, syn
 
 # ---------------------------------------------------------------------------------------------- TensorBoard
 
-COCO_STATS = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+COCO_STATS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
 # 16 training images in batches of 4: 4 steps an epoch, of which the first and the last are printed.
 STEPS_PER_EPOCH = 4
 
@@ -131,8 +159,14 @@ def test_tensorboard_holds_each_logged_step_and_each_epochs_stats(straight_run):
     scalars = tensorboard_scalars(straight_run / "tensorboard")
     log = read_log(straight_run / "log.txt")
     printed = [e * STEPS_PER_EPOCH + i for e in range(4) for i in (0, STEPS_PER_EPOCH - 1)]
-    for tag in ("train/loss", "train/loss_ce", "train/loss_bbox", "train/loss_giou_unscaled", "train/class_error",
-                "train/lr"):
+    for tag in (
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_bbox",
+        "train/loss_giou_unscaled",
+        "train/class_error",
+        "train/lr",
+    ):
         assert [step for step, _ in scalars[tag]] == printed, tag
     assert all(0 < value < 100 for _, value in scalars["train/loss"])
     assert [v for _, v in scalars["train/lr"]] == pytest.approx([1e-3] * 6 + [1e-4] * 2)
@@ -166,6 +200,7 @@ def test_no_tensorboard_writes_no_event_file(synthetic_root, tmp_path, monkeypat
 
 # ---------------------------------------------------------------------------------------------- best checkpoint
 
+
 def scripted_box_ap(monkeypatch, values):
     """Skip training and make each evaluation report the next of `values` as its box AP (the rest as measured),
     so that the best epoch is known in advance."""
@@ -176,16 +211,17 @@ def scripted_box_ap(monkeypatch, values):
         stats, coco_evaluator = engine.evaluate(*args, **kwargs)
         stats["coco_eval_bbox"] = [remaining.pop(0)] + stats["coco_eval_bbox"][1:]
         return stats, coco_evaluator
+
     monkeypatch.setattr(main_py, "evaluate", evaluate)
 
 
-def test_checkpoint_best_holds_the_epoch_of_the_highest_ap_also_after_a_resume(synthetic_root, tmp_path,
-                                                                               monkeypatch):
+def test_checkpoint_best_holds_the_epoch_of_the_highest_ap_also_after_a_resume(synthetic_root, tmp_path, monkeypatch):
     flags = tiny_flags(synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--auto_resume")
     scripted_box_ap(monkeypatch, [0.1, 0.3])
     _, printed = run_main([*flags, "--epochs", "2"])
-    assert f"Epoch 1: test_coco_eval_bbox[0] 0.3000, the best so far: saved {tmp_path / 'checkpoint_best.pth'}" \
-        in printed
+    assert (
+        f"Epoch 1: test_coco_eval_bbox[0] 0.3000, the best so far: saved {tmp_path / 'checkpoint_best.pth'}" in printed
+    )
     # Epochs 2 and 3 are worse than epoch 1: a resumed run that forgot the best would take epoch 2.
     scripted_box_ap(monkeypatch, [0.2, 0.25])
     _, printed = run_main([*flags, "--epochs", "4"])
@@ -214,23 +250,35 @@ def test_a_best_epoch_saved_in_checkpoint_pth_only_is_written_when_resumed(synth
 def test_best_metric_picks_another_stat_lower_being_better_for_losses(synthetic_root, tmp_path, monkeypatch):
     monkeypatch.setattr(main_py, "train_one_epoch", lambda *args, **kwargs: {"loss": 1.0})
     losses = iter([2.0, 1.5, 1.7])
+
     def evaluate(*args, **kwargs):
         stats, coco_evaluator = engine.evaluate(*args, **kwargs)
         return {**stats, "loss": next(losses, 1.0)}, coco_evaluator
+
     monkeypatch.setattr(main_py, "evaluate", evaluate)
-    run_main(tiny_flags(synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--epochs", "3",
-                        "--best_metric", "test_loss"))
+    run_main(
+        tiny_flags(
+            synthetic_root, tmp_path, "--no_plots", "--no_tensorboard", "--epochs", "3", "--best_metric", "test_loss"
+        )
+    )
     assert load_checkpoint_safely(tmp_path / "checkpoint_best.pth")["best"] == {
-        "metric": "test_loss", "value": 1.5, "epoch": 1}
+        "metric": "test_loss",
+        "value": 1.5,
+        "epoch": 1,
+    }
     with pytest.raises(SystemExit, match=r"--best_metric test_nothing: log.txt has no key 'test_nothing'"):
-        run_main(tiny_flags(synthetic_root, tmp_path / "other", "--no_plots", "--epochs", "1",
-                            "--best_metric", "test_nothing"))
+        run_main(
+            tiny_flags(
+                synthetic_root, tmp_path / "other", "--no_plots", "--epochs", "1", "--best_metric", "test_nothing"
+            )
+        )
     with pytest.raises(SystemExit, match=r"--best_metric 'AP\(0\)': expected 'auto' or a stat of log.txt"):
         run_main(tiny_flags(synthetic_root, tmp_path / "other", "--best_metric", "AP(0)"))
 
 
-def test_checkpoint_best_loads_with_resume_eval_the_hub_and_the_tools(straight_run, synthetic_root, tmp_path,
-                                                                      monkeypatch):
+def test_checkpoint_best_loads_with_resume_eval_the_hub_and_the_tools(
+    straight_run, synthetic_root, tmp_path, monkeypatch
+):
     from tools.detector import load_detector
 
     path = straight_run / "checkpoint_best.pth"
@@ -257,9 +305,19 @@ def test_checkpoint_best_loads_with_resume_eval_the_hub_and_the_tools(straight_r
         seen.setdefault("epoch", epoch)
         seen.setdefault("state", {k: v.clone() for k, v in model.state_dict().items()})
         return {"loss": 1.0}
+
     monkeypatch.setattr(main_py, "train_one_epoch", train_one_epoch)
-    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", str(best["epoch"] + 2), "--resume",
-                        str(path), "--no_plots"))
+    run_main(
+        tiny_flags(
+            synthetic_root,
+            tmp_path / "resumed",
+            "--epochs",
+            str(best["epoch"] + 2),
+            "--resume",
+            str(path),
+            "--no_plots",
+        )
+    )
     assert seen["epoch"] == best["epoch"] + 1
     assert all(torch.equal(seen["state"][k], v) for k, v in best["model"].items())
 
@@ -297,11 +355,26 @@ def mixed_size_coco(tmp_path_factory):
         images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": w, "height": h})
         bw, bh = rng.uniform(0.4, 0.8) * w, rng.uniform(0.4, 0.8) * h
         x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-        annotations.append({"id": i, "image_id": i, "category_id": int(rng.integers(1, 3)), "bbox": [x, y, bw, bh],
-                            "area": bw * bh, "iscrowd": 0})
+        annotations.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": int(rng.integers(1, 3)),
+                "bbox": [x, y, bw, bh],
+                "area": bw * bh,
+                "iscrowd": 0,
+            }
+        )
     ann_file = root / "annotations" / "instances_val2017.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                    "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    ann_file.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            }
+        )
+    )
     transforms = T.Compose([T.RandomResize([48], max_size=96), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return CocoDetection(root / "val2017", ann_file, transforms, return_masks=False)
 
@@ -337,14 +410,21 @@ def test_eval_batching_size_needs_a_fixed_val_size(synthetic_root, tmp_path, mon
     from datasets import transforms as T
 
     # The training transforms pick a scale at random: no size can be known in advance.
-    monkeypatch.setattr(datasets.synthetic, "make_synthetic_transforms",
-                        lambda image_set, image_size: T.Compose([T.RandomResize([48, 64]), T.ToTensor()]))
-    with pytest.raises(SystemExit, match=r"--eval_batching size: cannot tell the val images' sizes \(RandomResize "
-                                         r"with 2 sizes picks one at random"):
+    monkeypatch.setattr(
+        datasets.synthetic,
+        "make_synthetic_transforms",
+        lambda image_set, image_size: T.Compose([T.RandomResize([48, 64]), T.ToTensor()]),
+    )
+    with pytest.raises(
+        SystemExit,
+        match=r"--eval_batching size: cannot tell the val images' sizes \(RandomResize "
+        r"with 2 sizes picks one at random",
+    ):
         run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--eval_batching", "size"))
 
 
 # ---------------------------------------------------------------------------------------------- resuming
+
 
 def test_resuming_continues_exactly_as_an_uninterrupted_run(straight_run, resumed_run):
     straight, resumed = read_log(straight_run / "log.txt"), read_log(resumed_run / "log.txt")
@@ -366,8 +446,17 @@ def test_resuming_with_a_data_loader_worker_continues_exactly(synthetic_root, tm
     flags = ("--num_workers", "1", "--no_plots", *RESUME_FLAGS)
     run_main(tiny_flags(synthetic_root, tmp_path / "straight", "--epochs", "3", *flags))
     run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "1", *flags))
-    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", "--epochs", "3", *flags,
-                        "--resume", str(tmp_path / "resumed" / "checkpoint.pth")))
+    run_main(
+        tiny_flags(
+            synthetic_root,
+            tmp_path / "resumed",
+            "--epochs",
+            "3",
+            *flags,
+            "--resume",
+            str(tmp_path / "resumed" / "checkpoint.pth"),
+        )
+    )
     assert_same_logs(read_log(tmp_path / "straight" / "log.txt"), read_log(tmp_path / "resumed" / "log.txt"))
     a = load_checkpoint_safely(tmp_path / "straight" / "checkpoint.pth")["model"]
     b = load_checkpoint_safely(tmp_path / "resumed" / "checkpoint.pth")["model"]
@@ -376,12 +465,15 @@ def test_resuming_with_a_data_loader_worker_continues_exactly(synthetic_root, tm
 
 
 def same_rng_state(a: dict, b: dict) -> bool:
-    return (torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
-            and torch.equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:])
+    return (
+        torch.equal(a["torch"], b["torch"])
+        and a["python"] == b["python"]
+        and torch.equal(a["numpy"][1], b["numpy"][1])
+        and a["numpy"][2:] == b["numpy"][2:]
+    )
 
 
-def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(synthetic_root, tmp_path,
-                                                                             monkeypatch):
+def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(synthetic_root, tmp_path, monkeypatch):
     """The original's sequence of random draws: epoch k starts from the generators as epoch k-1's evaluation
     left them (nothing restored in between), and the pictures, which the original does not draw, draw nothing
     from them: with and without --no_plots the states, the logs and the weights are the same."""
@@ -390,13 +482,13 @@ def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(syn
     for plots in (True, False):
         states = []
 
-        def train(*args, **kwargs):
+        def train(*args, states=states, **kwargs):
             states.append(("train starts", main_py.rng_state()))
             result = real_train(*args, **kwargs)
             states.append(("train ends", main_py.rng_state()))
             return result
 
-        def evaluate(*args, **kwargs):
+        def evaluate(*args, states=states, **kwargs):
             result = real_evaluate(*args, **kwargs)
             states.append(("evaluation ends", main_py.rng_state()))
             return result
@@ -436,6 +528,7 @@ def test_checkpoints_hold_the_random_state_of_every_process(resumed_run):
 def test_checkpoints_of_another_process_count_resume_with_fresh_generators(capsys, monkeypatch):
     state = main_py.rng_state()
     import util.checkpoint
+
     monkeypatch.setattr(util.checkpoint, "set_rng_state", lambda s: pytest.fail("restored another process's state"))
     main_py.restore_rng_states([state, state])
     assert "random states of 2 process(es) but this run has 1" in capsys.readouterr().out
@@ -443,6 +536,7 @@ def test_checkpoints_of_another_process_count_resume_with_fresh_generators(capsy
 
 def test_single_dict_rng_of_older_checkpoints_is_restored():
     import random
+
     state = main_py.rng_state()
     expected = (torch.rand(3), random.random())
     main_py.restore_rng_states(state)
@@ -450,6 +544,7 @@ def test_single_dict_rng_of_older_checkpoints_is_restored():
 
 
 # ---------------------------------------------------------------------------------------------- saving safely
+
 
 def crash_while_writing(monkeypatch, name_starts="checkpoint"):
     """Make torch.save write the start of a file whose name starts with `name_starts`, and then fail, as a
@@ -462,6 +557,7 @@ def crash_while_writing(monkeypatch, name_starts="checkpoint"):
         with open(f, "wb") as out:
             out.write(b"PK\x03\x04 only the first bytes")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(torch, "save", save)
 
 
@@ -477,14 +573,14 @@ def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == [path], "the partial temporary file was left behind"
 
 
-def test_a_full_disk_while_training_saves_a_checkpoint_stops_and_keeps_the_previous_one(previous_run,
-                                                                                        synthetic_root, monkeypatch):
+def test_a_full_disk_while_training_saves_a_checkpoint_stops_and_keeps_the_previous_one(
+    previous_run, synthetic_root, monkeypatch
+):
     checkpoint = previous_run / "checkpoint.pth"
     before = file_digest(checkpoint)
     crash_while_writing(monkeypatch)
     with pytest.raises(SystemExit) as stopped:
-        run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "3", *RESUME_FLAGS,
-                            "--resume", str(checkpoint)))
+        run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "3", *RESUME_FLAGS, "--resume", str(checkpoint)))
     message = str(stopped.value.code)  # a message, not 0: the process exits with status 1
     assert f"could not write checkpoint {checkpoint}" in message and "No space left on device" in message
     assert f"the previous {checkpoint} is intact" in message and "--auto_resume" in message
@@ -494,6 +590,7 @@ def test_a_full_disk_while_training_saves_a_checkpoint_stops_and_keeps_the_previ
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+
 
 @pytest.fixture
 def coco_copy(synthetic_root, tmp_path):
@@ -506,8 +603,10 @@ def coco_copy(synthetic_root, tmp_path):
 @pytest.fixture
 def no_training(monkeypatch):
     """Fail the test if main.py gets as far as training."""
+
     def train_one_epoch(*args, **kwargs):
         pytest.fail("training started despite bad input")
+
     monkeypatch.setattr(main_py, "train_one_epoch", train_one_epoch)
 
 
@@ -523,12 +622,22 @@ def output_with_history(tmp_path):
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pth", "log.txt"]
         assert (out / "checkpoint.pth").read_bytes() == b"an earlier checkpoint"
         assert (out / "log.txt").read_text() == '{"epoch": 0}\n'
+
     return out, unchanged
 
 
 def coco_flags(root, output_dir, *extra):
-    return ["--dataset_file", "coco", "--coco_path", str(root), "--device", "cpu", "--output_dir", str(output_dir),
-            *extra]
+    return [
+        "--dataset_file",
+        "coco",
+        "--coco_path",
+        str(root),
+        "--device",
+        "cpu",
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def edit_json(path, change):
@@ -537,8 +646,9 @@ def edit_json(path, change):
     path.write_text(json.dumps(data))
 
 
-def test_a_missing_dataset_folder_names_the_flag_and_the_layout(tmp_path, no_training, output_with_history,
-                                                                monkeypatch):
+def test_a_missing_dataset_folder_names_the_flag_and_the_layout(
+    tmp_path, no_training, output_with_history, monkeypatch
+):
     out, unchanged = output_with_history
     monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the data was checked"))
     with pytest.raises(FileNotFoundError) as error:
@@ -549,23 +659,49 @@ def test_a_missing_dataset_folder_names_the_flag_and_the_layout(tmp_path, no_tra
     unchanged()
 
 
-@pytest.mark.parametrize("damage, error, expected", [
-    (lambda root: (root / "annotations" / "instances_train2017.json").write_text('{"images": [{"id": 1,'),
-     ValueError, ["instances_train2017.json", "not valid JSON"]),
-    (lambda root: edit_json(root / "annotations" / "instances_val2017.json", lambda d: d.pop("annotations")),
-     ValueError, ["instances_val2017.json", "'annotations'"]),
-    (lambda root: edit_json(root / "annotations" / "instances_train2017.json",
-                            lambda d: (d["annotations"][0].update(category_id=9),
-                                       d["categories"].append({"id": 9, "name": "nine"}))),
-     ValueError, ["category id 9", "instances_train2017.json", "--num_classes 6", "--num_classes 10"]),
-    (lambda root: edit_json(root / "annotations" / "instances_train2017.json",
-                            lambda d: d["annotations"][2].update(category_id=0, id=777)),
-     ValueError, ["instances_train2017.json", "annotations[2] (id 777) has category_id 0", "'categories'"]),
-    (lambda root: (root / "train2017" / "000000000005.jpg").unlink(),
-     FileNotFoundError, ["instances_train2017.json", "missing", "train2017/000000000005.jpg"]),
-], ids=["malformed_json", "missing_key", "category_id_too_large", "category_not_in_categories", "missing_image"])
-def test_bad_annotations_fail_before_the_model_is_built(coco_copy, damage, error, expected, no_training,
-                                                        output_with_history, monkeypatch):
+@pytest.mark.parametrize(
+    "damage, error, expected",
+    [
+        (
+            lambda root: (root / "annotations" / "instances_train2017.json").write_text('{"images": [{"id": 1,'),
+            ValueError,
+            ["instances_train2017.json", "not valid JSON"],
+        ),
+        (
+            lambda root: edit_json(root / "annotations" / "instances_val2017.json", lambda d: d.pop("annotations")),
+            ValueError,
+            ["instances_val2017.json", "'annotations'"],
+        ),
+        (
+            lambda root: edit_json(
+                root / "annotations" / "instances_train2017.json",
+                lambda d: (
+                    d["annotations"][0].update(category_id=9),
+                    d["categories"].append({"id": 9, "name": "nine"}),
+                ),
+            ),
+            ValueError,
+            ["category id 9", "instances_train2017.json", "--num_classes 6", "--num_classes 10"],
+        ),
+        (
+            lambda root: edit_json(
+                root / "annotations" / "instances_train2017.json",
+                lambda d: d["annotations"][2].update(category_id=0, id=777),
+            ),
+            ValueError,
+            ["instances_train2017.json", "annotations[2] (id 777) has category_id 0", "'categories'"],
+        ),
+        (
+            lambda root: (root / "train2017" / "000000000005.jpg").unlink(),
+            FileNotFoundError,
+            ["instances_train2017.json", "missing", "train2017/000000000005.jpg"],
+        ),
+    ],
+    ids=["malformed_json", "missing_key", "category_id_too_large", "category_not_in_categories", "missing_image"],
+)
+def test_bad_annotations_fail_before_the_model_is_built(
+    coco_copy, damage, error, expected, no_training, output_with_history, monkeypatch
+):
     out, unchanged = output_with_history
     damage(coco_copy)
     monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the data was checked"))
@@ -582,18 +718,32 @@ def test_an_image_that_cannot_be_decoded_is_named(coco_copy, previous_run, synth
     monkeypatch.setattr(main_py, "build_model", lambda args: pytest.fail("model built before the images were checked"))
     before, log_before = file_digest(previous_run / "checkpoint.pth"), (previous_run / "log.txt").read_text()
     with pytest.raises(OSError) as raised:
-        run_main(tiny_flags(synthetic_root, previous_run, "--coco_path", str(coco_copy), "--epochs", "3",
-                            *RESUME_FLAGS, "--resume", str(previous_run / "checkpoint.pth")))
+        run_main(
+            tiny_flags(
+                synthetic_root,
+                previous_run,
+                "--coco_path",
+                str(coco_copy),
+                "--epochs",
+                "3",
+                *RESUME_FLAGS,
+                "--resume",
+                str(previous_run / "checkpoint.pth"),
+            )
+        )
     assert "cannot decode image" in str(raised.value) and str(broken) in str(raised.value)
     assert file_digest(previous_run / "checkpoint.pth") == before
     assert (previous_run / "log.txt").read_text() == log_before
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--frozen_weights", "box_model.pth"], ["--frozen_weights", "--masks"]),
-    (["--resume", "no/such/checkpoint.pth"], ["--resume", "no/such/checkpoint.pth", "no such file"]),
-    (["--masks", "--frozen_weights", "no/such/box_model.pth"], ["--frozen_weights", "no/such/box_model.pth"]),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--frozen_weights", "box_model.pth"], ["--frozen_weights", "--masks"]),
+        (["--resume", "no/such/checkpoint.pth"], ["--resume", "no/such/checkpoint.pth", "no such file"]),
+        (["--masks", "--frozen_weights", "no/such/box_model.pth"], ["--frozen_weights", "no/such/box_model.pth"]),
+    ],
+)
 def test_bad_flags_stop_at_once(flags, expected, synthetic_root, no_training, output_with_history, monkeypatch):
     out, unchanged = output_with_history
     monkeypatch.setattr(main_py, "build_dataset", lambda *a, **k: pytest.fail("went on past the flag check"))
@@ -604,13 +754,18 @@ def test_bad_flags_stop_at_once(flags, expected, synthetic_root, no_training, ou
     unchanged()
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--dec_layers", "3"], ["missing keys", "transformer.decoder.layers.2.linear1.weight"]),
-    (["--num_queries", "9"], ["shape mismatches", "query_embed.weight: checkpoint [8, 32] vs model [9, 32]"]),
-    (["--num_classes", "8"], ["class_embed.weight: checkpoint [7, 32] vs model [9, 32]", "--finetune"]),
-], ids=["more_decoder_layers", "more_queries", "more_classes"])
-def test_resuming_a_checkpoint_of_another_architecture_lists_the_keys(flags, expected, resumed_run, synthetic_root,
-                                                                      no_training, tmp_path):
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--dec_layers", "3"], ["missing keys", "transformer.decoder.layers.2.linear1.weight"]),
+        (["--num_queries", "9"], ["shape mismatches", "query_embed.weight: checkpoint [8, 32] vs model [9, 32]"]),
+        (["--num_classes", "8"], ["class_embed.weight: checkpoint [7, 32] vs model [9, 32]", "--finetune"]),
+    ],
+    ids=["more_decoder_layers", "more_queries", "more_classes"],
+)
+def test_resuming_a_checkpoint_of_another_architecture_lists_the_keys(
+    flags, expected, resumed_run, synthetic_root, no_training, tmp_path
+):
     checkpoint = resumed_run / "after_epoch_2.pth"
     before = file_digest(checkpoint)
     with pytest.raises(ValueError) as raised:
@@ -624,18 +779,29 @@ def test_resuming_a_checkpoint_of_another_architecture_lists_the_keys(flags, exp
 
 def test_a_non_finite_loss_stops_training_with_status_1(previous_run, synthetic_root, monkeypatch, capsys):
     from models.detr import SetCriterion
+
     loss_labels = SetCriterion.loss_labels
 
     def nan_loss_labels(self, *args, **kwargs):
         losses = loss_labels(self, *args, **kwargs)
         losses["loss_ce"] = losses["loss_ce"] * float("nan")
         return losses
+
     monkeypatch.setattr(SetCriterion, "loss_labels", nan_loss_labels)
     checkpoint_before = file_digest(previous_run / "checkpoint.pth")
     log_before = (previous_run / "log.txt").read_text()
     with pytest.raises(SystemExit) as raised:
-        run_main(tiny_flags(synthetic_root, previous_run, "--epochs", "4", *RESUME_FLAGS,
-                            "--resume", str(previous_run / "checkpoint.pth")))
+        run_main(
+            tiny_flags(
+                synthetic_root,
+                previous_run,
+                "--epochs",
+                "4",
+                *RESUME_FLAGS,
+                "--resume",
+                str(previous_run / "checkpoint.pth"),
+            )
+        )
     assert raised.value.code == 1
     printed = capsys.readouterr().out
     assert "Loss is nan, stopping training" in printed
@@ -652,10 +818,14 @@ def test_the_local_rank_of_torch_distributed_launch_is_accepted(flags, local_ran
 
 # ---------------------------------------------------------------------------------------------- device, classes
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
 def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, tmp_path):
-    stats, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--eval", "--device", "cuda",
-                                         "--resume", str(straight_run / "checkpoint.pth")))
+    stats, printed = run_main(
+        tiny_flags(
+            synthetic_root, tmp_path, "--eval", "--device", "cuda", "--resume", str(straight_run / "checkpoint.pth")
+        )
+    )
     assert "--device cuda: no CUDA device is available here, using the CPU instead" in printed
     assert "device='cpu'" in printed  # the args as printed
     assert stats["coco_eval_bbox"] == pytest.approx(read_log(straight_run / "log.txt")[-1]["test_coco_eval_bbox"])
@@ -665,10 +835,11 @@ def test_num_classes_defaults_to_the_largest_category_id_plus_one(synthetic_root
     args = main_py.parse_args(tiny_flags(synthetic_root))
     assert args.num_classes is None
     assert datasets.num_classes(args) == 6  # categories 1..5
-    edit_json(coco_copy / "annotations" / "instances_train2017.json",
-              lambda d: d["categories"].append({"id": 11, "name": "hexagon", "supercategory": "shape"}))
-    assert datasets.num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path",
-                                                                      str(coco_copy)))) == 12
+    edit_json(
+        coco_copy / "annotations" / "instances_train2017.json",
+        lambda d: d["categories"].append({"id": 11, "name": "hexagon", "supercategory": "shape"}),
+    )
+    assert datasets.num_classes(main_py.parse_args(tiny_flags(coco_copy, "", "--coco_path", str(coco_copy)))) == 12
     assert main_py.parse_args(tiny_flags(synthetic_root, "", "--num_classes", "20")).num_classes == 20
 
 
@@ -679,13 +850,16 @@ def test_finetune_reinitializes_only_the_class_head(resumed_run, synthetic_root,
     def evaluate(model, *args, **kwargs):
         evaluated.append(model)
         return real_evaluate(model, *args, **kwargs)
+
     monkeypatch.setattr(main_py, "evaluate", evaluate)
     checkpoint = resumed_run / "after_epoch_2.pth"
     flags = tiny_flags(synthetic_root, tmp_path, "--num_classes", "9")
     _, printed = run_main(flags + ["--eval", "--finetune", str(checkpoint)])
-    assert (f"Loaded --finetune {checkpoint}; re-initialized because their shapes differ: "
-            "class_embed.weight: checkpoint [7, 32] vs model [10, 32]; class_embed.bias: checkpoint [7] vs model [10]"
-            in printed)
+    assert (
+        f"Loaded --finetune {checkpoint}; re-initialized because their shapes differ: "
+        "class_embed.weight: checkpoint [7, 32] vs model [10, 32]; class_embed.bias: checkpoint [7] vs model [10]"
+        in printed
+    )
     (model,) = evaluated
     loaded, state = load_checkpoint_safely(checkpoint)["model"], model.state_dict()
     assert state.keys() == loaded.keys()
@@ -719,8 +893,7 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     assert main_py.parse_args([]).epochs == 300  # COCO keeps the original's defaults
 
 
-def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(straight_run, synthetic_root,
-                                                                               capsys):
+def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(straight_run, synthetic_root, capsys):
     args = main_py.parse_args(tiny_flags(synthetic_root, straight_run, "--epochs", "4", *RESUME_FLAGS))
     recipe = datasets.recipe("synthetic", reduced_precision=main_py.automatic_choice_is_reduced("cpu"))
     written = json.loads((straight_run / "recipe.json").read_text())
@@ -770,6 +943,7 @@ def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
 
 
 # ---------------------------------------------------------------------------------------------- --time_budget
+
 
 def test_the_time_budget_fits_the_epochs_and_keeps_the_lr_drop_at_its_place():
     args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5)

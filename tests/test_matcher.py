@@ -1,4 +1,5 @@
 """Tests of models/matcher.py: the Hungarian matching is the cheapest one-to-one assignment (checked by brute force)."""
+
 import itertools
 
 import pytest
@@ -11,10 +12,14 @@ from models.matcher import HungarianMatcher, build_matcher
 
 def random_problem(seed, batch=2, queries=4, num_classes=5, target_counts=(3, 2)):
     g = torch.Generator().manual_seed(seed)
-    outputs = {"pred_logits": torch.randn(batch, queries, num_classes + 1, generator=g),
-               "pred_boxes": torch.rand(batch, queries, 4, generator=g) * 0.5 + 0.1}
-    targets = [{"labels": torch.randint(0, num_classes, (n,), generator=g),
-                "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.1} for n in target_counts]
+    outputs = {
+        "pred_logits": torch.randn(batch, queries, num_classes + 1, generator=g),
+        "pred_boxes": torch.rand(batch, queries, 4, generator=g) * 0.5 + 0.1,
+    }
+    targets = [
+        {"labels": torch.randint(0, num_classes, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.1}
+        for n in target_counts
+    ]
     return outputs, targets
 
 
@@ -28,8 +33,13 @@ def reference_cost(logits, boxes, labels, tgt_boxes, w_class, w_bbox, w_giou):
         cx, cy, w, h = b.tolist()
         return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
 
-    giou = torchvision.ops.generalized_box_iou(torch.tensor([xyxy(b) for b in boxes]),
-                                               torch.tensor([xyxy(b) for b in tgt_boxes])) if n else None
+    giou = (
+        torchvision.ops.generalized_box_iou(
+            torch.tensor([xyxy(b) for b in boxes]), torch.tensor([xyxy(b) for b in tgt_boxes])
+        )
+        if n
+        else None
+    )
     for i in range(q):
         for j in range(n):
             l1 = sum(abs(a - b) for a, b in zip(boxes[i].tolist(), tgt_boxes[j].tolist()))
@@ -57,18 +67,26 @@ def test_matching_is_optimal_against_brute_force(seed, weights):
         assert rows.dtype == cols.dtype == torch.int64
         assert len(rows) == len(cols) == n
         assert len(set(rows.tolist())) == n and sorted(cols.tolist()) == list(range(n))  # one-to-one
-        cost = reference_cost(outputs["pred_logits"][b], outputs["pred_boxes"][b], targets[b]["labels"],
-                              targets[b]["boxes"], w_class, w_bbox, w_giou)
+        cost = reference_cost(
+            outputs["pred_logits"][b],
+            outputs["pred_boxes"][b],
+            targets[b]["labels"],
+            targets[b]["boxes"],
+            w_class,
+            w_bbox,
+            w_giou,
+        )
         total = sum(cost[i, j].item() for i, j in zip(rows.tolist(), cols.tolist()))
         assert total == pytest.approx(brute_force_min(cost), abs=1e-5)
 
 
 def test_more_targets_than_queries_matches_every_query():
     outputs, targets = random_problem(7, batch=1, queries=2, target_counts=(4,))
-    (rows, cols), = HungarianMatcher(1, 5, 2)(outputs, targets)
+    ((rows, cols),) = HungarianMatcher(1, 5, 2)(outputs, targets)
     assert sorted(rows.tolist()) == [0, 1] and len(set(cols.tolist())) == 2
-    cost = reference_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"],
-                          targets[0]["boxes"], 1, 5, 2)
+    cost = reference_cost(
+        outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"], 1, 5, 2
+    )
     total = sum(cost[i, j].item() for i, j in zip(rows.tolist(), cols.tolist()))
     assert total == pytest.approx(brute_force_min(cost), abs=1e-5)
 
@@ -83,8 +101,9 @@ def test_exact_predictions_are_matched_to_their_targets():
     for j, q in enumerate(order):
         logits[0, q, labels[j]] = 5.0
         boxes[0, q] = tgt_boxes[j]
-    (rows, cols), = HungarianMatcher(1, 5, 2)({"pred_logits": logits, "pred_boxes": boxes},
-                                              [{"labels": labels, "boxes": tgt_boxes}])
+    ((rows, cols),) = HungarianMatcher(1, 5, 2)(
+        {"pred_logits": logits, "pred_boxes": boxes}, [{"labels": labels, "boxes": tgt_boxes}]
+    )
     assert dict(zip(cols.tolist(), rows.tolist())) == {0: 3, 1: 0, 2: 1}
 
 

@@ -1,5 +1,6 @@
 """docs/detr_minimal.py: the one-page DETR has DETR's output shapes, is deterministic in eval mode, and its
 command runs on an image from docs/, where it lives."""
+
 import contextlib
 import importlib.util
 import io
@@ -22,8 +23,9 @@ MinimalDETR = detr_minimal.MinimalDETR
 
 def small_model(**kwargs):
     torch.manual_seed(0)
-    return MinimalDETR(num_classes=5, hidden_dim=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1,
-                       num_queries=8, **kwargs)
+    return MinimalDETR(
+        num_classes=5, hidden_dim=32, nheads=2, num_encoder_layers=1, num_decoder_layers=1, num_queries=8, **kwargs
+    )
 
 
 def test_output_shapes_and_ranges():
@@ -83,7 +85,8 @@ def test_command_runs_with_saved_weights(tmp_path):
     assert "80x48, 100 queries; the top 3" in lines[0]
     assert len(lines) == 4 and all(line.strip().startswith("score") for line in lines[1:])
     # The command as a reader runs it, from another folder: the same weights and image, the same predictions.
-    command = subprocess.run([sys.executable, str(SCRIPT), *argv], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300)
+    command = subprocess.run(
+        [sys.executable, str(SCRIPT), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert command.returncode == 0, command.stderr
     assert command.stdout == printed.getvalue()

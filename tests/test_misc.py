@@ -1,4 +1,5 @@
 """Tests of util/misc.py: padded batches, accuracy, metric logging and the single-process distributed helpers."""
+
 import argparse
 import builtins
 import os
@@ -8,11 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from util import misc
-from util.misc import (MetricLogger, NestedTensor, SmoothedValue, accuracy, all_gather, collate_fn, interpolate,
-                       nested_tensor_from_tensor_list, reduce_dict)
+from util.misc import (
+    MetricLogger,
+    NestedTensor,
+    SmoothedValue,
+    accuracy,
+    all_gather,
+    collate_fn,
+    interpolate,
+    nested_tensor_from_tensor_list,
+    reduce_dict,
+)
 
 
 # ---------------------------------------------------------------------------------------------- NestedTensor
+
 
 def two_images():
     g = torch.Generator().manual_seed(0)
@@ -28,8 +39,9 @@ def test_nested_tensor_pads_with_zeros_and_masks_the_padding():
     # Images sit in the top-left corner, unchanged.
     assert torch.equal(tensors[0, :, :2, :3], a)
     assert torch.equal(tensors[1, :, :4, :2], b)
-    expected_mask = torch.tensor([[[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]],
-                                  [[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]], dtype=torch.bool)
+    expected_mask = torch.tensor(
+        [[[0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]], [[0, 0, 1], [0, 0, 1], [0, 0, 1], [0, 0, 1]]], dtype=torch.bool
+    )
     assert torch.equal(mask, expected_mask)
     # Padding is exactly the masked area, and it is zero in every channel.
     assert torch.equal(tensors == 0, mask[:, None].expand_as(tensors))
@@ -42,11 +54,14 @@ def test_nested_tensor_of_equal_sizes_has_no_padding():
     assert not mask.any()
 
 
-@pytest.mark.parametrize("images, message", [
-    ([], "empty"),
-    ([torch.rand(3, 4)], "[C, H, W]"),
-    ([torch.rand(1, 3, 4, 4)], "[C, H, W]"),
-])
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        ([], "empty"),
+        ([torch.rand(3, 4)], "[C, H, W]"),
+        ([torch.rand(1, 3, 4, 4)], "[C, H, W]"),
+    ],
+)
 def test_nested_tensor_rejects_bad_lists(images, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         nested_tensor_from_tensor_list(images)
@@ -92,11 +107,9 @@ def test_collate_fn_pads_images_and_keeps_targets():
 
 # ---------------------------------------------------------------------------------------------- small functions
 
+
 def test_accuracy_hand_computed():
-    output = torch.tensor([[0.1, 0.9, 0.0],
-                           [0.8, 0.2, 0.0],
-                           [0.3, 0.7, 0.0],
-                           [0.1, 0.2, 0.7]])
+    output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.2, 0.0], [0.3, 0.7, 0.0], [0.1, 0.2, 0.7]])
     target = torch.tensor([1, 1, 1, 0])
     top1, top2 = accuracy(output, target, topk=(1, 2))
     # top-1 right for rows 0 and 2; top-2 also for row 1 (0.2 is second); row 3's class 0 is third.
@@ -111,12 +124,15 @@ def test_accuracy_of_no_targets_is_zero():
 
 def test_interpolate_matches_functional_and_accepts_empty_batches():
     x = torch.rand(2, 3, 4, 5)
-    torch.testing.assert_close(interpolate(x, size=[8, 10], mode="bilinear", align_corners=False),
-                               F.interpolate(x, size=[8, 10], mode="bilinear", align_corners=False))
+    torch.testing.assert_close(
+        interpolate(x, size=[8, 10], mode="bilinear", align_corners=False),
+        F.interpolate(x, size=[8, 10], mode="bilinear", align_corners=False),
+    )
     assert interpolate(torch.rand(0, 3, 4, 5), scale_factor=2.0).shape == (0, 3, 8, 10)
 
 
 # ---------------------------------------------------------------------------------------------- logging
+
 
 def test_smoothed_value_window_and_global_statistics():
     meter = SmoothedValue(window_size=3)
@@ -154,7 +170,7 @@ def test_metric_logger_update_and_str():
     with pytest.raises(TypeError, match="loss"):
         logger.update(loss="high")
     with pytest.raises(AttributeError, match="missing"):
-        logger.missing
+        _ = logger.missing
 
 
 def test_metric_logger_log_every_yields_everything_and_prints_progress(capsys):
@@ -174,6 +190,7 @@ def test_metric_logger_log_every_yields_everything_and_prints_progress(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- distributed
+
 
 def test_single_process_distributed_helpers():
     assert not misc.is_dist_avail_and_initialized()

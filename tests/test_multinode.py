@@ -3,6 +3,7 @@ processes, and a rendezvous that cannot complete fails within --dist_timeout wit
 
 Also home of the launch helpers and of the two-process torchrun reference run that test_submitit.py compares with.
 """
+
 import os
 import shutil
 import signal
@@ -29,9 +30,7 @@ def training_flags(root) -> List[str]:
     and no --output_dir (each launch sets its own)."""
     flags = tiny_flags(root, "", *EXTRA_FLAGS)
     i = flags.index("--output_dir")
-    return flags[:i] + flags[i + 2:]
-
-
+    return flags[:i] + flags[i + 2 :]
 
 
 def start(command: Sequence[str], env: Dict[str, str] = None, log_path=None) -> subprocess.Popen:
@@ -39,8 +38,9 @@ def start(command: Sequence[str], env: Dict[str, str] = None, log_path=None) -> 
     can be stopped together), with one CPU thread; its output goes to log_path, or is captured."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     out = open(log_path, "w") if log_path else subprocess.PIPE
-    process = subprocess.Popen(list(command), cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        list(command), cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     if log_path:
         out.close()  # the child has its own copy
     return process
@@ -75,17 +75,30 @@ def torchrun_reference(root, tmp_path_factory) -> Path:
     out = tmp_path_factory.getbasetemp() / "torchrun_2_processes"
     if not (out / "done").exists():
         shutil.rmtree(out, ignore_errors=True)  # what a failed attempt left
-        run(torchrun("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                     "main.py", *training_flags(root), "--output_dir", str(out)))
+        run(
+            torchrun(
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                "main.py",
+                *training_flags(root),
+                "--output_dir",
+                str(out),
+            )
+        )
         (out / "done").touch()
     return out
 
 
-
 def assert_same_training(expected_dir, actual_dir, atol: float = 1e-6) -> None:
     """Same final weights (within atol), and log.txt with the same epochs, once each, and the same losses."""
-    expected, actual = load_checkpoint_safely(expected_dir / "checkpoint.pth"), \
-        load_checkpoint_safely(actual_dir / "checkpoint.pth")
+    expected, actual = (
+        load_checkpoint_safely(expected_dir / "checkpoint.pth"),
+        load_checkpoint_safely(actual_dir / "checkpoint.pth"),
+    )
     assert actual["epoch"] == expected["epoch"]
     assert actual["model"].keys() == expected["model"].keys()
     for k, v in expected["model"].items():
@@ -103,11 +116,30 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(synthetic_root, tmp
     reference = torchrun_reference(synthetic_root, tmp_path_factory)
     out = tmp_path / "out"
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [start(torchrun("--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-                            "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two_nodes",
-                            "main.py", *training_flags(synthetic_root), "--output_dir", str(out)),
-                   log_path=tmp_path / f"node{rank}.log")
-             for rank in (0, 1)]
+    nodes = [
+        start(
+            torchrun(
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(rank),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                endpoint,
+                "--rdzv_id",
+                "two_nodes",
+                "main.py",
+                *training_flags(synthetic_root),
+                "--output_dir",
+                str(out),
+            ),
+            log_path=tmp_path / f"node{rank}.log",
+        )
+        for rank in (0, 1)
+    ]
     for rank, node in enumerate(nodes):
         finish(node)
         assert node.returncode == 0, (tmp_path / f"node{rank}.log").read_text()[-6000:]
@@ -117,17 +149,18 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(synthetic_root, tmp
 
 
 @pytest.mark.slow
-def test_a_rendezvous_that_cannot_complete_fails_within_the_timeout_and_says_what_to_check(synthetic_root,
-                                                                                           tmp_path):
+def test_a_rendezvous_that_cannot_complete_fails_within_the_timeout_and_says_what_to_check(synthetic_root, tmp_path):
     flags = tiny_flags(synthetic_root, tmp_path / "out", "--dist_timeout", "5")
     port = free_port()
     cases = {
         # A second node whose first node never came up: nobody listens at MASTER_ADDR:MASTER_PORT.
-        "nobody listens": dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(port)),
+        "nobody listens": dict(
+            RANK="1", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        ),
         # The first node, told the world has two processes, alone.
-        "world size too large": dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                                     MASTER_PORT=str(free_port())),
+        "world size too large": dict(
+            RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        ),
     }
     began = time.monotonic()
     processes = {name: start([sys.executable, "main.py", *flags], env) for name, env in cases.items()}
@@ -137,9 +170,10 @@ def test_a_rendezvous_that_cannot_complete_fails_within_the_timeout_and_says_wha
         assert process.returncode != 0, output[-3000:]
         # 5 s of waiting, the rest is starting Python and torch (on a busy machine); the default is 30 minutes.
         assert elapsed < 120, f"{name}: failed only after {elapsed:.0f} s"
-        message = output[output.index("could not join"):] if "could not join" in output else output[-3000:]
-        assert f"rank {cases[name]['RANK']} of 2 could not join the other processes (within --dist_timeout 5 s)" \
-            in output, message
+        message = output[output.index("could not join") :] if "could not join" in output else output[-3000:]
+        assert (
+            f"rank {cases[name]['RANK']} of 2 could not join the other processes (within --dist_timeout 5 s)" in output
+        ), message
         assert f"MASTER_ADDR:MASTER_PORT = 127.0.0.1:{cases[name]['MASTER_PORT']}" in message
         assert "all WORLD_SIZE = 2 processes were started" in message
     assert not (tmp_path / "out" / "log.txt").exists()

@@ -1,4 +1,5 @@
 """Tests of datasets/coco_panoptic.py and datasets/panoptic_eval.py on a tiny COCO panoptic set made here."""
+
 import argparse
 import json
 import os
@@ -14,9 +15,11 @@ from models.segmentation import PostProcessPanoptic
 from util.panoptic import rgb2id
 
 H, W = 6, 8
-CATEGORIES = [{"id": 1, "name": "thing-a", "isthing": 1, "color": [220, 20, 60]},
-              {"id": 3, "name": "stuff-b", "isthing": 0, "color": [0, 80, 100]},
-              {"id": 7, "name": "thing-c", "isthing": 1, "color": [119, 11, 32]}]
+CATEGORIES = [
+    {"id": 1, "name": "thing-a", "isthing": 1, "color": [220, 20, 60]},
+    {"id": 3, "name": "stuff-b", "isthing": 0, "color": [0, 80, 100]},
+    {"id": 7, "name": "thing-c", "isthing": 1, "color": [119, 11, 32]},
+]
 STUFF_ID = 70300  # = 124 + 256 * 18 + 65536 * 1: exercises all three color channels
 
 
@@ -33,8 +36,10 @@ def gt_id_maps():
     b = np.zeros((H, W), dtype=np.int64)
     b[:3] = 2
     b[3:, :4] = 5
-    seg = lambda i, c, m, crowd=0: {"id": i, "category_id": c, "area": int((m == i).sum()), "iscrowd": crowd,
-                                    "bbox": [0, 0, 1, 1]}
+
+    def seg(i, c, m, crowd=0):
+        return {"id": i, "category_id": c, "area": int((m == i).sum()), "iscrowd": crowd, "bbox": [0, 0, 1, 1]}
+
     return {5: (a, [seg(1, 1, a), seg(STUFF_ID, 3, a)]), 2: (b, [seg(2, 1, b), seg(5, 7, b, crowd=0)])}
 
 
@@ -59,17 +64,25 @@ def write_split(img_dir, png_dir, ann_file, maps=None):
 def panoptic_root(tmp_path):
     """COCO layout: coco/{train2017,val2017}, panoptic/annotations/panoptic_*.json, panoptic/panoptic_*2017."""
     for split in ("train2017", "val2017"):
-        write_split(tmp_path / "coco" / split, tmp_path / "panoptic" / f"panoptic_{split}",
-                    str(tmp_path / "panoptic" / "annotations" / f"panoptic_{split}.json"))
+        write_split(
+            tmp_path / "coco" / split,
+            tmp_path / "panoptic" / f"panoptic_{split}",
+            str(tmp_path / "panoptic" / "annotations" / f"panoptic_{split}.json"),
+        )
     return tmp_path
 
 
 def val_dataset(root, **kwargs):
-    return CocoPanoptic(root / "coco" / "val2017", root / "panoptic" / "panoptic_val2017",
-                        root / "panoptic" / "annotations" / "panoptic_val2017.json", **kwargs)
+    return CocoPanoptic(
+        root / "coco" / "val2017",
+        root / "panoptic" / "panoptic_val2017",
+        root / "panoptic" / "annotations" / "panoptic_val2017.json",
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- dataset
+
 
 def test_coco_panoptic_targets(panoptic_root):
     ds = val_dataset(panoptic_root)
@@ -94,8 +107,9 @@ def test_coco_panoptic_targets(panoptic_root):
 
 
 def test_build_with_val_transforms(panoptic_root):
-    args = argparse.Namespace(coco_path=str(panoptic_root / "coco"),
-                              coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True)
+    args = argparse.Namespace(
+        coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+    )
     ds = build("val", args)
     img, t = ds[1]
     assert img.shape == (3, 800, 1066)  # shorter side resized to 800
@@ -120,8 +134,9 @@ def test_build_names_the_missing_flag_and_layout(panoptic_root):
 
 def test_missing_png_fails_before_training(panoptic_root):
     os.remove(panoptic_root / "panoptic" / "panoptic_val2017" / "000000000005.png")
-    args = argparse.Namespace(coco_path=str(panoptic_root / "coco"),
-                              coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True)
+    args = argparse.Namespace(
+        coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+    )
     with pytest.raises(FileNotFoundError, match="000000000005.png"):
         build("val", args)
 
@@ -150,13 +165,16 @@ def test_mismatched_file_names(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- evaluation
 
+
 def predicted_outputs():
     """Model outputs that PostProcessPanoptic turns into (query order = segment id):
     image 5: thing 1 on cols 0-3 (IoU 1), stuff 3 on cols 5-7 (IoU 18/24), thing 7 on col 4 (a false positive);
     image 2: thing 1 on rows 0-2 (IoU 1), thing 7 on rows 3-5 cols 0-5 (IoU 1: the void part does not count),
     stuff 3 on rows 3-5 cols 6-7 (entirely void: ignored)."""
-    regions = {5: [(1, np.s_[:, :4]), (3, np.s_[:, 5:]), (7, np.s_[:, 4:5])],
-               2: [(1, np.s_[:3, :]), (7, np.s_[3:, :6]), (3, np.s_[3:, 6:])]}
+    regions = {
+        5: [(1, np.s_[:, :4]), (3, np.s_[:, 5:]), (7, np.s_[:, 4:5])],
+        2: [(1, np.s_[:3, :]), (7, np.s_[3:, :6]), (3, np.s_[3:, 6:])],
+    }
     num_classes = 8  # category ids are class indices; 8 is no-object
     logits, masks = [], []
     for image_id in (5, 2):
@@ -176,6 +194,7 @@ def predicted_outputs():
 
 def test_panoptic_evaluator_equals_pq_compute(panoptic_root, tmp_path):
     from panopticapi.evaluation import pq_compute
+
     ann_file = str(panoptic_root / "panoptic" / "annotations" / "panoptic_val2017.json")
     gt_folder = str(panoptic_root / "panoptic" / "panoptic_val2017")
     preds = predicted_outputs()
@@ -195,8 +214,9 @@ def test_panoptic_evaluator_equals_pq_compute(panoptic_root, tmp_path):
     for p in preds:
         (direct_dir / p["file_name"]).write_bytes(p["png_string"])
     direct_json = tmp_path / "direct.json"
-    json.dump({"annotations": [{k: v for k, v in p.items() if k != "png_string"} for p in preds]},
-              open(direct_json, "w"))
+    json.dump(
+        {"annotations": [{k: v for k, v in p.items() if k != "png_string"} for p in preds]}, open(direct_json, "w")
+    )
     direct = pq_compute(ann_file, str(direct_json), gt_folder=gt_folder, pred_folder=str(direct_dir))
     assert result == direct
 

@@ -1,5 +1,6 @@
 """The two-stage panoptic recipe through main.py on the synthetic panoptic data: boxes first, then the mask head
 on the frozen detector, evaluated with box AP, segm AP and PQ."""
+
 import json
 
 import numpy as np
@@ -18,8 +19,9 @@ def two_stage(tmp_path_factory, synthetic_root):
     out = tmp_path_factory.mktemp("panoptic")
     boxes, masks = out / "boxes", out / "masks"
     run_main(tiny_flags(synthetic_root, boxes, *PANOPTIC_FLAGS))
-    stats, printed = run_main(tiny_flags(synthetic_root, masks, *PANOPTIC_FLAGS, "--masks",
-                                         "--frozen_weights", str(boxes / "checkpoint.pth")))
+    stats, printed = run_main(
+        tiny_flags(synthetic_root, masks, *PANOPTIC_FLAGS, "--masks", "--frozen_weights", str(boxes / "checkpoint.pth"))
+    )
     return boxes, masks, stats, printed
 
 
@@ -50,7 +52,8 @@ def test_mask_stage_writes_pq_per_class_the_best_pq_and_tensorboard(two_stage):
     # gives the others 0).
     assert len(per_class["panoptic"]) == 8
     assert sum(row["PQ"] for row in per_class["panoptic"]) / line["test_PQ_all"]["n"] == pytest.approx(
-        line["test_PQ_all"]["pq"], rel=1e-9)
+        line["test_PQ_all"]["pq"], rel=1e-9
+    )
     assert all(row["PQ"] == pytest.approx(row["SQ"] * row["RQ"], rel=1e-9) for row in per_class["panoptic"])
     best = load_checkpoint_safely(masks / "checkpoint_best.pth")["best"]
     assert best == {"metric": "test_PQ_all.pq", "value": line["test_PQ_all"]["pq"], "epoch": 0}
@@ -85,8 +88,18 @@ def test_frozen_weights_of_another_architecture_is_refused(tmp_path, synthetic_r
     run_main(tiny_flags(synthetic_root, box_run, *PANOPTIC_FLAGS))
     # The same flags but another number of queries: the detector's query embeddings do not fit.
     with pytest.raises(ValueError, match=r"(?s)--frozen_weights .*query_embed.weight: checkpoint \[8, 128\]"):
-        run_main(tiny_flags(synthetic_root, tmp_path / "masks", *PANOPTIC_FLAGS, "--num_queries", "12", "--masks",
-                            "--frozen_weights", str(box_run / "checkpoint.pth")))
+        run_main(
+            tiny_flags(
+                synthetic_root,
+                tmp_path / "masks",
+                *PANOPTIC_FLAGS,
+                "--num_queries",
+                "12",
+                "--masks",
+                "--frozen_weights",
+                str(box_run / "checkpoint.pth"),
+            )
+        )
     assert not (tmp_path / "masks" / "checkpoint.pth").exists()
 
 
@@ -102,8 +115,21 @@ def test_two_stage_recipe_with_learned_queries(tmp_path, synthetic_root):
     detector = load_checkpoint_safely(boxes / "checkpoint.pth")
     assert detector["model"]["query_embed.weight"].shape == (2, 128)
     assert detector["args"].thing_classes == [1, 2, 3, 4, 5]  # what the proposals learnt
-    run_main(tiny_flags(synthetic_root, masks, *PANOPTIC_FLAGS, *recipe, "--masks", "--frozen_weights",
-                        str(boxes / "checkpoint.pth"), "--mask_attention_gain", "100", "--panoptic_threshold", "0.5"))
+    run_main(
+        tiny_flags(
+            synthetic_root,
+            masks,
+            *PANOPTIC_FLAGS,
+            *recipe,
+            "--masks",
+            "--frozen_weights",
+            str(boxes / "checkpoint.pth"),
+            "--mask_attention_gain",
+            "100",
+            "--panoptic_threshold",
+            "0.5",
+        )
+    )
     line = json.loads((masks / "log.txt").read_text().splitlines()[-1])
     assert line["test_PQ_st"]["n"] == 3 and line["test_PQ_all"]["n"] == line["test_PQ_th"]["n"] + 3
     assert len(line["test_coco_eval_masks"]) == 12
@@ -113,6 +139,16 @@ def test_two_stage_recipe_with_learned_queries(tmp_path, synthetic_root):
     assert segm["args"].mask_attention_gain == 100 and segm["args"].panoptic_threshold == 0.5
     # Another number of learned queries is another detector: refused before training.
     with pytest.raises(ValueError, match=r"(?s)--frozen_weights .*query_embed.weight: checkpoint \[2, 128\]"):
-        run_main(tiny_flags(synthetic_root, tmp_path / "other", *PANOPTIC_FLAGS, *recipe[:-1], "3", "--masks",
-                            "--frozen_weights", str(boxes / "checkpoint.pth")))
+        run_main(
+            tiny_flags(
+                synthetic_root,
+                tmp_path / "other",
+                *PANOPTIC_FLAGS,
+                *recipe[:-1],
+                "3",
+                "--masks",
+                "--frozen_weights",
+                str(boxes / "checkpoint.pth"),
+            )
+        )
     assert not (tmp_path / "other" / "checkpoint.pth").exists()

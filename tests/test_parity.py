@@ -8,6 +8,7 @@ gradients, relative to each tensor's largest element with a floor for rounding n
 Float rounding differs between CPU kinds (AVX2, AVX-512): the original's numbers come from one kind, and on the
 other a 516-pixel box coordinate moves by 1.2e-4 (2.4e-7 of its size), so no comparison is absolute.
 """
+
 import importlib.util
 import json
 
@@ -87,8 +88,16 @@ def run_case():
     total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
     total.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return {"expected": expected, "eval": eval_out, "post": post, "train": train_out, "indices": indices,
-            "losses": losses, "total": total.detach(), "grads": grads}
+    return {
+        "expected": expected,
+        "eval": eval_out,
+        "post": post,
+        "train": train_out,
+        "indices": indices,
+        "losses": losses,
+        "total": total.detach(),
+        "grads": grads,
+    }
 
 
 def test_eval_outputs(parity):

@@ -1,5 +1,6 @@
 """util/plot_utils.py and tools/plot_logs.py: curves that hold the logged values, AP read back from saved COCO
 evaluations equal to COCOeval's own, PNGs that are real pictures, clear errors for bad input."""
+
 import contextlib
 import io
 import json
@@ -7,18 +8,18 @@ import json
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from pycocotools.coco import COCO  # noqa: E402
-from pycocotools.cocoeval import COCOeval  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
-from tool_checkpoints import run_tool  # noqa: E402
-from tools import plot_logs  # noqa: E402
-from util.plot_utils import ewm_mean, load_coco_eval, plot_logs as plot_logs_fn, plot_precision_recall  # noqa: E402
-from util.plot_utils import precision_recall_curves  # noqa: E402
+from tool_checkpoints import run_tool
+from tools import plot_logs
+from util.plot_utils import ewm_mean, load_coco_eval, plot_logs as plot_logs_fn, plot_precision_recall
+from util.plot_utils import precision_recall_curves
 
 
 def write_run(folder, rows):
@@ -28,10 +29,17 @@ def write_run(folder, rows):
 
 
 def run_rows(offset=0.0, epochs=3):
-    return [{"epoch": e, "train_class_error": 50.0 - 10 * e + offset, "test_class_error": 60.0 - 10 * e + offset,
-             "train_loss_bbox_unscaled": 0.5 / (e + 1), "test_loss_bbox_unscaled": 0.6 / (e + 1),
-             "test_coco_eval_bbox": [0.1 * e + offset / 100, 0.2 * e + offset / 100] + [0.0] * 10}
-            for e in range(epochs)]
+    return [
+        {
+            "epoch": e,
+            "train_class_error": 50.0 - 10 * e + offset,
+            "test_class_error": 60.0 - 10 * e + offset,
+            "train_loss_bbox_unscaled": 0.5 / (e + 1),
+            "test_loss_bbox_unscaled": 0.6 / (e + 1),
+            "test_coco_eval_bbox": [0.1 * e + offset / 100, 0.2 * e + offset / 100] + [0.0] * 10,
+        }
+        for e in range(epochs)
+    ]
 
 
 def saved_evaluation(path):
@@ -44,14 +52,18 @@ def saved_evaluation(path):
             {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 40, 20], "area": 800, "iscrowd": 0},
             {"id": 3, "image_id": 2, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 2500, "iscrowd": 0},
-        ]}
+        ],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
-        detections = gt.loadRes([
-            {"image_id": 1, "category_id": 1, "bbox": [12, 11, 30, 28], "score": 0.9},
-            {"image_id": 1, "category_id": 2, "bbox": [60, 50, 40, 20], "score": 0.6},
-            {"image_id": 2, "category_id": 1, "bbox": [20, 20, 50, 50], "score": 0.8},
-            {"image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20], "score": 0.7}])
+        detections = gt.loadRes(
+            [
+                {"image_id": 1, "category_id": 1, "bbox": [12, 11, 30, 28], "score": 0.9},
+                {"image_id": 1, "category_id": 2, "bbox": [60, 50, 40, 20], "score": 0.6},
+                {"image_id": 2, "category_id": 1, "bbox": [20, 20, 50, 50], "score": 0.8},
+                {"image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20], "score": 0.7},
+            ]
+        )
         evaluation = COCOeval(gt, detections, "bbox")
         evaluation.evaluate()
         evaluation.accumulate()
@@ -116,8 +128,9 @@ def test_precision_recall_reads_saved_evaluations(tmp_path):
     assert len(curves["precision"]) == 101 and curves["recall_points"][-1] == 1.0
 
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        fig, axs = plot_precision_recall([tmp_path / "run" / "eval" / "latest.pth"], naming_scheme="exp_id",
-                                         save_path=tmp_path / "pr.png")
+        fig, axs = plot_precision_recall(
+            [tmp_path / "run" / "eval" / "latest.pth"], naming_scheme="exp_id", save_path=tmp_path / "pr.png"
+        )
     assert f"run: AP {evaluation.stats[0]:.3f}" in printed.getvalue()
     assert [line.get_label() for line in axs[0].lines][0].startswith("run AP")
     assert np.allclose(axs[0].lines[0].get_ydata(), curves["precision"])

@@ -1,4 +1,5 @@
 """Tests of models/position_encoding.py: values at known positions, and independence from padding."""
+
 import math
 
 import pytest
@@ -102,8 +103,15 @@ def test_learned_embedding_rejects_feature_maps_over_50():
         PositionEmbeddingLearned(num_pos_feats=4)(unpadded(1, 51, 3))
 
 
-@pytest.mark.parametrize("name, cls", [("sine", PositionEmbeddingSine), ("v2", PositionEmbeddingSine),
-                                       ("learned", PositionEmbeddingLearned), ("v3", PositionEmbeddingLearned)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sine", PositionEmbeddingSine),
+        ("v2", PositionEmbeddingSine),
+        ("learned", PositionEmbeddingLearned),
+        ("v3", PositionEmbeddingLearned),
+    ],
+)
 def test_build_position_encoding(name, cls):
     args = tiny_args("--hidden_dim", "48")
     args.position_embedding = name  # the flag's choices include all four

@@ -1,6 +1,7 @@
 """tools/predict.py and tools/detector.py: pictures with the boxes where the detections are, COCO results
 pycocotools reads, panoptic pictures, clear errors for bad input, and checkpoints older than this project's flags.
 Tiny models with fixed heads make the expected boxes known."""
+
 import argparse
 import ast
 import contextlib
@@ -45,7 +46,7 @@ def grey_image(path, width, height):
 
 
 def near(pixels: np.ndarray, color, tolerance: int = 12) -> np.ndarray:
-    return (np.abs(pixels[..., :3].astype(int) - np.asarray(color)).max(-1) <= tolerance)
+    return np.abs(pixels[..., :3].astype(int) - np.asarray(color)).max(-1) <= tolerance
 
 
 def test_boxes_are_drawn_and_written_where_the_detections_are(fixed_checkpoint, tmp_path):
@@ -55,8 +56,21 @@ def test_boxes_are_drawn_and_written_where_the_detections_are(fixed_checkpoint, 
     grey_image(images / "tall.jpg", 48, 80)
     out = tmp_path / "out"
     # As a user runs it, from another folder than the repository root.
-    command = run_tool("predict.py", "--resume", fixed_checkpoint, images, "--output_dir", out, "--batch_size", 2,
-                       "--threshold", 0.9, "--device", "cpu", cwd=tmp_path)
+    command = run_tool(
+        "predict.py",
+        "--resume",
+        fixed_checkpoint,
+        images,
+        "--output_dir",
+        out,
+        "--batch_size",
+        2,
+        "--threshold",
+        0.9,
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert command.returncode == 0, command.stderr
     assert "[2/2]" in command.stdout
 
@@ -81,13 +95,13 @@ def test_boxes_are_drawn_and_written_where_the_detections_are(fixed_checkpoint, 
     green = [round(255 * c) for c in color_for(LABEL)[:3]]
     x0, y0, x1, y1 = (v * scale for v in (25, 15, 75, 39))
     band = 3  # the line is 2 points (~3 pixels) wide at 100 dpi
-    bottom = near(picture[y1 - band:y1 + band + 1, x0 + 10:x1 - 10], green).any(0)
-    left = near(picture[y0 + 10:y1 - 10, x0 - band:x0 + band + 1], green).any(1)
-    right = near(picture[y0 + 10:y1 - 10, x1 - band:x1 + band + 1], green).any(1)
+    bottom = near(picture[y1 - band : y1 + band + 1, x0 + 10 : x1 - 10], green).any(0)
+    left = near(picture[y0 + 10 : y1 - 10, x0 - band : x0 + band + 1], green).any(1)
+    right = near(picture[y0 + 10 : y1 - 10, x1 - band : x1 + band + 1], green).any(1)
     assert bottom.mean() > 0.95 and left.mean() > 0.95 and right.mean() > 0.95
-    inside = picture[y0 + 20:y1 - 20, x0 + 20:x1 - 20]
+    inside = picture[y0 + 20 : y1 - 20, x0 + 20 : x1 - 20]
     assert near(inside, (128, 128, 128), 3).mean() > 0.99
-    assert not near(picture[:y0 - 30], green).any()  # nothing green above the box and its label
+    assert not near(picture[: y0 - 30], green).any()  # nothing green above the box and its label
     assert (out / "tall_detections.png").stat().st_size > 0
 
 
@@ -104,13 +118,17 @@ def test_labels_at_the_border_stay_inside_the_picture():
     plt.close(fig)
 
 
-@pytest.mark.parametrize("flags", [(), ("--two_stage", "--enc_layers", "0", "--feature_stride", "8")],
-                         ids=["original", "synthetic-detection-defaults"])
+@pytest.mark.parametrize(
+    "flags",
+    [(), ("--two_stage", "--enc_layers", "0", "--feature_stride", "8")],
+    ids=["original", "synthetic-detection-defaults"],
+)
 def test_results_load_with_pycocotools(synthetic_root, tmp_path, flags):
     checkpoint = tiny_checkpoint(tmp_path / "random.pth", synthetic_root, *flags)
     out = tmp_path / "out"
-    status, _, _ = run_predict("--resume", checkpoint, synthetic_root / "val2017", "--output_dir", out,
-                               "--threshold", 0, "--device", "cpu")
+    status, _, _ = run_predict(
+        "--resume", checkpoint, synthetic_root / "val2017", "--output_dir", out, "--threshold", 0, "--device", "cpu"
+    )
     assert status == 0
     gt = COCO(str(synthetic_root / "annotations" / "instances_val2017.json"))
     detections = gt.loadRes(str(out / "results.json"))
@@ -125,15 +143,17 @@ def test_unreadable_images_are_reported_and_skipped(fixed_checkpoint, tmp_path):
     images.mkdir()
     grey_image(images / "good.png", 40, 40)
     (images / "broken.jpg").write_bytes(b"not a jpeg at all")
-    status, stdout, stderr = run_predict("--resume", fixed_checkpoint, images, "--output_dir", tmp_path / "out",
-                                         "--device", "cpu")
+    status, stdout, stderr = run_predict(
+        "--resume", fixed_checkpoint, images, "--output_dir", tmp_path / "out", "--device", "cpu"
+    )
     assert status == 0  # the good image was processed
     assert "broken.jpg" in stderr and "could not be read" in stderr
     assert (tmp_path / "out" / "good_detections.png").exists()
     assert {r["image_id"] for r in json.loads((tmp_path / "out" / "results.json").read_text())} == {1}
 
-    status, _, stderr = run_predict("--resume", fixed_checkpoint, images / "broken.jpg", "--output_dir",
-                                    tmp_path / "out2", "--device", "cpu")
+    status, _, stderr = run_predict(
+        "--resume", fixed_checkpoint, images / "broken.jpg", "--output_dir", tmp_path / "out2", "--device", "cpu"
+    )
     assert status == 1 and "broken.jpg" in stderr  # nothing could be processed
 
 
@@ -148,16 +168,24 @@ def test_bad_inputs_give_clear_errors(synthetic_root, fixed_checkpoint, tmp_path
 
     image = grey_image(tmp_path / "a.png", 32, 32)
     # A checkpoint whose weights are of another architecture than its flags say.
-    other = torch.load(tiny_checkpoint(tmp_path / "wide.pth", synthetic_root, "--hidden_dim", "64"),
-                       weights_only=False)
+    other = torch.load(tiny_checkpoint(tmp_path / "wide.pth", synthetic_root, "--hidden_dim", "64"), weights_only=False)
     mixed = tmp_path / "mixed.pth"
     torch.save({"model": other["model"], "args": torch.load(fixed_checkpoint, weights_only=False)["args"]}, mixed)
     with pytest.raises(SystemExit, match="(?s)does not fit this model.*shape mismatches"):
         run_predict("--resume", mixed, image, "--output_dir", tmp_path / "out", "--device", "cpu")
     # The tiny checkpoint is not a DETR R50.
     with pytest.raises(SystemExit, match="does not fit this model"):
-        run_predict("--hub", "detr_resnet50", "--pretrained", fixed_checkpoint, image, "--output_dir",
-                    tmp_path / "out", "--device", "cpu")
+        run_predict(
+            "--hub",
+            "detr_resnet50",
+            "--pretrained",
+            fixed_checkpoint,
+            image,
+            "--output_dir",
+            tmp_path / "out",
+            "--device",
+            "cpu",
+        )
     with pytest.raises(SystemExit, match="(?s)not an entry point.*detr_resnet50, detr_resnet50_dc5"):
         run_predict("--hub", "detr_resnet51", image, "--output_dir", tmp_path / "out")
     with pytest.raises(SystemExit, match="carries no 'args'"):
@@ -167,9 +195,18 @@ def test_bad_inputs_give_clear_errors(synthetic_root, fixed_checkpoint, tmp_path
 
 def test_panoptic_model_gets_a_panoptic_picture(synthetic_root, tmp_path):
     # The mask head's group norms need a width of 128 and 8 heads; labels 1 ("circle") is a thing.
-    checkpoint = tiny_checkpoint(tmp_path / "panoptic.pth", synthetic_root, "--dataset_file", "synthetic_panoptic",
-                                 "--masks", *MASK_HEAD_FLAGS, num_classes=9, box=BOX, label=1,
-                                 thing_classes=[1, 2, 3, 4, 5])
+    checkpoint = tiny_checkpoint(
+        tmp_path / "panoptic.pth",
+        synthetic_root,
+        "--dataset_file",
+        "synthetic_panoptic",
+        "--masks",
+        *MASK_HEAD_FLAGS,
+        num_classes=9,
+        box=BOX,
+        label=1,
+        thing_classes=[1, 2, 3, 4, 5],
+    )
     detector = load_detector(resume=str(checkpoint))
     assert "panoptic" in detector.postprocessors
     assert detector.names[1] == "circle" and detector.names[6] == "sky"  # from the panoptic annotations
@@ -209,8 +246,11 @@ def test_image_ids_and_category_names(tmp_path):
     args.num_classes = 4  # a custom dataset whose annotations are not at hand: no guessing
     assert dataset_names(args) == {}
     (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
-        {"images": [], "annotations": [], "categories": [{"id": 1, "name": "bolt"}, {"id": 3, "name": "nut"}]}))
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(
+        json.dumps(
+            {"images": [], "annotations": [], "categories": [{"id": 1, "name": "bolt"}, {"id": 3, "name": "nut"}]}
+        )
+    )
     args.coco_path = str(tmp_path)
     assert dataset_names(args) == {1: "bolt", 3: "nut"}
     with pytest.raises(ValueError, match="cannot read category names"):
@@ -219,19 +259,62 @@ def test_image_ids_and_category_names(tmp_path):
 
 # The flags of the original DETR's main.py (spec/CLI.md): all a checkpoint of it carries in 'args'.
 ORIGINAL_FLAGS = (
-    "lr", "lr_backbone", "batch_size", "weight_decay", "epochs", "lr_drop", "clip_max_norm", "frozen_weights",
-    "backbone", "dilation", "position_embedding", "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim",
-    "dropout", "nheads", "num_queries", "pre_norm", "masks", "aux_loss", "set_cost_class", "set_cost_bbox",
-    "set_cost_giou", "mask_loss_coef", "dice_loss_coef", "bbox_loss_coef", "giou_loss_coef", "eos_coef",
-    "dataset_file", "coco_path", "coco_panoptic_path", "remove_difficult", "output_dir", "device", "seed", "resume",
-    "start_epoch", "eval", "num_workers", "world_size", "dist_url")
+    "lr",
+    "lr_backbone",
+    "batch_size",
+    "weight_decay",
+    "epochs",
+    "lr_drop",
+    "clip_max_norm",
+    "frozen_weights",
+    "backbone",
+    "dilation",
+    "position_embedding",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "dropout",
+    "nheads",
+    "num_queries",
+    "pre_norm",
+    "masks",
+    "aux_loss",
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "mask_loss_coef",
+    "dice_loss_coef",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "eos_coef",
+    "dataset_file",
+    "coco_path",
+    "coco_panoptic_path",
+    "remove_difficult",
+    "output_dir",
+    "device",
+    "seed",
+    "resume",
+    "start_epoch",
+    "eval",
+    "num_workers",
+    "world_size",
+    "dist_url",
+)
 
 
 def test_the_flags_a_checkpoint_predates_are_main_py_defaults():
     defaults = vars(main_py.get_args_parser().parse_args([]))
     assert set(ORIGINAL_FLAGS) <= set(defaults)
-    original = argparse.Namespace(**{**{k: v for k, v in defaults.items() if k in ORIGINAL_FLAGS},
-                                     "dataset_file": "coco_panoptic", "masks": True, "lr": 5e-5})
+    original = argparse.Namespace(
+        **{
+            **{k: v for k, v in defaults.items() if k in ORIGINAL_FLAGS},
+            "dataset_file": "coco_panoptic",
+            "masks": True,
+            "lr": 5e-5,
+        }
+    )
     state = {"detr.class_embed.bias": torch.zeros(251)}
     args = vars(checkpoint_args({"model": state, "args": original}, state, "old.pth"))
     assert (args["dataset_file"], args["masks"], args["lr"]) == ("coco_panoptic", True, 5e-5)  # its own flags
@@ -244,8 +327,9 @@ def test_the_flags_a_checkpoint_predates_are_main_py_defaults():
 def test_a_checkpoint_with_the_original_flags_only_rebuilds_the_same_model(synthetic_root, tmp_path):
     # The synthetic recipe's batch norm, channels-last and query NMS set back to the original's, which an older
     # checkpoint, trained before these flags, had.
-    full = tiny_checkpoint(tmp_path / "full.pth", synthetic_root, "--backbone_norm", "frozen", "--no_channels_last",
-                           "--query_nms", "1.0")
+    full = tiny_checkpoint(
+        tmp_path / "full.pth", synthetic_root, "--backbone_norm", "frozen", "--no_channels_last", "--query_nms", "1.0"
+    )
     checkpoint = torch.load(full, weights_only=False)
     original = argparse.Namespace(**{k: v for k, v in vars(checkpoint["args"]).items() if k in ORIGINAL_FLAGS})
     assert not hasattr(original, "two_stage") and not hasattr(original, "num_classes")

@@ -1,4 +1,5 @@
 """Tests of models/segmentation.py: mask losses, attention maps, mask head, DETRsegm and post-processors."""
+
 import argparse
 import io
 import math
@@ -12,34 +13,56 @@ from helpers import MASK_HEAD_SIZES, SPEC_DIR, TINY_SIZES
 from models.backbone import Backbone, Joiner
 from models.detr import DETR
 from models.position_encoding import PositionEmbeddingSine
-from models.segmentation import (DETRsegm, MaskHeadSmallConv, MHAttentionMap, PostProcessPanoptic,
-                                 PostProcessSegm, dice_loss, rgb2id, sigmoid_focal_loss)
+from models.segmentation import (
+    DETRsegm,
+    MaskHeadSmallConv,
+    MHAttentionMap,
+    PostProcessPanoptic,
+    PostProcessSegm,
+    dice_loss,
+    rgb2id,
+    sigmoid_focal_loss,
+)
 from models.transformer import Transformer
 from util.misc import nested_tensor_from_tensor_list
 
 LN3 = math.log(3.0)  # sigmoid(LN3) = 0.75
 
 
-def make_detr(backbone="resnet18", hidden_dim=MASK_HEAD_SIZES["hidden_dim"], nheads=MASK_HEAD_SIZES["nheads"],
-              enc=TINY_SIZES["enc_layers"], dec=TINY_SIZES["dec_layers"], ffn=TINY_SIZES["dim_feedforward"],
-              num_queries=5, num_classes=7, aux_loss=False):
+def make_detr(
+    backbone="resnet18",
+    hidden_dim=MASK_HEAD_SIZES["hidden_dim"],
+    nheads=MASK_HEAD_SIZES["nheads"],
+    enc=TINY_SIZES["enc_layers"],
+    dec=TINY_SIZES["dec_layers"],
+    ffn=TINY_SIZES["dim_feedforward"],
+    num_queries=5,
+    num_classes=7,
+    aux_loss=False,
+):
     """The tiny DETR (helpers.TINY_SIZES, 5 queries as helpers.TINY_FLAGS) at the mask head's width and heads."""
     position = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
     # return_interm_layers=True: the mask head reads layer1-3
     joiner = Joiner(Backbone(backbone, True, True, False, weights="none"), position)
     joiner.num_channels = joiner[0].num_channels
-    transformer = Transformer(d_model=hidden_dim, nhead=nheads, num_encoder_layers=enc, num_decoder_layers=dec,
-                              dim_feedforward=ffn, dropout=0.0, return_intermediate_dec=True)
+    transformer = Transformer(
+        d_model=hidden_dim,
+        nhead=nheads,
+        num_encoder_layers=enc,
+        num_decoder_layers=dec,
+        dim_feedforward=ffn,
+        dropout=0.0,
+        return_intermediate_dec=True,
+    )
     return DETR(joiner, transformer, num_classes=num_classes, num_queries=num_queries, aux_loss=aux_loss)
 
 
 # ---------------------------------------------------------------------------------------------- losses
 
+
 def test_dice_loss_hand_computed():
-    inputs = torch.tensor([[0.0, 0.0, 0.0, 0.0],
-                           [LN3, LN3, -LN3, -LN3]])
-    targets = torch.tensor([[1.0, 1.0, 0.0, 0.0],
-                            [1.0, 0.0, 0.0, 0.0]])
+    inputs = torch.tensor([[0.0, 0.0, 0.0, 0.0], [LN3, LN3, -LN3, -LN3]])
+    targets = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     # row 0: p = 0.5 everywhere: 1 - (2*1 + 1) / (2 + 2 + 1) = 0.4
     # row 1: p = .75 .75 .25 .25: sum(p t) = .75, sum p = 2, sum t = 1: 1 - (1.5 + 1) / (3 + 1) = 0.375
     assert dice_loss(inputs, targets, 2) == pytest.approx((0.4 + 0.375) / 2, abs=1e-6)
@@ -60,13 +83,14 @@ def test_sigmoid_focal_loss_hand_computed():
     row1 = (math.log(4 / 3) / 16 * 0.25 + math.log(4) * 9 / 16 * 0.75) / 2
     assert sigmoid_focal_loss(inputs, targets, 4) == pytest.approx((row0 + row1) / 4, abs=1e-6)
     # alpha < 0 switches the class balance off; gamma 0 gives plain BCE
-    no_alpha = (math.log(2) / 4 + (math.log(4 / 3) / 16 + math.log(4) * 9 / 16) / 2)
+    no_alpha = math.log(2) / 4 + (math.log(4 / 3) / 16 + math.log(4) * 9 / 16) / 2
     assert sigmoid_focal_loss(inputs, targets, 1, alpha=-1) == pytest.approx(no_alpha, abs=1e-6)
-    bce = (math.log(2) + (math.log(4 / 3) + math.log(4)) / 2)
+    bce = math.log(2) + (math.log(4 / 3) + math.log(4)) / 2
     assert sigmoid_focal_loss(inputs, targets, 1, alpha=-1, gamma=0) == pytest.approx(bce, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- attention map
+
 
 def test_mh_attention_map_equals_per_head_loop():
     torch.manual_seed(0)
@@ -91,7 +115,7 @@ def test_mh_attention_map_equals_per_head_loop():
                 for y in range(H):
                     for x in range(W):
                         kyx = attn.k_linear(k[b, :, y, x])
-                        s = (qi[h * c:(h + 1) * c] * kyx[h * c:(h + 1) * c]).sum() / math.sqrt(c)
+                        s = (qi[h * c : (h + 1) * c] * kyx[h * c : (h + 1) * c]).sum() / math.sqrt(c)
                         scores[h, y, x] = float("-inf") if mask[b, y, x] else s
             expected[b, i] = scores.flatten().softmax(0).view(n, H, W)  # one softmax over heads and positions
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -100,6 +124,7 @@ def test_mh_attention_map_equals_per_head_loop():
 
 
 # ---------------------------------------------------------------------------------------------- mask head
+
 
 def test_mask_head_shapes_and_per_query_independence():
     torch.manual_seed(0)
@@ -113,7 +138,7 @@ def test_mask_head_shapes_and_per_query_independence():
     # rows are batch-major: row b * Q + q is image b with query q, whatever the rest of the batch holds
     for b in range(B):
         for q in range(Q):
-            alone = head(x[b:b + 1], bbox_mask[b:b + 1, q:q + 1], [f[b:b + 1] for f in fpns])
+            alone = head(x[b : b + 1], bbox_mask[b : b + 1, q : q + 1], [f[b : b + 1] for f in fpns])
             torch.testing.assert_close(out[b * Q + q], alone[0], atol=1e-5, rtol=1e-5)
     # fpn features already repeated per query give the same result
     torch.testing.assert_close(head(x, bbox_mask, [f.repeat_interleave(Q, 0) for f in fpns]), out)
@@ -143,6 +168,7 @@ def test_mask_head_attention_gain_scales_only_the_attention_weights():
 
 
 # ---------------------------------------------------------------------------------------------- DETRsegm
+
 
 @pytest.fixture(scope="module")
 def small_segm():
@@ -197,8 +223,19 @@ def _read_tsv(path):
 @pytest.fixture(scope="module")
 def r50_panoptic():
     torch.manual_seed(0)
-    return DETRsegm(make_detr("resnet50", hidden_dim=256, nheads=8, enc=6, dec=6, ffn=2048, num_queries=100,
-                              num_classes=250, aux_loss=True))
+    return DETRsegm(
+        make_detr(
+            "resnet50",
+            hidden_dim=256,
+            nheads=8,
+            enc=6,
+            dec=6,
+            ffn=2048,
+            num_queries=100,
+            num_classes=250,
+            aux_loss=True,
+        )
+    )
 
 
 def test_state_dict_equals_published_layout(r50_panoptic):
@@ -218,8 +255,9 @@ def test_published_checkpoint_round_trip(r50_panoptic, tmp_path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["args"] == args
     torch.manual_seed(1)
-    fresh = DETRsegm(make_detr("resnet50", hidden_dim=256, nheads=8, enc=6, dec=6, ffn=2048, num_queries=100,
-                               num_classes=250))
+    fresh = DETRsegm(
+        make_detr("resnet50", hidden_dim=256, nheads=8, enc=6, dec=6, ffn=2048, num_queries=100, num_classes=250)
+    )
     assert not torch.equal(fresh.mask_head.lay1.weight, sd["mask_head.lay1.weight"])
     result = fresh.load_state_dict(ckpt["model"], strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -228,6 +266,7 @@ def test_published_checkpoint_round_trip(r50_panoptic, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- PostProcessSegm
+
 
 def test_post_process_segm():
     # query 0 positive on the top half, query 1 on the bottom half of a 2x2 map (a padded 4x4 batch)
@@ -245,8 +284,9 @@ def test_post_process_segm():
     assert m1[0].all() and not m1[1].any()
 
     # [B, Q, 1, H, W] masks are accepted too; a higher threshold empties the borderline rows
-    strict = PostProcessSegm(threshold=0.99)([{}], {"pred_masks": pred_masks[:1, :, None]}, orig_target_sizes[:1],
-                                             max_target_sizes[:1])
+    strict = PostProcessSegm(threshold=0.99)(
+        [{}], {"pred_masks": pred_masks[:1, :, None]}, orig_target_sizes[:1], max_target_sizes[:1]
+    )
     assert strict[0]["masks"][0, 0].sum() == 6 * 2  # sigmoid(2.5) < 0.99: only the first of 4 rows, x2 x6
 
 
@@ -280,8 +320,11 @@ def test_post_process_panoptic_two_halves():
     left = torch.full((h, w), -5.0)
     left[:, :3] = 5.0
     masks = torch.stack([left, -left, left, -left])[None]  # queries 2 and 3 are dropped by their class
-    outputs = {"pred_logits": logits_for([1, 3, "none", ("weak", 2)]), "pred_masks": masks,
-               "pred_boxes": torch.rand(1, 4, 4)}
+    outputs = {
+        "pred_logits": logits_for([1, 3, "none", ("weak", 2)]),
+        "pred_masks": masks,
+        "pred_boxes": torch.rand(1, 4, 4),
+    }
     post = PostProcessPanoptic(IS_THING)
     res = post(outputs, torch.tensor([[h, w]]), torch.tensor([[2 * h, 2 * w]]))
     assert len(res) == 1
@@ -289,8 +332,10 @@ def test_post_process_panoptic_two_halves():
     expected = np.ones((2 * h, 2 * w), dtype=np.int64)
     expected[:, :6] = 0
     np.testing.assert_array_equal(ids, expected)
-    assert res[0]["segments_info"] == [{"id": 0, "isthing": True, "category_id": 1, "area": 48},
-                                       {"id": 1, "isthing": False, "category_id": 3, "area": 48}]
+    assert res[0]["segments_info"] == [
+        {"id": 0, "isthing": True, "category_id": 1, "area": 48},
+        {"id": 1, "isthing": False, "category_id": 3, "area": 48},
+    ]
     # target_sizes defaults to processed_sizes
     res = post(outputs, [(h, w)])
     assert decode(res[0]["png_string"]).shape == (h, w)
@@ -312,8 +357,10 @@ def test_post_process_panoptic_merges_stuff_of_one_class():
     expected = np.zeros((h, w), dtype=np.int64)
     expected[:, 4:] = 1
     np.testing.assert_array_equal(decode(res["png_string"]), expected)
-    assert res["segments_info"] == [{"id": 0, "isthing": False, "category_id": 3, "area": 16},
-                                    {"id": 1, "isthing": True, "category_id": 1, "area": 8}]
+    assert res["segments_info"] == [
+        {"id": 0, "isthing": False, "category_id": 3, "area": 16},
+        {"id": 1, "isthing": True, "category_id": 1, "area": 8},
+    ]
 
 
 def test_post_process_panoptic_things_of_one_class_stay_apart():
@@ -336,8 +383,10 @@ def test_post_process_panoptic_drops_small_segments():
     expected = np.zeros((h, w), dtype=np.int64)
     expected[3] = 1
     np.testing.assert_array_equal(decode(res["png_string"]), expected)
-    assert res["segments_info"] == [{"id": 0, "isthing": True, "category_id": 0, "area": 18},
-                                    {"id": 1, "isthing": False, "category_id": 4, "area": 6}]
+    assert res["segments_info"] == [
+        {"id": 0, "isthing": True, "category_id": 0, "area": 18},
+        {"id": 1, "isthing": False, "category_id": 4, "area": 6},
+    ]
 
 
 def test_post_process_panoptic_nothing_kept():
@@ -352,13 +401,20 @@ def test_post_process_panoptic_batch_and_mask_resizing():
     # masks predicted at 1/4 resolution are resized (bilinear) to each processed size, then to the target size
     low = torch.full((2, 3), -5.0)
     low[:, 0] = 5.0
-    outputs = {"pred_logits": torch.cat([logits_for([1, 4]), logits_for([4, "none"])]),
-               "pred_masks": torch.stack([torch.stack([low, -low]), torch.stack([low, low])])}
+    outputs = {
+        "pred_logits": torch.cat([logits_for([1, 4]), logits_for([4, "none"])]),
+        "pred_masks": torch.stack([torch.stack([low, -low]), torch.stack([low, low])]),
+    }
     res = PostProcessPanoptic(IS_THING)(outputs, torch.tensor([[8, 12], [8, 12]]), torch.tensor([[8, 12], [4, 4]]))
     ids0 = decode(res[0]["png_string"])
     # bilinear 3 -> 12 columns: query 0 wins output columns 0-3, query 1 from column 4 on
-    expected0 = torch.nn.functional.interpolate(torch.stack([low, -low])[None], size=(8, 12), mode="bilinear",
-                                                align_corners=False)[0].argmax(0).numpy()
+    expected0 = (
+        torch.nn.functional.interpolate(
+            torch.stack([low, -low])[None], size=(8, 12), mode="bilinear", align_corners=False
+        )[0]
+        .argmax(0)
+        .numpy()
+    )
     np.testing.assert_array_equal(ids0, expected0)
     assert expected0[:, :4].max() == 0 and expected0[:, 8:].min() == 1
     assert res[1]["segments_info"] == [{"id": 0, "isthing": False, "category_id": 4, "area": 16}]

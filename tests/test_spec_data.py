@@ -1,6 +1,7 @@
 """tests/data/spec holds what the parity and state-dict layout tests read: the published state_dict layouts and
 the parity case computed by the original DETR. Its SHA-256 list pins every file, so an accidental edit, a
 truncated copy or a stray file fails here rather than as a puzzling parity difference."""
+
 import hashlib
 
 import pytest

@@ -1,6 +1,7 @@
 """run_with_submitit.py: its flags and Slurm script, the Trainer's environment and requeue, and end to end through
 submitit's local executor on this CPU: the same training as torchrun, a preempted job that resumes exactly, and
 the refusal to resume a checkpoint of another model configuration."""
+
 import os
 import shutil
 import signal
@@ -17,8 +18,7 @@ import datasets
 import main as main_py
 import run_with_submitit
 from helpers import REPO_ROOT, run_main, tiny_flags
-from test_multinode import (assert_same_training, finish, read_log, run, start, torchrun_reference,
-                            training_flags)
+from test_multinode import assert_same_training, finish, read_log, run, start, torchrun_reference, training_flags
 
 
 def submit_flags(job_dir, *extra: str):
@@ -26,6 +26,7 @@ def submit_flags(job_dir, *extra: str):
 
 
 # ---------------------------------------------------------------------------------------------- flags
+
 
 def test_defaults_are_the_originals_and_the_output_goes_to_the_job_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -42,8 +43,18 @@ def test_defaults_are_the_originals_and_the_output_goes_to_the_job_folder(tmp_pa
 
 
 def test_dataset_defaults_apply_as_in_main_and_given_flags_win(tmp_path):
-    argv = ["--dataset_file", "synthetic", "--hidden_dim", "32", "--output_dir", str(tmp_path / "out"),
-            "--dist_url", "env://", "--job_dir", str(tmp_path / "jobs")]
+    argv = [
+        "--dataset_file",
+        "synthetic",
+        "--hidden_dim",
+        "32",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dist_url",
+        "env://",
+        "--job_dir",
+        str(tmp_path / "jobs"),
+    ]
     args = run_with_submitit.parse_args(argv)
     expected = main_py.parse_args(argv[:6])
     for name in datasets.recipe("synthetic"):
@@ -83,15 +94,40 @@ def test_slurm_job_asks_for_one_task_per_gpu_and_requeues_on_usr2(tmp_path, monk
     bin_dir = fake_slurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # main() extends it; restored after
-    job = run_with_submitit.main(["--coco_path", "/data/coco", "--nodes", "2", "--ngpus", "4", "--timeout", "60",
-                                  "--partition", "gpu", "--use_volta32", "--comment", "deadline soon",
-                                  *submit_flags(tmp_path / "jobs")])
+    job = run_with_submitit.main(
+        [
+            "--coco_path",
+            "/data/coco",
+            "--nodes",
+            "2",
+            "--ngpus",
+            "4",
+            "--timeout",
+            "60",
+            "--partition",
+            "gpu",
+            "--use_volta32",
+            "--comment",
+            "deadline soon",
+            *submit_flags(tmp_path / "jobs"),
+        ]
+    )
     assert job.job_id == "4242"
     assert "Submitted job 4242 (slurm)" in capsys.readouterr().out
     script = (bin_dir / "submitted.sh").read_text()
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=10", "--mem=160GB",
-                 "--time=60", "--partition=gpu", "--constraint=volta32gb", "--comment='deadline soon'",
-                 "--signal=USR2@120", "--job-name=detr"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=10",
+        "--mem=160GB",
+        "--time=60",
+        "--partition=gpu",
+        "--constraint=volta32gb",
+        "--comment='deadline soon'",
+        "--signal=USR2@120",
+        "--job-name=detr",
+    ):
         assert f"#SBATCH {line}\n" in script, line
     # The tasks import main.py wherever they start.
     assert str(REPO_ROOT) in os.environ["PYTHONPATH"].split(os.pathsep)
@@ -103,10 +139,15 @@ def test_slurm_job_asks_for_one_task_per_gpu_and_requeues_on_usr2(tmp_path, monk
 
 def local_task_environment(monkeypatch, job_id="77", rank=1, tasks=2):
     """The variables submitit's local executor gives task `rank` of `tasks`."""
-    for name, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=job_id,
-                            SUBMITIT_LOCAL_GLOBALID=str(rank), SUBMITIT_LOCAL_LOCALID=str(rank),
-                            SUBMITIT_LOCAL_NTASKS=str(tasks), SUBMITIT_LOCAL_NODEID="0",
-                            SUBMITIT_LOCAL_JOB_NUM_NODES="1").items():
+    for name, value in dict(
+        SUBMITIT_EXECUTOR="local",
+        SUBMITIT_LOCAL_JOB_ID=job_id,
+        SUBMITIT_LOCAL_GLOBALID=str(rank),
+        SUBMITIT_LOCAL_LOCALID=str(rank),
+        SUBMITIT_LOCAL_NTASKS=str(tasks),
+        SUBMITIT_LOCAL_NODEID="0",
+        SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+    ).items():
         monkeypatch.setenv(name, value)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # absent, and removed again after the test
         monkeypatch.setenv(name, "")
@@ -115,8 +156,19 @@ def local_task_environment(monkeypatch, job_id="77", rank=1, tasks=2):
 
 def test_trainer_runs_main_as_one_process_of_the_job(tmp_path, monkeypatch):
     local_task_environment(monkeypatch, job_id="77", rank=1, tasks=2)
-    args = run_with_submitit.parse_args(["--dataset_file", "synthetic", "--cluster", "local", "--nodes", "1",
-                                         "--ngpus", "2", *submit_flags(tmp_path / "jobs")])
+    args = run_with_submitit.parse_args(
+        [
+            "--dataset_file",
+            "synthetic",
+            "--cluster",
+            "local",
+            "--nodes",
+            "1",
+            "--ngpus",
+            "2",
+            *submit_flags(tmp_path / "jobs"),
+        ]
+    )
     seen = {}
 
     def fake_main(main_args):
@@ -133,8 +185,9 @@ def test_trainer_runs_main_as_one_process_of_the_job(tmp_path, monkeypatch):
 
 def test_checkpoint_requeues_the_same_training_with_auto_resume_and_a_new_rendezvous(tmp_path, monkeypatch):
     local_task_environment(monkeypatch, job_id="77", rank=0)
-    args = run_with_submitit.parse_args(["--dataset_file", "synthetic", "--resume", "/models/start.pth",
-                                         *submit_flags(tmp_path / "jobs")])
+    args = run_with_submitit.parse_args(
+        ["--dataset_file", "synthetic", "--resume", "/models/start.pth", *submit_flags(tmp_path / "jobs")]
+    )
     trainer = run_with_submitit.Trainer(args)
 
     requeued = trainer.checkpoint()
@@ -156,10 +209,22 @@ def test_checkpoint_requeues_the_same_training_with_auto_resume_and_a_new_rendez
 
 # ---------------------------------------------------------------------------------------------- end to end
 
+
 def local_job(root, job_dir, *extra: str):
     """The command training on 2 CPU processes through submitit's local executor."""
-    return [sys.executable, "run_with_submitit.py", "--cluster", "local", "--nodes", "1", "--ngpus", "2",
-            *submit_flags(job_dir), *training_flags(root), *extra]
+    return [
+        sys.executable,
+        "run_with_submitit.py",
+        "--cluster",
+        "local",
+        "--nodes",
+        "1",
+        "--ngpus",
+        "2",
+        *submit_flags(job_dir),
+        *training_flags(root),
+        *extra,
+    ]
 
 
 def job_output(job_dir: Path) -> Path:
@@ -197,8 +262,7 @@ def task_processes(session: int):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the job's tasks through /proc")
-def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_root, tmp_path_factory,
-                                                                     tmp_path):
+def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_root, tmp_path_factory, tmp_path):
     reference = torchrun_reference(synthetic_root, tmp_path_factory)
     job_dir = tmp_path / "jobs"
     launcher = start(local_job(synthetic_root, job_dir), log_path=tmp_path / "launcher.log")
@@ -239,30 +303,47 @@ def finished_run(synthetic_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_job_stopped_between_its_log_line_and_its_checkpoint_logs_each_epoch_once(finished_run,
-                                                                                     synthetic_root, tmp_path):
+def test_a_job_stopped_between_its_log_line_and_its_checkpoint_logs_each_epoch_once(
+    finished_run, synthetic_root, tmp_path
+):
     # The state a job leaves when stopped after writing epoch 1's line but before saving its checkpoint.
     shutil.copy(finished_run / "log.txt", tmp_path / "log.txt")
     shutil.copy(finished_run / "checkpoint0000.pth", tmp_path / "checkpoint.pth")
     assert [row["epoch"] for row in read_log(tmp_path / "log.txt")] == [0, 1]
     with open(tmp_path / "log.txt", "a") as f:
         f.write('{"train_lr": 0.0001, "train_cl')  # and a line cut short by a kill, for good measure
-    _, printed = run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "2", "--lr_drop", "1", "--dropout",
-                                     "0.1", "--no_plots", "--auto_resume"))
+    _, printed = run_main(
+        tiny_flags(
+            synthetic_root,
+            tmp_path,
+            "--epochs",
+            "2",
+            "--lr_drop",
+            "1",
+            "--dropout",
+            "0.1",
+            "--no_plots",
+            "--auto_resume",
+        )
+    )
     assert f"--auto_resume: resuming from {tmp_path / 'checkpoint.pth'}" in printed
     assert "removed 2 line(s) of epochs from 1 on" in printed
     assert_same_training(finished_run, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags, named", [
-    (("--hidden_dim", "16"), "--hidden_dim: checkpoint 32, this run 16"),
-    # These change no weight's shape or name: the weights alone would load.
-    (("--nheads", "4"), "--nheads: checkpoint 2, this run 4"),
-    (("--backbone_norm", "frozen"), "--backbone_norm: checkpoint 'batch', this run 'frozen'"),
-])
-def test_a_requeued_job_refuses_a_checkpoint_of_another_configuration(finished_run, synthetic_root, tmp_path,
-                                                                      flags, named):
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (("--hidden_dim", "16"), "--hidden_dim: checkpoint 32, this run 16"),
+        # These change no weight's shape or name: the weights alone would load.
+        (("--nheads", "4"), "--nheads: checkpoint 2, this run 4"),
+        (("--backbone_norm", "frozen"), "--backbone_norm: checkpoint 'batch', this run 'frozen'"),
+    ],
+)
+def test_a_requeued_job_refuses_a_checkpoint_of_another_configuration(
+    finished_run, synthetic_root, tmp_path, flags, named
+):
     shutil.copy(finished_run / "checkpoint.pth", tmp_path / "checkpoint.pth")
     with pytest.raises(ValueError) as error:
         run_main(tiny_flags(synthetic_root, tmp_path, "--epochs", "3", "--no_plots", "--auto_resume", *flags))

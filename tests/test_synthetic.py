@@ -1,4 +1,5 @@
 """datasets/synthetic.py: deterministic, self-consistent instances and panoptic annotations, built like COCO."""
+
 import argparse
 import json
 from argparse import Namespace
@@ -26,10 +27,20 @@ def load(root, kind, split="train"):
 
 
 def args_for(root, **overrides):
-    return Namespace(**{"dataset_file": "synthetic", "coco_path": None, "synthetic_path": str(root),
-                        "synthetic_seed": PARAMS["seed"], "synthetic_train_size": PARAMS["num_train"],
-                        "synthetic_val_size": PARAMS["num_val"], "synthetic_image_size": PARAMS["image_size"],
-                        "masks": False, "num_classes": None, **overrides})
+    return Namespace(
+        **{
+            "dataset_file": "synthetic",
+            "coco_path": None,
+            "synthetic_path": str(root),
+            "synthetic_seed": PARAMS["seed"],
+            "synthetic_train_size": PARAMS["num_train"],
+            "synthetic_val_size": PARAMS["num_val"],
+            "synthetic_image_size": PARAMS["image_size"],
+            "masks": False,
+            "num_classes": None,
+            **overrides,
+        }
+    )
 
 
 def test_same_seed_same_bytes_other_seed_differs(root, tmp_path):
@@ -53,8 +64,9 @@ def test_instances_are_self_consistent(root):
     assert [c["id"] for c in data["categories"]] == [1, 2, 3, 4, 5]
     assert all(c["supercategory"] == "shape" for c in data["categories"])
     assert len(data["images"]) == PARAMS["num_train"]
-    assert all(img["file_name"] == f"{img['id']:012d}.jpg" and img["height"] == img["width"] == size
-               for img in data["images"])
+    assert all(
+        img["file_name"] == f"{img['id']:012d}.jpg" and img["height"] == img["width"] == size for img in data["images"]
+    )
     per_image = {img["id"]: 0 for img in data["images"]}
     for ann in data["annotations"]:
         per_image[ann["image_id"]] += 1
@@ -89,7 +101,7 @@ def test_panoptic_pngs_match_segments(root):
         for ann in panoptic["annotations"]:
             assert ann["file_name"] == f"{ann['image_id']:012d}.png"
             rgb = np.asarray(Image.open(root / f"panoptic_{split}2017" / ann["file_name"]), dtype=np.int64)
-            ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
             segments = ann["segments_info"]
             assert sorted(np.unique(ids).tolist()) == sorted(s["id"] for s in segments)  # no unlabelled pixel
             for s in segments:
@@ -219,6 +231,11 @@ def test_build_panoptic(root):
 def test_add_synthetic_args():
     parser = synthetic.add_synthetic_args(argparse.ArgumentParser())
     args = parser.parse_args([])
-    assert (args.synthetic_path, args.synthetic_seed, args.synthetic_train_size, args.synthetic_val_size,
-            args.synthetic_image_size) == ("data/synthetic", 0, 1600, 200, 128)
+    assert (
+        args.synthetic_path,
+        args.synthetic_seed,
+        args.synthetic_train_size,
+        args.synthetic_val_size,
+        args.synthetic_image_size,
+    ) == ("data/synthetic", 0, 1600, 200, 128)
     assert all(action.help for action in parser._actions if action.dest.startswith("synthetic_"))

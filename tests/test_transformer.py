@@ -5,6 +5,7 @@ the values), which norms exist (post-norm layers; pre-norm with a final encoder 
 also normalizes every intermediate output), and how the padding mask hides keys. Everything runs in float64 with
 randomized parameters (LayerNorms too), so any deviation shows.
 """
+
 import math
 
 import pytest
@@ -12,8 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_args
-from models.transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
-                                TransformerEncoderLayer, build_transformer)
+from models.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+    build_transformer,
+)
 
 D, HEADS, FFN = 16, 4, 24
 
@@ -106,9 +113,16 @@ def inputs(batch=2, h=3, w=4, queries=5, seed=1):
 
 
 def make_transformer(pre_norm=False, enc=2, dec=3, intermediate=True, seed=0):
-    model = Transformer(d_model=D, nhead=HEADS, num_encoder_layers=enc, num_decoder_layers=dec,
-                        dim_feedforward=FFN, dropout=0.0, normalize_before=pre_norm,
-                        return_intermediate_dec=intermediate)
+    model = Transformer(
+        d_model=D,
+        nhead=HEADS,
+        num_encoder_layers=enc,
+        num_decoder_layers=dec,
+        dim_feedforward=FFN,
+        dropout=0.0,
+        normalize_before=pre_norm,
+        return_intermediate_dec=intermediate,
+    )
     return randomize(model.double(), seed).eval()
 
 
@@ -133,17 +147,25 @@ def test_layers_match_reference(pre_norm):
     tgt = torch.randn(5, 2, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     query_pos = query[:, None].repeat(1, 2, 1)
     with torch.no_grad():
-        torch.testing.assert_close(enc(seq, src_key_padding_mask=key_mask, pos=seq_pos),
-                                   ref_encoder_layer(enc, seq, key_mask, seq_pos), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(dec(tgt, seq, memory_key_padding_mask=key_mask, pos=seq_pos, query_pos=query_pos),
-                                   ref_decoder_layer(dec, tgt, seq, key_mask, seq_pos, query_pos),
-                                   rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            enc(seq, src_key_padding_mask=key_mask, pos=seq_pos),
+            ref_encoder_layer(enc, seq, key_mask, seq_pos),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+        torch.testing.assert_close(
+            dec(tgt, seq, memory_key_padding_mask=key_mask, pos=seq_pos, query_pos=query_pos),
+            ref_decoder_layer(dec, tgt, seq, key_mask, seq_pos, query_pos),
+            rtol=1e-10,
+            atol=1e-10,
+        )
 
 
 def test_norms_present_as_specified():
     post = Transformer(d_model=D, nhead=HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FFN)
-    pre = Transformer(d_model=D, nhead=HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FFN,
-                      normalize_before=True)
+    pre = Transformer(
+        d_model=D, nhead=HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FFN, normalize_before=True
+    )
     assert post.encoder.norm is None and isinstance(post.decoder.norm, torch.nn.LayerNorm)
     assert isinstance(pre.encoder.norm, torch.nn.LayerNorm) and isinstance(pre.decoder.norm, torch.nn.LayerNorm)
 
@@ -200,8 +222,9 @@ def test_xavier_uniform_init_on_matrices():
 
 
 def test_dropout_only_in_train_mode():
-    model = Transformer(d_model=D, nhead=HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FFN,
-                        dropout=0.5).double()
+    model = Transformer(
+        d_model=D, nhead=HEADS, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=FFN, dropout=0.5
+    ).double()
     src, mask, query, pos = inputs()
     model.eval()
     with torch.no_grad():

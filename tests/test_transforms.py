@@ -1,4 +1,5 @@
 """datasets/transforms.py: boxes, masks and areas follow the pixels; numbers computed by hand."""
+
 import random
 
 import numpy as np
@@ -60,21 +61,24 @@ def test_hflip_values_and_twice_is_identity():
     image, target = make_sample(boxes=[(10, 20, 30, 40), (0, 0, 100, 80)])
     flipped_image, flipped = T.hflip(image, target)
     assert flipped["boxes"].tolist() == [[70, 20, 90, 40], [0, 0, 100, 80]]
-    assert torch.equal(masks_to_boxes(flipped["masks"]), torch.tensor([[70., 20, 89, 39], [0, 0, 99, 79]]))
+    assert torch.equal(masks_to_boxes(flipped["masks"]), torch.tensor([[70.0, 20, 89, 39], [0, 0, 99, 79]]))
     back_image, back = T.hflip(flipped_image, flipped)
     assert np.array_equal(np.asarray(back_image), np.asarray(image))
     for key in target:
         assert torch.equal(back[key], target[key]), key
 
 
-@pytest.mark.parametrize("image_size, size, max_size, expected_hw", [
-    ((640, 480), 800, 1333, (800, 1066)),   # 640/480*800 = 1066.7, truncated
-    ((480, 640), 800, 1333, (1066, 800)),
-    ((1000, 200), 800, 1333, (267, 1335)),  # capped: round(1333*200/1000) = 267, then int(267*5) = 1335
-    ((1066, 800), 800, 1333, (800, 1066)),  # shorter side already 800: unchanged
-    ((300, 300), 512, None, (512, 512)),
-    ((50, 30), (20, 10), None, (10, 20)),   # a sequence is (w, h)
-])
+@pytest.mark.parametrize(
+    "image_size, size, max_size, expected_hw",
+    [
+        ((640, 480), 800, 1333, (800, 1066)),  # 640/480*800 = 1066.7, truncated
+        ((480, 640), 800, 1333, (1066, 800)),
+        ((1000, 200), 800, 1333, (267, 1335)),  # capped: round(1333*200/1000) = 267, then int(267*5) = 1335
+        ((1066, 800), 800, 1333, (800, 1066)),  # shorter side already 800: unchanged
+        ((300, 300), 512, None, (512, 512)),
+        ((50, 30), (20, 10), None, (10, 20)),  # a sequence is (w, h)
+    ],
+)
 def test_get_size(image_size, size, max_size, expected_hw):
     assert tuple(T.get_size(image_size, size, max_size)) == expected_hw
 
@@ -87,7 +91,7 @@ def test_resize_scales_boxes_area_and_masks():
     assert out["area"].tolist() == [400]
     assert out["size"].tolist() == [40, 50]
     assert out["masks"].dtype == torch.bool and out["masks"].shape == (1, 40, 50)
-    assert torch.equal(masks_to_boxes(out["masks"]), torch.tensor([[5., 5, 24, 24]]))
+    assert torch.equal(masks_to_boxes(out["masks"]), torch.tensor([[5.0, 5, 24, 24]]))
     # Unequal ratios: (w, h) = (50, 20) scales x by 0.5 and y by 0.25.
     _, out = T.resize(image, target, (50, 20))
     assert out["boxes"].tolist() == [[5, 2.5, 25, 12.5]]
@@ -164,12 +168,17 @@ def test_to_tensor_normalize_and_erasing():
 def test_coco_train_pipeline_keeps_masks_boxes_area_consistent():
     """Run the full geometric train pipeline many times: masks built as the boxes must stay the boxes."""
     scales = [48, 56, 64]
-    geometric = T.Compose([
-        T.RandomHorizontalFlip(),
-        T.RandomSelect(T.RandomResize(scales, max_size=100),
-                       T.Compose([T.RandomResize([40, 50, 60]), T.RandomSizeCrop(24, 40),
-                                  T.RandomResize(scales, max_size=100)])),
-    ])
+    geometric = T.Compose(
+        [
+            T.RandomHorizontalFlip(),
+            T.RandomSelect(
+                T.RandomResize(scales, max_size=100),
+                T.Compose(
+                    [T.RandomResize([40, 50, 60]), T.RandomSizeCrop(24, 40), T.RandomResize(scales, max_size=100)]
+                ),
+            ),
+        ]
+    )
     random.seed(0)
     # Box corners on multiples of 8 so that every resize keeps them on whole pixels.
     image, target = make_sample(width=96, height=64, boxes=[(8, 8, 40, 32), (48, 16, 88, 56), (0, 40, 24, 64)])
@@ -196,8 +205,9 @@ def test_coco_train_pipeline_keeps_masks_boxes_area_consistent():
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (500, 333), (1000, 200), (801, 800)])
 def test_output_image_size_is_what_the_val_transforms_deliver(size):
-    transforms = T.Compose([T.RandomResize([800], max_size=1333), T.ToTensor(),
-                            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    transforms = T.Compose(
+        [T.RandomResize([800], max_size=1333), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    )
     image, _ = transforms(Image.new("RGB", size), {})
     assert T.output_image_size(transforms, size) == (image.shape[2], image.shape[1])
 

@@ -1,5 +1,6 @@
 """Tests of models/two_stage.py (--two_stage: decoder queries from the encoder's proposals) and of --feature_stride
 (a backbone ending early)."""
+
 import warnings
 
 import pytest
@@ -9,8 +10,14 @@ import main as main_py
 from helpers import MASK_HEAD_FLAGS, load_checkpoint_safely, run_main, tiny_args, tiny_flags, tiny_model
 from models.backbone import Backbone
 from models.detr import DETR, SetCriterion
-from models.two_stage import (TwoStageCriterion, TwoStageDETR, inverse_sigmoid, match_to_nearest_anchor,
-                               select_distinct, token_anchors)
+from models.two_stage import (
+    TwoStageCriterion,
+    TwoStageDETR,
+    inverse_sigmoid,
+    match_to_nearest_anchor,
+    select_distinct,
+    token_anchors,
+)
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
 from util.misc import nested_tensor_from_tensor_list
 
@@ -55,14 +62,14 @@ def test_objects_are_assigned_to_the_nearest_free_token():
     anchors = token_anchors(torch.zeros(1, 2, 2, dtype=torch.bool))
     # Two objects centred in the top-left cell, one in the bottom-right cell.
     boxes = torch.tensor([[0.20, 0.20, 0.1, 0.1], [0.30, 0.26, 0.2, 0.2], [0.80, 0.70, 0.3, 0.3]])
-    (rows, cols), = match_to_nearest_anchor(anchors, [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])}])
+    ((rows, cols),) = match_to_nearest_anchor(anchors, [{"boxes": boxes, "labels": torch.tensor([1, 2, 3])}])
     assigned = dict(zip(cols.tolist(), rows.tolist()))
     assert assigned[2] == 3  # bottom-right
     assert sorted([assigned[0], assigned[1]]) in ([0, 1], [0, 2])  # two distinct tokens, top-left one of them
     # The pair with the least total distance: object 1 (x 0.30) moves to the top-right cell, object 0 stays.
     assert assigned[0] == 0 and assigned[1] == 1
     # An image without objects gets no pair.
-    (rows, cols), = match_to_nearest_anchor(anchors, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
+    ((rows, cols),) = match_to_nearest_anchor(anchors, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     assert rows.numel() == 0 and cols.numel() == 0
 
 
@@ -74,8 +81,12 @@ def test_two_stage_outputs_and_state_dict():
     assert type(plain) is DETR and type(plain_criterion) is SetCriterion
     names = set(model.state_dict())
     assert "query_embed.weight" not in names
-    assert {"enc_output.weight", "enc_output_norm.weight", "enc_class_embed.weight",
-            "enc_bbox_embed.layers.2.weight"} <= names
+    assert {
+        "enc_output.weight",
+        "enc_output_norm.weight",
+        "enc_class_embed.weight",
+        "enc_bbox_embed.layers.2.weight",
+    } <= names
     out = model(two_images())
     b, q = 2, 5
     assert out["pred_logits"].shape == (b, q, 5) and out["pred_boxes"].shape == (b, q, 4)
@@ -99,7 +110,8 @@ def test_each_proposal_sees_its_3x3_neighbourhood_without_encoder_layers():
     with torch.no_grad():
         hs, memory, _, logits, boxes, _, _ = model.forward_queries_from_encoder(src, mask, pos)
         _, changed_memory, _, changed_logits, changed_boxes, _, _ = model.forward_queries_from_encoder(
-            changed_src, mask, pos)
+            changed_src, mask, pos
+        )
     assert torch.equal(memory, src) and torch.equal(changed_memory, changed_src)
     assert hs.shape == (2, 1, 5, 32)
     differs = ((logits - changed_logits).abs().amax(-1) > 1e-6) | ((boxes - changed_boxes).abs().amax(-1) > 1e-6)
@@ -131,11 +143,17 @@ def test_decoder_starts_from_the_best_proposals():
 
 def test_select_distinct_passes_over_overlapping_boxes():
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
-    boxes = torch.tensor([[[0.50, 0.5, 0.2, 0.2],    # kept
-                           [0.51, 0.5, 0.2, 0.2],    # IoU 0.9 with box 0: passed over
-                           [0.20, 0.2, 0.1, 0.1],    # kept
-                           [0.80, 0.8, 0.1, 0.1],    # kept
-                           [0.21, 0.2, 0.1, 0.1]]])  # IoU 0.82 with box 2: passed over
+    boxes = torch.tensor(
+        [
+            [
+                [0.50, 0.5, 0.2, 0.2],  # kept
+                [0.51, 0.5, 0.2, 0.2],  # IoU 0.9 with box 0: passed over
+                [0.20, 0.2, 0.1, 0.1],  # kept
+                [0.80, 0.8, 0.1, 0.1],  # kept
+                [0.21, 0.2, 0.1, 0.1],
+            ]
+        ]
+    )  # IoU 0.82 with box 2: passed over
     assert select_distinct(scores, boxes, 3, 0.5).tolist() == [[0, 2, 3]]
     # Fewer than k left: the passed-over ones follow, best first.
     assert select_distinct(scores, boxes, 5, 0.5).tolist() == [[0, 2, 3, 1, 4]]
@@ -171,8 +189,10 @@ def test_criterion_supervises_the_proposals():
     model, criterion, _ = tiny_model("--two_stage", "--num_classes", "4")
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(criterion.weight_dict)
     out = model(two_images())
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
-               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
     losses = criterion(out, targets)
     # The proposal losses, recomputed by hand for the nearest-token assignment.
     indices = match_to_nearest_anchor(out["enc_outputs"]["anchors"], targets)
@@ -182,8 +202,9 @@ def test_criterion_supervises_the_proposals():
     target_classes = torch.full((2, 12), 4)
     for i, ((src, tgt), t) in enumerate(zip(indices, targets)):
         target_classes[i, src] = t["labels"][tgt]
-    expected_ce = torch.nn.functional.cross_entropy(out["enc_outputs"]["pred_logits"].transpose(1, 2),
-                                                    target_classes, criterion.empty_weight)
+    expected_ce = torch.nn.functional.cross_entropy(
+        out["enc_outputs"]["pred_logits"].transpose(1, 2), target_classes, criterion.empty_weight
+    )
     torch.testing.assert_close(losses["loss_ce_enc"], expected_ce)
     # The proposal loss alone reaches the backbone.
     model.zero_grad()
@@ -221,13 +242,16 @@ def test_feature_stride_bad_values_are_clear_errors():
 def test_mask_head_on_a_stride_8_backbone():
     """With the backbone ending at layer2, the mask head reads layer1 for all three FPN levels and still
     predicts masks at a quarter of the image size."""
-    model, criterion, _ = tiny_model("--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4",
-                                     *MASK_HEAD_FLAGS)  # the mask head's group norms
+    model, criterion, _ = tiny_model(
+        "--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4", *MASK_HEAD_FLAGS
+    )  # the mask head's group norms
     assert model.mask_head.adapter1.in_channels == 64 and model.mask_head.adapter3.in_channels == 64
     out = model(two_images())
     assert out["pred_masks"].shape == (2, 5, 24, 32)
-    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]]),
-                "masks": torch.zeros(1, 96, 128)} for _ in range(2)]
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]]), "masks": torch.zeros(1, 96, 128)}
+        for _ in range(2)
+    ]
     losses = criterion(out, targets)
     assert torch.isfinite(losses["loss_mask"]) and torch.isfinite(losses["loss_dice"])
     script, eager = scripted_and_eager_outputs(model)
@@ -237,7 +261,10 @@ def test_mask_head_on_a_stride_8_backbone():
 def test_resuming_with_another_query_scheme_is_refused():
     saved = tiny_args("--two_stage", "--feature_stride", "8")
     differences = main_py.architecture_differences(saved, tiny_args())
-    assert differences == ["--feature_stride: checkpoint 8, this run 32", "--two_stage: checkpoint True, this run False"]
+    assert differences == [
+        "--feature_stride: checkpoint 8, this run 32",
+        "--two_stage: checkpoint True, this run False",
+    ]
 
 
 def test_main_trains_and_evaluates_a_two_stage_model(synthetic_root, tmp_path):
@@ -297,10 +324,17 @@ def test_proposals_learn_only_the_proposal_classes():
     assert criterion.proposal_classes == [1, 2]
     plain = TwoStageCriterion(4, criterion.matcher, criterion.weight_dict, criterion.eos_coef, criterion.losses)
     out = model(two_images())
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.5, 0.8, 1.0, 0.4]])},
-               {"labels": torch.tensor([4, 2]), "boxes": torch.tensor([[0.5, 0.2, 1.0, 0.4], [0.5, 0.5, 0.4, 0.4]])}]
-    things = [{"labels": t["labels"][:1] if i == 0 else t["labels"][1:],
-               "boxes": t["boxes"][:1] if i == 0 else t["boxes"][1:]} for i, t in enumerate(targets)]
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.5, 0.8, 1.0, 0.4]])},
+        {"labels": torch.tensor([4, 2]), "boxes": torch.tensor([[0.5, 0.2, 1.0, 0.4], [0.5, 0.5, 0.4, 0.4]])},
+    ]
+    things = [
+        {
+            "labels": t["labels"][:1] if i == 0 else t["labels"][1:],
+            "boxes": t["boxes"][:1] if i == 0 else t["boxes"][1:],
+        }
+        for i, t in enumerate(targets)
+    ]
     restricted, unrestricted, by_hand = criterion(out, targets), plain(out, targets), plain(out, things)
     for name in ("loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"):
         # The box losses are divided by the number of all targets (4), by_hand's by that of the things (2).
@@ -315,27 +349,40 @@ def test_proposals_learn_only_the_proposal_classes():
 
 
 def test_learned_queries_bad_values_are_clear_errors():
-    for flags, message in ((["--learned_queries", "2"], "needs --two_stage"),
-                           (["--two_stage", "--learned_queries", "5"], r"\[0, --num_queries - 1\] = \[0, 4\]")):
+    for flags, message in (
+        (["--learned_queries", "2"], "needs --two_stage"),
+        (["--two_stage", "--learned_queries", "5"], r"\[0, --num_queries - 1\] = \[0, 4\]"),
+    ):
         with pytest.raises(SystemExit, match=message):
             main_py.check_args(tiny_args(*flags))
     with pytest.raises(ValueError, match="needs --two_stage"):
         tiny_model("--learned_queries", "1")  # build_model refuses it too
     saved = tiny_args("--two_stage", "--learned_queries", "2")
     assert main_py.architecture_differences(saved, tiny_args("--two_stage")) == [
-        "--learned_queries: checkpoint 2, this run 0"]
+        "--learned_queries: checkpoint 2, this run 0"
+    ]
 
 
 def test_mask_attention_of_proposals_sees_their_states_and_positions():
     """In a two-stage DETRsegm the attention maps are computed from the decoder state plus the query's input (the
     proposal's token state and position; the embedding for a learned query), over the memory plus its positions."""
-    flags = ["--two_stage", "--feature_stride", "8", "--masks", "--num_classes", "4", *MASK_HEAD_FLAGS,
-             "--learned_queries", "2"]
+    flags = [
+        "--two_stage",
+        "--feature_stride",
+        "8",
+        "--masks",
+        "--num_classes",
+        "4",
+        *MASK_HEAD_FLAGS,
+        "--learned_queries",
+        "2",
+    ]
     model, _, _ = tiny_model(*flags, "--mask_attention_gain", "50")
     model.eval()
     seen = {}
     hook = model.bbox_attention.register_forward_hook(
-        lambda module, inputs, output: seen.update(q=inputs[0], k=inputs[1]))
+        lambda module, inputs, output: seen.update(q=inputs[0], k=inputs[1])
+    )
     samples = two_images()
     with torch.no_grad():
         model(samples)

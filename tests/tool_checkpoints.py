@@ -1,6 +1,7 @@
 """For the tests of the tools (tools/predict.py, tools/attention.py, tools/export_onnx.py, tools/plot_logs.py):
 checkpoints of tiny models saved in main.py's checkpoint format, built in an instant instead of trained,
 optionally with heads fixed so that every query predicts a known box and class; and a tool run as a command."""
+
 import math
 import subprocess
 import sys
@@ -14,8 +15,16 @@ from helpers import REPO_ROOT, tiny_flags
 from models import build_model
 
 
-def tiny_checkpoint(path, synthetic_root, *extra: str, num_classes: int = 6, seed: int = 0, box=None,
-                    label: Optional[int] = None, thing_classes: Optional[Sequence[int]] = None) -> Path:
+def tiny_checkpoint(
+    path,
+    synthetic_root,
+    *extra: str,
+    num_classes: int = 6,
+    seed: int = 0,
+    box=None,
+    label: Optional[int] = None,
+    thing_classes: Optional[Sequence[int]] = None,
+) -> Path:
     """Save {'model', 'args'} of the tiny synthetic-dataset DETR (helpers.tiny_flags + `extra`) at `path`.
 
     With `box` (normalized cx, cy, w, h) and `label`, the heads are fixed: every query predicts that box and
@@ -43,5 +52,6 @@ def run_tool(script: str, *argv, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     """`python tools/SCRIPT ARGV` as a user types it, in a process of its own started in `cwd`: from the repository
     root by the relative path, from any other folder by the absolute one (the script finds the code itself)."""
     path = Path("tools", script) if Path(cwd).resolve() == REPO_ROOT else REPO_ROOT / "tools" / script
-    return subprocess.run([sys.executable, str(path), *map(str, argv)], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(path), *map(str, argv)], cwd=cwd, capture_output=True, text=True, timeout=600
+    )

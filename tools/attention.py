@@ -15,6 +15,7 @@ The weights are captured with forward hooks on the nn.MultiheadAttention modules
 layers; those return their weights, averaged over heads, because the transformer calls them with
 need_weights=True (the default).
 """
+
 import argparse
 import sys
 from dataclasses import dataclass
@@ -24,16 +25,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-from tools.detector import add_model_source_args, load_detector, read_image  # noqa: E402
-from util.misc import choose_device  # noqa: E402
-from util.visualize import color_for, draw_boxes, keep_texts_inside, text_color_on  # noqa: E402
+from tools.detector import add_model_source_args, load_detector, read_image
+from util.misc import choose_device
+from util.visualize import color_for, draw_boxes, keep_texts_inside, text_color_on
 
 PROG = "tools/attention.py"
 MAX_POINTS = 6
@@ -42,6 +43,7 @@ MAX_POINTS = 6
 @dataclass
 class AttentionMaps:
     """Attention weights of one image over its h x w feature map (the backbone's output, stride 32)."""
+
     decoder: Tensor  # [num_queries, h, w]: each query's cross-attention in the last decoder layer
     encoder: Optional[Tensor]  # [h, w, h, w]: each cell's self-attention in the last encoder layer (None: no layers)
     outputs: Dict[str, Tensor]  # the model's outputs (pred_logits, pred_boxes, ...)
@@ -58,11 +60,14 @@ def capture_attention(model: nn.Module, image: Tensor) -> AttentionMaps:
     def keep(name):
         def hook(module, inputs, output):
             captured[name] = output
+
         return hook
 
     encoder_layers = detr.transformer.encoder.layers
-    hooks = [detr.input_proj.register_forward_hook(keep("features")),
-             detr.transformer.decoder.layers[-1].multihead_attn.register_forward_hook(keep("decoder"))]
+    hooks = [
+        detr.input_proj.register_forward_hook(keep("features")),
+        detr.transformer.decoder.layers[-1].multihead_attn.register_forward_hook(keep("decoder")),
+    ]
     if len(encoder_layers):
         hooks.append(encoder_layers[-1].self_attn.register_forward_hook(keep("encoder")))
     try:
@@ -71,8 +76,10 @@ def capture_attention(model: nn.Module, image: Tensor) -> AttentionMaps:
         for hook in hooks:
             hook.remove()
     if captured["decoder"][1] is None or (len(encoder_layers) and captured["encoder"][1] is None):
-        raise RuntimeError("the attention layers returned no weights: the transformer must call "
-                           "nn.MultiheadAttention with need_weights=True")
+        raise RuntimeError(
+            "the attention layers returned no weights: the transformer must call "
+            "nn.MultiheadAttention with need_weights=True"
+        )
     h, w = captured["features"].shape[-2:]
     # nn.MultiheadAttention's weights: [batch, target length, source length], averaged over heads.
     decoder = captured["decoder"][1][0].reshape(-1, h, w)
@@ -106,8 +113,17 @@ def _show_map(ax, rgb: np.ndarray, attention: Tensor) -> None:
     ax.axis("off")
 
 
-def save_decoder_attention_picture(image, maps: AttentionMaps, queries: Sequence[int], boxes, labels, scores,
-                                   names: Dict[int, str], path, title: str = "") -> None:
+def save_decoder_attention_picture(
+    image,
+    maps: AttentionMaps,
+    queries: Sequence[int],
+    boxes,
+    labels,
+    scores,
+    names: Dict[int, str],
+    path,
+    title: str = "",
+) -> None:
     """One panel per query of `queries`: its decoder attention over the image, with its box and label."""
     rgb = np.asarray(image)
     fig, axes = _panels(max(len(queries), 1))
@@ -127,8 +143,9 @@ def save_decoder_attention_picture(image, maps: AttentionMaps, queries: Sequence
     plt.close(fig)
 
 
-def save_encoder_attention_picture(image, maps: AttentionMaps, points: Sequence[Tuple[float, float]], path,
-                                   title: str = "") -> None:
+def save_encoder_attention_picture(
+    image, maps: AttentionMaps, points: Sequence[Tuple[float, float]], path, title: str = ""
+) -> None:
     """The image with numbered points, then per point the encoder self-attention of its feature cell."""
     rgb = np.asarray(image)
     height, width = rgb.shape[:2]
@@ -140,11 +157,19 @@ def save_encoder_attention_picture(image, maps: AttentionMaps, points: Sequence[
     for k, ((x, y), ax) in enumerate(zip(points, axes[1:])):
         color = color_for(k)
         for target in (axes[0], ax):
-            target.plot([x], [y], marker="o", markersize=9, markerfacecolor=color, markeredgecolor="white",
-                        markeredgewidth=1.5)
-        axes[0].annotate(str(k + 1), (x, y), xytext=(6, 6), textcoords="offset points", color=text_color_on(color),
-                         fontsize=10, fontweight="bold",
-                         bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"))
+            target.plot(
+                [x], [y], marker="o", markersize=9, markerfacecolor=color, markeredgecolor="white", markeredgewidth=1.5
+            )
+        axes[0].annotate(
+            str(k + 1),
+            (x, y),
+            xytext=(6, 6),
+            textcoords="offset points",
+            color=text_color_on(color),
+            fontsize=10,
+            fontweight="bold",
+            bbox=dict(facecolor=color, alpha=0.8, pad=1, edgecolor="none"),
+        )
         row, col = feature_cell((x, y), (height, width), feature_size)
         _show_map(ax, rgb, maps.encoder[row, col])
         ax.set_title(f"point {k + 1} ({x:.0f}, {y:.0f})", fontsize=10)
@@ -161,23 +186,32 @@ def parse_point(text: str) -> Tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a point is X,Y in pixels, e.g. 120,80; got {text!r}")
+        raise argparse.ArgumentTypeError(f"a point is X,Y in pixels, e.g. 120,80; got {text!r}") from None
     return x, y
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(PROG, description="Draw DETR's decoder and encoder attention maps for one "
-                                                       "image.")
+    parser = argparse.ArgumentParser(PROG, description="Draw DETR's decoder and encoder attention maps for one image.")
     parser.add_argument("image", help="an image file")
     add_model_source_args(parser)
     parser.add_argument("--output_dir", default="attention", help="where the two pictures go")
     parser.add_argument("--threshold", default=0.7, type=float, help="objects scoring above this are shown")
     parser.add_argument("--max_objects", default=8, type=int, help="show at most this many objects, best first")
-    parser.add_argument("--points", nargs="+", type=parse_point, default=None, metavar="X,Y",
-                        help=f"pixels whose encoder attention to draw (default: the detected boxes' centres, "
-                             f"one per feature cell, at most {MAX_POINTS}; or four points spread over the image)")
-    parser.add_argument("--size", default=None, type=int, help="resize the shorter side to this (default: as "
-                                                               "the model's validation images)")
+    parser.add_argument(
+        "--points",
+        nargs="+",
+        type=parse_point,
+        default=None,
+        metavar="X,Y",
+        help=f"pixels whose encoder attention to draw (default: the detected boxes' centres, "
+        f"one per feature cell, at most {MAX_POINTS}; or four points spread over the image)",
+    )
+    parser.add_argument(
+        "--size",
+        default=None,
+        type=int,
+        help="resize the shorter side to this (default: as the model's validation images)",
+    )
     parser.add_argument("--device", default="cuda", help="falls back to the CPU when CUDA is absent")
     return parser
 
@@ -200,22 +234,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         image = read_image(Path(args.image))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"{PROG}: error: cannot read image {args.image}: {e}")
+        raise SystemExit(f"{PROG}: error: cannot read image {args.image}: {e}") from None
     width, height = image.size
     for x, y in args.points or []:
         if not (0 <= x < width and 0 <= y < height):
-            raise SystemExit(f"{PROG}: error: --points {x:g},{y:g} lies outside {args.image} "
-                             f"({width}x{height} pixels)")
+            raise SystemExit(
+                f"{PROG}: error: --points {x:g},{y:g} lies outside {args.image} ({width}x{height} pixels)"
+            ) from None
     try:
         detector = load_detector(args.resume, args.hub, args.pretrained, choose_device(args.device), args.size)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}") from None
 
     tensor = detector.transform(image, None)[0].to(detector.device)
     maps = capture_attention(detector.model, tensor)
     result = detector.postprocessors["bbox"](maps.outputs, torch.tensor([[height, width]], device=detector.device))[0]
     order = result["scores"].argsort(descending=True)
-    queries = [int(q) for q in order if result["scores"][q] > args.threshold][:args.max_objects]
+    queries = [int(q) for q in order if result["scores"][q] > args.threshold][: args.max_objects]
     boxes = result["boxes"][queries].cpu()
 
     output_dir = Path(args.output_dir)
@@ -224,16 +259,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     decoder_path = output_dir / f"{stem}_decoder_attention.png"
     encoder_path = output_dir / f"{stem}_encoder_attention.png"
     h, w = maps.decoder.shape[-2:]
-    save_decoder_attention_picture(image, maps, queries, boxes, result["labels"][queries].cpu(),
-                                   result["scores"][queries].cpu(), detector.names, decoder_path,
-                                   title=f"decoder cross-attention, last layer ({h}x{w} feature map)")
+    save_decoder_attention_picture(
+        image,
+        maps,
+        queries,
+        boxes,
+        result["labels"][queries].cpu(),
+        result["scores"][queries].cpu(),
+        detector.names,
+        decoder_path,
+        title=f"decoder cross-attention, last layer ({h}x{w} feature map)",
+    )
     if maps.encoder is None:
-        print(f"{len(queries)} object(s) above {args.threshold}: {decoder_path}; no encoder picture: the model has "
-              f"no encoder layers (--enc_layers 0)")
+        print(
+            f"{len(queries)} object(s) above {args.threshold}: {decoder_path}; no encoder picture: the model has "
+            f"no encoder layers (--enc_layers 0)"
+        )
         return 0
     points = args.points or default_points(boxes, width, height, (h, w))
-    save_encoder_attention_picture(image, maps, points, encoder_path,
-                                   title=f"encoder self-attention, last layer ({h}x{w} feature map)")
+    save_encoder_attention_picture(
+        image, maps, points, encoder_path, title=f"encoder self-attention, last layer ({h}x{w} feature map)"
+    )
     print(f"{len(queries)} object(s) above {args.threshold}: {decoder_path}; {len(points)} point(s): {encoder_path}")
     return 0
 

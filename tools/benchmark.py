@@ -17,6 +17,7 @@ Modes (each as main.py runs it):
 Modes are timed in interleaved rounds (each mode once per round), best of --repeats: on a shared machine a burst
 of load then slows every mode alike.
 """
+
 import argparse
 import contextlib
 import copy
@@ -34,48 +35,73 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.coco_eval import CocoEvaluator, prepare_for_coco  # noqa: E402
-from engine import enable_compile, optimizer_step, run_model  # noqa: E402
-from main import get_args_parser as get_main_args_parser  # noqa: E402
-from models import build_model  # noqa: E402
-from models.fast import adamw_options, enable_fast_path  # noqa: E402
-from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler  # noqa: E402
-from util.benchmark import ratio_table, synchronize, time_interleaved  # noqa: E402
+from datasets.coco_eval import CocoEvaluator, prepare_for_coco
+from engine import enable_compile, optimizer_step, run_model
+from main import get_args_parser as get_main_args_parser
+from models import build_model
+from models.fast import adamw_options, enable_fast_path
+from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler
+from util.benchmark import ratio_table, synchronize, time_interleaved
 
 ALL_MODES = ("exact", "fast", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
-MAIN_FLAGS = {"exact": "--exact", "fast": "--fast", "channels_last": "--channels_last", "amp": "--amp",
-              "amp+channels_last": "--fast --amp", "compiled": "--fast --compile", "hf": "(transformers)"}
+MAIN_FLAGS = {
+    "exact": "--exact",
+    "fast": "--fast",
+    "channels_last": "--channels_last",
+    "amp": "--amp",
+    "amp+channels_last": "--fast --amp",
+    "compiled": "--fast --compile",
+    "hf": "(transformers)",
+}
 
-TINY_MODEL = dict(backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                  num_queries=8)
+TINY_MODEL = dict(
+    backbone="resnet18", hidden_dim=32, nheads=2, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=8
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The benchmark's flags."""
     parser = argparse.ArgumentParser("DETR benchmark: every path side by side, speed relative to --exact")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--modes", default=",".join(ALL_MODES),
-                        help=f"comma-separated, from {', '.join(ALL_MODES)} (exact is always included)")
+    parser.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help=f"comma-separated, from {', '.join(ALL_MODES)} (exact is always included)",
+    )
     parser.add_argument("--repeats", default=3, type=int, help="timed runs of each mode (best one counts)")
     parser.add_argument("--backbone", default=main_defaults().backbone)
     parser.add_argument("--inference_size", default=[800, 1066], type=int, nargs=2, metavar=("H", "W"))
-    parser.add_argument("--throughput_batch", default=8, type=int,
-                        help="batch of the throughput row (GPU only; 0 skips it)")
+    parser.add_argument(
+        "--throughput_batch", default=8, type=int, help="batch of the throughput row (GPU only; 0 skips it)"
+    )
     parser.add_argument("--train_size", default=[512, 512], type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--train_batch", default=2, type=int)
-    parser.add_argument("--coco_images", default=2000, type=int,
-                        help="images of detections for the COCO evaluation row (0 skips it)")
-    parser.add_argument("--pipeline_images", default=20, type=int,
-                        help="generated JPEG images through the COCO transforms (0 skips the row)")
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: inference, throughput, train, "
-                                                   "coco_eval, pipeline")
+    parser.add_argument(
+        "--coco_images", default=2000, type=int, help="images of detections for the COCO evaluation row (0 skips it)"
+    )
+    parser.add_argument(
+        "--pipeline_images",
+        default=20,
+        type=int,
+        help="generated JPEG images through the COCO transforms (0 skips the row)",
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma-separated rows to skip: inference, throughput, train, coco_eval, pipeline"
+    )
     parser.add_argument("--threads", default=0, type=int, help="torch threads (0: torch's default)")
-    parser.add_argument("--amp_dtype", default="auto", choices=AMP_CHOICES,
-                        help="autocast type of the amp modes, as main.py's --amp_dtype (auto: what the device "
-                             "computes natively, fp32 where it has neither type)")
+    parser.add_argument(
+        "--amp_dtype",
+        default="auto",
+        choices=AMP_CHOICES,
+        help="autocast type of the amp modes, as main.py's --amp_dtype (auto: what the device "
+        "computes natively, fp32 where it has neither type)",
+    )
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--tiny", action="store_true",
-                        help="a tiny model at 64x64, 1 repeat, 16 COCO images, 2 pipeline images: seconds")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny model at 64x64, 1 repeat, 16 COCO images, 2 pipeline images: seconds",
+    )
     parser.add_argument("--output", default="", help="write the results as JSON to this file")
     return parser
 
@@ -88,8 +114,9 @@ def main_defaults() -> Namespace:
 def model_args(benchmark_args: Namespace) -> Namespace:
     """main.py's flags of the benchmarked configuration: its defaults with random backbone weights (nothing
     downloaded), the benchmark's device and backbone, and with --tiny the tiny sizes."""
-    values = dict(vars(main_defaults()), backbone_weights="none", backbone=benchmark_args.backbone,
-                  device=benchmark_args.device)
+    values = dict(
+        vars(main_defaults()), backbone_weights="none", backbone=benchmark_args.backbone, device=benchmark_args.device
+    )
     if benchmark_args.tiny:
         values.update(TINY_MODEL)
     return Namespace(**values)
@@ -102,16 +129,27 @@ def random_targets(batch: int, num_classes: int, generator: torch.Generator) -> 
         n = int(torch.randint(3, 13, (1,), generator=generator))
         centres = torch.rand(n, 2, generator=generator) * 0.6 + 0.2
         sizes = torch.rand(n, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(1, num_classes, (n,), generator=generator),
-                        "boxes": torch.cat([centres, sizes], 1)})
+        targets.append(
+            {
+                "labels": torch.randint(1, num_classes, (n,), generator=generator),
+                "boxes": torch.cat([centres, sizes], 1),
+            }
+        )
     return targets
 
 
 class DetrMode:
     """One mode of this project's model: its own copy of the weights, fast path, autocast, compile, optimizer."""
 
-    def __init__(self, name: str, exact_model: torch.nn.Module, criterion: torch.nn.Module, args: Namespace,
-                 device: torch.device, amp_dtype: Optional[torch.dtype] = torch.bfloat16):
+    def __init__(
+        self,
+        name: str,
+        exact_model: torch.nn.Module,
+        criterion: torch.nn.Module,
+        args: Namespace,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = torch.bfloat16,
+    ):
         self.name, self.criterion, self.device = name, criterion, device
         self.model = copy.deepcopy(exact_model)
         fast = name in ("fast", "amp+channels_last", "compiled")
@@ -123,11 +161,16 @@ class DetrMode:
         self.scaler = make_grad_scaler(device, self.amp)
         if name == "compiled" and not enable_compile(self.model, device):
             raise RuntimeError("torch.compile is unavailable here (see the message above)")
-        params = [{"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
-                  {"params": [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad],
-                   "lr": args.lr_backbone}]
-        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                           **adamw_options(device, exact=not fast))
+        params = [
+            {"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
+            {
+                "params": [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad],
+                "lr": args.lr_backbone,
+            },
+        ]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=args.lr, weight_decay=args.weight_decay, **adamw_options(device, exact=not fast)
+        )
         self.max_norm = args.clip_max_norm
 
     def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -155,17 +198,34 @@ class HuggingFaceMode:
         from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
 
         basic = args.backbone in ("resnet18", "resnet34")
-        depths = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
-                  "resnet101": [3, 4, 23, 3]}[args.backbone]
-        backbone_config = ResNetConfig(depths=depths, layer_type="basic" if basic else "bottleneck",
-                                       hidden_sizes=[64, 128, 256, 512] if basic else [256, 512, 1024, 2048],
-                                       out_features=["stage4"])
-        config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone_config,
-                            num_labels=num_classes, num_queries=args.num_queries, d_model=args.hidden_dim,
-                            encoder_layers=args.enc_layers, decoder_layers=args.dec_layers,
-                            encoder_attention_heads=args.nheads, decoder_attention_heads=args.nheads,
-                            encoder_ffn_dim=args.dim_feedforward, decoder_ffn_dim=args.dim_feedforward,
-                            dropout=args.dropout, auxiliary_loss=args.aux_loss)  # its costs and loss weights
+        depths = {
+            "resnet18": [2, 2, 2, 2],
+            "resnet34": [3, 4, 6, 3],
+            "resnet50": [3, 4, 6, 3],
+            "resnet101": [3, 4, 23, 3],
+        }[args.backbone]
+        backbone_config = ResNetConfig(
+            depths=depths,
+            layer_type="basic" if basic else "bottleneck",
+            hidden_sizes=[64, 128, 256, 512] if basic else [256, 512, 1024, 2048],
+            out_features=["stage4"],
+        )
+        config = DetrConfig(
+            use_timm_backbone=False,
+            use_pretrained_backbone=False,
+            backbone_config=backbone_config,
+            num_labels=num_classes,
+            num_queries=args.num_queries,
+            d_model=args.hidden_dim,
+            encoder_layers=args.enc_layers,
+            decoder_layers=args.dec_layers,
+            encoder_attention_heads=args.nheads,
+            decoder_attention_heads=args.nheads,
+            encoder_ffn_dim=args.dim_feedforward,
+            decoder_ffn_dim=args.dim_feedforward,
+            dropout=args.dropout,
+            auxiliary_loss=args.aux_loss,
+        )  # its costs and loss weights
         # default to DETR's (1, 5, 2; 5, 2; eos 0.1)
         self.model = DetrForObjectDetection(config).to(device)
         # Its own ResNet comes entirely frozen (its freezing rule looks for timm's layer names); train stages 2-4
@@ -174,8 +234,9 @@ class HuggingFaceMode:
             if any(f"encoder.stages.{i}." in name for i in (1, 2, 3)) and "backbone" in name:
                 parameter.requires_grad_(True)
         self.device = device
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr,
-                                           weight_decay=args.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay
+        )
         self.max_norm = args.clip_max_norm
 
     def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -202,8 +263,9 @@ def max_output_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]
     return max((a[k].double() - b[k].double()).abs().max().item() for k in ("pred_logits", "pred_boxes"))
 
 
-def time_modes(modes: Dict[str, Any], name: str, make_call: Callable[[Any], Callable[[], Any]],
-               device: torch.device, repeats: int) -> Dict[str, Dict[str, Any]]:
+def time_modes(
+    modes: Dict[str, Any], name: str, make_call: Callable[[Any], Callable[[], Any]], device: torch.device, repeats: int
+) -> Dict[str, Dict[str, Any]]:
     """time_interleaved over the modes, with progress printed (a full run takes minutes)."""
     print(f"[{name}] timing {', '.join(modes)} ({repeats} rounds after a warm-up call each)", flush=True)
     results = time_interleaved({m: make_call(mode) for m, mode in modes.items()}, device, repeats)
@@ -231,10 +293,15 @@ def benchmark_data_pipeline(num_images: int, seed: int) -> Dict[str, Any]:
         n = int(rng.integers(3, 13))
         xy = rng.uniform(0, 400, (n, 2))
         boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(10, 200, (n, 2))], 1), dtype=torch.float32)
-        target = {"boxes": boxes, "labels": torch.randint(1, 91, (n,)), "image_id": torch.tensor(len(files)),
-                  "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-                  "iscrowd": torch.zeros(n, dtype=torch.int64), "orig_size": torch.tensor([480, 640]),
-                  "size": torch.tensor([480, 640])}
+        target = {
+            "boxes": boxes,
+            "labels": torch.randint(1, 91, (n,)),
+            "image_id": torch.tensor(len(files)),
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+            "orig_size": torch.tensor([480, 640]),
+            "size": torch.tensor([480, 640]),
+        }
         files.append((buffer.getvalue(), target))
     result = {"num_images": num_images, "image_size": [480, 640]}
     for image_set in ("train", "val"):
@@ -268,34 +335,53 @@ def synthetic_coco_detections(num_images: int, dets_per_image: int, seed: int, n
         xy = rng.uniform(0, 1, (num_objects, 2)) * ([width, height] - wh)
         categories = rng.integers(1, num_categories + 1, num_objects)
         for k in range(num_objects):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(categories[k]),
-                                "bbox": [float(v) for v in (*xy[k], *wh[k])], "area": float(wh[k].prod()),
-                                "iscrowd": int(rng.random() < 0.01)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(categories[k]),
+                    "bbox": [float(v) for v in (*xy[k], *wh[k])],
+                    "area": float(wh[k].prod()),
+                    "iscrowd": int(rng.random() < 0.01),
+                }
+            )
         near = min(dets_per_image, 3 * num_objects)
         source = rng.integers(0, max(num_objects, 1), near)
         jitter = rng.normal(0, 0.08, (near, 4)) * np.tile(wh[source], 2) if num_objects else np.zeros((0, 4))
         near_boxes = np.concatenate([xy[source], xy[source] + wh[source]], 1) + jitter if num_objects else jitter
-        near_labels = np.where(rng.random(near) < 0.85, categories[source] if num_objects else 0,
-                               rng.integers(1, num_categories + 1, near))
+        near_labels = np.where(
+            rng.random(near) < 0.85, categories[source] if num_objects else 0, rng.integers(1, num_categories + 1, near)
+        )
         far = dets_per_image - near
         far_wh = np.minimum(np.exp(rng.uniform(np.log(6), np.log(400), (far, 2))), [width, height])
         far_xy = rng.uniform(0, 1, (far, 2)) * ([width, height] - far_wh)
         boxes = np.concatenate([near_boxes, np.concatenate([far_xy, far_xy + far_wh], 1)])
         scores = np.concatenate([rng.uniform(0.3, 1.0, near), rng.beta(1, 6, far)])
         labels = np.concatenate([near_labels, rng.integers(1, num_categories + 1, far)])
-        predictions[image_id] = {"boxes": torch.tensor(boxes, dtype=torch.float32),
-                                 "scores": torch.tensor(scores, dtype=torch.float32),
-                                 "labels": torch.tensor(labels, dtype=torch.int64)}
+        predictions[image_id] = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
     coco_gt = COCO()
-    coco_gt.dataset = {"images": images, "annotations": annotations,
-                       "categories": [{"id": c, "name": f"class_{c}"} for c in range(1, num_categories + 1)]}
+    coco_gt.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"class_{c}"} for c in range(1, num_categories + 1)],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
     return coco_gt, predictions
 
 
-def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed: int = 0,
-                         batch_size: int = 8, num_categories: int = 80, repeats: int = 1) -> Dict[str, Any]:
+def time_coco_evaluation(
+    num_images: int = 2000,
+    dets_per_image: int = 100,
+    seed: int = 0,
+    batch_size: int = 8,
+    num_categories: int = 80,
+    repeats: int = 1,
+) -> Dict[str, Any]:
     """Time box AP on `synthetic_coco_detections` two ways: pycocotools' COCOeval from the COCO results
     list (loadRes, evaluate, accumulate, summarize), and the project's CocoEvaluator (datasets/coco_eval.py)
     from the prediction tensors (update per batch of `batch_size` images, synchronize, accumulate, summarize:
@@ -321,7 +407,7 @@ def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed
         evaluator = CocoEvaluator(coco_gt, ["bbox"])
         image_ids = sorted(predictions)
         for i in range(0, len(image_ids), batch_size):
-            evaluator.update({j: predictions[j] for j in image_ids[i:i + batch_size]})
+            evaluator.update({j: predictions[j] for j in image_ids[i : i + batch_size]})
         evaluator.synchronize_between_processes()
         evaluator.accumulate()
         evaluator.summarize()
@@ -340,12 +426,23 @@ def time_coco_evaluation(num_images: int = 2000, dets_per_image: int = 100, seed
         timings[name] = (min(wall), min(cpu), stats)
     (pycocotools_s, pycocotools_cpu_s, theirs), (evaluator_s, evaluator_cpu_s, ours) = timings.values()
     max_abs_diff = float(np.abs(ours - theirs).max())
-    return {"num_images": num_images, "dets_per_image": dets_per_image, "seed": seed, "num_categories": num_categories,
-            "pycocotools_s": pycocotools_s, "evaluator_s": evaluator_s, "speedup": pycocotools_s / evaluator_s,
-            "pycocotools_cpu_s": pycocotools_cpu_s, "evaluator_cpu_s": evaluator_cpu_s,
-            "cpu_speedup": pycocotools_cpu_s / evaluator_cpu_s,
-            "pycocotools_stats": theirs.tolist(), "evaluator_stats": ours.tolist(), "max_abs_diff": max_abs_diff,
-            "stats_equal": max_abs_diff <= 1e-12, "stats_identical": bool(np.array_equal(ours, theirs))}
+    return {
+        "num_images": num_images,
+        "dets_per_image": dets_per_image,
+        "seed": seed,
+        "num_categories": num_categories,
+        "pycocotools_s": pycocotools_s,
+        "evaluator_s": evaluator_s,
+        "speedup": pycocotools_s / evaluator_s,
+        "pycocotools_cpu_s": pycocotools_cpu_s,
+        "evaluator_cpu_s": evaluator_cpu_s,
+        "cpu_speedup": pycocotools_cpu_s / evaluator_cpu_s,
+        "pycocotools_stats": theirs.tolist(),
+        "evaluator_stats": ours.tolist(),
+        "max_abs_diff": max_abs_diff,
+        "stats_equal": max_abs_diff <= 1e-12,
+        "stats_identical": bool(np.array_equal(ours, theirs)),
+    }
 
 
 def machine_description(device: torch.device) -> str:
@@ -354,8 +451,10 @@ def machine_description(device: torch.device) -> str:
     info = hardware(device)
     if device.type == "cuda":
         return f"GPU: {info['name']} (compute capability {info['compute_capability']})"
-    return (f"CPU: {os.cpu_count()} cores ({info['name']}), torch capability {info['capability']}, native "
-            f"bfloat16 {'yes' if info['native_bfloat16'] else 'no'}, {torch.get_num_threads()} torch threads")
+    return (
+        f"CPU: {os.cpu_count()} cores ({info['name']}), torch capability {info['capability']}, native "
+        f"bfloat16 {'yes' if info['native_bfloat16'] else 'no'}, {torch.get_num_threads()} torch threads"
+    )
 
 
 def run(bargs: Namespace) -> Dict[str, Any]:
@@ -390,18 +489,27 @@ def run(bargs: Namespace) -> Dict[str, Any]:
             else:
                 modes[name] = DetrMode(name, exact_model, criterion, args, device, amp_dtype)
         except Exception as e:  # an optional mode that cannot run here is reported, not fatal
-            notes[name] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else \
-                f"skipped: {type(e).__name__}"
+            notes[name] = (
+                f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                if str(e)
+                else f"skipped: {type(e).__name__}"
+            )
             print(f"[{name}] {notes[name]}", flush=True)
     if "hf" in modes:
         notes["hf"] = "own random weights (outputs not comparable)"
 
     generator = torch.Generator().manual_seed(bargs.seed)
-    results: Dict[str, Any] = {"machine": machine_description(device), "hardware": hardware(device),
-                               "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-                               "amp_choice": amp_choice, "torch": torch.__version__,
-                               "device": str(device), "config": {**vars(bargs), "model": vars(args)},
-                               "modes": {m: {"main_py_flags": MAIN_FLAGS[m]} for m in names}, "rows": {}}
+    results: Dict[str, Any] = {
+        "machine": machine_description(device),
+        "hardware": hardware(device),
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+        "amp_choice": amp_choice,
+        "torch": torch.__version__,
+        "device": str(device),
+        "config": {**vars(bargs), "model": vars(args)},
+        "modes": {m: {"main_py_flags": MAIN_FLAGS[m]} for m in names},
+        "rows": {},
+    }
     for name, note in notes.items():
         results["modes"][name]["note"] = note
 
@@ -425,10 +533,12 @@ def run(bargs: Namespace) -> Dict[str, Any]:
 
     if "train" not in skip:
         images = torch.randn(bargs.train_batch, 3, *bargs.train_size, generator=generator).to(device)
-        targets = [{k: v.to(device) for k, v in t.items()}
-                   for t in random_targets(bargs.train_batch, num_classes, generator)]
-        timed = time_modes(modes, "train step", lambda mode: lambda: mode.train_step(images, targets), device,
-                           bargs.repeats)
+        targets = [
+            {k: v.to(device) for k, v in t.items()} for t in random_targets(bargs.train_batch, num_classes, generator)
+        ]
+        timed = time_modes(
+            modes, "train step", lambda mode: lambda: mode.train_step(images, targets), device, bargs.repeats
+        )
         results["rows"]["train"] = {"batch": bargs.train_batch, "size": bargs.train_size, **timed}
 
     if "coco_eval" not in skip and bargs.coco_images > 0:
@@ -455,18 +565,23 @@ def summary_table(results: Dict[str, Any], notes: Dict[str, str]) -> str:
     diff_notes = dict(notes)
     for name, mode in results["modes"].items():
         if "inference_max_abs_diff" in mode and name != "exact":
-            diff_notes[name] = (f"max |output - exact| {mode['inference_max_abs_diff']:.1e}"
-                                + (f"; {notes[name]}" if name in notes else ""))
+            diff_notes[name] = f"max |output - exact| {mode['inference_max_abs_diff']:.1e}" + (
+                f"; {notes[name]}" if name in notes else ""
+            )
     lines = [ratio_table(rows, [columns[c] for c in present], "exact", diff_notes)]
     coco = results["rows"].get("coco_eval")
     if coco:
-        lines.append(f"\nCOCO evaluation of {coco['num_images']} images: pycocotools {coco['pycocotools_s']:.2f} s, "
-                     f"the project's evaluator {coco['evaluator_s']:.2f} s ({coco['speedup']:.1f}x), "
-                     f"stats equal: {coco['stats_equal']}")
+        lines.append(
+            f"\nCOCO evaluation of {coco['num_images']} images: pycocotools {coco['pycocotools_s']:.2f} s, "
+            f"the project's evaluator {coco['evaluator_s']:.2f} s ({coco['speedup']:.1f}x), "
+            f"stats equal: {coco['stats_equal']}"
+        )
     pipeline = results["rows"].get("pipeline")
     if pipeline:
-        lines.append(f"Data pipeline (JPEG decode + COCO transforms, one worker): train "
-                     f"{pipeline['train_images_per_s']:.1f} images/s, val {pipeline['val_images_per_s']:.1f} images/s")
+        lines.append(
+            f"Data pipeline (JPEG decode + COCO transforms, one worker): train "
+            f"{pipeline['train_images_per_s']:.1f} images/s, val {pipeline['val_images_per_s']:.1f} images/s"
+        )
     return "\n".join(lines)
 
 
@@ -474,8 +589,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run the benchmark from command-line flags; prints the table and writes --output."""
     bargs = get_args_parser().parse_args(argv)
     results = run(bargs)
-    print(f"\n{results['machine']}, torch {results['torch']}; amp modes in {results['amp_dtype']}; speed as a "
-          f"multiple of --exact's (best of {bargs.repeats})\n")
+    print(
+        f"\n{results['machine']}, torch {results['torch']}; amp modes in {results['amp_dtype']}; speed as a "
+        f"multiple of --exact's (best of {bargs.repeats})\n"
+    )
     print(results["table"])
     if bargs.output:
         with open(bargs.output, "w") as f:

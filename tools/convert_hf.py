@@ -10,6 +10,7 @@ checkpoint carries, or those of --coco_path's annotations, or COCO's for 91- and
 transformers' own. --check IMAGE runs both models on the image and prints the largest difference of their
 outputs (it needs `transformers`; the conversion does not). Nothing is written when the conversion fails.
 """
+
 import argparse
 import os
 import sys
@@ -20,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-from models import build_model  # noqa: E402
-from tools.detector import checkpoint_args, dataset_names, read_image, resize_transform  # noqa: E402
-from util.checkpoint import CheckpointError, load_checkpoint, model_state_from  # noqa: E402
-from util.hf import CONFIG_NAME, HFFolderError, args_of_checkpoint, is_hf_folder, read_hf_folder, write_hf_folder  # noqa: E402
-from util.misc import NestedTensor  # noqa: E402
+from models import build_model
+from tools.detector import checkpoint_args, dataset_names, read_image, resize_transform
+from util.checkpoint import CheckpointError, load_checkpoint, model_state_from
+from util.hf import CONFIG_NAME, HFFolderError, args_of_checkpoint, is_hf_folder, read_hf_folder, write_hf_folder
+from util.misc import NestedTensor
 
 PROG = "tools/convert_hf.py"
 
@@ -33,12 +34,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="an HF model folder (with config.json), or a checkpoint: a .pth path or URL")
     parser.add_argument("destination", help="the checkpoint file (.pth) or the new HF model folder to write")
-    parser.add_argument("--backbone_layout", default="timm", choices=("timm", "transformers"),
-                        help="checkpoint -> HF: the ResNet names of the folder")
-    parser.add_argument("--coco_path", help="checkpoint -> HF: a COCO-format dataset root whose "
-                                            "annotations/instances_val2017.json names the classes (id2label)")
-    parser.add_argument("--check", metavar="IMAGE", help="run both models on IMAGE and print the largest difference "
-                                                         "(needs transformers)")
+    parser.add_argument(
+        "--backbone_layout",
+        default="timm",
+        choices=("timm", "transformers"),
+        help="checkpoint -> HF: the ResNet names of the folder",
+    )
+    parser.add_argument(
+        "--coco_path",
+        help="checkpoint -> HF: a COCO-format dataset root whose "
+        "annotations/instances_val2017.json names the classes (id2label)",
+    )
+    parser.add_argument(
+        "--check",
+        metavar="IMAGE",
+        help="run both models on IMAGE and print the largest difference (needs transformers)",
+    )
     parser.add_argument("--size", default=800, type=int, help="--check: the image's shorter side")
     return parser
 
@@ -56,8 +67,9 @@ def class_names(checkpoint: dict, args: argparse.Namespace, coco_path) -> dict:
     if coco_path:
         names = dataset_names(argparse.Namespace(**{**vars(args), "coco_path": coco_path, "dataset_file": "coco"}))
         if not names:
-            raise SystemExit(f"--coco_path {coco_path}: no annotations/instances_val2017.json there to name "
-                             "the classes")
+            raise SystemExit(
+                f"--coco_path {coco_path}: no annotations/instances_val2017.json there to name the classes"
+            )
         return names
     if checkpoint.get("class_names"):
         return checkpoint["class_names"]
@@ -115,8 +127,10 @@ def main(argv=None) -> dict:
             if destination.is_dir() or destination.suffix != ".pth":
                 raise SystemExit(f"{args.destination}: an HF folder converts to a checkpoint file; give a .pth path")
             if args.coco_path:
-                raise SystemExit("--coco_path names the classes of an HF folder written from a checkpoint; an HF "
-                                 "folder carries its own (id2label)")
+                raise SystemExit(
+                    "--coco_path names the classes of an HF folder written from a checkpoint; an HF "
+                    "folder carries its own (id2label)"
+                )
             checkpoint = read_hf_folder(args.source)
             checkpoint.pop("hf_backbone_layout", None)
             hf_folder, source = Path(args.source), args.source
@@ -124,8 +138,10 @@ def main(argv=None) -> dict:
             print(f"wrote {destination} ({len(checkpoint['model'])} tensors)")
         else:
             if os.path.isfile(args.source) is False and not args.source.startswith(("http://", "https://")):
-                raise SystemExit(f"{args.source}: no such file or folder (a checkpoint .pth, its URL, or an HF "
-                                 f"model folder with {CONFIG_NAME})")
+                raise SystemExit(
+                    f"{args.source}: no such file or folder (a checkpoint .pth, its URL, or an HF "
+                    f"model folder with {CONFIG_NAME})"
+                )
             checkpoint = load_checkpoint(args.source)
             if not isinstance(checkpoint, dict) or "model" not in checkpoint:
                 checkpoint = {"model": model_state_from(checkpoint, args.source)}  # a plain state_dict

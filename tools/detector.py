@@ -8,6 +8,7 @@ A module of the tools package, not a script: tools/predict.py, tools/attention.p
 import it, and it imports none of them; of main.py, only its flags (get_args_parser, the one source of their
 defaults).
 """
+
 import argparse
 import json
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ MAX_SIZE = 1333  # longer-side cap of --size, as in COCO evaluation
 @dataclass
 class Detector:
     """A DETR ready for inference on PIL images, with what it takes to read its outputs."""
+
     model: torch.nn.Module
     postprocessors: Dict[str, torch.nn.Module]  # 'bbox', plus 'panoptic' for panoptic models
     transform: T.Compose  # (PIL image, None) -> (normalized tensor, None), as the model's validation images
@@ -45,22 +47,29 @@ class Detector:
 def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     """The flags that say which model a tool runs: --resume CHECKPOINT, or --hub NAME with --pretrained."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resume", help="a checkpoint written by main.py (path or URL), or a Hugging Face "
-                                            "DETR model folder")
+    source.add_argument(
+        "--resume", help="a checkpoint written by main.py (path or URL), or a Hugging Face DETR model folder"
+    )
     source.add_argument("--hub", help=f"a torch.hub entry point of hubconf.py: {', '.join(HUB_ENTRIES)}")
-    parser.add_argument("--pretrained", help="with --hub: its published checkpoint (path, or URL to download); "
-                                             "without it the hub model has random weights")
+    parser.add_argument(
+        "--pretrained",
+        help="with --hub: its published checkpoint (path, or URL to download); "
+        "without it the hub model has random weights",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
 
+
 def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> argparse.Namespace:
     """main.py's flags a checkpoint was trained with: its 'args', with main.py's defaults for the flags it
     predates, and the class count read from the weights when the flags leave it open."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), argparse.Namespace):
-        raise ValueError(f"{source} carries no 'args' (main.py's flags) to rebuild its model from; for a "
-                         f"published DETR checkpoint use --hub NAME --pretrained {source}")
+        raise ValueError(
+            f"{source} carries no 'args' (main.py's flags) to rebuild its model from; for a "
+            f"published DETR checkpoint use --hub NAME --pretrained {source}"
+        )
     # A checkpoint's 'args' lack the flags added after it was written (one of the original DETR, all of this
     # project's): main.py's defaults build what it was trained with, the original's model. thing_classes is no flag
     # (main.py sets it for panoptic data); None leaves the thing map to the model builder.
@@ -81,8 +90,10 @@ def names_from_annotations(ann_file: Path) -> Dict[int, str]:
         categories = json.loads(Path(ann_file).read_text())["categories"]
         return {int(c["id"]): str(c["name"]) for c in categories}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read category names from {ann_file}: {type(e).__name__}: {e}; it must be a "
-                         "COCO-format JSON file with 'categories': [{'id', 'name'}, ...]") from e
+        raise ValueError(
+            f"cannot read category names from {ann_file}: {type(e).__name__}: {e}; it must be a "
+            "COCO-format JSON file with 'categories': [{'id', 'name'}, ...]"
+        ) from e
 
 
 def dataset_names(args) -> Dict[int, str]:
@@ -108,12 +119,19 @@ def dataset_names(args) -> Dict[int, str]:
 
 def resize_transform(size: int) -> T.Compose:
     """Shorter side to `size` (longer side at most MAX_SIZE), then ImageNet normalization."""
-    return T.Compose([T.RandomResize([size], max_size=MAX_SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN,
-                                                                                             IMAGENET_STD)])
+    return T.Compose(
+        [T.RandomResize([size], max_size=MAX_SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
-def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretrained: Optional[str] = None,
-                  device="cpu", size: Optional[int] = None, annotations: Optional[str] = None) -> Detector:
+def load_detector(
+    resume: Optional[str] = None,
+    hub: Optional[str] = None,
+    pretrained: Optional[str] = None,
+    device="cpu",
+    size: Optional[int] = None,
+    annotations: Optional[str] = None,
+) -> Detector:
     """The model of a main.py checkpoint (`resume`) or of a hubconf.py entry point (`hub`, with the weights of
     the checkpoint file `pretrained`, random ones without), in eval mode on `device`. `size` overrides the
     input resolution; the categories of `annotations`, a COCO-format JSON file, override the class names."""
@@ -138,11 +156,14 @@ def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretr
         names = checkpoint.get("class_names") or dataset_names(args)
     else:
         if hub not in HUB_ENTRIES:
-            raise ValueError(f"--hub {hub!r} is not an entry point of hubconf.py; choose one of "
-                             f"{', '.join(HUB_ENTRIES)}")
+            raise ValueError(
+                f"--hub {hub!r} is not an entry point of hubconf.py; choose one of {', '.join(HUB_ENTRIES)}"
+            )
         if not pretrained:
-            print(f"--hub {hub} without --pretrained: the model has random weights (give the path of "
-                  f"{hubconf.URLS[hub].rsplit('/', 1)[-1]}, or its URL to download it)")
+            print(
+                f"--hub {hub} without --pretrained: the model has random weights (give the path of "
+                f"{hubconf.URLS[hub].rsplit('/', 1)[-1]}, or its URL to download it)"
+            )
         model, postprocessor = getattr(hubconf, hub)(pretrained=pretrained or False, return_postprocessor=True)
         panoptic = hub.endswith("_panoptic")
         postprocessors = {"bbox": PostProcess(), "panoptic": postprocessor} if panoptic else {"bbox": postprocessor}
@@ -158,6 +179,7 @@ def load_detector(resume: Optional[str] = None, hub: Optional[str] = None, pretr
 
 # ----------------------------------------------------------------------------------------------------------
 # The images
+
 
 def list_images(inputs: Sequence[str]) -> List[Path]:
     """The image files named by `inputs`: files as given, folders by their image files (sorted, not

@@ -12,6 +12,7 @@ The check runs the file with onnxruntime on the --check images (each at the size
 it), or on random images when none are given, always at sizes other than the export example's, prints the
 largest absolute difference from PyTorch and exits with status 1 when it exceeds --tolerance.
 """
+
 import argparse
 import logging
 import sys
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-from models.position_encoding import PositionEmbeddingLearned  # noqa: E402
-from tools.detector import add_model_source_args, list_images, load_detector, read_image  # noqa: E402
+from models.position_encoding import PositionEmbeddingLearned
+from tools.detector import add_model_source_args, list_images, load_detector, read_image
 
 PROG = "tools/export_onnx.py"
 
@@ -62,9 +63,16 @@ def export(module: DetectionOutputs, path, example_size: Sequence[int] = EXAMPLE
     example = torch.randn(*example_size, device=device)
     # onnxscript's optimizer warns once per multi-output Split it leaves unfolded (dozens): noise, not news.
     logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
-    torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["images"],
-                      output_names=list(OUTPUT_NAMES), dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
-                      verbose=False)
+    torch.onnx.export(
+        module,
+        (example,),
+        str(path),
+        dynamo=True,
+        input_names=["images"],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+        verbose=False,
+    )
 
 
 @torch.no_grad()
@@ -98,14 +106,24 @@ def check_batches(transform, images: Sequence[str]) -> List[Tensor]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(PROG, description="Export DETR to ONNX and check it against PyTorch with "
-                                                       "onnxruntime.")
+    parser = argparse.ArgumentParser(
+        PROG, description="Export DETR to ONNX and check it against PyTorch with onnxruntime."
+    )
     add_model_source_args(parser)
     parser.add_argument("--output", default="detr.onnx", help="the ONNX file to write")
-    parser.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
-                        help="images (or folders) to compare onnxruntime and PyTorch on (default: random images)")
-    parser.add_argument("--tolerance", default=1e-4, type=float,
-                        help="largest absolute output difference accepted (exit status 1 above it)")
+    parser.add_argument(
+        "--check",
+        nargs="*",
+        default=[],
+        metavar="IMAGE",
+        help="images (or folders) to compare onnxruntime and PyTorch on (default: random images)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        default=1e-4,
+        type=float,
+        help="largest absolute output difference accepted (exit status 1 above it)",
+    )
     parser.add_argument("--device", default="cpu", help="device PyTorch runs on for the export and the check")
     return parser
 
@@ -116,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         detector = load_detector(args.resume, args.hub, args.pretrained, args.device)
         batches = check_batches(detector.transform, args.check)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}") from None
     module = detection_module(detector.model)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Writes to --out:
     precision_recall.png   precision and score against recall of each run's last evaluation,
                            OUTPUT_DIR/eval/latest.pth (or OUTPUT_DIR/eval.pth of an --eval run), when there is one
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -14,11 +15,11 @@ from typing import Optional, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-from util.plot_utils import plot_logs, plot_precision_recall  # noqa: E402
+from util.plot_utils import plot_logs, plot_precision_recall
 
 PROG = "tools/plot_logs.py"
 DEFAULT_FIELDS = ("class_error", "loss_bbox_unscaled", "mAP")
@@ -36,10 +37,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="Plot the logs and evaluations of main.py runs.")
     parser.add_argument("output_dirs", nargs="+", type=Path, help="output directories of main.py (--output_dir)")
     parser.add_argument("--out", default="plots", type=Path, help="folder for logs.png and precision_recall.png")
-    parser.add_argument("--fields", nargs="+", default=list(DEFAULT_FIELDS),
-                        help="log keys without their train_/test_ prefix, or mAP (default: %(default)s)")
-    parser.add_argument("--ewm_col", default=0.0, type=float,
-                        help="smoothing: centre of mass of the exponentially weighted mean (0: none)")
+    parser.add_argument(
+        "--fields",
+        nargs="+",
+        default=list(DEFAULT_FIELDS),
+        help="log keys without their train_/test_ prefix, or mAP (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ewm_col",
+        default=0.0,
+        type=float,
+        help="smoothing: centre of mass of the exponentially weighted mean (0: none)",
+    )
     parser.add_argument("--log_name", default="log.txt", help="the log file in each output directory")
     return parser
 
@@ -48,10 +57,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        fig, _ = plot_logs(args.output_dirs, fields=args.fields, ewm_col=args.ewm_col, log_name=args.log_name,
-                           save_path=args.out / "logs.png")
+        fig, _ = plot_logs(
+            args.output_dirs,
+            fields=args.fields,
+            ewm_col=args.ewm_col,
+            log_name=args.log_name,
+            save_path=args.out / "logs.png",
+        )
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}") from None
     plt.close(fig)
     print(f"wrote {args.out / 'logs.png'}")
 
@@ -60,10 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("no saved evaluation (OUTPUT_DIR/eval/latest.pth or eval.pth): precision_recall.png not written")
         return 0
     try:
-        fig, _ = plot_precision_recall(evaluations, naming_scheme="exp_id",
-                                       save_path=args.out / "precision_recall.png")
+        fig, _ = plot_precision_recall(evaluations, naming_scheme="exp_id", save_path=args.out / "precision_recall.png")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}") from None
     plt.close(fig)
     print(f"wrote {args.out / 'precision_recall.png'}")
     return 0

@@ -25,6 +25,7 @@ A path that does not exist, or a folder without images, stops the run before any
 that cannot be decoded is reported and skipped: the others are still processed, the run ends with the list of
 skipped images and exits with status 0 if at least one image was processed (1 if none was).
 """
+
 import argparse
 import io
 import json
@@ -40,10 +41,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, wherever this runs from
 
-from tools.detector import Detector, add_model_source_args, list_images, load_detector, read_image  # noqa: E402
-from util.misc import choose_device  # noqa: E402
-from util.panoptic import rgb2id  # noqa: E402
-from util.visualize import save_detections_picture, save_panoptic_picture  # noqa: E402
+from tools.detector import Detector, add_model_source_args, list_images, load_detector, read_image
+from util.misc import choose_device
+from util.panoptic import rgb2id
+from util.visualize import save_detections_picture, save_panoptic_picture
 
 PROG = "tools/predict.py"
 
@@ -68,7 +69,10 @@ def detect(detector: Detector, images: Sequence[Image.Image], threshold: float) 
             h, w = tensor.shape[-2:]
             mask_h = math.ceil(h * masks.shape[-2] / padded_h)
             mask_w = math.ceil(w * masks.shape[-1] / padded_w)
-            own = {"pred_logits": outputs["pred_logits"][i:i + 1], "pred_masks": masks[i:i + 1, :, :mask_h, :mask_w]}
+            own = {
+                "pred_logits": outputs["pred_logits"][i : i + 1],
+                "pred_masks": masks[i : i + 1, :, :mask_h, :mask_w],
+            }
             panoptic = detector.postprocessors["panoptic"](own, [(h, w)], [(image.height, image.width)])[0]
             with Image.open(io.BytesIO(panoptic["png_string"])) as png:
                 results[i]["segment_ids"] = rgb2id(np.asarray(png.convert("RGB")))
@@ -79,20 +83,27 @@ def detect(detector: Detector, images: Sequence[Image.Image], threshold: float) 
 # ----------------------------------------------------------------------------------------------------------
 # Files out
 
+
 def image_ids(paths: Sequence[Path], annotations: Optional[Path] = None) -> List[int]:
     """COCO image ids: those the annotation file `annotations` gives the files' names; without one, the numbers
     the files are named by when all are (and differ), else 0, 1, 2, ..."""
     if annotations is not None:
         try:
-            listed = {Path(image["file_name"]).name: int(image["id"])
-                      for image in json.loads(Path(annotations).read_text())["images"]}
+            listed = {
+                Path(image["file_name"]).name: int(image["id"])
+                for image in json.loads(Path(annotations).read_text())["images"]
+            }
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read image ids from {annotations}: {type(e).__name__}: {e}; it must be a "
-                             "COCO-format JSON file with 'images': [{'id', 'file_name'}, ...]") from e
+            raise ValueError(
+                f"cannot read image ids from {annotations}: {type(e).__name__}: {e}; it must be a "
+                "COCO-format JSON file with 'images': [{'id', 'file_name'}, ...]"
+            ) from e
         missing = [p.name for p in paths if p.name not in listed]
         if missing:
-            raise ValueError(f"{len(missing)} image(s) are not among the images of --annotations {annotations}, "
-                             f"e.g. {missing[0]}; leave --annotations out to number the images instead")
+            raise ValueError(
+                f"{len(missing)} image(s) are not among the images of --annotations {annotations}, "
+                f"e.g. {missing[0]}; leave --annotations out to number the images instead"
+            )
         return [listed[p.name] for p in paths]
     stems = [p.stem for p in paths]
     if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
@@ -112,28 +123,42 @@ def output_names(paths: Sequence[Path]) -> List[str]:
 def coco_results(image_id: int, detections: dict) -> List[dict]:
     """COCO detection results of one image: bbox as [x, y, width, height] in pixels."""
     results = []
-    for (x0, y0, x1, y1), label, score in zip(detections["boxes"].tolist(), detections["labels"].tolist(),
-                                              detections["scores"].tolist()):
-        results.append({"image_id": image_id, "category_id": int(label),
-                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                        "score": round(score, 5)})
+    for (x0, y0, x1, y1), label, score in zip(
+        detections["boxes"].tolist(), detections["labels"].tolist(), detections["scores"].tolist()
+    ):
+        results.append(
+            {
+                "image_id": image_id,
+                "category_id": int(label),
+                "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                "score": round(score, 5),
+            }
+        )
     return results
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        PROG, description="Draw DETR's detections on images and write them in COCO results format.")
+        PROG, description="Draw DETR's detections on images and write them in COCO results format."
+    )
     parser.add_argument("images", nargs="+", help="image files and/or folders of images")
     add_model_source_args(parser)
     parser.add_argument("--output_dir", default="predictions", help="where pictures and results.json go")
     parser.add_argument("--threshold", default=0.7, type=float, help="keep detections scoring above this")
     parser.add_argument("--batch_size", default=4, type=int, help="images per forward pass")
-    parser.add_argument("--size", default=None, type=int,
-                        help="resize the shorter side to this (default: as the model's validation images)")
-    parser.add_argument("--annotations", default=None,
-                        help="a COCO-format annotation file: its categories name the classes and its images give "
-                             "each image's id by file name (default: the names of the checkpoint's dataset, or "
-                             "COCO's for COCO models; ids from the file names)")
+    parser.add_argument(
+        "--size",
+        default=None,
+        type=int,
+        help="resize the shorter side to this (default: as the model's validation images)",
+    )
+    parser.add_argument(
+        "--annotations",
+        default=None,
+        help="a COCO-format annotation file: its categories name the classes and its images give "
+        "each image's id by file name (default: the names of the checkpoint's dataset, or "
+        "COCO's for COCO models; ids from the file names)",
+    )
     parser.add_argument("--device", default="cuda", help="falls back to the CPU when CUDA is absent")
     return parser
 
@@ -141,14 +166,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit(f"{PROG}: --batch_size must be at least 1")
+        raise SystemExit(f"{PROG}: --batch_size must be at least 1") from None
     try:
         paths = list_images(args.images)  # before the model is built: a typo fails at once
         ids = image_ids(paths, args.annotations)
-        detector = load_detector(args.resume, args.hub, args.pretrained, choose_device(args.device), args.size,
-                                 args.annotations)
+        detector = load_detector(
+            args.resume, args.hub, args.pretrained, choose_device(args.device), args.size, args.annotations
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"{PROG}: error: {e}")
+        raise SystemExit(f"{PROG}: error: {e}") from None
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,21 +191,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"cannot read {paths[i]}, skipped: {e}", file=sys.stderr)
         detections = detect(detector, [image for _, image in batch], args.threshold) if batch else []
         for (i, image), found in zip(batch, detections):
-            save_detections_picture(image, found["boxes"], found["labels"], found["scores"], detector.names,
-                                    output_dir / f"{names[i]}_detections.png")
+            save_detections_picture(
+                image,
+                found["boxes"],
+                found["labels"],
+                found["scores"],
+                detector.names,
+                output_dir / f"{names[i]}_detections.png",
+            )
             if "segment_ids" in found:
-                save_panoptic_picture(image, found["segment_ids"], found["segments_info"], detector.names,
-                                      output_dir / f"{names[i]}_panoptic.png")
+                save_panoptic_picture(
+                    image,
+                    found["segment_ids"],
+                    found["segments_info"],
+                    detector.names,
+                    output_dir / f"{names[i]}_panoptic.png",
+                )
             results += coco_results(ids[i], found)
             images.append({"id": ids[i], "file_name": str(paths[i]), "height": image.height, "width": image.width})
         done, elapsed = min(first + args.batch_size, len(paths)), time.time() - start
-        print(f"[{done}/{len(paths)}] {elapsed:.1f}s, about {elapsed / done * (len(paths) - done):.0f}s left",
-              flush=True)
+        print(
+            f"[{done}/{len(paths)}] {elapsed:.1f}s, about {elapsed / done * (len(paths) - done):.0f}s left", flush=True
+        )
 
     (output_dir / "results.json").write_text(json.dumps(results))
     (output_dir / "images.json").write_text(json.dumps(images, indent=1))
-    print(f"{len(images)} image(s), {len(results)} detection(s) scoring above {args.threshold}: pictures, "
-          f"results.json and images.json in {output_dir}")
+    print(
+        f"{len(images)} image(s), {len(results)} detection(s) scoring above {args.threshold}: pictures, "
+        f"results.json and images.json in {output_dir}"
+    )
     if failures:
         print(f"{len(failures)} image(s) could not be read and were skipped:", file=sys.stderr)
         for failure in failures:

@@ -4,6 +4,7 @@ bfloat16 is fast only where the hardware computes in it (CPUs with AVX-512 BF16 
 capability 8.0 and up); elsewhere torch emulates it, many times slower than fp32. GPUs without bfloat16 (V100, T4)
 accelerate float16, which needs loss scaling (torch.amp.GradScaler). docs/performance.md has the measurements.
 """
+
 import platform
 import warnings
 from typing import Dict, Optional, Tuple
@@ -82,19 +83,28 @@ def choose_amp_dtype(device: torch.device, requested: str = "auto") -> Tuple[Opt
         if torch.bfloat16 in native:
             return torch.bfloat16, f"--amp: bfloat16 autocast, which {where} computes natively"
         if device.type == "cuda" and torch.float16 in native:
-            return torch.float16, (f"--amp: float16 autocast with loss scaling, as {where} has no bfloat16 "
-                                   "(--amp_dtype bfloat16 to force it)")
-        return None, (f"--amp: fp32, since {where} would only emulate bfloat16 and float16, slower than fp32 "
-                      "(--amp_dtype bfloat16 or float16 forces one)")
+            return torch.float16, (
+                f"--amp: float16 autocast with loss scaling, as {where} has no bfloat16 "
+                "(--amp_dtype bfloat16 to force it)"
+            )
+        return None, (
+            f"--amp: fp32, since {where} would only emulate bfloat16 and float16, slower than fp32 "
+            "(--amp_dtype bfloat16 or float16 forces one)"
+        )
     dtype = AMP_DTYPES[requested]
     error = autocast_error(device, dtype)
     if error:
-        raise ValueError(f"--amp_dtype {requested}: {where} cannot run {requested} autocast ({error}); "
-                         "use --amp_dtype auto or --no_amp")
+        raise ValueError(
+            f"--amp_dtype {requested}: {where} cannot run {requested} autocast ({error}); "
+            "use --amp_dtype auto or --no_amp"
+        )
     scaling = " with loss scaling" if dtype == torch.float16 else ""
     if dtype not in native:
-        warnings.warn(f"--amp_dtype {requested}: {where} has no native {requested}; it runs emulated, usually "
-                      "slower than fp32 (--amp_dtype auto picks what this device computes natively)")
+        warnings.warn(
+            f"--amp_dtype {requested}: {where} has no native {requested}; it runs emulated, usually "
+            "slower than fp32 (--amp_dtype auto picks what this device computes natively)",
+            stacklevel=2,
+        )
         return dtype, f"--amp: {requested} autocast{scaling}, as --amp_dtype asks (emulated on {where})"
     return dtype, f"--amp: {requested} autocast{scaling}, as --amp_dtype asks"
 
@@ -134,7 +144,16 @@ def hardware(device: torch.device) -> Dict[str, object]:
     GPU its name and compute capability (for tools/benchmark.py's table and JSON)."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return {"device": "cuda", "name": torch.cuda.get_device_name(device),
-                "compute_capability": f"{major}.{minor}", "native_bfloat16": major >= 8}
-    return {"device": device.type, "name": cpu_name(), "capability": cpu_capability(),
-            "native_bfloat16": torch.bfloat16 in native_dtypes(device), "threads": torch.get_num_threads()}
+        return {
+            "device": "cuda",
+            "name": torch.cuda.get_device_name(device),
+            "compute_capability": f"{major}.{minor}",
+            "native_bfloat16": major >= 8,
+        }
+    return {
+        "device": device.type,
+        "name": cpu_name(),
+        "capability": cpu_capability(),
+        "native_bfloat16": torch.bfloat16 in native_dtypes(device),
+        "threads": torch.get_num_threads(),
+    }

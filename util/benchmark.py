@@ -1,5 +1,6 @@
 """Timing for tools/benchmark.py: synchronized wall-clock timing of several variants in interleaved rounds, and
 the table of their ratios. Nothing here knows DETR; the tool supplies the functions to time."""
+
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -21,8 +22,9 @@ def time_call(function: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(functions: Dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-                     warmup: int = 1) -> Dict[str, Dict[str, Any]]:
+def time_interleaved(
+    functions: Dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> Dict[str, Dict[str, Any]]:
     """Time each function `repeats` times, after `warmup` untimed calls each (the first: allocation, oneDNN
     primitive creation, compilation), in rounds that call every function once: on a machine that others share,
     a burst of load then slows all of them alike instead of one. Returns per name {'best_s', 'median_s',
@@ -43,8 +45,9 @@ def time_interleaved(functions: Dict[str, Callable[[], Any]], device: torch.devi
     return results
 
 
-def ratio_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], baseline: str,
-                notes: Optional[Dict[str, str]] = None) -> str:
+def ratio_table(
+    rows: Sequence[Dict[str, Any]], columns: Sequence[str], baseline: str, notes: Optional[Dict[str, str]] = None
+) -> str:
     """A Markdown table: one line per row {'name', <column>: seconds or None}, each cell the row's speed as a
     multiple of the `baseline` row's in that column (2.00x: twice as fast), with the baseline's own seconds on its
     line; missing cells read as '-'. `notes` adds a last column."""

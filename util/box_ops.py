@@ -1,4 +1,5 @@
 """Box conversions and (generalized) IoU between sets of boxes."""
+
 from typing import Tuple
 
 import torch
@@ -48,7 +49,8 @@ def _check_not_degenerate(boxes: Tensor, name: str) -> None:
         bad = (boxes[:, 2:] < boxes[:, :2]).any(-1).nonzero().flatten()[:5].tolist()
         raise DegenerateBoxError(
             f"generalized_box_iou: {name} holds degenerate boxes (x1 < x0 or y1 < y0) at rows {bad}; "
-            "boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0")
+            "boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0"
+        )
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

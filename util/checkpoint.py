@@ -1,5 +1,6 @@
 """Checkpoints: reading them safely, writing them atomically, resuming a run exactly (weights, generators, log),
 and fitting their state_dicts to a model with errors that say what differs."""
+
 import argparse
 import contextlib
 import json
@@ -34,8 +35,10 @@ def check_checkpoint_file(path) -> None:
         with open(path, "rb") as f:
             head = f.read(4)
         if head.startswith(b"PK"):  # a zip (torch's format since 1.6) whose end, the directory, is missing
-            raise CheckpointError(f"checkpoint {path} is cut short ({size} bytes, the end of the file is missing), "
-                                  "as a full disk or a killed copy leaves it")
+            raise CheckpointError(
+                f"checkpoint {path} is cut short ({size} bytes, the end of the file is missing), "
+                "as a full disk or a killed copy leaves it"
+            )
         return  # torch's older non-zip format: torch.load checks what it can
     try:
         with zipfile.ZipFile(path) as archive:
@@ -46,8 +49,10 @@ def check_checkpoint_file(path) -> None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged ({type(e).__name__}: {e})") from e
     if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is damaged: its part {bad!r} no longer matches the checksum "
-                              "written with it (bad storage or a corrupted copy)")
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its part {bad!r} no longer matches the checksum "
+            "written with it (bad storage or a corrupted copy)"
+        )
 
 
 def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = False) -> dict:
@@ -60,18 +65,21 @@ def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = Fal
     with torch.serialization.safe_globals([argparse.Namespace]):
         if str(path_or_url).startswith(("http://", "https://")):
             try:
-                return torch.hub.load_state_dict_from_url(path_or_url, map_location=map_location,
-                                                          check_hash=check_hash, weights_only=True)
+                return torch.hub.load_state_dict_from_url(
+                    path_or_url, map_location=map_location, check_hash=check_hash, weights_only=True
+                )
             except OSError as e:  # URLError and friends: no network, unknown host, ...
                 file_name = os.path.basename(path_or_url)
                 cached = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
                 raise RuntimeError(
                     f"could not download {path_or_url} ({type(e).__name__}: {e}). To use a local copy, put the "
                     f"file at {cached} (torch.hub's cache; set TORCH_HOME to move it), or pass its path "
-                    "instead of the URL (--resume PATH, or pretrained=PATH for the hub entry points).") from e
+                    "instead of the URL (--resume PATH, or pretrained=PATH for the hub entry points)."
+                ) from e
         if not os.path.isfile(path_or_url):
-            raise FileNotFoundError(f"checkpoint {path_or_url!r} does not exist (a checkpoint file, or a Hugging "
-                                    "Face model folder)")
+            raise FileNotFoundError(
+                f"checkpoint {path_or_url!r} does not exist (a checkpoint file, or a Hugging Face model folder)"
+            )
         check_checkpoint_file(path_or_url)
         try:
             return torch.load(path_or_url, map_location=map_location, weights_only=True)
@@ -83,7 +91,8 @@ def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = Fal
             raise CheckpointError(
                 f"could not read checkpoint {path_or_url!r}: refused, it holds Python objects beyond tensors and "
                 f"containers, which could run code when loaded (Weights only load failed: {reason}). Nothing in "
-                "it was run. Load only files you trust; a DETR checkpoint needs no such objects.") from e
+                "it was run. Load only files you trust; a DETR checkpoint needs no such objects."
+            ) from e
         except Exception as e:
             raise CheckpointError(f"could not read checkpoint {path_or_url!r}: {type(e).__name__}: {e}") from e
 
@@ -102,8 +111,11 @@ def compare_state_dict(model: nn.Module, state_dict: Dict[str, Tensor]) -> Tuple
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own and not k.endswith("num_batches_tracked")]
-    mismatched = [f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
-                  for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     return missing, unexpected, mismatched
 
 
@@ -112,26 +124,34 @@ def load_state_dict_checked(model: nn.Module, state_dict: Dict[str, Tensor], sou
     missing, unexpected, mismatched = compare_state_dict(model, state_dict)
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit this model:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", mismatched)):
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
                 lines.append(f"  {title}: {shown}")
         if any(k.startswith("class_embed") or ".class_embed" in k for k in mismatched):
-            lines.append("  (the class head differs: set --num_classes to the checkpoint's, or fine-tune with "
-                         "--finetune to re-initialize the mismatched head)")
+            lines.append(
+                "  (the class head differs: set --num_classes to the checkpoint's, or fine-tune with "
+                "--finetune to re-initialize the mismatched head)"
+            )
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_state_dict_for_finetuning(model: nn.Module, state_dict: Dict[str, Tensor],
-                                   source: str = "checkpoint") -> List[str]:
+def load_state_dict_for_finetuning(
+    model: nn.Module, state_dict: Dict[str, Tensor], source: str = "checkpoint"
+) -> List[str]:
     """Load every parameter whose key and shape match; keep the model's own (fresh) values for those whose
     shapes differ, e.g. a class head of another size. Returns and prints the keys left re-initialized."""
     missing, unexpected, mismatched = compare_state_dict(model, state_dict)
     if missing or unexpected:
-        raise ValueError(f"{source} is not a checkpoint of this architecture: missing keys {missing[:20]}, "
-                         f"unexpected keys {unexpected[:20]}")
+        raise ValueError(
+            f"{source} is not a checkpoint of this architecture: missing keys {missing[:20]}, "
+            f"unexpected keys {unexpected[:20]}"
+        )
     own = model.state_dict()
     reinit = [k for k in own if state_dict[k].shape != own[k].shape]
     merged = {k: (own[k] if k in reinit else state_dict[k]) for k in own}
@@ -142,6 +162,7 @@ def load_state_dict_for_finetuning(model: nn.Module, state_dict: Dict[str, Tenso
 
 
 # Writing, and resuming a run --------------------------------------------------------------------------------------
+
 
 def read_checkpoint(flag: str, path: str) -> dict:
     """load_checkpoint, stopping with a message that names the flag and the file when it cannot be used."""
@@ -157,8 +178,10 @@ def save_checkpoint(checkpoint: dict, path: Path) -> None:
         utils.save_on_master(checkpoint, path)
     except OSError as e:
         kept = f"the previous {path} is intact" if path.exists() else f"no earlier {path.name} existed"
-        raise SystemExit(f"could not write checkpoint {path} ({e}); {kept}. Free some space (or fix the folder) "
-                         "and rerun with --auto_resume to continue from the last saved epoch.") from e
+        raise SystemExit(
+            f"could not write checkpoint {path} ({e}); {kept}. Free some space (or fix the folder) "
+            "and rerun with --auto_resume to continue from the last saved epoch."
+        ) from e
 
 
 def remove_stale_temporary_files(output_dir: Path) -> None:
@@ -198,9 +221,12 @@ def auto_resume_checkpoint(output_dir: Path) -> str:
                 intact.append(copy)
             except CheckpointError:
                 continue
-        way_out = (f"The newest intact checkpoint of this run is {intact[0]}: resume from it with --resume "
-                   f"{intact[0]}, or move {latest} away to start again." if intact else
-                   f"No intact copy of an earlier epoch is in {output_dir}: move {latest} away to start again.")
+        way_out = (
+            f"The newest intact checkpoint of this run is {intact[0]}: resume from it with --resume "
+            f"{intact[0]}, or move {latest} away to start again."
+            if intact
+            else f"No intact copy of an earlier epoch is in {output_dir}: move {latest} away to start again."
+        )
         raise SystemExit(f"--auto_resume: {e}. Nothing was overwritten. {way_out}") from None
     print(f"--auto_resume: resuming from {latest}")
     return str(latest)
@@ -209,9 +235,24 @@ def auto_resume_checkpoint(output_dir: Path) -> str:
 # The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
 # them change no weight's shape or name (--dilation, --nheads, --backbone_norm), so its weights would load and
 # silently mean something else.
-ARCHITECTURE_FLAGS = ("backbone", "backbone_norm", "dilation", "position_embedding", "hidden_dim", "nheads",
-                      "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "pre_norm", "num_classes",
-                      "masks", "feature_stride", "two_stage", "learned_queries")
+ARCHITECTURE_FLAGS = (
+    "backbone",
+    "backbone_norm",
+    "dilation",
+    "position_embedding",
+    "hidden_dim",
+    "nheads",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "num_queries",
+    "pre_norm",
+    "num_classes",
+    "masks",
+    "feature_stride",
+    "two_stage",
+    "learned_queries",
+)
 
 
 def architecture_differences(saved_args, args) -> List[str]:
@@ -262,8 +303,10 @@ def logged_stat(row: dict, name: str) -> float:
     """The value of the stat `name` (see LOGGED_STAT) in a log.txt row; ValueError saying what is missing."""
     match = LOGGED_STAT.fullmatch(name)
     if match is None:
-        raise ValueError(f"{name!r} is not a logged stat: expected KEY, KEY[INDEX] or KEY.FIELD, e.g. "
-                         "test_coco_eval_bbox[0] or test_PQ_all.pq")
+        raise ValueError(
+            f"{name!r} is not a logged stat: expected KEY, KEY[INDEX] or KEY.FIELD, e.g. "
+            "test_coco_eval_bbox[0] or test_PQ_all.pq"
+        )
     key, index, field = match.groups()
     if key not in row:
         raise ValueError(f"log.txt has no key {key!r}; its keys are {', '.join(sorted(row))}")
@@ -289,11 +332,15 @@ def improves(value: float, best, name: str) -> bool:
 
 # The random generators -------------------------------------------------------------------------------------------
 
+
 def rng_state() -> dict:
     """Every random generator training draws from, so a resumed run continues exactly where it stopped."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -323,7 +370,9 @@ def restore_rng_states(states) -> None:
     dict in checkpoints of single-process runs written before that), used only if the process count is the same."""
     states = [states] if isinstance(states, dict) else list(states)
     if len(states) != utils.get_world_size():
-        print(f"--resume: the checkpoint holds the random states of {len(states)} process(es) but this run has "
-              f"{utils.get_world_size()}; continuing with freshly seeded generators instead")
+        print(
+            f"--resume: the checkpoint holds the random states of {len(states)} process(es) but this run has "
+            f"{utils.get_world_size()}; continuing with freshly seeded generators instead"
+        )
         return
     set_rng_state(states[utils.get_rank()])

@@ -1,4 +1,5 @@
 """An exponential moving average of a model's weights (--ema_decay)."""
+
 import copy
 
 import torch

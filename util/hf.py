@@ -12,6 +12,7 @@ hub, which save_pretrained still writes (`out_proj`, `fc1`, `mask_head.lay1`), n
 transformers 5. Nothing in a folder runs: safetensors files are read with `safetensors`, a `.bin` with
 torch.load(weights_only=True), and config.json is checked key by key.
 """
+
 import argparse
 import json
 import os
@@ -35,10 +36,17 @@ PREPROCESSOR_NAME = "preprocessor_config.json"
 # What pipeline("object-detection") resizes and normalizes images with: DETR's COCO evaluation (shorter side 800,
 # longer at most 1333, ImageNet statistics), as the hub's facebook/detr-resnet-50 has it.
 PREPROCESSOR_CONFIG = {
-    "image_processor_type": "DetrImageProcessor", "format": "coco_detection",
-    "do_resize": True, "size": {"shortest_edge": 800, "longest_edge": 1333}, "resample": 2,
-    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "do_pad": True,
+    "image_processor_type": "DetrImageProcessor",
+    "format": "coco_detection",
+    "do_resize": True,
+    "size": {"shortest_edge": 800, "longest_edge": 1333},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "do_pad": True,
 }
 
 # torchvision ResNets by (block type, blocks per stage), the form of transformers' ResNetConfig.
@@ -53,20 +61,61 @@ RESNET_DEPTHS = {
 # The flags of the original DETR's main.py, at its defaults: the 'args' a converted folder's checkpoint carries
 # (with the architecture read from config.json), as a published checkpoint carries them.
 ORIGINAL_DEFAULTS = dict(
-    lr=1e-4, lr_backbone=1e-5, batch_size=2, weight_decay=1e-4, epochs=300, lr_drop=200, clip_max_norm=0.1,
-    frozen_weights=None, backbone="resnet50", dilation=False, position_embedding="sine", enc_layers=6,
-    dec_layers=6, dim_feedforward=2048, hidden_dim=256, dropout=0.1, nheads=8, num_queries=100, pre_norm=False,
-    masks=False, aux_loss=True, set_cost_class=1.0, set_cost_bbox=5.0, set_cost_giou=2.0, mask_loss_coef=1.0,
-    dice_loss_coef=1.0, bbox_loss_coef=5.0, giou_loss_coef=2.0, eos_coef=0.1, dataset_file="coco", coco_path=None,
-    coco_panoptic_path=None, remove_difficult=False, output_dir="", device="cuda", seed=42, resume="",
-    start_epoch=0, eval=False, num_workers=2, world_size=1, dist_url="env://",
+    lr=1e-4,
+    lr_backbone=1e-5,
+    batch_size=2,
+    weight_decay=1e-4,
+    epochs=300,
+    lr_drop=200,
+    clip_max_norm=0.1,
+    frozen_weights=None,
+    backbone="resnet50",
+    dilation=False,
+    position_embedding="sine",
+    enc_layers=6,
+    dec_layers=6,
+    dim_feedforward=2048,
+    hidden_dim=256,
+    dropout=0.1,
+    nheads=8,
+    num_queries=100,
+    pre_norm=False,
+    masks=False,
+    aux_loss=True,
+    set_cost_class=1.0,
+    set_cost_bbox=5.0,
+    set_cost_giou=2.0,
+    mask_loss_coef=1.0,
+    dice_loss_coef=1.0,
+    bbox_loss_coef=5.0,
+    giou_loss_coef=2.0,
+    eos_coef=0.1,
+    dataset_file="coco",
+    coco_path=None,
+    coco_panoptic_path=None,
+    remove_difficult=False,
+    output_dir="",
+    device="cuda",
+    seed=42,
+    resume="",
+    start_epoch=0,
+    eval=False,
+    num_workers=2,
+    world_size=1,
+    dist_url="env://",
 )
 
 # main.py flags <-> DetrConfig keys that mean the same number (the matcher's costs and the loss weights).
-LOSS_KEYS = {"set_cost_class": "class_cost", "set_cost_bbox": "bbox_cost", "set_cost_giou": "giou_cost",
-             "bbox_loss_coef": "bbox_loss_coefficient", "giou_loss_coef": "giou_loss_coefficient",
-             "mask_loss_coef": "mask_loss_coefficient", "dice_loss_coef": "dice_loss_coefficient",
-             "eos_coef": "eos_coefficient"}
+LOSS_KEYS = {
+    "set_cost_class": "class_cost",
+    "set_cost_bbox": "bbox_cost",
+    "set_cost_giou": "giou_cost",
+    "bbox_loss_coef": "bbox_loss_coefficient",
+    "giou_loss_coef": "giou_loss_coefficient",
+    "mask_loss_coef": "mask_loss_coefficient",
+    "dice_loss_coef": "dice_loss_coefficient",
+    "eos_coef": "eos_coefficient",
+}
 
 
 class HFFolderError(RuntimeError):
@@ -79,6 +128,7 @@ def is_hf_folder(path) -> bool:
 
 
 # The configuration --------------------------------------------------------------------------------------------
+
 
 def _get(config: dict, key: str, kind, source: str, default=None, required: bool = True):
     """config[key] checked to be of `kind`; a missing required key or a value of another type raises, naming both."""
@@ -107,8 +157,10 @@ def _resnet_from_depths(backbone_config: dict, source: str) -> str:
     for name, (kind, blocks) in RESNET_DEPTHS.items():
         if kind == layer_type and blocks == depths:
             return name
-    raise HFFolderError(f"{source}: backbone_config 'layer_type' {layer_type!r} with 'depths' {depths} is no "
-                        f"torchvision ResNet ({', '.join(RESNET_DEPTHS)})")
+    raise HFFolderError(
+        f"{source}: backbone_config 'layer_type' {layer_type!r} with 'depths' {depths} is no "
+        f"torchvision ResNet ({', '.join(RESNET_DEPTHS)})"
+    )
 
 
 def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str, Dict[int, str]]:
@@ -118,14 +170,18 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
         raise HFFolderError(f"{source}: expected a JSON object, got {type(config).__name__}")
     model_type = _get(config, "model_type", str, source, "detr")
     if model_type != "detr":
-        raise HFFolderError(f"{source}: the key 'model_type' is {model_type!r}; only DETR ('detr') models convert "
-                            "(Conditional, Deformable and other DETR variants have other architectures)")
+        raise HFFolderError(
+            f"{source}: the key 'model_type' is {model_type!r}; only DETR ('detr') models convert "
+            "(Conditional, Deformable and other DETR variants have other architectures)"
+        )
     d_model = _positive(config, "d_model", source, 256)
     heads = _positive(config, "encoder_attention_heads", source, 8)
     for key, value in (("decoder_attention_heads", heads), ("decoder_ffn_dim", config.get("encoder_ffn_dim", 2048))):
         if config.get(key, value) != value:
-            raise HFFolderError(f"{source}: the key {key!r} ({config[key]!r}) differs from its encoder's "
-                                f"({value!r}); the project's DETR has one value for both")
+            raise HFFolderError(
+                f"{source}: the key {key!r} ({config[key]!r}) differs from its encoder's "
+                f"({value!r}); the project's DETR has one value for both"
+            )
     if d_model % heads:
         raise HFFolderError(f"{source}: 'd_model' {d_model} is not divisible by 'encoder_attention_heads' {heads}")
     activation = _get(config, "activation_function", str, source, "relu")
@@ -135,15 +191,17 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
         raise HFFolderError(f"{source}: the key 'num_channels' must be 3 (RGB images), got {config['num_channels']!r}")
     position = _get(config, "position_embedding_type", str, source, "sine")
     if position not in ("sine", "learned"):
-        raise HFFolderError(f"{source}: the key 'position_embedding_type' must be 'sine' or 'learned', got "
-                            f"{position!r}")
+        raise HFFolderError(
+            f"{source}: the key 'position_embedding_type' must be 'sine' or 'learned', got {position!r}"
+        )
     id2label = _get(config, "id2label", dict, source, required=False)
     if id2label is not None:
         try:
             id2label = {int(k): str(v) for k, v in id2label.items()}
         except ValueError:
-            raise HFFolderError(f"{source}: the keys of 'id2label' must be integers, got "
-                                f"{list(id2label)[:5]}") from None
+            raise HFFolderError(
+                f"{source}: the keys of 'id2label' must be integers, got {list(id2label)[:5]}"
+            ) from None
         if sorted(id2label) != list(range(len(id2label))):
             raise HFFolderError(f"{source}: 'id2label' must number its labels 0..N-1, got {sorted(id2label)[:10]}")
         num_labels = len(id2label)
@@ -154,8 +212,13 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
 
     backbone_config = _get(config, "backbone_config", dict, source, required=False)
     backbone_source = f"{source} (backbone_config)"
-    if _get(config, "use_timm_backbone", bool, source, backbone_config is None or
-            backbone_config.get("model_type") == "timm_backbone"):
+    if _get(
+        config,
+        "use_timm_backbone",
+        bool,
+        source,
+        backbone_config is None or backbone_config.get("model_type") == "timm_backbone",
+    ):
         layout = "timm"
         if backbone_config is not None and backbone_config.get("model_type") == "timm_backbone":
             name = _get(backbone_config, "backbone", str, backbone_source)
@@ -167,22 +230,27 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
             name = _get(config, "backbone", str, source, "resnet50")
         kwargs = config.get("backbone_kwargs") or {}
         if set(kwargs) - {"out_indices", "output_stride", "in_chans"}:
-            raise HFFolderError(f"{source}: 'backbone_kwargs' {kwargs} change the backbone in ways the project's "
-                                "DETR does not follow")
+            raise HFFolderError(
+                f"{source}: 'backbone_kwargs' {kwargs} change the backbone in ways the project's DETR does not follow"
+            )
         if kwargs.get("output_stride") == 16:
             dilation = True
         if name not in RESNET_DEPTHS:
             where = backbone_source if backbone_config is not None and "backbone" in backbone_config else source
-            raise HFFolderError(f"{where}: the key 'backbone' is {name!r}; the project's DETR takes a torchvision "
-                                f"ResNet ({', '.join(RESNET_DEPTHS)}), which timm's plain ResNets of these names equal")
+            raise HFFolderError(
+                f"{where}: the key 'backbone' is {name!r}; the project's DETR takes a torchvision "
+                f"ResNet ({', '.join(RESNET_DEPTHS)}), which timm's plain ResNets of these names equal"
+            )
     else:
         layout = "transformers"
         if backbone_config is None:
             name = "resnet50"  # transformers' default ResNetConfig
         else:
             if backbone_config.get("model_type", "resnet") != "resnet":
-                raise HFFolderError(f"{backbone_source}: 'model_type' is {backbone_config.get('model_type')!r}; "
-                                    "only ResNet backbones convert")
+                raise HFFolderError(
+                    f"{backbone_source}: 'model_type' is {backbone_config.get('model_type')!r}; "
+                    "only ResNet backbones convert"
+                )
             name = _resnet_from_depths(backbone_config, backbone_source)
             if _get(backbone_config, "embedding_size", int, backbone_source, 64) != 64:
                 raise HFFolderError(f"{backbone_source}: 'embedding_size' must be 64, as in torchvision's ResNets")
@@ -190,8 +258,10 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
                 if _get(backbone_config, key, bool, backbone_source, False):
                     raise HFFolderError(f"{backbone_source}: {key!r} true is not torchvision's ResNet")
         if dilation:
-            raise HFFolderError(f"{source}: the key 'dilation' is true with transformers' ResNet backbone, which "
-                                "transformers does not dilate; DC5 models use the timm backbone")
+            raise HFFolderError(
+                f"{source}: the key 'dilation' is true with transformers' ResNet backbone, which "
+                "transformers does not dilate; DC5 models use the timm backbone"
+            )
     if dilation and RESNET_DEPTHS[name][0] == "basic":
         raise HFFolderError(f"{source}: 'dilation' needs a bottleneck ResNet; {name} has basic blocks")
 
@@ -218,17 +288,28 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
         "architectures": ["DetrForSegmentation" if args.masks else "DetrForObjectDetection"],
         "model_type": "detr",
         "d_model": args.hidden_dim,
-        "encoder_layers": args.enc_layers, "decoder_layers": args.dec_layers,
-        "encoder_attention_heads": args.nheads, "decoder_attention_heads": args.nheads,
-        "encoder_ffn_dim": args.dim_feedforward, "decoder_ffn_dim": args.dim_feedforward,
+        "encoder_layers": args.enc_layers,
+        "decoder_layers": args.dec_layers,
+        "encoder_attention_heads": args.nheads,
+        "decoder_attention_heads": args.nheads,
+        "encoder_ffn_dim": args.dim_feedforward,
+        "decoder_ffn_dim": args.dim_feedforward,
         "num_queries": args.num_queries,
         "position_embedding_type": "learned" if args.position_embedding in ("learned", "v3") else "sine",
         "activation_function": "relu",
         # The project's --dropout acts on the residuals, the attention weights and the feed-forward activations.
-        "dropout": args.dropout, "attention_dropout": args.dropout, "activation_dropout": args.dropout,
-        "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
-        "auxiliary_loss": False, "init_std": 0.02, "init_xavier_std": 1.0, "is_encoder_decoder": True,
-        "num_channels": 3, "dilation": bool(args.dilation), "use_pretrained_backbone": False,
+        "dropout": args.dropout,
+        "attention_dropout": args.dropout,
+        "activation_dropout": args.dropout,
+        "encoder_layerdrop": 0.0,
+        "decoder_layerdrop": 0.0,
+        "auxiliary_loss": False,
+        "init_std": 0.02,
+        "init_xavier_std": 1.0,
+        "is_encoder_decoder": True,
+        "num_channels": 3,
+        "dilation": bool(args.dilation),
+        "use_pretrained_backbone": False,
         "id2label": {str(i): id2label.get(i, f"LABEL_{i}") for i in range(args.num_classes)},
         "torch_dtype": "float32",
     }
@@ -246,10 +327,22 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
         kind, depths = RESNET_DEPTHS[args.backbone]
         width = 4 if kind == "bottleneck" else 1
         stages = ["stage1", "stage2", "stage3", "stage4"] if args.masks else ["stage4"]
-        config.update(use_timm_backbone=False, backbone=None, backbone_config={
-            "model_type": "resnet", "layer_type": kind, "depths": depths, "embedding_size": 64,
-            "hidden_sizes": [64 * width * 2 ** i for i in range(4)], "hidden_act": "relu", "num_channels": 3,
-            "downsample_in_first_stage": False, "downsample_in_bottleneck": False, "out_features": stages})
+        config.update(
+            use_timm_backbone=False,
+            backbone=None,
+            backbone_config={
+                "model_type": "resnet",
+                "layer_type": kind,
+                "depths": depths,
+                "embedding_size": 64,
+                "hidden_sizes": [64 * width * 2**i for i in range(4)],
+                "hidden_act": "relu",
+                "num_channels": 3,
+                "downsample_in_first_stage": False,
+                "downsample_in_bottleneck": False,
+                "out_features": stages,
+            },
+        )
     return config
 
 
@@ -268,43 +361,69 @@ def check_args_fit(args: argparse.Namespace, source: str) -> None:
     for flag, allowed, what in UNSUPPORTED_FLAGS:
         value = getattr(args, flag, allowed)
         if value not in (allowed, None):
-            raise HFFolderError(f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR "
-                                "layout cannot hold it")
+            raise HFFolderError(
+                f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR layout cannot hold it"
+            )
     if args.backbone not in RESNET_DEPTHS:
-        raise HFFolderError(f"{source}: --backbone {args.backbone!r} is not a ResNet the HF layout names "
-                            f"({', '.join(RESNET_DEPTHS)})")
+        raise HFFolderError(
+            f"{source}: --backbone {args.backbone!r} is not a ResNet the HF layout names ({', '.join(RESNET_DEPTHS)})"
+        )
 
 
 # The weights --------------------------------------------------------------------------------------------------
+
 
 def expected_shapes(args: argparse.Namespace) -> Dict[str, Tuple[int, ...]]:
     """Every key of the project's DETR (DETRsegm with --masks) for `args`, with its shape."""
     d, ffn, classes = args.hidden_dim, args.dim_feedforward, args.num_classes
     with torch.device("meta"):  # shapes only: no memory, no initialization
         resnet = getattr(torchvision.models, args.backbone)(weights=None)
-    shapes = {f"backbone.0.body.{k}": tuple(v.shape) for k, v in resnet.state_dict().items()
-              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    shapes = {
+        f"backbone.0.body.{k}": tuple(v.shape)
+        for k, v in resnet.state_dict().items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     channels = resnet.fc.in_features
     if args.position_embedding in ("learned", "v3"):
         shapes["backbone.1.row_embed.weight"] = shapes["backbone.1.col_embed.weight"] = (50, d // 2)
-    attention = {"in_proj_weight": (3 * d, d), "in_proj_bias": (3 * d,), "out_proj.weight": (d, d),
-                 "out_proj.bias": (d,)}
-    feed_forward = {"linear1.weight": (ffn, d), "linear1.bias": (ffn,), "linear2.weight": (d, ffn),
-                    "linear2.bias": (d,)}
-    for stack, count, attentions, norms in (("encoder", args.enc_layers, ["self_attn"], 2),
-                                            ("decoder", args.dec_layers, ["self_attn", "multihead_attn"], 3)):
+    attention = {
+        "in_proj_weight": (3 * d, d),
+        "in_proj_bias": (3 * d,),
+        "out_proj.weight": (d, d),
+        "out_proj.bias": (d,),
+    }
+    feed_forward = {
+        "linear1.weight": (ffn, d),
+        "linear1.bias": (ffn,),
+        "linear2.weight": (d, ffn),
+        "linear2.bias": (d,),
+    }
+    for stack, count, attentions, norms in (
+        ("encoder", args.enc_layers, ["self_attn"], 2),
+        ("decoder", args.dec_layers, ["self_attn", "multihead_attn"], 3),
+    ):
         for i in range(count):
             prefix = f"transformer.{stack}.layers.{i}."
             shapes.update({f"{prefix}{a}.{k}": s for a in attentions for k, s in attention.items()})
             shapes.update({prefix + k: s for k, s in feed_forward.items()})
             shapes.update({f"{prefix}norm{n}.{p}": (d,) for n in range(1, norms + 1) for p in ("weight", "bias")})
-    shapes.update({"transformer.decoder.norm.weight": (d,), "transformer.decoder.norm.bias": (d,),
-                   "class_embed.weight": (classes + 1, d), "class_embed.bias": (classes + 1,),
-                   "bbox_embed.layers.0.weight": (d, d), "bbox_embed.layers.0.bias": (d,),
-                   "bbox_embed.layers.1.weight": (d, d), "bbox_embed.layers.1.bias": (d,),
-                   "bbox_embed.layers.2.weight": (4, d), "bbox_embed.layers.2.bias": (4,),
-                   "query_embed.weight": (args.num_queries, d),
-                   "input_proj.weight": (d, channels, 1, 1), "input_proj.bias": (d,)})
+    shapes.update(
+        {
+            "transformer.decoder.norm.weight": (d,),
+            "transformer.decoder.norm.bias": (d,),
+            "class_embed.weight": (classes + 1, d),
+            "class_embed.bias": (classes + 1,),
+            "bbox_embed.layers.0.weight": (d, d),
+            "bbox_embed.layers.0.bias": (d,),
+            "bbox_embed.layers.1.weight": (d, d),
+            "bbox_embed.layers.1.bias": (d,),
+            "bbox_embed.layers.2.weight": (4, d),
+            "bbox_embed.layers.2.bias": (4,),
+            "query_embed.weight": (args.num_queries, d),
+            "input_proj.weight": (d, channels, 1, 1),
+            "input_proj.bias": (d,),
+        }
+    )
     if not args.masks:
         return shapes
     shapes = {"detr." + k: s for k, s in shapes.items()}
@@ -327,9 +446,9 @@ def expected_shapes(args: argparse.Namespace) -> Dict[str, Tuple[int, ...]]:
 def _resnet_to_transformers(key: str) -> str:
     """torchvision ResNet key -> transformers' ResNet key (timm's names are torchvision's)."""
     if key.startswith("conv1."):
-        return "embedder.embedder.convolution." + key[len("conv1."):]
+        return "embedder.embedder.convolution." + key[len("conv1.") :]
     if key.startswith("bn1."):
-        return "embedder.embedder.normalization." + key[len("bn1."):]
+        return "embedder.embedder.normalization." + key[len("bn1.") :]
     found = re.match(r"layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.+)$", key)
     if found:
         stage, block, kind, n, rest = found.groups()
@@ -344,29 +463,39 @@ def _resnet_to_transformers(key: str) -> str:
 
 
 # Project key (after 'transformer.<stack>.layers.<i>.') -> HF key (after 'model.<stack>.layers.<i>.').
-LAYER_NAMES = {"self_attn.out_proj": "self_attn.out_proj", "multihead_attn.out_proj": "encoder_attn.out_proj",
-               "linear1": "fc1", "linear2": "fc2"}
-NORM_NAMES = {"encoder": {"norm1": "self_attn_layer_norm", "norm2": "final_layer_norm"},
-              "decoder": {"norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm",
-                          "norm3": "final_layer_norm"}}
-HEAD_NAMES = {"class_embed": "class_labels_classifier", "bbox_embed": "bbox_predictor",
-              "query_embed": "model.query_position_embeddings", "input_proj": "model.input_projection",
-              "transformer.decoder.norm": "model.decoder.layernorm",
-              "backbone.1.row_embed": "model.position_embedding.row_embeddings",
-              "backbone.1.col_embed": "model.position_embedding.column_embeddings"}
+LAYER_NAMES = {
+    "self_attn.out_proj": "self_attn.out_proj",
+    "multihead_attn.out_proj": "encoder_attn.out_proj",
+    "linear1": "fc1",
+    "linear2": "fc2",
+}
+NORM_NAMES = {
+    "encoder": {"norm1": "self_attn_layer_norm", "norm2": "final_layer_norm"},
+    "decoder": {"norm1": "self_attn_layer_norm", "norm2": "encoder_attn_layer_norm", "norm3": "final_layer_norm"},
+}
+HEAD_NAMES = {
+    "class_embed": "class_labels_classifier",
+    "bbox_embed": "bbox_predictor",
+    "query_embed": "model.query_position_embeddings",
+    "input_proj": "model.input_projection",
+    "transformer.decoder.norm": "model.decoder.layernorm",
+    "backbone.1.row_embed": "model.position_embedding.row_embeddings",
+    "backbone.1.col_embed": "model.position_embedding.column_embeddings",
+}
 
 
 def hf_names(project_key: str, layout: str) -> List[str]:
     """The HF key(s) a project key becomes: three (q, k, v) for a joined attention projection, else one."""
     prefix = ""
     if project_key.startswith("detr."):
-        prefix, project_key = "detr.", project_key[len("detr."):]
+        prefix, project_key = "detr.", project_key[len("detr.") :]
     elif project_key.startswith(("bbox_attention.", "mask_head.")):
         return [project_key]  # the same names in both
     if project_key.startswith("backbone.0.body."):
-        key = project_key[len("backbone.0.body."):]
-        return [prefix + "model.backbone.conv_encoder.model." + (key if layout == "timm" else
-                                                                  _resnet_to_transformers(key))]
+        key = project_key[len("backbone.0.body.") :]
+        return [
+            prefix + "model.backbone.conv_encoder.model." + (key if layout == "timm" else _resnet_to_transformers(key))
+        ]
     found = re.match(r"transformer\.(encoder|decoder)\.layers\.(\d+)\.(.+)$", project_key)
     if found:
         stack, i, rest = found.groups()
@@ -382,7 +511,7 @@ def hf_names(project_key: str, layout: str) -> List[str]:
         return [f"{head}{name}.{param}"]
     for old, new in HEAD_NAMES.items():
         if project_key.startswith(old + "."):
-            return [prefix + new + project_key[len(old):]]
+            return [prefix + new + project_key[len(old) :]]
     raise KeyError(project_key)
 
 
@@ -391,25 +520,34 @@ def check_shapes(state: Dict[str, Tensor], shapes: Dict[str, Tuple[int, ...]], n
     of another shape than `shapes` says."""
     missing = [name_of(k) for k in shapes if k not in state]
     unexpected = [name_of(k) for k in state if k not in shapes]
-    mismatched = [f"{name_of(k)}: {list(state[k].shape)}, expected {list(s)}" for k, s in shapes.items()
-                  if k in state and tuple(state[k].shape) != s]
+    mismatched = [
+        f"{name_of(k)}: {list(state[k].shape)}, expected {list(s)}"
+        for k, s in shapes.items()
+        if k in state and tuple(state[k].shape) != s
+    ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit the DETR its configuration describes:"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shapes that do not fit", mismatched)):
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shapes that do not fit", mismatched),
+        ):
             if keys:
-                lines.append(f"  {title}: " + ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)"
-                                                                        if len(keys) > 10 else ""))
+                lines.append(
+                    f"  {title}: " + ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+                )
         raise HFFolderError("\n".join(lines))
 
 
-def hf_state_to_project(hf_state: Dict[str, Tensor], args: argparse.Namespace, layout: str,
-                        source: str) -> Dict[str, Tensor]:
+def hf_state_to_project(
+    hf_state: Dict[str, Tensor], args: argparse.Namespace, layout: str, source: str
+) -> Dict[str, Tensor]:
     """The project's state_dict from an HF one (names of the hub's files), checked against `args`."""
     shapes = expected_shapes(args)
     # transformers 4 kept the learned position embedding under the backbone wrapper.
-    hf_state = {k.replace("model.backbone.position_embedding.", "model.position_embedding."): v
-                for k, v in hf_state.items()}
+    hf_state = {
+        k.replace("model.backbone.position_embedding.", "model.position_embedding."): v for k, v in hf_state.items()
+    }
     state, origin = {}, {}
     for key in shapes:
         names = hf_names(key, layout)
@@ -420,8 +558,11 @@ def hf_state_to_project(hf_state: Dict[str, Tensor], args: argparse.Namespace, l
         if len(parts) == 3:
             d = args.hidden_dim
             expected = (d, d) if key.endswith("weight") else (d,)
-            bad = [f"{n}: {list(p.shape)}, expected {list(expected)}" for n, p in zip(names, parts)
-                   if tuple(p.shape) != expected]
+            bad = [
+                f"{n}: {list(p.shape)}, expected {list(expected)}"
+                for n, p in zip(names, parts)
+                if tuple(p.shape) != expected
+            ]
             if bad:
                 raise HFFolderError(f"{source}: shapes that do not fit its configuration: {', '.join(bad)}")
             state[key] = torch.cat(parts)
@@ -435,8 +576,9 @@ def hf_state_to_project(hf_state: Dict[str, Tensor], args: argparse.Namespace, l
     return state
 
 
-def project_state_to_hf(state: Dict[str, Tensor], args: argparse.Namespace, layout: str,
-                        source: str) -> Dict[str, Tensor]:
+def project_state_to_hf(
+    state: Dict[str, Tensor], args: argparse.Namespace, layout: str, source: str
+) -> Dict[str, Tensor]:
     """The HF state_dict (names of the hub's files) of a project one, checked against `args` first."""
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     check_shapes(state, expected_shapes(args), lambda k: k, source)
@@ -451,13 +593,13 @@ def project_state_to_hf(state: Dict[str, Tensor], args: argparse.Namespace, layo
 
 # Checkpoints ---------------------------------------------------------------------------------------------------
 
+
 def args_of_checkpoint(checkpoint: dict, state: Dict[str, Tensor], source: str) -> argparse.Namespace:
     """The architecture of a checkpoint: its 'args' where it has them (a published or main.py checkpoint), the
     sizes its weights show (they win: a plain state_dict has no args), the original's defaults for what neither
     tells (nheads, dilation). Flags the HF layout cannot hold are refused (check_args_fit)."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    args = argparse.Namespace(**{**ORIGINAL_DEFAULTS, **(vars(saved) if isinstance(saved, argparse.Namespace)
-                                                           else {})})
+    args = argparse.Namespace(**{**ORIGINAL_DEFAULTS, **(vars(saved) if isinstance(saved, argparse.Namespace) else {})})
     check_args_fit(args, source)
     masks = any(k.startswith("mask_head.") for k in state)
     prefix = "detr." if masks else ""
@@ -468,27 +610,34 @@ def args_of_checkpoint(checkpoint: dict, state: Dict[str, Tensor], source: str) 
         args.dim_feedforward = state[prefix + "transformer.encoder.layers.0.linear1.weight"].shape[0]
     except KeyError as e:
         raise HFFolderError(f"{source} is not a DETR checkpoint of the original layout: it has no key {e}") from None
-    layers = {stack: len({k[len(prefix):].split(".")[3] for k in state
-                          if k.startswith(f"{prefix}transformer.{stack}.layers.")})
-              for stack in ("encoder", "decoder")}
+    layers = {
+        stack: len(
+            {k[len(prefix) :].split(".")[3] for k in state if k.startswith(f"{prefix}transformer.{stack}.layers.")}
+        )
+        for stack in ("encoder", "decoder")
+    }
     args.enc_layers, args.dec_layers = layers["encoder"], layers["decoder"]
     args.position_embedding = "learned" if prefix + "backbone.1.row_embed.weight" in state else "sine"
     # The ResNet by its block type and counts (a plain state_dict carries no flags).
-    blocks = [len({k[len(prefix):].split(".")[4] for k in state
-                   if k.startswith(f"{prefix}backbone.0.body.layer{i}.")}) for i in range(1, 5)]
+    blocks = [
+        len({k[len(prefix) :].split(".")[4] for k in state if k.startswith(f"{prefix}backbone.0.body.layer{i}.")})
+        for i in range(1, 5)
+    ]
     kind = "bottleneck" if prefix + "backbone.0.body.layer1.0.conv3.weight" in state else "basic"
     found = [name for name, depths in RESNET_DEPTHS.items() if depths == (kind, blocks)]
     if not found:
-        raise HFFolderError(f"{source}: its backbone ({kind} blocks {blocks}) is no torchvision ResNet "
-                            f"({', '.join(RESNET_DEPTHS)})")
+        raise HFFolderError(
+            f"{source}: its backbone ({kind} blocks {blocks}) is no torchvision ResNet ({', '.join(RESNET_DEPTHS)})"
+        )
     args.backbone = found[0]
     if args.hidden_dim % args.nheads:
         raise HFFolderError(f"{source}: hidden_dim {args.hidden_dim} is not divisible by nheads {args.nheads}")
     return args
 
 
-def checkpoint_to_hf(checkpoint, source: str, layout: str = "timm",
-                     id2label: Optional[Dict[int, str]] = None) -> Tuple[dict, Dict[str, Tensor]]:
+def checkpoint_to_hf(
+    checkpoint, source: str, layout: str = "timm", id2label: Optional[Dict[int, str]] = None
+) -> Tuple[dict, Dict[str, Tensor]]:
     """(config.json's dict, the HF state_dict) of a checkpoint of the original's layout (main.py's or a
     published one). id2label defaults to the names the checkpoint carries ('class_names')."""
     if layout not in ("timm", "transformers"):
@@ -498,8 +647,10 @@ def checkpoint_to_hf(checkpoint, source: str, layout: str = "timm",
         raise HFFolderError(f"{source} holds no 'model' state_dict of tensors")
     args = args_of_checkpoint(checkpoint, state, source)
     if args.dilation and layout == "transformers":
-        raise HFFolderError(f"{source} is a DC5 model (--dilation): transformers' own ResNet has no dilation; "
-                            "use the timm backbone layout")
+        raise HFFolderError(
+            f"{source} is a DC5 model (--dilation): transformers' own ResNet has no dilation; "
+            "use the timm backbone layout"
+        )
     if id2label is None and isinstance(checkpoint, dict):
         id2label = checkpoint.get("class_names")
     config = config_from_args(args, layout, id2label or {})
@@ -512,26 +663,31 @@ def hf_to_checkpoint(config: dict, hf_state: Dict[str, Tensor], source: str, wei
     args, layout, id2label = args_from_config(config, source)
     args.masks = any(k.startswith("mask_head.") for k in hf_state)
     if args.masks and (args.hidden_dim + args.nheads) % 8 or args.masks and (args.hidden_dim // 16) % 8:
-        raise HFFolderError(f"{source}: the project's mask head needs d_model + heads and d_model / 16 to be "
-                            f"multiples of 8 (its group norms have 8 groups); d_model is {args.hidden_dim}")
+        raise HFFolderError(
+            f"{source}: the project's mask head needs d_model + heads and d_model / 16 to be "
+            f"multiples of 8 (its group norms have 8 groups); d_model is {args.hidden_dim}"
+        )
     state = hf_state_to_project(hf_state, args, layout, weights_source)
     return {"model": state, "args": args, "class_names": id2label, "hf_backbone_layout": layout}
 
 
 # Folders ------------------------------------------------------------------------------------------------------
 
+
 def _read_safetensors(path: Path) -> Dict[str, Tensor]:
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError as e:
-        raise HFFolderError(f"{path}: reading safetensors files needs the 'safetensors' package (pip install "
-                            "safetensors)") from e
+        raise HFFolderError(
+            f"{path}: reading safetensors files needs the 'safetensors' package (pip install safetensors)"
+        ) from e
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise HFFolderError(f"{path} cannot be read: {type(e).__name__}: {e} (cut short or damaged: download it "
-                            "again)") from e
+        raise HFFolderError(
+            f"{path} cannot be read: {type(e).__name__}: {e} (cut short or damaged: download it again)"
+        ) from e
 
 
 def read_hf_weights(folder: Path) -> Tuple[Dict[str, Tensor], str]:
@@ -545,8 +701,10 @@ def read_hf_weights(folder: Path) -> Tuple[Dict[str, Tensor], str]:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise HFFolderError(f"{index}: not a safetensors index (the key 'weight_map' is missing or not an "
-                                f"object: {type(e).__name__}: {e})") from None
+            raise HFFolderError(
+                f"{index}: not a safetensors index (the key 'weight_map' is missing or not an "
+                f"object: {type(e).__name__}: {e})"
+            ) from None
         state = {}
         for shard in shards:
             path = folder / shard
@@ -560,16 +718,20 @@ def read_hf_weights(folder: Path) -> Tuple[Dict[str, Tensor], str]:
         except pickle.UnpicklingError as e:
             # weights_only refuses every Python object but tensors and containers before creating it.
             found = re.search(r"GLOBAL [\w.]+ |Unsupported operand \S+", str(e))
-            raise HFFolderError(f"{binary}: refused, it holds Python objects beyond tensors and containers, which "
-                                f"could run code when loaded ({found.group(0).strip() if found else 'unpickling'}"
-                                "). Nothing in it was run.") from None
+            raise HFFolderError(
+                f"{binary}: refused, it holds Python objects beyond tensors and containers, which "
+                f"could run code when loaded ({found.group(0).strip() if found else 'unpickling'}"
+                "). Nothing in it was run."
+            ) from None
         except Exception as e:
             raise HFFolderError(f"{binary} cannot be read: {type(e).__name__}: {e}") from None
         if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
             raise HFFolderError(f"{binary}: expected a state_dict of tensors")
         return loaded, str(binary)
-    raise HFFolderError(f"{folder} holds no weights: expected {SAFETENSORS_NAME} (or {SAFETENSORS_INDEX_NAME} "
-                        f"with its shards, or {BIN_NAME})")
+    raise HFFolderError(
+        f"{folder} holds no weights: expected {SAFETENSORS_NAME} (or {SAFETENSORS_INDEX_NAME} "
+        f"with its shards, or {BIN_NAME})"
+    )
 
 
 def read_hf_folder(folder) -> dict:
@@ -577,8 +739,10 @@ def read_hf_folder(folder) -> dict:
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
-        raise HFFolderError(f"{folder} is a folder without {CONFIG_NAME}: a Hugging Face model folder has "
-                            f"{CONFIG_NAME} and {SAFETENSORS_NAME}; a checkpoint is a file")
+        raise HFFolderError(
+            f"{folder} is a folder without {CONFIG_NAME}: a Hugging Face model folder has "
+            f"{CONFIG_NAME} and {SAFETENSORS_NAME}; a checkpoint is a file"
+        )
     try:
         config = json.loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
@@ -588,12 +752,14 @@ def read_hf_folder(folder) -> dict:
     return hf_to_checkpoint(config, hf_state, str(config_path), weights_source)
 
 
-def write_hf_folder(checkpoint, destination, source: str = "checkpoint", layout: str = "timm",
-                    id2label: Optional[Dict[int, str]] = None) -> dict:
+def write_hf_folder(
+    checkpoint, destination, source: str = "checkpoint", layout: str = "timm", id2label: Optional[Dict[int, str]] = None
+) -> dict:
     """Write config.json, model.safetensors and preprocessor_config.json (for transformers' pipelines) of
     `checkpoint` into the new folder `destination`; returns the
     config. Everything is converted and written into a temporary folder first: on any failure nothing is left."""
     from safetensors.torch import save_file
+
     destination = Path(destination)
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise FileExistsError(f"{destination} exists and is not an empty folder; choose a new one")

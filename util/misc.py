@@ -1,4 +1,5 @@
 """Small shared pieces: padded image batches, metric logging, and torch.distributed helpers."""
+
 import datetime
 import os
 import subprocess
@@ -64,18 +65,22 @@ def to_nested_tensor(samples) -> NestedTensor:
         if samples.dim() == 3:
             samples = samples.unsqueeze(0)
         if samples.dim() != 4:
-            raise ValueError(f"DETR expects images [B, 3, H, W] or [3, H, W], got a tensor of shape "
-                             f"{list(samples.shape)}")
+            raise ValueError(
+                f"DETR expects images [B, 3, H, W] or [3, H, W], got a tensor of shape {list(samples.shape)}"
+            )
         _check_channels(samples.shape[1])
         # A batch of equal-sized images has no padding: an all-False mask, built without a per-image loop.
-        mask = torch.zeros((samples.shape[0], samples.shape[2], samples.shape[3]), dtype=torch.bool,
-                           device=samples.device)
+        mask = torch.zeros(
+            (samples.shape[0], samples.shape[2], samples.shape[3]), dtype=torch.bool, device=samples.device
+        )
         return NestedTensor(samples, mask)
     if isinstance(samples, (list, tuple)):
         for img in samples:
             if not isinstance(img, Tensor) or img.dim() != 3:
-                raise ValueError("DETR expects a list of images [3, H, W]; got an element of shape "
-                                 f"{list(img.shape) if isinstance(img, Tensor) else type(img).__name__}")
+                raise ValueError(
+                    "DETR expects a list of images [3, H, W]; got an element of shape "
+                    f"{list(img.shape) if isinstance(img, Tensor) else type(img).__name__}"
+                )
             _check_channels(img.shape[0])
         return nested_tensor_from_tensor_list(list(samples))
     raise TypeError(f"DETR expects a NestedTensor, a tensor or a list of tensors, got {type(samples).__name__}")
@@ -145,8 +150,13 @@ class SameSizeBatchSampler(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def interpolate(input: Tensor, size: Optional[List[int]] = None, scale_factor: Optional[float] = None,
-                mode: str = "nearest", align_corners: Optional[bool] = None) -> Tensor:
+def interpolate(
+    input: Tensor,
+    size: Optional[List[int]] = None,
+    scale_factor: Optional[float] = None,
+    mode: str = "nearest",
+    align_corners: Optional[bool] = None,
+) -> Tensor:
     """F.interpolate that also accepts empty batches."""
     return F.interpolate(input, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners)
 
@@ -164,6 +174,7 @@ def accuracy(output: Tensor, target: Tensor, topk=(1,)) -> List[Tensor]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Logging
+
 
 class SmoothedValue:
     """Tracks a series of values; reports the median/average over a window and the global average."""
@@ -183,8 +194,9 @@ class SmoothedValue:
         """Sum count and total over processes (the window stays local)."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64,
-                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        t = torch.tensor(
+            [self.count, self.total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
+        )
         dist.barrier()
         dist.all_reduce(t)
         self.count = int(t[0].item())
@@ -211,8 +223,9 @@ class SmoothedValue:
         return self.deque[-1]
 
     def __str__(self):
-        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
-                               max=self.max, value=self.value)
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
 
 
 class MetricLogger:
@@ -259,10 +272,16 @@ class MetricLogger:
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == n - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (n - i - 1)))
-                parts = [header, f"[{i:{width}d}/{n}]", f"eta: {eta}", str(self),
-                         f"time: {iter_time}", f"data: {data_time}"]
+                parts = [
+                    header,
+                    f"[{i:{width}d}/{n}]",
+                    f"eta: {eta}",
+                    str(self),
+                    f"time: {iter_time}",
+                    f"data: {data_time}",
+                ]
                 if torch.cuda.is_available():
-                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
                 print(self.delimiter.join(p for p in parts if p))
             end = time.time()
         total = time.time() - start
@@ -271,6 +290,7 @@ class MetricLogger:
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed helpers
+
 
 def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -332,6 +352,7 @@ def get_sha() -> str:
 def setup_for_distributed(is_master: bool) -> None:
     """Silence print() on all processes but the master; print(..., force=True) still prints."""
     import builtins
+
     builtin_print = builtins.print
 
     def print_(*args, **kwargs):
@@ -401,13 +422,21 @@ def init_distributed_mode(args) -> None:
         torch.cuda.set_device(args.gpu)
     if not 0 <= args.rank < args.world_size:
         raise ValueError(f"rank {args.rank} is not below the world size {args.world_size} given by the {source}")
-    print(f"| distributed init from the {source} (rank {args.rank} of {args.world_size}, "
-          f"backend {args.dist_backend}): {args.dist_url}", flush=True)
+    print(
+        f"| distributed init from the {source} (rank {args.rank} of {args.world_size}, "
+        f"backend {args.dist_backend}): {args.dist_url}",
+        flush=True,
+    )
     timeout_s = int(getattr(args, "dist_timeout", 1800))
     try:
         # The timeout bounds the rendezvous too (TCPStore connection and join, file store), not only collectives.
-        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size,
-                                rank=args.rank, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=args.dist_backend,
+            init_method=args.dist_url,
+            world_size=args.world_size,
+            rank=args.rank,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
         dist.barrier()
     except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, DistNetworkError, gloo's "Wait timeout"
         raise RuntimeError(rendezvous_failure_message(args, timeout_s, e)) from e
@@ -416,21 +445,29 @@ def init_distributed_mode(args) -> None:
 
 def rendezvous_failure_message(args, timeout_s: int, error: BaseException) -> str:
     """What went wrong when joining the process group, and what to check, by kind of --dist_url."""
-    lines = [f"rank {args.rank} of {args.world_size} could not join the other processes (within --dist_timeout "
-             f"{timeout_s} s): {type(error).__name__}: {error}"]
+    lines = [
+        f"rank {args.rank} of {args.world_size} could not join the other processes (within --dist_timeout "
+        f"{timeout_s} s): {type(error).__name__}: {error}"
+    ]
     url = str(args.dist_url)
     if url == "env://":
         address = f"{os.environ.get('MASTER_ADDR', '(unset)')}:{os.environ.get('MASTER_PORT', '(unset)')}"
-        lines.append(f"Check that MASTER_ADDR:MASTER_PORT = {address} is the rank-0 machine and reachable from here "
-                     "(name, firewall), that nothing else uses that port, that all WORLD_SIZE = "
-                     f"{args.world_size} processes were started (torchrun: the same --nnodes and --nproc_per_node on "
-                     "every node) and that they all got the same address.")
+        lines.append(
+            f"Check that MASTER_ADDR:MASTER_PORT = {address} is the rank-0 machine and reachable from here "
+            "(name, firewall), that nothing else uses that port, that all WORLD_SIZE = "
+            f"{args.world_size} processes were started (torchrun: the same --nnodes and --nproc_per_node on "
+            "every node) and that they all got the same address."
+        )
     elif url.startswith("file://"):
-        lines.append(f"Check that {url[len('file://'):]} is on a file system every node sees, that it is not left "
-                     "over from an earlier run (use a new name for each job), and that all "
-                     f"{args.world_size} processes were started with this --dist_url.")
+        lines.append(
+            f"Check that {url[len('file://') :]} is on a file system every node sees, that it is not left "
+            "over from an earlier run (use a new name for each job), and that all "
+            f"{args.world_size} processes were started with this --dist_url."
+        )
     else:
-        lines.append(f"Check that {url} is reachable from every process and that all {args.world_size} processes "
-                     "were started with this --dist_url.")
+        lines.append(
+            f"Check that {url} is reachable from every process and that all {args.world_size} processes "
+            "were started with this --dist_url."
+        )
     lines.append("--dist_timeout sets how many seconds to wait.")
     return "\n".join(lines)

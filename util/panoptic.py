@@ -1,4 +1,5 @@
 """The COCO panoptic colour encoding of segment ids: id = R + 256 * G + 256^2 * B."""
+
 import numpy as np
 
 

@@ -9,6 +9,7 @@ evaluations it saves (eval/latest.pth, eval/000.pth, ...).
 Both return the matplotlib figure and its axes and leave the figure open (a notebook shows it); give
 `save_path=` to also write a PNG. `python tools/plot_logs.py OUTPUT_DIR ...` draws both into files.
 """
+
 from pathlib import Path, PurePath
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -58,8 +59,7 @@ def _run_names(paths: Sequence[Path], name_of) -> List[str]:
 def read_run_log(path: Path) -> List[Dict]:
     """The rows of a main.py log file (util.visualize.read_log), with errors that say what is wrong."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give output directories of main.py (each with its "
-                                "log file)")
+        raise FileNotFoundError(f"{path} does not exist: give output directories of main.py (each with its log file)")
     try:
         rows = read_log(path)
     except ValueError as e:
@@ -71,14 +71,22 @@ def read_run_log(path: Path) -> List[Dict]:
 
 def _series(rows: List[Dict], key: str, index: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(epochs, values) of the rows holding `key` (its element `index` when the value is a list)."""
-    picked = [(row.get("epoch", i), row[key] if index is None else row[key][index])
-              for i, row in enumerate(rows) if key in row]
+    picked = [
+        (row.get("epoch", i), row[key] if index is None else row[key][index])
+        for i, row in enumerate(rows)
+        if key in row
+    ]
     epochs, values = zip(*picked) if picked else ((), ())
     return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float)
 
 
-def plot_logs(logs, fields: Sequence[str] = ("class_error", "loss_bbox_unscaled", "mAP"), ewm_col: float = 0,
-              log_name: str = "log.txt", save_path: Optional[PathLike] = None):
+def plot_logs(
+    logs,
+    fields: Sequence[str] = ("class_error", "loss_bbox_unscaled", "mAP"),
+    ewm_col: float = 0,
+    log_name: str = "log.txt",
+    save_path: Optional[PathLike] = None,
+):
     """One panel per field, one colour per run: train_<field> solid and test_<field> dashed, over epochs,
     smoothed by an exponentially weighted mean of centre of mass `ewm_col`. The field 'mAP' draws the COCO box
     AP of test_coco_eval_bbox: AP at IoU .50:.95 solid, AP50 dashed.
@@ -101,14 +109,23 @@ def plot_logs(logs, fields: Sequence[str] = ("class_error", "loss_bbox_unscaled"
                 epochs, values = _series(rows, key, index)
                 if len(values):
                     # Markers while there are few epochs: a run of one epoch is a single point.
-                    ax.plot(epochs, ewm_mean(values, ewm_col), style, color=colors(k % 10), label=f"{name} {label}",
-                            marker="o" if len(values) <= 50 else None, markersize=3)
+                    ax.plot(
+                        epochs,
+                        ewm_mean(values, ewm_col),
+                        style,
+                        color=colors(k % 10),
+                        label=f"{name} {label}",
+                        marker="o" if len(values) <= 50 else None,
+                        markersize=3,
+                    )
                     drawn += 1
         if not drawn:
             known = sorted({key for rows in runs for row in rows for key in row})
             plt.close(fig)
-            raise ValueError(f"field {field!r} is in none of the logs ({', '.join(str(d / log_name) for d in dirs)}); "
-                             f"they have: {', '.join(known)}")
+            raise ValueError(
+                f"field {field!r} is in none of the logs ({', '.join(str(d / log_name) for d in dirs)}); "
+                f"they have: {', '.join(known)}"
+            )
         ax.set_title(field if field != "mAP" else "box AP (test)")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -127,8 +144,10 @@ def load_coco_eval(path: PathLike) -> Dict:
 
     allowed = [Params, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar]
     # Files written under numpy 2 name these functions by their new module.
-    allowed += [(multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-                (multiarray.scalar, "numpy._core.multiarray.scalar")]
+    allowed += [
+        (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy._core.multiarray.scalar"),
+    ]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
     with torch.serialization.safe_globals(allowed):
         try:
@@ -138,8 +157,10 @@ def load_coco_eval(path: PathLike) -> Dict:
         except Exception as e:
             raise ValueError(f"cannot read {path} as a saved COCO evaluation: {type(e).__name__}: {e}") from e
     if not isinstance(data, dict) or "precision" not in data:
-        raise ValueError(f"{path} is not a COCOeval .eval dict (it has no 'precision'); main.py writes them to "
-                         "OUTPUT_DIR/eval/*.pth and OUTPUT_DIR/eval.pth")
+        raise ValueError(
+            f"{path} is not a COCOeval .eval dict (it has no 'precision'); main.py writes them to "
+            "OUTPUT_DIR/eval/*.pth and OUTPUT_DIR/eval.pth"
+        )
     return data
 
 
@@ -165,10 +186,15 @@ def precision_recall_curves(data: Dict) -> Optional[Dict]:
     params = data.get("params")
     recall_points = np.asarray(getattr(params, "recThrs", np.linspace(0, 1, precision.shape[1])))
     curve = np.nanmean(per_iou, axis=0)
-    return {"recall_points": recall_points, "precision": curve, "precision50": per_iou[0],
-            "score": np.nanmean(_mean_over_valid(scores, (2,)), axis=0),
-            "ap": float(np.nanmean(curve)), "ap50": float(np.nanmean(per_iou[0])),
-            "recall": float(_mean_over_valid(np.asarray(data["recall"])[:, :, 0, -1], (0, 1)))}
+    return {
+        "recall_points": recall_points,
+        "precision": curve,
+        "precision50": per_iou[0],
+        "score": np.nanmean(_mean_over_valid(scores, (2,)), axis=0),
+        "ap": float(np.nanmean(curve)),
+        "ap50": float(np.nanmean(per_iou[0])),
+        "recall": float(_mean_over_valid(np.asarray(data["recall"])[:, :, 0, -1], (0, 1))),
+    }
 
 
 def plot_precision_recall(files, naming_scheme: str = "iter", save_path: Optional[PathLike] = None):

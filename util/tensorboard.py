@@ -1,12 +1,25 @@
 """TensorBoard event files of a run, under OUTPUT_DIR/tensorboard/: the training values of every printed step, and
 each evaluation's losses, COCO stats and PQ. Everything shares one axis, the training step, so that a resumed run
 can drop at once whatever a stopped run wrote beyond its checkpoint (SummaryWriter's purge_step)."""
+
 from pathlib import Path
 from typing import Dict, Mapping
 
 # The 12 numbers of COCOeval.stats, in order.
-COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-                   "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+COCO_STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
 
 
 def open_writer(log_dir: Path, purge_step: int):
@@ -15,8 +28,10 @@ def open_writer(log_dir: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise SystemExit("TensorBoard logging (on by default) needs the tensorboard package: pip install "
-                         "tensorboard (it is in requirements.txt), or pass --no_tensorboard") from e
+        raise SystemExit(
+            "TensorBoard logging (on by default) needs the tensorboard package: pip install "
+            "tensorboard (it is in requirements.txt), or pass --no_tensorboard"
+        ) from e
     return SummaryWriter(str(log_dir), purge_step=purge_step)
 
 

@@ -1,4 +1,5 @@
 """The config keys of the detectron2 wrapper: MODEL.DETR.*, the optimizer choice and the crop's first resize."""
+
 from detectron2.config import CfgNode as CN
 
 

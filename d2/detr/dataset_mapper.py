@@ -6,6 +6,7 @@ torch's generator for the crop's position), and size images with its rounding; m
 size and follow the image as bitmaps, as there. So with the same seeds a training image gets the very same
 pixels, boxes and masks from DetrDatasetMapper as from main.py's make_coco_transforms("train").
 """
+
 import copy
 import random
 from typing import Dict, List, Optional, Sequence
@@ -94,7 +95,7 @@ def transform_masks(masks: torch.Tensor, transforms: TransformList) -> torch.Ten
         if isinstance(t, HFlipTransform):
             masks = masks.flip(-1)
         elif isinstance(t, CropTransform):
-            masks = masks[:, t.y0:t.y0 + t.h, t.x0:t.x0 + t.w]
+            masks = masks[:, t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w]
         elif isinstance(t, T.ResizeTransform):
             masks = interpolate(masks[:, None].float(), size=(t.new_h, t.new_w), mode="nearest")[:, 0] > 0.5
         elif not isinstance(t, NoOpTransform):
@@ -112,11 +113,16 @@ def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
     if not cfg.INPUT.CROP.ENABLED:
         return [DetrRandomFlip(), resize]
     if cfg.INPUT.CROP.TYPE != "absolute_range":
-        raise ValueError(f"INPUT.CROP.TYPE must be 'absolute_range' for DETR's crop (CROP.SIZE = (min, max) "
-                         f"pixels), got {cfg.INPUT.CROP.TYPE!r}")
+        raise ValueError(
+            f"INPUT.CROP.TYPE must be 'absolute_range' for DETR's crop (CROP.SIZE = (min, max) "
+            f"pixels), got {cfg.INPUT.CROP.TYPE!r}"
+        )
     min_crop, max_crop = cfg.INPUT.CROP.SIZE
-    crop_branch = [DetrResize(cfg.INPUT.CROP.RESIZE_BEFORE), DetrRandomSizeCrop(min_crop, max_crop),
-                   DetrResize(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN)]
+    crop_branch = [
+        DetrResize(cfg.INPUT.CROP.RESIZE_BEFORE),
+        DetrRandomSizeCrop(min_crop, max_crop),
+        DetrResize(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN),
+    ]
     return [DetrRandomFlip(), DetrRandomSelect([resize], crop_branch)]
 
 
@@ -152,8 +158,10 @@ class DetrDatasetMapper:
         instances = utils.annotations_to_instances(annotations, image_shape)
         if self.mask_on:
             if any(segmentation is None for segmentation in segmentations):
-                raise ValueError(f"MODEL.MASK_ON needs a 'segmentation' on every annotation; image "
-                                 f"{dataset_dict['file_name']} has an annotation without one")
+                raise ValueError(
+                    f"MODEL.MASK_ON needs a 'segmentation' on every annotation; image "
+                    f"{dataset_dict['file_name']} has an annotation without one"
+                )
             masks = convert_coco_poly_to_mask(segmentations, original_height, original_width)
             instances.gt_masks = BitMasks(transform_masks(masks, transforms))
         # Objects a crop left without a box are dropped, as datasets/transforms.py's crop drops them.

@@ -4,6 +4,7 @@ Detr takes detectron2's batched inputs (a list of dicts with "image" [3, H, W] i
 "instances"), runs this project's DETR (or DETRsegm with MODEL.MASK_ON) on a detectron2 ResNet, and returns the
 weighted SetCriterion losses in training and per-image Instances at the original image size in inference.
 """
+
 from argparse import Namespace
 from typing import Dict, List
 
@@ -62,17 +63,25 @@ def build_detr(cfg) -> nn.Module:
     joiner = Joiner(backbone, position)
     joiner.num_channels = backbone.num_channels
     # The decoder always returns every layer (as main.py builds it); only the loss decides whether to use them.
-    transformer = Transformer(d_model=c.HIDDEN_DIM, nhead=c.NHEADS, num_encoder_layers=c.ENC_LAYERS,
-                              num_decoder_layers=c.DEC_LAYERS, dim_feedforward=c.DIM_FEEDFORWARD,
-                              dropout=c.DROPOUT, normalize_before=c.PRE_NORM, return_intermediate_dec=True)
-    detr = DETR(joiner, transformer, num_classes=c.NUM_CLASSES, num_queries=c.NUM_OBJECT_QUERIES,
-                aux_loss=c.DEEP_SUPERVISION)
+    transformer = Transformer(
+        d_model=c.HIDDEN_DIM,
+        nhead=c.NHEADS,
+        num_encoder_layers=c.ENC_LAYERS,
+        num_decoder_layers=c.DEC_LAYERS,
+        dim_feedforward=c.DIM_FEEDFORWARD,
+        dropout=c.DROPOUT,
+        normalize_before=c.PRE_NORM,
+        return_intermediate_dec=True,
+    )
+    detr = DETR(
+        joiner, transformer, num_classes=c.NUM_CLASSES, num_queries=c.NUM_OBJECT_QUERIES, aux_loss=c.DEEP_SUPERVISION
+    )
     if not cfg.MODEL.MASK_ON:
         return detr
     if c.FROZEN_WEIGHTS:
         # The segmentation recipe's second stage: the trained detector is loaded, then frozen by DETRsegm.
         state = model_state_from(load_checkpoint(c.FROZEN_WEIGHTS), f"MODEL.DETR.FROZEN_WEIGHTS {c.FROZEN_WEIGHTS}")
-        state = {k[len("detr."):]: v for k, v in state.items() if k.startswith("detr.")}
+        state = {k[len("detr.") :]: v for k, v in state.items() if k.startswith("detr.")}
         load_state_dict_checked(detr, state, f"MODEL.DETR.FROZEN_WEIGHTS {c.FROZEN_WEIGHTS}")
     return DETRsegm(detr, freeze_detr=bool(c.FROZEN_WEIGHTS))
 
@@ -89,8 +98,9 @@ def build_criterion(cfg) -> SetCriterion:
         losses.append("masks")
     if c.DEEP_SUPERVISION:
         weight_dict.update({f"{k}_{i}": v for i in range(c.DEC_LAYERS - 1) for k, v in list(weight_dict.items())})
-    return SetCriterion(c.NUM_CLASSES, matcher=matcher, weight_dict=weight_dict, eos_coef=c.NO_OBJECT_WEIGHT,
-                        losses=losses)
+    return SetCriterion(
+        c.NUM_CLASSES, matcher=matcher, weight_dict=weight_dict, eos_coef=c.NO_OBJECT_WEIGHT, losses=losses
+    )
 
 
 @META_ARCH_REGISTRY.register()
@@ -167,14 +177,17 @@ class Detr(nn.Module):
         return masks.tensor.to(self.device)
 
     @torch.no_grad()
-    def inference(self, outputs: Dict[str, Tensor], batched_inputs: List[Dict],
-                  samples: NestedTensor) -> List[Dict[str, Instances]]:
+    def inference(
+        self, outputs: Dict[str, Tensor], batched_inputs: List[Dict], samples: NestedTensor
+    ) -> List[Dict[str, Instances]]:
         """main.py's post-processors: per query its best class, boxes scaled from normalized straight to the
         original size (no clipping, as main.py's evaluation), masks upsampled from the padded batch."""
         not_padding = ~samples.mask
         input_sizes = torch.stack([not_padding[:, :, 0].sum(1), not_padding[:, 0, :].sum(1)], 1)
-        original_sizes = torch.as_tensor([[x.get("height", int(s[0])), x.get("width", int(s[1]))]
-                                          for x, s in zip(batched_inputs, input_sizes)], device=self.device)
+        original_sizes = torch.as_tensor(
+            [[x.get("height", int(s[0])), x.get("width", int(s[1]))] for x, s in zip(batched_inputs, input_sizes)],
+            device=self.device,
+        )
         results = self.postprocess(outputs, original_sizes)
         if self.mask_on:
             results = self.postprocess_masks(results, outputs, original_sizes, input_sizes)
