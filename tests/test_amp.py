@@ -148,6 +148,7 @@ def test_float16_steps_follow_fp32_within_half_precision(fp16_training, syntheti
     assert fp16["loss"] == pytest.approx(fp32["loss"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_the_scaler_state_survives_an_exact_resume(synthetic_root, tmp_path):
     flags = ("--no_plots", "--amp", "--amp_dtype", "float16", "--lr_drop", "5")
     with pytest.warns(UserWarning, match="emulated") if torch.float16 not in amp.native_dtypes(CPU) else nullcontext():

@@ -369,6 +369,7 @@ TRAIN_OPTS = (
 )
 
 
+@pytest.mark.slow
 def test_train_net_lowers_the_loss_and_resumes_from_its_checkpoint(synthetic_root, tmp_path):
     args = train_net_args(synthetic_root, tmp_path, *TRAIN_OPTS, "SOLVER.MAX_ITER", "30")
     train_net.register_datasets(args.dataset)

@@ -111,6 +111,7 @@ def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_pat
     assert_onnx_export_matches_eager(detection_model, tmp_path / "detr.onnx")
 
 
+@pytest.mark.slow
 def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
     """The synthetic detection defaults' query selection (the best distinct proposals, gathers) exports too."""
     model, _, _ = tiny_model(

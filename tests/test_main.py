@@ -473,6 +473,7 @@ def same_rng_state(a: dict, b: dict) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(synthetic_root, tmp_path, monkeypatch):
     """The original's sequence of random draws: epoch k starts from the generators as epoch k-1's evaluation
     left them (nothing restored in between), and the pictures, which the original does not draw, draw nothing
