@@ -470,3 +470,13 @@ def test_pytorch_model_bin_of_tensors_is_read(tmp_path, good_folder):
     expected = read_hf_folder(good_folder)["model"]
     got = read_hf_folder(folder)["model"]
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_the_original_defaults_a_converted_checkpoint_carries_are_main_py_defaults():
+    # util/ cannot import main.py, so util.hf keeps the original's 42 flags as a table of its own; this pins it to
+    # the parser, the one source of the defaults.
+    from util.hf import ORIGINAL_DEFAULTS
+
+    parsed = vars(main_py.get_args_parser().parse_args([]))
+    differ = {k: (v, parsed.get(k, "absent")) for k, v in ORIGINAL_DEFAULTS.items() if parsed.get(k, "absent") != v}
+    assert differ == {}
