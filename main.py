@@ -134,6 +134,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "or 8 end the ResNet after layer3 or layer2",
     )
     parser.add_argument(
+        "--backbone_width",
+        default=1.0,
+        type=float,
+        help="channels of every ResNet stage, as a fraction of torchvision's (1: the original; 0.5: a quarter "
+        "of the convolutions' cost, trained from scratch)",
+    )
+    parser.add_argument(
         "--dilation",
         action="store_true",
         help="If true, we replace stride with dilation in the last convolutional block (DC5)",

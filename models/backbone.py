@@ -223,6 +223,32 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
 # the ResNet without any normalization).
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
+
+def narrow_resnet(resnet: torchvision.models.ResNet, width: float) -> None:
+    """Rebuild a torchvision ResNet in place with `width` times the channels in every stage (--backbone_width),
+    same module names, same block counts and strides, initialized as torchvision initializes its ResNets."""
+    block = type(resnet.layer1[0])
+    blocks = [len(getattr(resnet, f"layer{i}")) for i in range(1, 5)]
+    norm_layer = resnet._norm_layer
+    stem = int(64 * width)
+    resnet.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    resnet.bn1 = norm_layer(stem)
+    resnet.inplanes, resnet.dilation = stem, 1
+    # DC5 (--dilation): layer4's first bottleneck then has stride 1 where it would have 2.
+    dilated = block is Bottleneck and resnet.layer4[0].conv2.stride[0] == 1
+    for i, count in enumerate(blocks):
+        planes, stride = int(64 * width) << i, 1 if i == 0 else 2
+        layer = resnet._make_layer(block, planes, count, stride=stride, dilate=dilated and i == 3)
+        setattr(resnet, f"layer{i + 1}", layer)
+    resnet.fc = nn.Linear(resnet.inplanes, resnet.fc.out_features)
+    for m in resnet.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
 # --feature_stride: the stride of the feature map the transformer reads -> the ResNet stage that ends the body.
 FEATURE_STRIDES = {8: 2, 16: 3, 32: 4}
 
@@ -241,6 +267,7 @@ class Backbone(BackboneBase):
         weights: str = "none",
         norm: str = "frozen",
         stride: int = 32,
+        width: float = 1.0,
     ):
         if not name.startswith("resnet") or not hasattr(torchvision.models, name):
             raise ValueError(
@@ -261,9 +288,18 @@ class Backbone(BackboneBase):
             )
         if norm not in NORM_LAYERS:
             raise ValueError(f"--backbone_norm must be one of {sorted(NORM_LAYERS)}, got {norm!r}")
+        if not 0 < width <= 1 or int(64 * width) != 64 * width:
+            raise ValueError(f"--backbone_width must be in (0, 1] with 64 x it a whole number, got {width!r}")
+        if width != 1 and weights != "none":
+            raise ValueError(
+                f"--backbone_width {width} has no pretrained weights: torchvision's are for width 1. "
+                "Add --backbone_weights none"
+            )
         body = getattr(torchvision.models, name)(
             weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
+        if width != 1:
+            narrow_resnet(body, width)
         # As in the original, only the main process loads pretrained weights: the others receive them through
         # DistributedDataParallel's initial broadcast.
         state = load_backbone_weights(name, weights) if is_main_process() else None
@@ -281,7 +317,7 @@ class Backbone(BackboneBase):
                 )
         last_layer = FEATURE_STRIDES[stride]
         # Each stage doubles the channels: layer4 has 512 (basic blocks) or 2048 (bottlenecks).
-        num_channels = (512 if name in ("resnet18", "resnet34") else 2048) >> (4 - last_layer)
+        num_channels = int((512 if name in ("resnet18", "resnet34") else 2048) * width) >> (4 - last_layer)
         super().__init__(
             body,
             train_backbone,
@@ -321,6 +357,7 @@ def build_backbone(args) -> Joiner:
         weights=args.backbone_weights,
         norm=args.backbone_norm,
         stride=args.feature_stride,
+        width=getattr(args, "backbone_width", 1.0),
     )
     if args.channels_last:
         backbone.use_channels_last()

@@ -94,6 +94,10 @@ def tiny_flags(root, output_dir="", *extra: str) -> List[str]:
         "--no_two_stage",
         "--feature_stride",
         "32",
+        # The recipe's width depends on the CPU kind (a half-width ResNet where --amp runs fp32): pinned, so that
+        # every test runs the same model on every machine.
+        "--backbone_width",
+        "1",
     ]
     return flags + list(extra)
 

@@ -9,7 +9,15 @@ import torchvision
 from torch import nn
 
 from helpers import block_network, tiny_args
-from models.backbone import IMAGENET_WEIGHTS, Backbone, FrozenBatchNorm2d, Joiner, build_backbone, load_backbone_weights
+from models.backbone import (
+    IMAGENET_WEIGHTS,
+    Backbone,
+    FrozenBatchNorm2d,
+    Joiner,
+    build_backbone,
+    load_backbone_weights,
+    narrow_resnet,
+)
 from models.position_encoding import PositionEmbeddingSine
 from util.misc import nested_tensor_from_tensor_list
 
@@ -293,3 +301,72 @@ def test_channels_last_is_a_synthetic_default_that_a_flag_undoes():
     assert main_py.parse_args(["--dataset_file", "synthetic_panoptic"]).channels_last is True
     assert main_py.parse_args(["--dataset_file", "synthetic", "--no_channels_last"]).channels_last is False
     assert main_py.parse_args([]).channels_last is False  # COCO keeps the original's layout
+
+
+# ---------------------------------------------------------------------------------------------- --backbone_width
+
+
+@pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", False), ("resnet50", True)])
+def test_backbone_width_1_is_torchvisions_resnet(name, dilation):
+    """narrow_resnet at width 1 rebuilds exactly torchvision's network: same names, shapes, strides, dilations."""
+    reference = getattr(torchvision.models, name)(replace_stride_with_dilation=[False, False, dilation])
+    rebuilt = getattr(torchvision.models, name)(replace_stride_with_dilation=[False, False, dilation])
+    narrow_resnet(rebuilt, 1.0)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    convs = [(n, m.stride, m.dilation) for n, m in reference.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [(n, m.stride, m.dilation) for n, m in rebuilt.named_modules() if isinstance(m, nn.Conv2d)] == convs
+
+
+@pytest.mark.parametrize("width,stride", [(0.5, 8), (0.5, 32), (0.25, 16)])
+def test_backbone_width_scales_every_stage(width, stride):
+    backbone = Backbone("resnet18", True, False, False, norm="batch", stride=stride, width=width)
+    full = Backbone("resnet18", True, False, False, norm="batch", stride=stride)
+    assert backbone.num_channels == full.num_channels * width
+    (feature,) = backbone(nested_tensor_from_tensor_list([torch.rand(3, 64, 96)])).values()
+    assert feature.tensors.shape == (1, backbone.num_channels, 64 // stride, 96 // stride)
+    # Same module names, every convolution with `width` times the channels on each side but the image's 3.
+    assert list(backbone.state_dict()) == list(full.state_dict())
+    for (name, conv), (_, full_conv) in zip(backbone.named_modules(), full.named_modules()):
+        if isinstance(conv, nn.Conv2d):
+            assert conv.out_channels == full_conv.out_channels * width, name
+            assert conv.in_channels == (3 if full_conv.in_channels == 3 else full_conv.in_channels * width), name
+    # Initialized as torchvision initializes: He-normal convolutions (fan out), unit batch norms.
+    conv = backbone.body.layer1[0].conv1
+    fan_out = conv.out_channels * 9
+    assert abs(conv.weight.std().item() * (fan_out / 2) ** 0.5 - 1) < 0.15
+    assert torch.equal(backbone.body.bn1.weight, torch.ones_like(backbone.body.bn1.weight))
+
+
+def test_backbone_width_bad_values_are_clear_errors():
+    for width in (0.0, 1.5, 0.3):  # 64 x 0.3 is not a whole number of channels
+        with pytest.raises(ValueError, match="--backbone_width"):
+            Backbone("resnet18", True, False, False, width=width)
+    with pytest.raises(ValueError, match="--backbone_width 0.5 has no pretrained weights"):
+        Backbone("resnet18", True, False, False, weights="imagenet", width=0.5)
+
+
+def test_a_narrow_model_trains_runs_the_fast_path_and_refuses_another_width_on_resume():
+    import main as main_py
+    from helpers import MASK_HEAD_FLAGS, tiny_model
+    from models.fast import enable_fast_path
+
+    model, criterion, _ = tiny_model("--backbone_width", "0.5", "--masks", *MASK_HEAD_FLAGS)
+    assert model.detr.input_proj.in_channels == 256
+    images = nested_tensor_from_tensor_list([torch.rand(3, 64, 64), torch.rand(3, 48, 64)])
+    targets = [
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]]), "masks": torch.ones(1, 64, 64)}
+        for _ in range(2)
+    ]
+    model.eval()
+    with torch.no_grad():
+        exact = model(images)
+        enable_fast_path(model)
+        fast = model(images)
+    assert exact["pred_masks"].shape == (2, 5, 16, 16)
+    torch.testing.assert_close(fast["pred_boxes"], exact["pred_boxes"], rtol=1e-4, atol=1e-5)
+    losses = criterion(model.train()(images), targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    saved = tiny_args("--backbone_width", "0.5")
+    assert main_py.architecture_differences(saved, tiny_args()) == ["--backbone_width: checkpoint 0.5, this run 1.0"]

@@ -16,7 +16,7 @@ from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_flags
 from models import build_model
 from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
 from models import transformer
-from models.fast import adamw_options, enable_fast_path
+from models.fast import ContiguousWeightGradConv2d, adamw_options, contiguous_weight_grad_convs, enable_fast_path
 from util.misc import nested_tensor_from_tensor_list
 
 # The parity case's flags (tests/data/spec/parity/case.json), without the ImageNet weights the default asks for.
@@ -192,6 +192,45 @@ def test_fast_path_keeps_weights_and_state_dict_layout():
     # A checkpoint of the fast model loads into the exact one (and back): nothing to convert.
     exact, _, _ = build_model(tiny_args("--masks", *MASK_HEAD_FLAGS))
     exact.load_state_dict(after, strict=True)
+
+
+@pytest.mark.parametrize("stride,bias,input_grad", [(2, False, False), (1, True, True), (2, True, True)])
+def test_contiguous_weight_grad_conv_gives_nn_conv2ds_gradients(stride, bias, input_grad):
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(128, 64, 3, stride=stride, padding=1, bias=bias)
+    conv = copy.deepcopy(reference)
+    assert contiguous_weight_grad_convs(torch.nn.Sequential(conv)) == ["0"]
+    assert type(conv) is ContiguousWeightGradConv2d and conv.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(2, 128, 20, 18).to(memory_format=torch.channels_last).requires_grad_(input_grad)
+    gradients = []
+    for module in (reference, conv.to(memory_format=torch.channels_last)):
+        inputs = x.detach().clone().requires_grad_(input_grad)
+        out = module(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        gradients.append(
+            [module.weight.grad] + ([module.bias.grad] if bias else []) + ([inputs.grad] if input_grad else [])
+        )
+    assert type(conv(x).grad_fn).__name__ == "_ContiguousWeightGradBackward"
+    for expected, got in zip(*gradients):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    # Elsewhere it is nn.Conv2d: without gradients, and under autocast (its 16-bit kernels are the fast ones).
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(conv(x).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def test_only_the_wide_3x3_convolutions_of_the_resnet_get_contiguous_weight_gradients():
+    model, _, _ = build_model(tiny_args("--lr_backbone", "1e-5"))
+    enable_fast_path(model)
+    converted = {n for n, m in model.named_modules() if type(m) is ContiguousWeightGradConv2d}
+    # ResNet-18's 3x3 convolutions of 128 input channels and more: 3 of layer2's 4 (its first reads layer1's 64
+    # channels), and all 4 of layer3 and of layer4; none in layer1, no 1x1 downsample.
+    body = "backbone.0.body."
+    expected = {body + f"layer2.{b}.conv{c}" for b, c in ((0, 2), (1, 1), (1, 2))}
+    expected |= {body + f"layer{i}.{b}.conv{c}" for i in (3, 4) for b in (0, 1) for c in (1, 2)}
+    assert converted == expected
 
 
 def test_folded_bottleneck_trains_the_convolution_weight_and_keeps_the_norm_frozen():

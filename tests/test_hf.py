@@ -323,6 +323,7 @@ def test_main_accepts_a_folder_for_resume_and_frozen_weights(tmp_path, good_fold
         (("--pre_norm",), "--pre_norm"),
         (("--feature_stride", "16"), "--feature_stride"),
         (("--backbone_norm", "batch"), "--backbone_norm"),
+        (("--backbone_width", "0.5"), "--backbone_width"),
     ],
 )
 def test_what_the_hf_layout_cannot_hold_is_refused(tmp_path, flags, named):

@@ -250,6 +250,7 @@ ARCHITECTURE_FLAGS = (
     "num_classes",
     "masks",
     "feature_stride",
+    "backbone_width",
     "two_stage",
     "learned_queries",
 )

@@ -279,6 +279,7 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
     args.aux_loss = True  # DetrConfig's auxiliary_loss defaults off; the project trains with it, as the original
     # The project's own architecture flags at the values this layout holds, so that --resume names any difference.
     args.backbone_norm, args.feature_stride, args.two_stage, args.learned_queries = "frozen", 32, False, 0
+    args.backbone_width = 1.0
     return args, layout, id2label
 
 
@@ -352,6 +353,7 @@ UNSUPPORTED_FLAGS = (
     ("two_stage", False, "two-stage queries (DETR in transformers has learned queries only)"),
     ("learned_queries", 0, "learned-query extensions of two-stage DETR"),
     ("feature_stride", 32, "a feature map of another stride than 32 (transformers' DETR reads layer4)"),
+    ("backbone_width", 1.0, "a ResNet of other widths than torchvision's"),
     ("backbone_norm", "frozen", "a backbone with trainable batch norms (transformers' DETR freezes them)"),
 )
 
