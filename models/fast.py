@@ -9,9 +9,10 @@ each measured by tools/benchmark.py (docs/performance.md):
   activation instead of two; the folded weight is recomputed every forward, so training is unchanged);
 - the ResNet runs channels-last, the layout oneDNN (CPU) and cuDNN prefer;
 - the encoder's self-attention and the decoder's cross-attention run through scaled_dot_product_attention;
-- in fp32 training on the CPU, the weight gradient of each 3x3 convolution of the ResNet is computed from
-  contiguous copies of its input and output gradient (ContiguousWeightGradConv2d): oneDNN's channels-last kernels
-  for it run up to 3x slower there on AVX2 (a stride-2 one: 106 ms against 33 ms with the copies);
+- in fp32 training on the CPU, the weight gradient of each 3x3 convolution of the ResNet with 128 input channels
+  or more is computed from contiguous copies of its input and output gradient (ContiguousWeightGradConv2d):
+  oneDNN's channels-last kernels for it run up to 3x slower on AVX2 (a stride-2 one: 106 ms against 33 ms with
+  the copies);
 - in training on the CPU, dropout masks come from transformer.fast_dropout (16 random bits per element,
   several times faster than torch's bernoulli_ there), in the attention weights and the transformer's layers.
   Dropout draws other random numbers than the exact path's, as any fused kernel's dropout does.
@@ -69,6 +70,13 @@ class _ContiguousWeightGrad(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch before 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 class ContiguousWeightGradConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) whose weight gradient, in fp32 CPU training, comes from
     contiguous copies of its input and output gradient (see _ContiguousWeightGrad); elsewhere it is nn.Conv2d.
@@ -86,7 +94,7 @@ class ContiguousWeightGradConv2d(nn.Conv2d):
             and torch.is_grad_enabled()
             and input.device.type == "cpu"
             and input.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            and not _cpu_autocast_enabled()
         )
 
     @torch.jit.unused
