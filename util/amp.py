@@ -46,8 +46,8 @@ def native_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
         native = []
         if vector_ok and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             native.append(torch.bfloat16)
-        if vector_ok and torch.ops.mkldnn._is_mkldnn_fp16_supported():
-            native.append(torch.float16)
+        # float16 is left out even where oneDNN has float16 kernels (AVX512-FP16): their convolution weight
+        # gradients run a reference kernel, hundreds of times slower than bfloat16's (docs/performance.md).
         return tuple(native)
     return ()
 
@@ -100,8 +100,11 @@ def choose_amp_dtype(device: torch.device, requested: str = "auto") -> Tuple[Opt
         )
     scaling = " with loss scaling" if dtype == torch.float16 else ""
     if dtype not in native:
+        lacking = f"no native {requested}"
+        if device.type == "cpu" and dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            lacking = "float16 kernels without the convolutions' weight gradients"
         warnings.warn(
-            f"--amp_dtype {requested}: {where} has no native {requested}; it runs emulated, usually "
+            f"--amp_dtype {requested}: {where} has {lacking}; it runs emulated, usually "
             "slower than fp32 (--amp_dtype auto picks what this device computes natively)",
             stacklevel=2,
         )
