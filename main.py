@@ -64,6 +64,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", default=300, type=int)
     parser.add_argument("--lr_drop", default=200, type=int)
     parser.add_argument(
+        "--lr_schedule",
+        default="step",
+        choices=("step", "linear", "cosine"),
+        help="step: x0.1 after --lr_drop epochs (the original's); linear or cosine: decay every epoch towards 0 at "
+        "the end of --epochs (docs/flags.md)",
+    )
+    parser.add_argument(
         "--time_budget",
         default=0.0,
         type=float,
@@ -455,7 +462,8 @@ def prepare_model(model: torch.nn.Module, args, device: torch.device):
 
 
 def build_optimizer(model: torch.nn.Module, args, device: torch.device):
-    """AdamW with the backbone at its own learning rate, and the step schedule (x0.1 after --lr_drop epochs)."""
+    """AdamW with the backbone at its own learning rate, and the --lr_schedule: the step schedule (x0.1 after
+    --lr_drop epochs) or a decay over --epochs (util.misc.EpochDecay)."""
     param_dicts = [
         {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
         {
@@ -466,6 +474,8 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device):
     optimizer = torch.optim.AdamW(
         param_dicts, lr=args.lr, weight_decay=args.weight_decay, **adamw_options(device, exact=not args.fast)
     )
+    if getattr(args, "lr_schedule", "step") != "step":
+        return optimizer, utils.EpochDecay(optimizer, args.lr_schedule, args.epochs)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
 
@@ -580,6 +590,17 @@ def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, plann
     planned_epochs, planned_drop = planned
     per_epoch = spent_s / (epoch + 1)
     fit = int(args.time_budget * 60 // per_epoch)
+    if isinstance(lr_scheduler, utils.EpochDecay):  # the decay stretches over the epochs that fit
+        epochs = max(epoch + 1, min(planned_epochs, fit))
+        if epochs == args.epochs:
+            return
+        args.epochs = epochs
+        lr_scheduler.set_total_epochs(epochs)
+        print(
+            f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} "
+            f"epochs, the learning rate decaying ({args.lr_schedule}) over them"
+        )
+        return
     drop_ahead = epoch + 1 < args.lr_drop
     # Once the drop has passed, the run may only shrink: its remaining epochs are all after the drop.
     epochs = max(epoch + 1, min(planned_epochs if drop_ahead else args.epochs, fit))
@@ -607,8 +628,11 @@ def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args
         return
     optimizer.load_state_dict(resumed["optimizer"])
     lr_scheduler.load_state_dict(resumed["lr_scheduler"])
-    if args.time_budget > 0:  # the drop where the budget moved it, and the time spent so far
-        args.lr_drop = lr_scheduler.step_size
+    if args.time_budget > 0:  # the schedule where the budget moved it, and the time spent so far
+        if isinstance(lr_scheduler, utils.EpochDecay):
+            args.epochs = lr_scheduler.total_epochs
+        else:
+            args.lr_drop = lr_scheduler.step_size
         args.time_spent_s = float(resumed.get("time_spent_s", 0.0))
     if scaler is not None and "scaler" in resumed:
         scaler.load_state_dict(resumed["scaler"])
@@ -712,7 +736,8 @@ def end_of_epoch(
     checkpoint = {**training_state, "epoch": epoch, "args": args, "rng": utils.all_gather(rng_state()), "best": best}
     paths = [output_dir / "checkpoint.pth"]
     # Keep a copy before each learning-rate drop and every 100 epochs.
-    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+    drops = getattr(args, "lr_schedule", "step") == "step" and (epoch + 1) % args.lr_drop == 0
+    if drops or (epoch + 1) % 100 == 0:
         paths.append(output_dir / f"checkpoint{epoch:04}.pth")
     # After checkpoint.pth, which records the best epoch: a run stopped in between writes it when resumed.
     if improved:

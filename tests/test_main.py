@@ -967,6 +967,69 @@ def test_the_time_budget_fits_the_epochs_and_keeps_the_lr_drop_at_its_place():
     assert (args.epochs, args.lr_drop) == (1, 3)  # no room for a drop inside the run: it is left alone
 
 
+def test_the_time_budget_stretches_a_decaying_schedule_over_the_epochs_that_fit():
+    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5, lr_schedule="linear")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = utils.EpochDecay(optimizer, "linear", 15)
+    scheduler.step()  # after epoch 0, as main.py steps it
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 1 / 15)
+    main_py.fit_schedule_to_budget(args, scheduler, 0, 61.0, planned=(15, 12))
+    # 690 s / 61 s: 11 epochs, and epoch 1 already runs at the rate of a decay over 11.
+    assert args.epochs == 11 and scheduler.total_epochs == 11 and args.lr_drop == 12
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 1 / 11) == scheduler.get_last_lr()[0]
+    main_py.fit_schedule_to_budget(args, scheduler, 3, 4 * 40.0, planned=(15, 12))
+    assert args.epochs == 15 and scheduler.total_epochs == 15  # fast again: back to the planned run
+    main_py.fit_schedule_to_budget(args, scheduler, 3, 4 * 400.0, planned=(15, 12))
+    assert args.epochs == 4  # never below the epochs done
+
+
+def test_linear_and_cosine_schedules_decay_to_the_end_and_resume_where_they_were():
+    def rates(kind, epochs, resume_after=None):
+        parameter = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.AdamW([{"params": [parameter]}, {"params": [torch.zeros(1)], "lr": 0.1}], lr=1.0)
+        scheduler, seen = utils.EpochDecay(optimizer, kind, epochs), []
+        for epoch in range(epochs):
+            seen.append([group["lr"] for group in optimizer.param_groups])
+            optimizer.step()
+            scheduler.step()
+            if epoch == resume_after:  # through a checkpoint: a new optimizer and scheduler load the states
+                state = {"optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}
+                optimizer = torch.optim.AdamW([{"params": [parameter]}, {"params": [torch.zeros(1)]}], lr=1.0)
+                scheduler = utils.EpochDecay(optimizer, kind, 99)
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["lr_scheduler"])
+        return seen
+
+    linear = rates("linear", 4)
+    np.testing.assert_allclose(linear, [[1.0, 0.1], [0.75, 0.075], [0.5, 0.05], [0.25, 0.025]], rtol=1e-12)
+    cosine = rates("cosine", 4)
+    expected = [[c, c / 10] for c in (1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2)]
+    np.testing.assert_allclose(cosine, expected, rtol=1e-12)
+    assert rates("linear", 4, resume_after=1) == linear and rates("cosine", 4, resume_after=0) == cosine
+    with pytest.raises(ValueError, match="--lr_schedule 'exp'"):
+        utils.EpochDecay(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), "exp", 4)
+    with pytest.raises(SystemExit):  # argparse names the flag and its choices
+        main_py.parse_args(["--lr_schedule", "exp"])
+    assert main_py.parse_args([]).lr_schedule == "step"  # the original's
+
+
+def test_a_linear_schedule_run_logs_its_decay_and_resumes_exactly(synthetic_root, tmp_path):
+    # --lr_drop 1 would keep a copy after every epoch under the step schedule; a decay has no drop to keep one for.
+    flags = ("--no_plots", "--lr_drop", "1", "--lr_schedule", "linear", "--epochs", "3")
+    run_main(tiny_flags(synthetic_root, tmp_path / "straight", *flags))
+    run_main(tiny_flags(synthetic_root, tmp_path / "resumed", *flags[:-1], "1"))
+    run_main(
+        tiny_flags(
+            synthetic_root, tmp_path / "resumed", *flags, "--resume", str(tmp_path / "resumed" / "checkpoint.pth")
+        )
+    )
+    straight, resumed = read_log(tmp_path / "straight" / "log.txt"), read_log(tmp_path / "resumed" / "log.txt")
+    lr = main_py.parse_args(tiny_flags(synthetic_root)).lr
+    assert [row["train_lr"] for row in straight] == pytest.approx([lr, lr * 2 / 3, lr / 3])
+    assert [row["train_loss"] for row in resumed] == [row["train_loss"] for row in straight]
+    assert not list((tmp_path / "straight").glob("checkpoint0*.pth"))  # no drop, so no copy before one
+
+
 def test_a_run_stops_at_its_time_budget_and_resumes_with_the_schedule_it_fitted(synthetic_root, tmp_path):
     # A budget of 0.6 s: the first epoch takes longer, so the run ends after it, with the schedule it fitted saved.
     flags = ("--no_plots", "--time_budget", "0.01")

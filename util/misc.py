@@ -1,6 +1,7 @@
 """Small shared pieces: padded image batches, metric logging, and torch.distributed helpers."""
 
 import datetime
+import math
 import os
 import subprocess
 import time
@@ -148,6 +149,39 @@ class SameSizeBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class EpochDecay(torch.optim.lr_scheduler.LRScheduler):
+    """--lr_schedule linear or cosine: the learning rate of epoch e (from 0) is the base rate times 1 - e / E
+    (linear) or (1 + cos(pi e / E)) / 2 (cosine), E being `total_epochs`; stepped once per epoch, as StepLR is.
+    --time_budget changes E as it refits the run (`set_total_epochs`); E is part of the state_dict, so a resumed
+    run continues the same decay."""
+
+    KINDS = ("linear", "cosine")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_epochs: int, last_epoch: int = -1):
+        if kind not in self.KINDS:
+            raise ValueError(f"--lr_schedule {kind!r}: expected step, {' or '.join(self.KINDS)}")
+        if total_epochs < 1:
+            raise ValueError(f"--epochs {total_epochs}: a decaying --lr_schedule needs at least 1 epoch")
+        self.kind, self.total_epochs = kind, total_epochs
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, epoch: int) -> float:
+        progress = min(max(epoch, 0) / self.total_epochs, 1.0)
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> List[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def set_total_epochs(self, total_epochs: int) -> None:
+        """Stretch or shrink the decay to `total_epochs`; the current epoch's rate follows at once."""
+        self.total_epochs = max(int(total_epochs), 1)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 def interpolate(
