@@ -582,14 +582,18 @@ def choose_precision(args, device: torch.device):
     return dtype, make_grad_scaler(device, dtype)
 
 
-def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, planned: Tuple[int, int]) -> None:
-    """--time_budget: after `epoch`, with `spent_s` seconds spent on epochs 0..epoch, set args.epochs to the epochs
-    that fit the budget at the time per epoch measured so far (never below the epochs done, never above the
-    `planned` (epochs, lr_drop) given), and, while the learning-rate drop is still to come, keep it at its fraction
-    of the planned run. Measured again after every epoch, so a first epoch slowed by warming up costs nothing."""
+def fit_schedule_to_budget(
+    args, lr_scheduler, epoch: int, spent_s: float, planned: Tuple[int, int], setup_s: float = 0.0
+) -> None:
+    """--time_budget: after `epoch`, with `spent_s` seconds spent on epochs 0..epoch and `setup_s` spent by this
+    process before its first epoch (generating the synthetic data, building the model), set args.epochs to the
+    epochs that fit the rest of the budget at the time per epoch measured so far (never below the epochs done,
+    never above the `planned` (epochs, lr_drop) given), and, while the learning-rate drop is still to come, keep it
+    at its fraction of the planned run. Measured again after every epoch, so a first epoch slowed by warming up
+    costs nothing."""
     planned_epochs, planned_drop = planned
     per_epoch = spent_s / (epoch + 1)
-    fit = int(args.time_budget * 60 // per_epoch)
+    fit = int(max(args.time_budget * 60 - setup_s, 0.0) // per_epoch)
     if isinstance(lr_scheduler, utils.EpochDecay):  # the decay stretches over the epochs that fit
         epochs = max(epoch + 1, min(planned_epochs, fit))
         if epochs == args.epochs:
@@ -597,8 +601,8 @@ def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, plann
         args.epochs = epochs
         lr_scheduler.set_total_epochs(epochs)
         print(
-            f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} "
-            f"epochs, the learning rate decaying ({args.lr_schedule}) over them"
+            f"--time_budget {args.time_budget:g} min: {budget_line(setup_s, per_epoch)}, so {epochs} of "
+            f"{planned_epochs} epochs, the learning rate decaying ({args.lr_schedule}) over them"
         )
         return
     drop_ahead = epoch + 1 < args.lr_drop
@@ -612,13 +616,20 @@ def fit_schedule_to_budget(args, lr_scheduler, epoch: int, spent_s: float, plann
     if (epochs, lr_drop) == (args.epochs, args.lr_drop):
         return
     message = (
-        f"--time_budget {args.time_budget:g} min: {per_epoch:.0f} s per epoch, so {epochs} of {planned_epochs} epochs"
+        f"--time_budget {args.time_budget:g} min: {budget_line(setup_s, per_epoch)}, so {epochs} of {planned_epochs} "
+        "epochs"
     )
     if lr_drop != args.lr_drop:
         message += f", the learning rate dropping after {lr_drop}"
     args.epochs, args.lr_drop = epochs, lr_drop
     lr_scheduler.step_size = lr_drop
     print(message)
+
+
+def budget_line(setup_s: float, per_epoch: float) -> str:
+    """'45 s before training, 60 s per epoch' (the first part only when there was a setup to count)."""
+    before = f"{setup_s:.0f} s before training, " if setup_s >= 0.5 else ""
+    return f"{before}{per_epoch:.0f} s per epoch"
 
 
 def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir, scaler=None) -> None:
@@ -750,6 +761,7 @@ def end_of_epoch(
 
 
 def main(args):
+    run_start = time.time()  # --time_budget counts what the run spends before its first epoch too
     check_args(args)
     planned = (args.epochs, args.lr_drop)  # what --time_budget fits, before a resumed checkpoint's cut
     utils.init_distributed_mode(args)
@@ -799,10 +811,12 @@ def main(args):
 
     print("Start training")
     start_time = time.time()
+    # Data generation, model building, loading a checkpoint: the slowest process's, so that all cut the run alike.
+    setup_s = max(utils.all_gather(start_time - run_start)) if args.time_budget > 0 else 0.0
     spent_before = getattr(args, "time_spent_s", 0.0)  # by the epochs before a --resume
     if args.time_budget > 0 and args.start_epoch > 0 and spent_before > 0:
         # A resumed run fits what is left of the budget before it trains.
-        fit_schedule_to_budget(args, lr_scheduler, args.start_epoch - 1, spent_before, planned)
+        fit_schedule_to_budget(args, lr_scheduler, args.start_epoch - 1, spent_before, planned, setup_s)
     # TensorBoard's axis is the training step; the run starts where its checkpoint ends, and what a stopped run
     # wrote beyond that is purged.
     steps_per_epoch = len(data_loader_train)
@@ -849,7 +863,7 @@ def main(args):
         spent = spent_before + time.time() - start_time
         if args.time_budget > 0:
             # Every process takes the slowest one's time, so that all of them cut the run alike.
-            fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)), planned)
+            fit_schedule_to_budget(args, lr_scheduler, epoch, max(utils.all_gather(spent)), planned, setup_s)
         if output_dir is not None:
             training_state = {
                 "model": saved_model.state_dict(),

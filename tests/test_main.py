@@ -967,6 +967,18 @@ def test_the_time_budget_fits_the_epochs_and_keeps_the_lr_drop_at_its_place():
     assert (args.epochs, args.lr_drop) == (1, 3)  # no room for a drop inside the run: it is left alone
 
 
+def test_the_time_budget_leaves_out_what_the_run_spent_before_its_first_epoch():
+    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=12.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12)
+    # 750 s less 50 s of data generation, at 60 s an epoch: 11 epochs (12 without the setup), the drop after 9.
+    main_py.fit_schedule_to_budget(args, scheduler, 0, 60.0, planned=(15, 12), setup_s=50.0)
+    assert (args.epochs, args.lr_drop, scheduler.step_size) == (11, 9, 9)
+    main_py.fit_schedule_to_budget(args, scheduler, 1, 120.0, planned=(15, 12))
+    assert (args.epochs, args.lr_drop) == (12, 10)
+    assert main_py.budget_line(50.2, 60.4) == "50 s before training, 60 s per epoch"
+    assert main_py.budget_line(0.0, 60.4) == "60 s per epoch"
+
+
 def test_the_time_budget_stretches_a_decaying_schedule_over_the_epochs_that_fit():
     args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5, lr_schedule="linear")
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
