@@ -74,7 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--time_budget",
         default=0.0,
         type=float,
-        help="minutes to fit training and evaluation into (0: no limit): the epochs are cut to what "
+        help="minutes from the start to fit the run into (0: no limit): the epochs are cut to what "
         "the time per epoch allows, --lr_drop keeping its place (docs/flags.md)",
     )
     parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
