@@ -448,16 +448,18 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
 )
 def test_compiled_model_matches_eager_across_image_sizes():
     torch.manual_seed(0)
-    model, criterion, _ = build_model(tiny_args("--enc_layers", "1", "--dec_layers", "1"))
+    # ResNet-18 ending after layer2 (stride 8): compiling costs in proportion to the graph, minutes on 2 cores.
+    model, criterion, _ = build_model(tiny_args("--enc_layers", "1", "--dec_layers", "1", "--feature_stride", "8"))
     enable_fast_path(model).eval()
     eager = copy.deepcopy(model)
     cpu = torch.device("cpu")
     assert engine.enable_compile(model, cpu)
     with torch.no_grad():
-        # Two sizes, one compilation (dynamic shapes), and a padded batch.
+        # Two sizes, one compilation (dynamic shapes), and a padded batch. All of 2 images: a batch of 1 would be
+        # specialized and compiled again for the batch of 2.
         for images in (
-            torch.randn(1, 3, 64, 96),
-            torch.randn(1, 3, 96, 64),
+            torch.randn(2, 3, 64, 96),
+            torch.randn(2, 3, 96, 64),
             nested_tensor_from_tensor_list([torch.randn(3, 64, 64), torch.randn(3, 80, 48)]),
         ):
             out, expected = engine.run_model(model, images, cpu), eager(images)
