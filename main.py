@@ -600,10 +600,7 @@ def fit_schedule_to_budget(
             return
         args.epochs = epochs
         lr_scheduler.set_total_epochs(epochs)
-        print(
-            f"--time_budget {args.time_budget:g} min: {budget_line(setup_s, per_epoch)}, so {epochs} of "
-            f"{planned_epochs} epochs, the learning rate decaying ({args.lr_schedule}) over them"
-        )
+        print(f"{budget_line(args, setup_s, per_epoch, epochs, planned_epochs)}, the learning rate decaying over them")
         return
     drop_ahead = epoch + 1 < args.lr_drop
     # Once the drop has passed, the run may only shrink: its remaining epochs are all after the drop.
@@ -615,10 +612,7 @@ def fit_schedule_to_budget(
             lr_drop = args.lr_drop
     if (epochs, lr_drop) == (args.epochs, args.lr_drop):
         return
-    message = (
-        f"--time_budget {args.time_budget:g} min: {budget_line(setup_s, per_epoch)}, so {epochs} of {planned_epochs} "
-        "epochs"
-    )
+    message = budget_line(args, setup_s, per_epoch, epochs, planned_epochs)
     if lr_drop != args.lr_drop:
         message += f", the learning rate dropping after {lr_drop}"
     args.epochs, args.lr_drop = epochs, lr_drop
@@ -626,10 +620,14 @@ def fit_schedule_to_budget(
     print(message)
 
 
-def budget_line(setup_s: float, per_epoch: float) -> str:
-    """'45 s before training, 60 s per epoch' (the first part only when there was a setup to count)."""
+def budget_line(args, setup_s: float, per_epoch: float, epochs: int, planned_epochs: int) -> str:
+    """'--time_budget 12.5 min: 45 s before training, 60 s per epoch, so 11 of 15 epochs' (the setup only when
+    there was one to count)."""
     before = f"{setup_s:.0f} s before training, " if setup_s >= 0.5 else ""
-    return f"{before}{per_epoch:.0f} s per epoch"
+    return (
+        f"--time_budget {args.time_budget:g} min: {before}{per_epoch:.0f} s per epoch, so {epochs} of "
+        f"{planned_epochs} epochs"
+    )
 
 
 def resume_training_state(resumed: Optional[dict], optimizer, lr_scheduler, args, output_dir, scaler=None) -> None:

@@ -975,8 +975,9 @@ def test_the_time_budget_leaves_out_what_the_run_spent_before_its_first_epoch():
     assert (args.epochs, args.lr_drop, scheduler.step_size) == (11, 9, 9)
     main_py.fit_schedule_to_budget(args, scheduler, 1, 120.0, planned=(15, 12))
     assert (args.epochs, args.lr_drop) == (12, 10)
-    assert main_py.budget_line(50.2, 60.4) == "50 s before training, 60 s per epoch"
-    assert main_py.budget_line(0.0, 60.4) == "60 s per epoch"
+    line = main_py.budget_line(args, 50.2, 60.4, 11, 15)
+    assert line == "--time_budget 12.5 min: 50 s before training, 60 s per epoch, so 11 of 15 epochs"
+    assert main_py.budget_line(args, 0.0, 60.4, 11, 15) == "--time_budget 12.5 min: 60 s per epoch, so 11 of 15 epochs"
 
 
 def test_the_time_budget_stretches_a_decaying_schedule_over_the_epochs_that_fit():
