@@ -40,6 +40,16 @@ def test_hf_folder_to_checkpoint_and_check(tmp_path, image_path, capsys):
     )
 
 
+def test_check_without_transformers_says_what_to_install(tmp_path, image_path, monkeypatch):
+    # requirements.txt leaves transformers out (requirements-dev.txt has it): --check then stops with what to install,
+    # after the conversion, which needs no transformers, has written its file.
+    folder = hf_folder(tmp_path / "hf")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(SystemExit, match="--check .*requirements-dev.txt"):
+        convert_hf.main([str(folder), str(tmp_path / "out.pth"), "--check", str(image_path), "--size", "64"])
+    assert load_checkpoint(str(tmp_path / "out.pth"))["args"].backbone == "resnet18"
+
+
 def test_checkpoint_to_hf_folder_with_coco_names(tmp_path, image_path):
     model = randomize(tiny_model("--num_classes", "3")[0])
     args = tiny_args("--num_classes", "3")

@@ -90,7 +90,13 @@ def project_model(checkpoint: dict, source: str) -> torch.nn.Module:
 @torch.no_grad()
 def largest_differences(checkpoint: dict, source: str, hf_folder: Path, image_path: str, size: int) -> dict:
     """{output name: largest absolute difference} of the project's model and transformers' on one image."""
-    import transformers  # only here: the conversion itself needs no transformers
+    try:
+        import transformers  # only here: the conversion itself needs no transformers
+    except ImportError as e:
+        raise SystemExit(
+            "--check compares with Hugging Face transformers, which is not installed: "
+            "pip install -r requirements-dev.txt (or pip install transformers timm)"
+        ) from e
 
     masks = any(k.startswith("mask_head.") for k in model_state_from(checkpoint, source))
     hf_class = transformers.DetrForSegmentation if masks else transformers.DetrForObjectDetection
