@@ -60,6 +60,7 @@ def build_model(args):
             eos_coef=args.eos_coef,
             losses=losses,
             proposal_classes=thing_classes if args.learned_queries else None,
+            proposal_radius=getattr(args, "proposal_radius", 0.0),
         )
     else:
         model = DETR(

@@ -188,10 +188,15 @@ class SetCriterion(nn.Module):
     def num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
         """The number of target boxes per process, at least 1: the box losses are averaged over the targets of
         the whole (distributed) batch, so every process divides by the same number."""
-        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        return self.mean_count(sum(len(t["labels"]) for t in targets), device)
+
+    @staticmethod
+    def mean_count(count: int, device: torch.device) -> float:
+        """count averaged over the processes of a distributed run (count itself in a single process), at least 1."""
+        total = torch.as_tensor([float(count)], device=device)
         if is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(num_boxes)
-        return torch.clamp(num_boxes / get_world_size(), min=1).item()
+            torch.distributed.all_reduce(total)
+        return torch.clamp(total / get_world_size(), min=1).item()
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs: the model's dict; targets: per image, 'labels' [n] and 'boxes' [n, 4] normalized cxcywh

@@ -150,12 +150,18 @@ class TwoStageCriterion(SetCriterion):
         eos_coef: float,
         losses: List[str],
         proposal_classes: Optional[List[int]] = None,
+        proposal_radius: float = 0.0,
     ):
         """proposal_classes: the classes the proposals learn (None: all). The targets of other classes are left
         to the learned queries (--learned_queries), e.g. the stuff of panoptic data, which every token of a
-        region would otherwise propose, crowding the objects out of the top proposals."""
+        region would otherwise propose, crowding the objects out of the top proposals.
+        proposal_radius: besides the nearest token, every token whose centre lies inside the object's box and
+        within this many cells of its centre (both axes) learns to propose it (0: the nearest token only)."""
         super().__init__(num_classes, matcher, weight_dict, eos_coef, losses)
         self.proposal_classes = None if proposal_classes is None else sorted(set(int(c) for c in proposal_classes))
+        if proposal_radius < 0:
+            raise ValueError(f"--proposal_radius must be 0 or more, got {proposal_radius}")
+        self.proposal_radius = proposal_radius
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """SetCriterion's losses of the decoder's outputs, then the _enc terms of the proposals (divided by the
@@ -167,6 +173,11 @@ class TwoStageCriterion(SetCriterion):
         )
         indices = match_to_nearest_anchor(enc_outputs["anchors"], enc_targets)
         num_boxes = self.num_boxes(targets, enc_outputs["pred_logits"].device)
+        if self.proposal_radius > 0:
+            indices = add_nearby_tokens(enc_outputs["anchors"], enc_targets, indices, self.proposal_radius)
+            # The box terms become means over the (token, object) pairs: they weigh in the total as without them.
+            num_boxes = num_boxes * self.mean_count(sum(len(i) for i, _ in indices), device=indices[0][0].device)
+            num_boxes = num_boxes / self.mean_count(sum(len(t["labels"]) for t in enc_targets), indices[0][0].device)
         losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
         return losses
 
@@ -238,3 +249,38 @@ def match_to_nearest_anchor(anchors: Tensor, targets: List[Dict[str, Tensor]]) -
         rows, cols = linear_sum_assignment(cost.numpy())
         indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
     return indices
+
+
+@torch.no_grad()
+def add_nearby_tokens(
+    anchors: Tensor, targets: List[Dict[str, Tensor]], indices: List[Tuple[Tensor, Tensor]], radius: float
+) -> List[Tuple[Tensor, Tensor]]:
+    """indices (from match_to_nearest_anchor) plus, per target, every token whose anchor centre lies inside its
+    box and within `radius` cells of its centre on both axes. A token near two objects goes to the one whose
+    centre is nearer (in cells); the tokens of the first assignment keep their object."""
+    out = []
+    for image_anchors, t, (rows, cols) in zip(anchors, targets, indices):
+        if len(t["boxes"]) == 0:
+            out.append((rows, cols))
+            continue
+        centres = image_anchors[:, :2].float()  # [N, 2]
+        # The cell size along each axis: the step between neighbouring anchor centres.
+        step = torch.stack([_grid_step(centres[:, 0]), _grid_step(centres[:, 1])])
+        boxes = t["boxes"].float().to(centres.device)  # [K, 4] cxcywh
+        offset = (centres[:, None, :] - boxes[None, :, :2]).abs()  # [N, K, 2]
+        near = (offset <= radius * step + 1e-6).all(-1) & (offset <= boxes[None, :, 2:] / 2).all(-1)
+        distance = (offset / step).sum(-1).masked_fill(~near, float("inf"))  # [N, K], in cells
+        distance[rows.to(centres.device)] = float("inf")  # the first assignment's tokens stay as they are
+        best_distance, best = distance.min(1)
+        extra = torch.nonzero(best_distance.isfinite()).squeeze(1)
+        tokens = torch.cat([rows, extra.cpu()])
+        objects = torch.cat([cols, best[extra].cpu()])
+        order = tokens.argsort()
+        out.append((tokens[order], objects[order]))
+    return out
+
+
+def _grid_step(coordinates: Tensor) -> Tensor:
+    """The smallest gap between distinct values of coordinates (1 if there is only one)."""
+    values = coordinates.unique()
+    return (values[1:] - values[:-1]).min() if len(values) > 1 else coordinates.new_tensor(1.0)

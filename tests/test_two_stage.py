@@ -12,6 +12,7 @@ from models.backbone import Backbone
 from models.detr import DETR, SetCriterion
 from models.two_stage import (
     TwoStageCriterion,
+    add_nearby_tokens,
     TwoStageDETR,
     inverse_sigmoid,
     match_to_nearest_anchor,
@@ -71,6 +72,50 @@ def test_objects_are_assigned_to_the_nearest_free_token():
     # An image without objects gets no pair.
     ((rows, cols),) = match_to_nearest_anchor(anchors, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}])
     assert rows.numel() == 0 and cols.numel() == 0
+
+
+def test_nearby_tokens_inside_the_box_join_the_nearest_one():
+    anchors = token_anchors(torch.zeros(1, 4, 4, dtype=torch.bool))  # cell centres 0.125, 0.375, 0.625, 0.875
+    # A large box centred on a cell corner, a small one inside the bottom-right cell, a thin one spanning column 1.
+    boxes = torch.tensor([[0.375, 0.375, 0.5, 0.5], [0.875, 0.875, 0.1, 0.1], [0.25, 0.875, 0.5, 0.05]])
+    targets = [{"labels": torch.tensor([1, 2, 3]), "boxes": boxes}]
+    first = match_to_nearest_anchor(anchors, targets)
+    ((rows, cols),) = add_nearby_tokens(anchors, targets, first, radius=1.0)
+    assigned = dict(zip(rows.tolist(), cols.tolist()))
+    # The large box: the 3 x 3 cells whose centres lie within a cell of (0.375, 0.375), all inside it.
+    assert sorted(r for r, c in assigned.items() if c == 0) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    # The small box holds no other cell centre; the thin one only those of its row within a cell of its centre.
+    assert [r for r, c in assigned.items() if c == 1] == [15]
+    assert sorted(r for r, c in assigned.items() if c == 2) == [12, 13]
+    # The first assignment is kept, and every token has one object.
+    first_pairs = dict(zip(first[0][0].tolist(), first[0][1].tolist()))
+    assert all(assigned[r] == c for r, c in first_pairs.items())
+    assert len(assigned) == len(rows)
+    # Radius 0 adds nothing.
+    ((rows0, cols0),) = add_nearby_tokens(anchors, targets, first, radius=0.0)
+    assert sorted(rows0.tolist()) == sorted(first[0][0].tolist())
+
+
+def test_proposal_radius_box_terms_are_means_over_the_pairs():
+    model, _, _ = tiny_model("--two_stage", "--num_classes", "4")
+    out = model(two_images())
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.3, 0.4, 0.4], [0.7, 0.6, 0.3, 0.4]])},
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.6, 0.6]])},
+    ]
+    _, criterion, _ = tiny_model("--two_stage", "--num_classes", "4", "--proposal_radius", "1")
+    losses = criterion(out, targets)
+    indices = add_nearby_tokens(
+        out["enc_outputs"]["anchors"], targets, match_to_nearest_anchor(out["enc_outputs"]["anchors"], targets), 1.0
+    )
+    pairs = sum(len(src) for src, _ in indices)
+    assert pairs > 3  # the tiny model's map is coarse, but these boxes span more than a cell
+    enc_boxes = torch.cat([out["enc_outputs"]["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)])
+    tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+    # Summed over the pairs, divided by their number: the box terms weigh in the total as much as without the radius.
+    torch.testing.assert_close(losses["loss_bbox_enc"], (enc_boxes - tgt_boxes).abs().sum() / pairs)
+    with pytest.raises(ValueError, match="--proposal_radius"):
+        tiny_model("--two_stage", "--proposal_radius", "-1")
 
 
 def test_two_stage_outputs_and_state_dict():
