@@ -48,6 +48,9 @@ def build_model(args):
             aux_loss=args.aux_loss,
             query_nms=args.query_nms,
             learned_queries=args.learned_queries,
+            # With --proposal_radius, neighbouring tokens learn to propose the same object: without the NMS in
+            # training, the decoder would train on clusters of duplicates and meet distinct queries at evaluation.
+            query_nms_in_training=getattr(args, "proposal_radius", 0.0) > 0,
         )
         weight_dict.update(
             {"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef, "loss_giou_enc": args.giou_loss_coef}

@@ -30,6 +30,7 @@ class TwoStageDETR(DETR):
     """
 
     query_nms: torch.jit.Final[float]  # constants for TorchScript, which then compiles only the branches in use
+    query_nms_in_training: torch.jit.Final[bool]
     num_learned_queries: torch.jit.Final[int]
     has_learned_queries: torch.jit.Final[bool]
 
@@ -42,12 +43,15 @@ class TwoStageDETR(DETR):
         aux_loss: bool = False,
         query_nms: float = 1.0,
         learned_queries: int = 0,
+        query_nms_in_training: bool = False,
     ):
         """query_nms: in eval mode, pass over proposals that overlap a better one by more than this IoU when
-        picking the queries (1.0: never)."""
+        picking the queries (1.0: never); in training mode too with query_nms_in_training, so that the decoder
+        trains on queries like those it will see (needed where several tokens learn to propose one object)."""
         check_learned_queries(learned_queries, num_queries, two_stage=True)
         # Read by _build_queries, which DETR.__init__ calls; plain numbers may be set before nn.Module.__init__.
         self.query_nms = query_nms
+        self.query_nms_in_training = query_nms_in_training
         self.num_learned_queries = learned_queries
         self.has_learned_queries = learned_queries > 0
         super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
@@ -116,7 +120,7 @@ class TwoStageDETR(DETR):
         # Best object score per token (padding never proposes), then the top num_queries tokens.
         scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
         k = min(self.num_queries - self.num_learned_queries, h * w)
-        if self.query_nms < 1.0 and not self.training:
+        if self.query_nms < 1.0 and (self.query_nms_in_training or not self.training):
             top = select_distinct(scores, enc_boxes, k, self.query_nms)
         else:
             top = scores.topk(k, dim=1)[1]  # [B, Q]

@@ -230,6 +230,21 @@ def test_query_nms_applies_in_evaluation_only():
     torch.testing.assert_close(script["pred_boxes"], eager["pred_boxes"], rtol=0, atol=0)
 
 
+def test_proposal_radius_applies_query_nms_in_training_too():
+    # Several tokens learn to propose each object: the training queries must be distinct too, as at evaluation.
+    flags = ("--two_stage", "--num_classes", "4", "--feature_stride", "16", "--query_nms", "0.1")
+    model, _, _ = tiny_model(*flags, "--proposal_radius", "1")
+    assert model.query_nms_in_training and not tiny_model(*flags)[0].query_nms_in_training
+    model.train()
+    with torch.no_grad():
+        out = model(nested_tensor_from_tensor_list([torch.rand(3, 96, 128)]))
+    enc_logits, enc_boxes = out["enc_outputs"]["pred_logits"], out["enc_outputs"]["pred_boxes"]
+    chosen = select_distinct(enc_logits.softmax(-1)[..., :-1].max(-1)[0], enc_boxes, 5, 0.1)[0]
+    torch.testing.assert_close(out["pred_boxes"][0], enc_boxes[0, chosen])
+    iou = box_iou(box_cxcywh_to_xyxy(out["pred_boxes"][0]), box_cxcywh_to_xyxy(out["pred_boxes"][0]))[0]
+    assert (iou.triu(1) <= 0.1).all()
+
+
 def test_criterion_supervises_the_proposals():
     model, criterion, _ = tiny_model("--two_stage", "--num_classes", "4")
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(criterion.weight_dict)
