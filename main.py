@@ -209,15 +209,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--query_nms",
         default=1.0,
         type=float,
-        help="with --two_stage, at evaluation: skip proposals that overlap a better one by more than "
-        "this IoU (1.0: never)",
+        help="with --two_stage, at evaluation (and in training with --proposal_radius): skip proposals that "
+        "overlap a better one by more than this IoU (1.0: never)",
     )
     parser.add_argument(
         "--proposal_radius",
         default=0.0,
         type=float,
         help="with --two_stage, in training: besides the token nearest an object's centre, the tokens within this "
-        "many cells of it (and inside its box) learn to propose it (0: the nearest only)",
+        "many cells of it (and inside its box) learn to propose it (0: the nearest only); --query_nms then "
+        "applies in training too",
     )
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument(
