@@ -216,9 +216,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--proposal_radius",
         default=0.0,
         type=float,
-        help="with --two_stage, in training: besides the token nearest an object's centre, the tokens within this "
-        "many cells of it (and inside its box) learn to propose it (0: the nearest only); --query_nms then "
-        "applies in training too",
+        help="with --two_stage: the tokens within this many cells of an object's centre (and inside its box) "
+        "learn to propose it (0: the nearest only); --query_nms then applies in training too",
     )
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument(

@@ -19,7 +19,9 @@ Everything follows from the seed: the same parameters give byte-identical files.
 
 import argparse
 import contextlib
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -235,63 +237,79 @@ def segment_bbox(mask: np.ndarray) -> List[int]:
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
-def write_split(root: Path, split: str, seed: int, num_images: int, image_size: int) -> None:
-    """Draw and write one split ('train' or 'val'): images, panoptic PNGs and both annotation files."""
+def write_image(root: Path, split: str, seed: int, image_size: int, index: int) -> Tuple[Dict, List[Dict], Dict]:
+    """Draw image `index` of a split and write its JPEG and panoptic PNG; returns its COCO image entry, its instance
+    annotations (without ids, which the split numbers) and its panoptic annotation."""
     split_code, first_id = {"train": (0, 1), "val": (1, 1_000_001)}[split]
-    (root / f"{split}2017").mkdir(parents=True)
-    (root / f"panoptic_{split}2017").mkdir(parents=True)
-    images, instances, panoptic = [], [], []
-    for index in range(num_images):
-        # One generator per image: images do not depend on how many others the split has.
-        rng = np.random.default_rng([seed, split_code, index])
-        pixels, shapes, stuff_map = draw_scene(rng, image_size)
-        image_id = first_id + index
-        stem = f"{image_id:012d}"
-        images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": image_size, "width": image_size})
-        Image.fromarray(pixels).save(root / f"{split}2017" / f"{stem}.jpg", quality=90)
+    # One generator per image: images do not depend on how many others the split has, nor on who draws them.
+    rng = np.random.default_rng([seed, split_code, index])
+    pixels, shapes, stuff_map = draw_scene(rng, image_size)
+    image_id = first_id + index
+    stem = f"{image_id:012d}"
+    image = {"id": image_id, "file_name": f"{stem}.jpg", "height": image_size, "width": image_size}
+    Image.fromarray(pixels).save(root / f"{split}2017" / f"{stem}.jpg", quality=90)
 
-        segment_ids = stuff_map * 1000  # stuff segment id: category id * 1000
-        segments = []
-        for k, shape in enumerate(shapes):
-            polygon = shape["polygon"]
-            x0, y0 = polygon.min(0)
-            x1, y1 = polygon.max(0)
-            instances.append(
-                {
-                    "id": len(instances) + 1,
-                    "image_id": image_id,
-                    "category_id": shape["category_id"],
-                    "segmentation": [[float(v) for v in polygon.reshape(-1)]],
-                    "area": round(polygon_area(polygon), 2),
-                    "bbox": [float(x0), float(y0), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
-                    "iscrowd": 0,
-                }
-            )
-            segment_id = shape["category_id"] * 1000 + k + 1
-            segment_ids[shape["visible"]] = segment_id
+    segment_ids = stuff_map * 1000  # stuff segment id: category id * 1000
+    instances, segments = [], []
+    for k, shape in enumerate(shapes):
+        polygon = shape["polygon"]
+        x0, y0 = polygon.min(0)
+        x1, y1 = polygon.max(0)
+        instances.append(
+            {
+                "image_id": image_id,
+                "category_id": shape["category_id"],
+                "segmentation": [[float(v) for v in polygon.reshape(-1)]],
+                "area": round(polygon_area(polygon), 2),
+                "bbox": [float(x0), float(y0), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+                "iscrowd": 0,
+            }
+        )
+        segment_id = shape["category_id"] * 1000 + k + 1
+        segment_ids[shape["visible"]] = segment_id
+        segments.append(
+            {
+                "id": int(segment_id),
+                "category_id": shape["category_id"],
+                "area": int(shape["visible"].sum()),
+                "bbox": segment_bbox(shape["visible"]),
+                "iscrowd": 0,
+            }
+        )
+    for category_id in np.unique(stuff_map):
+        visible = segment_ids == category_id * 1000
+        if visible.any():  # a stuff region can be hidden entirely by shapes
             segments.append(
                 {
-                    "id": int(segment_id),
-                    "category_id": shape["category_id"],
-                    "area": int(shape["visible"].sum()),
-                    "bbox": segment_bbox(shape["visible"]),
+                    "id": int(category_id * 1000),
+                    "category_id": int(category_id),
+                    "area": int(visible.sum()),
+                    "bbox": segment_bbox(visible),
                     "iscrowd": 0,
                 }
             )
-        for category_id in np.unique(stuff_map):
-            visible = segment_ids == category_id * 1000
-            if visible.any():  # a stuff region can be hidden entirely by shapes
-                segments.append(
-                    {
-                        "id": int(category_id * 1000),
-                        "category_id": int(category_id),
-                        "area": int(visible.sum()),
-                        "bbox": segment_bbox(visible),
-                        "iscrowd": 0,
-                    }
-                )
-        Image.fromarray(id2rgb(segment_ids)).save(root / f"panoptic_{split}2017" / f"{stem}.png")
-        panoptic.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments})
+    Image.fromarray(id2rgb(segment_ids)).save(root / f"panoptic_{split}2017" / f"{stem}.png")
+    return image, instances, {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments}
+
+
+def write_split(root: Path, split: str, seed: int, num_images: int, image_size: int, workers: int = 1) -> None:
+    """Draw and write one split ('train' or 'val'): images, panoptic PNGs and both annotation files. `workers`
+    processes draw the images (each from its own generator, so the files are the same for any number)."""
+    (root / f"{split}2017").mkdir(parents=True)
+    (root / f"panoptic_{split}2017").mkdir(parents=True)
+    draw = functools.partial(write_image, root, split, seed, image_size)
+    if workers > 1 and num_images >= 2 * workers:
+        # fork: the workers need no imports of their own (spawn would import torch again in each).
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            drawn = pool.map(draw, range(num_images), chunksize=max(1, num_images // (8 * workers)))
+    else:
+        drawn = [draw(index) for index in range(num_images)]
+    images, instances, panoptic = [], [], []
+    for image, image_instances, image_panoptic in drawn:
+        images.append(image)
+        for annotation in image_instances:
+            instances.append({"id": len(instances) + 1, **annotation})
+        panoptic.append(image_panoptic)
 
     info = {"description": "DETR synthetic shapes", "seed": seed, "generator_version": GENERATOR_VERSION}
     (root / "annotations").mkdir(exist_ok=True)
@@ -308,6 +326,15 @@ def write_split(root: Path, split: str, seed: int, num_images: int, image_size: 
 def write_json(path: Path, data: Any) -> None:
     """Compact JSON: the annotation files of 1800 images stay a few MB."""
     path.write_text(json.dumps(data, separators=(",", ":")))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it), at most 8; 1 where processes
+    cannot be forked."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(count, 8))
 
 
 def read_marker(root: Path) -> Optional[Dict[str, Any]]:
@@ -337,8 +364,11 @@ def generate(
     num_train: int = DEFAULT_TRAIN_SIZE,
     num_val: int = DEFAULT_VAL_SIZE,
     image_size: int = DEFAULT_IMAGE_SIZE,
+    workers: Optional[int] = None,
 ) -> Path:
     """Write the synthetic dataset under `root`, unless it already holds one made with these parameters.
+    `workers` processes draw the images (default: one per CPU this process may use, at most 8; the files are the
+    same for any number).
 
     Files are written to a temporary sibling folder that replaces `root` only when complete, so an
     interrupted generation leaves nothing half-written and is simply redone. An existing `root` that is
@@ -374,8 +404,9 @@ def generate(
         start = time.time()
         tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
         try:
-            write_split(tmp, "train", seed, num_train, image_size)
-            write_split(tmp, "val", seed, num_val, image_size)
+            workers = usable_cpus() if workers is None else workers
+            write_split(tmp, "train", seed, num_train, image_size, workers)
+            write_split(tmp, "val", seed, num_val, image_size, workers)
             write_json(tmp / MARKER, params)
         except BaseException:  # also on Ctrl-C: leave no partial folder behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -422,8 +453,8 @@ RECIPE = dict(
 # Detection: queries from the proposals of a stride-8 map, no encoder layers, one decoder layer, query NMS; each
 # object supervises the proposals of the cells within one of its centre (up to 9), not only the nearest one.
 # --time_budget: the schedule shrinks where epochs run slower than planned, so that the README's main command
-# ends within 15 minutes on any machine: 12.5 minutes from main.py's start (data generation included), plus the
-# install, about 2 minutes (docs/flags.md).
+# ends within 15 minutes on any machine: 13 minutes from main.py's start (data generation included), plus the
+# install, 1.5 to 2 minutes (docs/flags.md).
 DETECTION_RECIPE = dict(
     RECIPE,
     two_stage=True,
@@ -437,7 +468,7 @@ DETECTION_RECIPE = dict(
     synthetic_train_size=3200,
     epochs=15,
     lr_drop=12,
-    time_budget=12.5,
+    time_budget=13.0,
 )
 # Detection where --amp runs fp32 (a CPU without native bfloat16, util.amp): a ResNet-18 of half the width, whose
 # fp32 step costs about half the full one's there, so that about twice the epochs fit the budget. Where bfloat16 is
