@@ -180,8 +180,7 @@ class TwoStageCriterion(SetCriterion):
         if self.proposal_radius > 0:
             indices = add_nearby_tokens(enc_outputs["anchors"], enc_targets, indices, self.proposal_radius)
             # The box terms become means over the (token, object) pairs: they weigh in the total as without them.
-            num_boxes = num_boxes * self.mean_count(sum(len(i) for i, _ in indices), device=indices[0][0].device)
-            num_boxes = num_boxes / self.mean_count(sum(len(t["labels"]) for t in enc_targets), indices[0][0].device)
+            num_boxes = self.mean_count(sum(len(i) for i, _ in indices), enc_outputs["pred_logits"].device)
         losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
         return losses
 
