@@ -79,13 +79,58 @@ def test_instances_are_self_consistent(root):
         assert 0 <= x and 0 <= y and x + w <= size and y + h <= size
         assert np.allclose([x, y, x + w, y + h], [*polygon.min(0), *polygon.max(0)], atol=0.011)
         # The polygon as training rasterizes it covers about its geometric area.
-        pixels = coco_mask.decode(coco_mask.frPyObjects([flat], size, size)).sum()
-        assert abs(pixels - ann["area"]) <= 0.15 * ann["area"] + 6
+        decoded = coco_mask.decode(coco_mask.frPyObjects([flat], size, size))[..., 0]
+        assert abs(decoded.sum() - ann["area"]) <= 0.15 * ann["area"] + 6
+        # ... and reaches the edges of its box: the pixels show the whole object the box annotates.
+        ys, xs = np.nonzero(decoded)
+        assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x, y, x + w, y + h], atol=1.5)
         assert 0.1 * size / 2 <= max(w, h) and max(w, h) <= 0.5 * size + 0.02
     counts = list(per_image.values())
     assert max(counts) <= synthetic.MAX_OBJECTS and min(counts) == 0 and max(counts) >= 4
     assert len({ann["category_id"] for ann in data["annotations"]}) == 5
     assert len({ann["id"] for ann in data["annotations"]}) == len(data["annotations"])
+
+
+def segments_cross(p, q, r, s) -> bool:
+    """Whether segments pq and rs cross at a point inside both (touching ends do not count)."""
+
+    def side(a, b, c):
+        return np.sign((b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0]))
+
+    return side(p, q, r) * side(p, q, s) < 0 and side(r, s, p) * side(r, s, q) < 0
+
+
+@pytest.mark.parametrize("name", synthetic.THING_NAMES)
+def test_each_shape_is_a_simple_polygon_drawn_whole(name):
+    polygon = synthetic.unit_polygon(name)
+    edges = [(polygon[i], polygon[(i + 1) % len(polygon)]) for i in range(len(polygon))]
+    crossings = [
+        (i, j)
+        for i in range(len(edges))
+        for j in range(i + 2, len(edges))
+        if (i, j) != (0, len(edges) - 1) and segments_cross(*edges[i], *edges[j])
+    ]
+    assert crossings == [], f"{name}: its outline crosses itself"
+    assert np.hypot(*polygon.T).max() == pytest.approx(1.0)  # inscribed in the unit circle
+    # Rasterized large, the shape fills its outline's box and its area.
+    size, radius = 256, 120
+    mask = synthetic.rasterize(np.round(polygon * radius + size / 2, 2), size)
+    ys, xs = np.nonzero(mask)
+    lo, hi = polygon.min(0) * radius + size / 2, polygon.max(0) * radius + size / 2
+    assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [*lo, *hi], atol=1.5)
+    assert mask.sum() == pytest.approx(synthetic.polygon_area(polygon) * radius**2, rel=0.02)
+
+
+def test_cross_has_four_arms():
+    # Arms of half-width a and length 1 around a central square, scaled into the unit circle by 1 / hypot(1, a).
+    a = 0.3
+    expected = (4 * 2 * a * (1 - a) + (2 * a) ** 2) / (1 + a**2)
+    assert synthetic.polygon_area(synthetic.unit_polygon("cross")) == pytest.approx(expected)
+    mask = synthetic.rasterize(np.round(synthetic.unit_polygon("cross") * 60 + 64, 2), 128)
+    # Along the middle row and column the cross spans its whole width; along a row through an arm, only the arm.
+    span = 2 * 60 / np.hypot(1, a)
+    assert mask[64].sum() == pytest.approx(span, abs=2) and mask[:, 64].sum() == pytest.approx(span, abs=2)
+    assert mask[30].sum() == pytest.approx(2 * a * 60 / np.hypot(1, a), abs=2)
 
 
 def test_panoptic_pngs_match_segments(root):
