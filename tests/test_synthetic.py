@@ -82,8 +82,8 @@ def test_instances_are_self_consistent(root):
         decoded = coco_mask.decode(coco_mask.frPyObjects([flat], size, size))[..., 0]
         assert abs(decoded.sum() - ann["area"]) <= 0.15 * ann["area"] + 6
         # ... and reaches the edges of its box: the pixels show the whole object the box annotates.
-        ys, xs = np.nonzero(decoded)
-        assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [x, y, x + w, y + h], atol=1.5)
+        px, py, pw, ph = synthetic.segment_bbox(decoded)
+        assert np.allclose([px, py, px + pw, py + ph], [x, y, x + w, y + h], atol=1.5)
         assert 0.1 * size / 2 <= max(w, h) and max(w, h) <= 0.5 * size + 0.02
     counts = list(per_image.values())
     assert max(counts) <= synthetic.MAX_OBJECTS and min(counts) == 0 and max(counts) >= 4
@@ -115,9 +115,9 @@ def test_each_shape_is_a_simple_polygon_drawn_whole(name):
     # Rasterized large, the shape fills its outline's box and its area.
     size, radius = 256, 120
     mask = synthetic.rasterize(np.round(polygon * radius + size / 2, 2), size)
-    ys, xs = np.nonzero(mask)
+    x, y, w, h = synthetic.segment_bbox(mask)
     lo, hi = polygon.min(0) * radius + size / 2, polygon.max(0) * radius + size / 2
-    assert np.allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], [*lo, *hi], atol=1.5)
+    assert np.allclose([x, y, x + w, y + h], [*lo, *hi], atol=1.5)
     assert mask.sum() == pytest.approx(synthetic.polygon_area(polygon) * radius**2, rel=0.02)
 
 
