@@ -162,7 +162,8 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
-        outputs = run_model(model, samples, device, amp)
+        with utils.training_targets(model, targets):
+            outputs = run_model(model, samples, device, amp)
         loss_dict = criterion(outputs, targets)
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)

@@ -25,6 +25,7 @@ from datasets.synthetic import add_synthetic_args
 from engine import enable_compile, evaluate, per_class_table, train_one_epoch
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
+from models.train_only import add_train_only_args, check_train_only_args, find_train_only_model
 from models.two_stage import check_learned_queries
 from util.checkpoint import (
     architecture_differences,
@@ -345,6 +346,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="padded: the original's padded batches (AP depends on the batch size); size: only "
         "images of one size per batch, the AP of batch size 1 at any --batch_size",
     )
+    add_train_only_args(parser)
     add_synthetic_args(parser)
     return parser
 
@@ -432,6 +434,7 @@ def check_args(args) -> None:
         )
     try:
         check_learned_queries(args.learned_queries, args.num_queries, args.two_stage)
+        check_train_only_args(args)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
@@ -573,6 +576,10 @@ def load_starting_weights(model, args) -> Optional[dict]:
     if not args.eval and "train_model" in resumed:
         # Saved with --ema_decay: 'model' is the average, and training continues from the raw weights.
         load_state_dict_checked(model, resumed["train_model"], f"--resume {args.resume}")
+    train_only = find_train_only_model(model)
+    if not args.eval and train_only is not None and "model_train_only" in resumed:
+        # The training-only weights (models/train_only.py), saved beside DETR's: the run continues exactly.
+        load_state_dict_checked(train_only.train_only, resumed["model_train_only"], f"--resume {args.resume}")
     return resumed
 
 
@@ -798,6 +805,7 @@ def main(args):
     # What gets evaluated and saved as 'model': the weights' moving average with --ema_decay, else the weights.
     eval_model = ema.module if ema is not None else model
     saved_model = ema.module if ema is not None else model_without_ddp
+    train_only = find_train_only_model(model_without_ddp)
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(
@@ -842,6 +850,8 @@ def main(args):
                 )
             )
         )
+        if hasattr(criterion, "set_epoch"):  # a training-only loss that fades (--train_only_epochs)
+            criterion.set_epoch(epoch)
         train_stats = train_one_epoch(
             model,
             criterion,
@@ -880,6 +890,8 @@ def main(args):
                 training_state["scaler"] = scaler.state_dict()
             if ema is not None:
                 training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
+            if train_only is not None:  # beside 'model', which holds exactly DETR's keys
+                training_state["model_train_only"] = train_only.train_only_state_dict()
             best = end_of_epoch(
                 epoch,
                 train_stats,

@@ -9,6 +9,7 @@ from .detr import DETR, PostProcess, SetCriterion
 from .matcher import build_matcher
 from .segmentation import DETRsegm, PostProcessPanoptic, PostProcessSegm
 from .transformer import build_transformer
+from .train_only import TrainOnlyCriterion, TrainOnlyDETR, train_only_weight_dict, uses_train_only
 from .two_stage import TwoStageCriterion, TwoStageDETR, check_learned_queries
 
 
@@ -64,6 +65,40 @@ def build_model(args):
             losses=losses,
             proposal_classes=thing_classes if args.learned_queries else None,
             proposal_radius=getattr(args, "proposal_radius", 0.0),
+        )
+    elif uses_train_only(args):
+        # The one place the training-only supervision (models/train_only.py) plugs in: in eval mode the model is
+        # DETR, and its state_dict DETR's.
+        body = backbone[0]
+        model = TrainOnlyDETR(
+            backbone,
+            transformer,
+            num_classes=num_classes,
+            num_queries=args.num_queries,
+            aux_loss=args.aux_loss,
+            query_groups=args.query_groups,
+            hybrid_queries=args.hybrid_queries,
+            dn_groups=args.dn_groups,
+            dn_label_noise=args.dn_label_noise,
+            dn_box_noise=args.dn_box_noise,
+            dense_aux=args.dense_aux,
+            dense_queries=args.dense_queries,
+            # A stage's channels: each stage doubles them, up to the body's last.
+            dense_channels=body.num_channels >> (body.last_layer - int(args.dense_aux[-1]))
+            if args.dense_aux.startswith("layer")
+            else 0,
+        )
+        weight_dict.update(train_only_weight_dict(weight_dict, args))
+        criterion = TrainOnlyCriterion(
+            num_classes,
+            matcher=matcher,
+            weight_dict=weight_dict,
+            eos_coef=args.eos_coef,
+            losses=losses,
+            num_queries=args.num_queries,
+            hybrid_repeats=args.hybrid_repeats,
+            dense_radius=args.dense_radius,
+            train_only_epochs=args.train_only_epochs,
         )
     else:
         model = DETR(

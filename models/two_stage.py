@@ -58,11 +58,8 @@ class TwoStageDETR(DETR):
 
     def _build_queries(self, hidden_dim: int, num_classes: int) -> None:
         # Every encoder token proposes a box and class (see forward_queries_from_encoder); these heads replace
-        # the learned query embedding. A 3x3 convolution: each token's proposal also sees its neighbours.
-        self.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
-        self.enc_output_norm = nn.LayerNorm(hidden_dim)
-        self.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        # the learned query embedding.
+        build_dense_heads(self, hidden_dim, num_classes)
         # The decoder refines the proposals it starts from: its class logits and boxes are offsets from
         # theirs, zero at initialization, so that training starts from the proposals' own detections.
         for layer in (self.class_embed, self.bbox_embed.layers[-1]):
@@ -112,10 +109,7 @@ class TwoStageDETR(DETR):
         memory = self.transformer.encoder(src_seq, src_key_padding_mask=mask_seq, pos=pos_seq)  # [HW, B, d]
 
         memory_map = memory.permute(1, 2, 0).reshape(bs, c, h, w)
-        tokens = self.enc_output_norm(self.enc_output(memory_map).flatten(2).transpose(1, 2))  # [B, HW, d]
-        enc_logits = self.enc_class_embed(tokens)
-        anchors = token_anchors(mask)
-        enc_boxes = (self.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
+        tokens, enc_logits, enc_boxes, anchors = dense_predictions(self, memory_map, mask)
 
         # Best object score per token (padding never proposes), then the top num_queries tokens.
         scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
@@ -175,14 +169,50 @@ class TwoStageCriterion(SetCriterion):
         enc_targets = (
             targets if self.proposal_classes is None else [only_classes(t, self.proposal_classes) for t in targets]
         )
-        indices = match_to_nearest_anchor(enc_outputs["anchors"], enc_targets)
+        # All classes' targets count in the number of boxes, as for the decoder's terms.
         num_boxes = self.num_boxes(targets, enc_outputs["pred_logits"].device)
-        if self.proposal_radius > 0:
-            indices = add_nearby_tokens(enc_outputs["anchors"], enc_targets, indices, self.proposal_radius)
-            # The box terms become means over the (token, object) pairs: they weigh in the total as without them.
-            num_boxes = self.mean_count(sum(len(i) for i, _ in indices), enc_outputs["pred_logits"].device)
-        losses.update(self._intermediate_losses(enc_outputs, enc_targets, indices, num_boxes, "_enc"))
+        losses.update(dense_losses(self, enc_outputs, enc_targets, self.proposal_radius, num_boxes, "_enc")[0])
         return losses
+
+
+def build_dense_heads(module: nn.Module, hidden_dim: int, num_classes: int) -> None:
+    """Give `module` the dense proposal heads read by dense_predictions: enc_output (a 3x3 convolution, so that
+    each token's proposal also sees its neighbours), enc_output_norm, enc_class_embed and enc_bbox_embed. The
+    names are the --two_stage checkpoints' own; models/train_only.py's dense head has the same four."""
+    module.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
+    module.enc_output_norm = nn.LayerNorm(hidden_dim)
+    module.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
+    module.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+
+
+def dense_predictions(module: nn.Module, feature_map: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every cell of feature_map [B, d, H, W] (padding mask [B, H, W]) proposes a class and a box through the heads
+    of build_dense_heads, the box as an offset (in inverse-sigmoid space) from the cell's anchor (token_anchors).
+    Returns (tokens [B, HW, d], logits [B, HW, C + 1], boxes [B, HW, 4], anchors [B, HW, 4])."""
+    tokens = module.enc_output_norm(module.enc_output(feature_map).flatten(2).transpose(1, 2))
+    logits = module.enc_class_embed(tokens)
+    anchors = token_anchors(mask)
+    boxes = (module.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
+    return tokens, logits, boxes, anchors
+
+
+def dense_losses(
+    criterion: SetCriterion,
+    outputs: Dict[str, Tensor],
+    targets: List[Dict[str, Tensor]],
+    radius: float,
+    num_boxes: float,
+    suffix: str,
+) -> Tuple[Dict[str, Tensor], List[Tuple[Tensor, Tensor]]]:
+    """The loss terms (names suffixed) of dense proposals (pred_logits, pred_boxes, anchors of dense_predictions)
+    and the assignment they used: each target to the token nearest its centre, plus with `radius` > 0 the tokens
+    within that many cells (one-to-many). num_boxes divides the box terms with the nearest token only; with a
+    radius they become means over the (token, object) pairs, so that they weigh in the total as without it."""
+    indices = match_to_nearest_anchor(outputs["anchors"], targets)
+    if radius > 0:
+        indices = add_nearby_tokens(outputs["anchors"], targets, indices, radius)
+        num_boxes = criterion.mean_count(sum(len(i) for i, _ in indices), outputs["pred_logits"].device)
+    return criterion._intermediate_losses(outputs, targets, indices, num_boxes, suffix), indices
 
 
 def check_learned_queries(learned_queries: int, num_queries: int, two_stage: bool) -> None:

@@ -1,5 +1,6 @@
 """Small shared pieces: padded image batches, metric logging, and torch.distributed helpers."""
 
+import contextlib
 import datetime
 import math
 import os
@@ -324,6 +325,21 @@ class MetricLogger:
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed helpers
+
+
+@contextlib.contextmanager
+def training_targets(model: torch.nn.Module, targets: List[Dict[str, Tensor]]) -> Iterator[None]:
+    """Within the block, every submodule of `model` that declares `uses_training_targets` (a model whose
+    training-only queries are built from the ground truth, models/train_only.py) sees the batch's targets as
+    its `training_targets`; they are dropped after it. A plain DETR has none and is untouched."""
+    users = [m for m in model.modules() if getattr(m, "uses_training_targets", False)]
+    for m in users:
+        m.training_targets = targets
+    try:
+        yield
+    finally:
+        for m in users:
+            m.training_targets = None
 
 
 def is_dist_avail_and_initialized() -> bool:
