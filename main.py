@@ -165,7 +165,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="imagenet",
         type=str,
         help="initial backbone weights: 'imagenet' (torchvision's, from the torch.hub cache or "
-        "downloaded), 'none' (from scratch) or the path of a ResNet state_dict file",
+        "downloaded), 'none' (from scratch), the path of a ResNet state_dict file or of a DETR checkpoint "
+        "(its backbone)",
     )
 
     parser.add_argument(

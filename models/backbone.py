@@ -191,7 +191,8 @@ IMAGENET_WEIGHTS = {
 
 
 def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]]:
-    """The state_dict chosen by --backbone_weights: 'imagenet', 'none', or a path to a state_dict file."""
+    """The state_dict chosen by --backbone_weights: 'imagenet', 'none', or a path to a ResNet state_dict file or
+    to a DETR checkpoint (whose backbone is taken: the ResNet a detector trained, e.g. on a dataset like yours)."""
     if weights in ("none", "", None):
         return None
     if weights != "imagenet":
@@ -201,7 +202,12 @@ def load_backbone_weights(name: str, weights: str) -> Optional[Dict[str, Tensor]
                 "(train from scratch) or the path of a ResNet state_dict file."
             )
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        return state.get("model", state) if isinstance(state, dict) else state
+        state = state.get("model", state) if isinstance(state, dict) else state
+        # A DETR checkpoint (this project's or the original's): its backbone's ResNet, under the body's prefix.
+        prefix = "backbone.0.body."
+        if isinstance(state, dict) and any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        return state
     if name not in IMAGENET_WEIGHTS:
         raise ValueError(f"--backbone {name}: no ImageNet weights known; use --backbone_weights none or a file")
     file_name = IMAGENET_WEIGHTS[name]

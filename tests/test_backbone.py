@@ -226,6 +226,18 @@ def test_backbone_weights_from_a_local_file(tmp_path, monkeypatch, wrapped):
     assert attempts == []
 
 
+def test_backbone_weights_from_a_detr_checkpoint_take_its_backbone(tmp_path, monkeypatch):
+    attempts = block_network(monkeypatch)
+    state = stand_in_resnet18(seed=4)
+    detr_state = {"backbone.0.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
+    detr_state["class_embed.weight"] = torch.zeros(6, 32)  # the rest of DETR is left out
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": detr_state, "epoch": 3}, path)
+    backbone = Backbone("resnet18", True, False, False, weights=str(path))
+    assert_loaded(backbone, {k: v for k, v in state.items() if not k.startswith("fc.")})
+    assert attempts == []
+
+
 def test_backbone_weights_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="imagenet.*none"):
         Backbone("resnet18", True, False, False, weights=str(tmp_path / "missing.pth"))
