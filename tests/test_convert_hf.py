@@ -1,19 +1,23 @@
 """tools/convert_hf.py: the direction read from SRC, both ways through files, --check's differences, class names
-for id2label, and nothing written when the conversion fails."""
+for id2label, nothing written when the conversion fails, and the synthetic demo's checkpoint detecting in
+transformers' object-detection pipeline what tools/predict.py detects with it."""
 
 import ast
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from helpers import REPO_ROOT, hf_folder, randomize, tiny_args, tiny_model
-from tools import convert_hf
+from tool_checkpoints import demo_checkpoint
+from tools import convert_hf, predict
+from tools.detector import load_detector
 from util.checkpoint import load_checkpoint
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 
@@ -102,6 +106,69 @@ def test_conversion_needs_no_transformers(tmp_path, monkeypatch):
     convert_hf.main([str(tmp_path / "checkpoint.pth"), str(tmp_path / "back")])
     convert_hf.main([str(folder), str(tmp_path / "out.pth")])
     assert (tmp_path / "back" / "model.safetensors").is_file() and (tmp_path / "out.pth").is_file()
+
+
+def widest_gap_threshold(scores: torch.Tensor) -> float:
+    """The middle of the widest gap between two consecutive scores: a threshold that keeps some detections and
+    drops others, far from any score, so that rounding cannot move a detection across it."""
+    ordered = scores.sort().values
+    gaps = ordered[1:] - ordered[:-1]
+    i = gaps.argmax().item()
+    return ((ordered[i] + ordered[i + 1]) / 2).item()
+
+
+@torch.no_grad()
+def pipeline_detections(pipe, image: Image.Image, threshold: float) -> dict:
+    """What pipeline("object-detection") finds in `image`, before it cuts its boxes down to whole pixels: the
+    pipeline's own preprocessing, forward pass and post-processing, with 'scores', 'labels' and 'boxes' (xyxy,
+    pixels of the image as given) as tensors."""
+    outputs = pipe.forward(pipe.preprocess(image))
+    return pipe.image_processor.post_process_object_detection(outputs, threshold, outputs["target_size"])[0]
+
+
+def test_demo_checkpoint_detects_in_the_pipeline_what_predict_detects(tmp_path):
+    # The demo's plain DETR with trained batch norms (--backbone_norm batch), after two SGD steps.
+    checkpoint = demo_checkpoint(tmp_path / "checkpoint.pth", tmp_path / "no_dataset")
+    state = load_checkpoint(str(checkpoint))["model"]
+    assert state["backbone.0.body.layer1.0.bn1.num_batches_tracked"].item() == 2
+    assert not torch.equal(state["backbone.0.body.layer1.0.bn1.running_var"], torch.ones(64))
+    convert_hf.main([str(checkpoint), str(tmp_path / "hf")])
+    # The pipeline resizes as predict.py does for a synthetic model: the native size, here 128 pixels.
+    preprocessor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert preprocessor["size"] == {"shortest_edge": 128, "longest_edge": 128000}
+
+    detector = load_detector(resume=str(checkpoint))
+    pipe = transformers.pipeline("object-detection", model=str(tmp_path / "hf"))
+    id2label = pipe.model.config.id2label
+    assert [id2label[i] for i in range(6)] == [detector.names.get(i, f"LABEL_{i}") for i in range(6)]
+    rng = np.random.default_rng(0)
+    # At the native size (as the demo's validation images are) the pixels the two models see are the same; an
+    # image of another size is resized by PIL for predict.py and by torchvision for transformers' processor, whose
+    # pixels differ in their last bits.
+    for (height, width), box_tolerance in (((128, 128), 1e-3), ((96, 160), 1e-2)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        threshold = widest_gap_threshold(predict.detect(detector, [image], -1.0)[0]["scores"])
+        ours = predict.detect(detector, [image], threshold)[0]
+        theirs = pipeline_detections(pipe, image, threshold)
+        assert 0 < len(ours["labels"]) < 20
+        assert torch.equal(ours["labels"], theirs["labels"])
+        assert (ours["scores"] - theirs["scores"]).abs().max().item() <= 1e-4
+        assert (ours["boxes"] - theirs["boxes"]).abs().max().item() <= box_tolerance
+        # The pipeline's own answer: the class names, and the boxes cut to whole pixels.
+        answer = pipe(image, threshold=threshold)
+        assert [d["label"] for d in answer] == [id2label[i] for i in ours["labels"].tolist()]
+        whole = torch.tensor([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in answer])
+        assert ((ours["boxes"] - whole).abs() < 1 + box_tolerance).all()
+
+
+def test_half_width_demo_checkpoint_is_refused_naming_the_flag(tmp_path):
+    # The demo's ResNet on CPUs without bfloat16 (--backbone_width 0.5) has no Hugging Face form.
+    checkpoint = demo_checkpoint(tmp_path / "half.pth", tmp_path / "no_dataset", "--backbone_width", "0.5", steps=0)
+    with pytest.raises(
+        SystemExit, match=r"half\.pth was trained with --backbone_width 0\.5: .*--backbone_width 1 converts"
+    ):
+        convert_hf.main([str(checkpoint), str(tmp_path / "hf")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.pth"]
 
 
 def test_the_core_never_imports_transformers():

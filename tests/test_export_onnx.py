@@ -1,5 +1,5 @@
 """tools/export_onnx.py: the exported file has a dynamic batch, height and width, and onnxruntime agrees with PyTorch
-within 1e-4 on images of sizes the export never saw."""
+within 1e-4 on images of sizes the export never saw; the synthetic demo's checkpoints export too."""
 
 import contextlib
 import io
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tool_checkpoints import run_tool, tiny_checkpoint
+from tool_checkpoints import demo_checkpoint, run_tool, tiny_checkpoint
 from tools import export_onnx
 from tools.detector import load_detector
 
@@ -67,6 +67,26 @@ def test_exit_status_says_whether_the_difference_is_tolerated(exported, monkeypa
     assert status == 1 and "ABOVE the tolerance" in printed.getvalue()
     with contextlib.redirect_stdout(io.StringIO()):
         assert export_onnx.main(["--resume", str(checkpoint), "--output", str(output.with_name("again.onnx"))]) == 0
+
+
+@pytest.mark.parametrize("width", ["1", "0.5"])  # the demo's ResNet-18 where bfloat16 is native, and elsewhere
+def test_demo_checkpoint_exports(tmp_path, width):
+    checkpoint = demo_checkpoint(tmp_path / "demo.pth", tmp_path / "no_dataset", "--backbone_width", width)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    output = tmp_path / "demo.onnx"
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        status = export_onnx.main(
+            ["--resume", str(checkpoint), "--output", str(output), "--check", str(tmp_path / "a.png")]
+        )
+    assert status == 0, printed.getvalue()
+    assert 0 <= float(re.search(r"largest difference (\S+),", printed.getvalue()).group(1)) <= 1e-4
+    assert "batch [1, 3, 170, 128]" in printed.getvalue()  # the synthetic preprocessing: shorter side 128
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    logits, boxes = session.run(None, {"images": np.zeros((2, 3, 128, 160), dtype=np.float32)})
+    assert logits.shape == (2, 20, 7) and boxes.shape == (2, 20, 4)  # 20 queries, 6 classes and "no object"
 
 
 def test_bad_inputs(tmp_path):

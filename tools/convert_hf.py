@@ -5,7 +5,9 @@
     python tools/convert_hf.py outputs/checkpoint.pth my-detr-hf/   # a checkpoint (path or URL) -> an HF folder
 
 The HF folder's config comes from the checkpoint's args and weights; its id2label from the class names the
-checkpoint carries, or those of --coco_path's annotations, or COCO's for 91- and 250-class COCO models.
+checkpoint carries, or those of --coco_path's annotations, or COCO's for 91- and 250-class COCO models; its
+preprocessor_config.json resizes images as tools/predict.py does for the checkpoint (the synthetic datasets' native
+size, else COCO's shorter side 800).
 --backbone_layout picks the folder's ResNet names: timm's (as the hub's facebook/detr-resnet-50) or
 transformers' own. --check IMAGE runs both models on the image and prints the largest difference of their
 outputs (it needs `transformers`; the conversion does not). Nothing is written when the conversion fails.
@@ -16,6 +18,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Tuple
 
 import torch
 
@@ -76,6 +79,17 @@ def class_names(checkpoint: dict, args: argparse.Namespace, coco_path) -> dict:
     if args.dataset_file == "coco" and args.num_classes == 250:
         args = argparse.Namespace(**{**vars(args), "dataset_file": "coco_panoptic"})  # a published panoptic model
     return dataset_names(args)
+
+
+def validation_resize(args: argparse.Namespace) -> Tuple[int, int]:
+    """(shorter side, cap of the longer side) of the images the checkpoint's model was evaluated on, which
+    tools/predict.py resizes to and the HF folder's pipelines must too: the synthetic datasets' native size
+    (datasets/synthetic.py's val transform), else COCO evaluation's 800 and 1333."""
+    if args.dataset_file in ("synthetic", "synthetic_panoptic"):
+        # The synthetic val transform caps nothing, where transformers' processor needs a cap: one that binds only
+        # past an aspect ratio of 1000.
+        return args.synthetic_image_size, 1000 * args.synthetic_image_size
+    return 800, 1333
 
 
 def project_model(checkpoint: dict, source: str) -> torch.nn.Module:
@@ -151,8 +165,10 @@ def main(argv=None) -> dict:
             checkpoint = load_checkpoint(args.source)
             if not isinstance(checkpoint, dict) or "model" not in checkpoint:
                 checkpoint = {"model": model_state_from(checkpoint, args.source)}  # a plain state_dict
-            names = class_names(checkpoint, full_args(checkpoint, args.source), args.coco_path)
-            write_hf_folder(checkpoint, destination, args.source, args.backbone_layout, names or None)
+            model_args = full_args(checkpoint, args.source)
+            names = class_names(checkpoint, model_args, args.coco_path)
+            resize = validation_resize(model_args)
+            write_hf_folder(checkpoint, destination, args.source, args.backbone_layout, names or None, resize)
             hf_folder, source = destination, args.source
             print(f"wrote {destination}/{CONFIG_NAME} and model.safetensors ({args.backbone_layout} backbone names)")
     except (CheckpointError, HFFolderError, ValueError, FileExistsError, FileNotFoundError) as e:

@@ -33,8 +33,9 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 BIN_NAME = "pytorch_model.bin"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
-# What pipeline("object-detection") resizes and normalizes images with: DETR's COCO evaluation (shorter side 800,
-# longer at most 1333, ImageNet statistics), as the hub's facebook/detr-resnet-50 has it.
+# What pipeline("object-detection") resizes and normalizes images with: by default DETR's COCO evaluation (shorter
+# side 800, longer at most 1333, ImageNet statistics), as the hub's facebook/detr-resnet-50 has it; write_hf_folder's
+# `resize` replaces the sizes.
 PREPROCESSOR_CONFIG = {
     "image_processor_type": "DetrImageProcessor",
     "format": "coco_detection",
@@ -347,24 +348,33 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
     return config
 
 
-# Refused when a checkpoint goes to the HF layout: (flag, the value that the layout holds, why).
+# Refused when a checkpoint goes to the HF layout: (flag, the value that the layout holds, why, the flag a model that
+# converts is trained with).
 UNSUPPORTED_FLAGS = (
-    ("pre_norm", False, "pre-norm transformer layers (DetrConfig has post-norm layers only)"),
-    ("two_stage", False, "two-stage queries (DETR in transformers has learned queries only)"),
-    ("learned_queries", 0, "learned-query extensions of two-stage DETR"),
-    ("feature_stride", 32, "a feature map of another stride than 32 (transformers' DETR reads layer4)"),
-    ("backbone_width", 1.0, "a ResNet of other widths than torchvision's"),
-    ("backbone_norm", "frozen", "a backbone with trainable batch norms (transformers' DETR freezes them)"),
+    ("pre_norm", False, "pre-norm transformer layers (DetrConfig has post-norm layers only)", "no --pre_norm"),
+    ("two_stage", False, "two-stage queries (DETR in transformers has learned queries only)", "--no_two_stage"),
+    ("learned_queries", 0, "learned-query extensions of two-stage DETR", "--no_two_stage"),
+    (
+        "feature_stride",
+        32,
+        "a feature map of another stride than 32 (transformers' DETR reads layer4)",
+        "--feature_stride 32",
+    ),
+    ("backbone_width", 1.0, "a ResNet of other widths than torchvision's", "--backbone_width 1"),
 )
+# --backbone_norm batch is not among them: an eval-mode BatchNorm2d normalizes with its running statistics, as
+# transformers' frozen batch norm does with the same weight, bias, running_mean and running_var (and the same eps,
+# 1e-5); the one key it has beyond them, num_batches_tracked, counts training steps and is left out.
 
 
 def check_args_fit(args: argparse.Namespace, source: str) -> None:
     """Refuse, naming the flag, a checkpoint whose architecture the HF layout cannot hold."""
-    for flag, allowed, what in UNSUPPORTED_FLAGS:
+    for flag, allowed, what, remedy in UNSUPPORTED_FLAGS:
         value = getattr(args, flag, allowed)
         if value not in (allowed, None):
             raise HFFolderError(
-                f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR layout cannot hold it"
+                f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR layout cannot hold "
+                f"it. Only a model trained with {remedy} converts"
             )
     if args.backbone not in RESNET_DEPTHS:
         raise HFFolderError(
@@ -755,11 +765,17 @@ def read_hf_folder(folder) -> dict:
 
 
 def write_hf_folder(
-    checkpoint, destination, source: str = "checkpoint", layout: str = "timm", id2label: Optional[Dict[int, str]] = None
+    checkpoint,
+    destination,
+    source: str = "checkpoint",
+    layout: str = "timm",
+    id2label: Optional[Dict[int, str]] = None,
+    resize: Tuple[int, int] = (800, 1333),
 ) -> dict:
     """Write config.json, model.safetensors and preprocessor_config.json (for transformers' pipelines) of
-    `checkpoint` into the new folder `destination`; returns the
-    config. Everything is converted and written into a temporary folder first: on any failure nothing is left."""
+    `checkpoint` into the new folder `destination`; returns the config. `resize` is (shorter side, cap of the
+    longer side) of the images the pipelines give the model: those the model was evaluated on. Everything is
+    converted and written into a temporary folder first: on any failure nothing is left."""
     from safetensors.torch import save_file
 
     destination = Path(destination)
@@ -770,7 +786,8 @@ def write_hf_folder(
     staging = Path(tempfile.mkdtemp(prefix=destination.name + ".tmp.", dir=destination.parent))
     try:
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (staging / PREPROCESSOR_NAME).write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+        preprocessor = {**PREPROCESSOR_CONFIG, "size": {"shortest_edge": resize[0], "longest_edge": resize[1]}}
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor, indent=2) + "\n")
         save_file(hf_state, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
         if destination.exists():
             destination.rmdir()
