@@ -83,6 +83,7 @@ def build_model(args):
             dn_box_noise=args.dn_box_noise,
             dense_aux=args.dense_aux,
             dense_queries=args.dense_queries,
+            query_init=args.query_init,
             # A stage's channels: each stage doubles them, up to the body's last.
             dense_channels=body.num_channels >> (body.last_layer - int(args.dense_aux[-1]))
             if args.dense_aux.startswith("layer")

@@ -19,9 +19,10 @@ exactly what they compute without the extras, at inference. In eval mode TrainOn
 
 The original's queries carry no box. A box query (denoising, dense positives) enters the decoder as DETR's
 queries do, through the query position: the sine code that the keys use (PositionEmbeddingSine) evaluated at the
-box's centre, beside the same code of its width and height, through a small MLP. The centre's code is the one the
-encoder keys at that spot carry, so the cross-attention starts out looking near the box; the MLP learns to map it
-into the space of the learned query embeddings. Its content is the embedding of its (noised) label.
+box's centre, plus a small MLP (zero at the start) of that code and the same code of the box's width and height.
+The centre's code is the one the encoder keys at that spot carry, so the query is a point of the same space as the
+keys' positions, where the learned query embeddings also live; the MLP learns to add the size. Its content is the
+embedding of its (noised) label.
 
 All training-only weights live under the `train_only` submodule, which state_dict() leaves out: checkpoint['model']
 holds exactly DETR's keys. main.py saves them beside it (checkpoint['model_train_only']) for an exact resume.
@@ -82,7 +83,13 @@ def check_train_only_args(args) -> None:
 
 def uses_train_only(args) -> bool:
     """Whether any training-only supervision flag is on."""
-    return args.query_groups > 1 or args.hybrid_queries > 0 or args.dn_groups > 0 or args.dense_aux != "none"
+    return (
+        args.query_groups > 1
+        or args.hybrid_queries > 0
+        or args.dn_groups > 0
+        or args.dense_aux != "none"
+        or getattr(args, "query_init", "random") != "random"
+    )
 
 
 def sine_box_code(boxes: Tensor, num_pos_feats: int, temperature: int = 10000) -> Tensor:
@@ -135,6 +142,7 @@ class TrainOnlyDETR(DETR):
         dense_aux: str = "none",
         dense_queries: int = 0,
         dense_channels: int = 0,
+        query_init: str = "random",
     ):
         super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
         d = transformer.d_model
@@ -158,6 +166,9 @@ class TrainOnlyDETR(DETR):
             # Content: the (noised) label, "no object" for padding; position: the box's sine code, as the keys'.
             self.train_only.label_embed = nn.Embedding(num_classes + 1, d)
             self.train_only.box_embed = MLP(2 * d, d, d, 2)
+            # The position starts as the keys' code at the box centre; the MLP learns what to add (the size).
+            nn.init.zeros_(self.train_only.box_embed.layers[-1].weight)
+            nn.init.zeros_(self.train_only.box_embed.layers[-1].bias)
         if dense_aux != "none":
             self.train_only.dense_head = DenseHead(dense_channels or d, d, num_classes)
             if dense_aux.startswith("layer"):
@@ -165,6 +176,12 @@ class TrainOnlyDETR(DETR):
                 body = backbone[0].body
                 getattr(body, dense_aux).register_forward_hook(self._tap_feature)
                 backbone[0].register_forward_pre_hook(self._tap_mask)
+        if query_init == "grid":
+            with torch.no_grad():
+                self.query_embed.weight.copy_(grid_position_codes(num_queries, d))
+                if query_groups > 1:  # each group covers the image, its own points left out
+                    codes = [grid_position_codes(num_queries, d, seed=g) for g in range(1, query_groups)]
+                    self.train_only.group_embed.weight.copy_(torch.cat(codes))
         # checkpoint['model'] is DETR's: the training-only weights are left out of state_dict() (main.py saves
         # them beside it), and loading a DETR state_dict leaves them as they are.
         self._register_state_dict_hook(_drop_train_only_keys)
@@ -261,7 +278,8 @@ class TrainOnlyDETR(DETR):
     def _box_queries(self, boxes: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         """(content, position) [Q, B, d] of box queries from boxes [B, Q, 4] and labels [B, Q]."""
         content = self.train_only.label_embed(labels)
-        position = self.train_only.box_embed(sine_box_code(boxes, self.transformer.d_model // 2))
+        code = sine_box_code(boxes, self.transformer.d_model // 2)  # [B, Q, 2d]: centre (as the keys), then size
+        position = code[..., : self.transformer.d_model] + self.train_only.box_embed(code)
         return content.transpose(0, 1), position.transpose(0, 1)
 
     @torch.no_grad()
@@ -318,6 +336,17 @@ class TrainOnlyDETR(DETR):
             labels[i, : len(cells)] = pred_labels[i, cells_d]
             known.append((torch.arange(len(cells)), objects))
         return boxes, labels, known
+
+
+def grid_position_codes(num: int, d: int, seed: int = 0) -> Tensor:
+    """num query positions [num, d]: the keys' sine position code (PositionEmbeddingSine, normalized) at the points
+    of the smallest square grid with at least num points, the points left over dropped at random (by `seed`)."""
+    side = math.ceil(math.sqrt(num))
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    points = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), -1).reshape(-1, 2)  # (cx, cy)
+    keep = torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:num].sort()[0]
+    boxes = torch.cat([points[keep], torch.zeros(num, 2)], 1)
+    return sine_box_code(boxes, d // 2)[:, :d]
 
 
 def block_diagonal_mask(sizes: List[int], device: torch.device) -> Tensor:
@@ -535,6 +564,13 @@ def add_train_only_args(parser) -> None:
         type=int,
         help="P > 0, with --dense_aux: up to P of the dense head's "
         "positive proposals per image enter the decoder as queries in training (Co-DETR)",
+    )
+    group.add_argument(
+        "--query_init",
+        default="random",
+        choices=("random", "grid"),
+        help="grid: each learned query (and extra group's) starts as the keys' sine position code at a point of "
+        "a grid over the image, so that cross-attention starts out looking near it (random: the original's)",
     )
     group.add_argument(
         "--train_only_epochs",

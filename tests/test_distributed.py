@@ -173,8 +173,15 @@ def test_a_split_evaluation_gives_the_stats_of_one_process(two_processes, synthe
     assert len(merged_ids) == (8 if subset == "all" else 7)
 
 
+# The training-only supervision (models/train_only.py): every extra part's weights get a gradient at every step,
+# as DistributedDataParallel requires, and the dense and denoising counts are averaged over the processes.
+TRAIN_ONLY_FLAGS = ("--query_groups", "2", "--hybrid_queries", "6", "--dn_groups", "1", "--dense_aux", "layer2",
+                    "--dense_queries", "4")  # fmt: skip
+
+
 @pytest.mark.slow
-def test_main_runs_under_torchrun(synthetic_root, tmp_path):
+@pytest.mark.parametrize("extra", [(), TRAIN_ONLY_FLAGS], ids=["detr", "train_only"])
+def test_main_runs_under_torchrun(synthetic_root, tmp_path, extra):
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -187,7 +194,7 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path):
         "--master_port",
         str(free_port()),
         "main.py",
-        *tiny_flags(synthetic_root, out, "--epochs", "1"),
+        *tiny_flags(synthetic_root, out, "--epochs", "1", *extra),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -198,6 +205,7 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path):
     assert len(log[0]["test_coco_eval_bbox"]) == 12
     checkpoint = load_checkpoint_safely(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 0 and checkpoint["args"].world_size == WORLD_SIZE
+    assert ("model_train_only" in checkpoint) == bool(extra)
     # Each process's generators are kept, for an exact resume: they were seeded differently (seed + rank).
     rng = checkpoint["rng"]
     assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])

@@ -1,6 +1,8 @@
 """models/train_only.py: training-only supervision leaves DETR itself unchanged, and does what each method says."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -294,3 +296,18 @@ def test_a_run_resumed_with_auto_resume_ends_as_one_never_interrupted(synthetic_
     assert type(plain) is DETR
     plain.load_state_dict(a["model"], strict=True)
     assert "group_embed.weight" in a["model_train_only"] and not any("train_only" in k for k in a["model"])
+
+
+@pytest.mark.slow
+def test_every_method_trains_on_the_fast_path_under_bfloat16_autocast(synthetic_root, tmp_path):
+    flags = [*METHODS["all"], "--fast", "--amp", "--amp_dtype", "bfloat16", "--epochs", "1", "--no_plots",
+             "--no_tensorboard"]  # fmt: skip
+    run_main(tiny_flags(synthetic_root, tmp_path, *flags))
+    log = (tmp_path / "log.txt").read_text().splitlines()
+    assert len(log) == 1
+    row = json.loads(log[0])
+    for term in ("loss_bbox_groups", "loss_bbox_hybrid", "loss_bbox_dn", "loss_bbox_dense", "loss_bbox_dense_queries"):
+        assert math.isfinite(row[f"train_{term}_unscaled"]), term
+    assert "test_loss_bbox_dn" not in row  # evaluation runs DETR alone
+    checkpoint = load_checkpoint_safely(tmp_path / "checkpoint.pth")
+    assert not any("train_only" in k for k in checkpoint["model"]) and checkpoint["model_train_only"]
