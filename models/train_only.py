@@ -11,7 +11,11 @@ here add supervision during training and leave the model that is evaluated, save
                        source object, with no matching (DN-DETR);
   --dense_aux LAYER    a dense head on a backbone stage or the encoder, every cell near an object's centre
                        learning to propose it (one-to-many, models/two_stage.py's head and assignment), with
-                       --dense_queries P of its positive proposals entering the decoder as queries (Co-DETR).
+                       --dense_queries P of its positive proposals entering the decoder as queries (Co-DETR);
+                       --dense_boxes absolute makes its boxes absolute rather than offsets from the cell:
+                       DETR's decoder reads an object's position from the content of the encoder memory (its
+                       attention values carry no position encoding), so the features must know where they are;
+  --query_init grid    the learned queries start as the keys' position code on a grid (an initialization only).
 
 Every extra query set sits in the same decoder pass as the main queries, behind a self-attention mask that keeps
 each set (each group) to itself: the main queries see only each other, so what they compute in training is
@@ -108,15 +112,16 @@ class DenseHead(nn.Module):
     """--dense_aux: models/two_stage.py's proposal heads on a feature map, behind a 1x1 projection to hidden_dim
     where the map is a backbone stage's."""
 
-    def __init__(self, in_channels: int, hidden_dim: int, num_classes: int):
+    def __init__(self, in_channels: int, hidden_dim: int, num_classes: int, anchored: bool = True):
         super().__init__()
         self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if in_channels != hidden_dim else None
+        self.anchored = anchored
         build_dense_heads(self, hidden_dim, num_classes)
 
     def forward(self, feature_map: Tensor, mask: Tensor) -> Dict[str, Tensor]:
         if self.input_proj is not None:
             feature_map = self.input_proj(feature_map)
-        _, logits, boxes, anchors = dense_predictions(self, feature_map, mask)
+        _, logits, boxes, anchors = dense_predictions(self, feature_map, mask, self.anchored)
         return {"pred_logits": logits, "pred_boxes": boxes, "anchors": anchors}
 
 
@@ -143,6 +148,7 @@ class TrainOnlyDETR(DETR):
         dense_queries: int = 0,
         dense_channels: int = 0,
         query_init: str = "random",
+        dense_boxes: str = "anchored",
     ):
         super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
         d = transformer.d_model
@@ -170,7 +176,8 @@ class TrainOnlyDETR(DETR):
             nn.init.zeros_(self.train_only.box_embed.layers[-1].weight)
             nn.init.zeros_(self.train_only.box_embed.layers[-1].bias)
         if dense_aux != "none":
-            self.train_only.dense_head = DenseHead(dense_channels or d, d, num_classes)
+            anchored = dense_boxes == "anchored"
+            self.train_only.dense_head = DenseHead(dense_channels or d, d, num_classes, anchored)
             if dense_aux.startswith("layer"):
                 # The stage's output and the batch's padding mask are tapped as the backbone runs (training only).
                 body = backbone[0].body
@@ -557,6 +564,13 @@ def add_train_only_args(parser) -> None:
         default=1.0,
         type=float,
         help="with --dense_aux: cells within this many of an object's centre (and inside its box) learn it",
+    )
+    group.add_argument(
+        "--dense_boxes",
+        default="anchored",
+        choices=("anchored", "absolute"),
+        help="with --dense_aux: each cell's box as an offset from an anchor at the cell, or in absolute "
+        "coordinates, which teaches the features where they are (DETR's decoder reads positions from them)",
     )
     group.add_argument(
         "--dense_queries",

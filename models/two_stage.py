@@ -185,14 +185,18 @@ def build_dense_heads(module: nn.Module, hidden_dim: int, num_classes: int) -> N
     module.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
 
 
-def dense_predictions(module: nn.Module, feature_map: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def dense_predictions(
+    module: nn.Module, feature_map: Tensor, mask: Tensor, anchored: bool = True
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every cell of feature_map [B, d, H, W] (padding mask [B, H, W]) proposes a class and a box through the heads
-    of build_dense_heads, the box as an offset (in inverse-sigmoid space) from the cell's anchor (token_anchors).
+    of build_dense_heads, the box as an offset (in inverse-sigmoid space) from the cell's anchor (token_anchors), or
+    with anchored=False as absolute coordinates, which the cell's features must then know.
     Returns (tokens [B, HW, d], logits [B, HW, C + 1], boxes [B, HW, 4], anchors [B, HW, 4])."""
     tokens = module.enc_output_norm(module.enc_output(feature_map).flatten(2).transpose(1, 2))
     logits = module.enc_class_embed(tokens)
     anchors = token_anchors(mask)
-    boxes = (module.enc_bbox_embed(tokens) + inverse_sigmoid(anchors)).sigmoid()
+    offsets = module.enc_bbox_embed(tokens)
+    boxes = (offsets + inverse_sigmoid(anchors) if anchored else offsets).sigmoid()
     return tokens, logits, boxes, anchors
 
 

@@ -311,3 +311,18 @@ def test_every_method_trains_on_the_fast_path_under_bfloat16_autocast(synthetic_
     assert "test_loss_bbox_dn" not in row  # evaluation runs DETR alone
     checkpoint = load_checkpoint_safely(tmp_path / "checkpoint.pth")
     assert not any("train_only" in k for k in checkpoint["model"]) and checkpoint["model_train_only"]
+
+
+def test_absolute_dense_boxes_leave_the_anchors_out():
+    from models.train_only import DenseHead
+
+    torch.manual_seed(0)
+    feature, mask = torch.randn(2, 16, 4, 4), torch.zeros(2, 4, 4, dtype=torch.bool)
+    anchored, absolute = DenseHead(16, 16, 5, anchored=True), DenseHead(16, 16, 5, anchored=False)
+    absolute.load_state_dict(anchored.state_dict())
+    a, b = anchored(feature, mask), absolute(feature, mask)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["anchors"], b["anchors"])
+    offsets = torch.logit(b["pred_boxes"].double()) - torch.logit(a["pred_boxes"].double())
+    # The anchored boxes are the absolute ones moved by each cell's anchor (in inverse-sigmoid space).
+    anchors = a["anchors"].double()
+    assert torch.allclose(offsets, -torch.log(anchors / (1 - anchors)), atol=1e-3)
