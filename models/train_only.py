@@ -32,6 +32,7 @@ All training-only weights live under the `train_only` submodule, which state_dic
 holds exactly DETR's keys. main.py saves them beside it (checkpoint['model_train_only']) for an exact resume.
 """
 
+import argparse
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -225,9 +226,10 @@ class TrainOnlyDETR(DETR):
         memory_map = memory.permute(1, 2, 0).reshape(bs, c, h, w)
         extra: Dict = {}
 
-        # The query sets, in decoder order: (name, content [Q, B, d], position [Q, B, d], the box queries' targets).
+        # The query sets, in decoder order: (name, content [Q, B, d], position [Q, B, d], the number of blocks of
+        # equal size it splits into, each attending only within itself: the groups, the denoising groups).
         zeros = torch.zeros(self.num_queries, bs, c, dtype=src.dtype, device=src.device)
-        sets: List[Tuple[str, Tensor, Tensor, int]] = []  # (name, content, position, blocks)
+        sets: List[Tuple[str, Tensor, Tensor, int]] = []
 
         def learned(weight: Tensor) -> Tensor:
             return weight.unsqueeze(1).expand(-1, bs, -1)
@@ -593,3 +595,11 @@ def add_train_only_args(parser) -> None:
         help="E > 0: the training-only terms' weights fade "
         "linearly to 0 over the first E epochs (0: full weight throughout)",
     )
+
+
+def deployed_args(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of args with every training-only flag at its default: the flags of the model a checkpoint deploys,
+    a plain DETR (what tools/ and conversions build from a checkpoint's 'args')."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_only_args(parser)
+    return argparse.Namespace(**{**vars(args), **vars(parser.parse_args([]))})

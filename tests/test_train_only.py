@@ -326,3 +326,29 @@ def test_absolute_dense_boxes_leave_the_anchors_out():
     # The anchored boxes are the absolute ones moved by each cell's anchor (in inverse-sigmoid space).
     anchors = a["anchors"].double()
     assert torch.allclose(offsets, -torch.log(anchors / (1 - anchors)), atol=1e-3)
+
+
+def test_the_tools_read_a_checkpoint_trained_with_every_method_as_a_plain_detr(synthetic_root, tmp_path):
+    from PIL import Image
+    from tool_checkpoints import tiny_checkpoint
+
+    from tools import convert_hf
+    from tools.detector import load_detector
+
+    flags = [*METHODS["all"], "--dense_aux", "layer2"]
+    path = tiny_checkpoint(tmp_path / "checkpoint.pth", synthetic_root, *flags, seed=3)
+    checkpoint = load_checkpoint_safely(path)
+    assert checkpoint["args"].query_groups == 2 and not any("train_only" in k for k in checkpoint["model"])
+    detector = load_detector(resume=str(path))
+    assert type(detector.model) is DETR  # tools build the model the checkpoint deploys
+    trained, _, _ = build_model(checkpoint["args"])
+    assert isinstance(trained, TrainOnlyDETR)
+    trained.load_state_dict(checkpoint["model"])
+    images, _ = batch(7)
+    with torch.no_grad():
+        ours, theirs = detector.model(images), trained.eval()(images)
+    assert torch.equal(ours["pred_boxes"], theirs["pred_boxes"])
+    image = tmp_path / "image.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy()).save(image)
+    differences = convert_hf.main([str(path), str(tmp_path / "hf"), "--check", str(image), "--size", "64"])
+    assert differences and all(value <= 1e-4 for value in differences.values())

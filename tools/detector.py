@@ -24,6 +24,7 @@ from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms
 from datasets.synthetic import STUFF_IDS, THING_IDS, make_synthetic_transforms
 from main import get_args_parser
 from models import build_model
+from models.train_only import deployed_args
 from models.detr import PostProcess
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
 from util.visualize import COCO_NAMES, COCO_PANOPTIC_STUFF_NAMES
@@ -81,7 +82,8 @@ def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> 
                 args.num_classes = state[key].shape[0] - 1  # the head has one more class: "no object"
     args.backbone_weights = "none"  # the checkpoint holds the backbone's weights: nothing to download
     args.frozen_weights = None
-    return args
+    # The model it deploys: with training-only supervision (models/train_only.py) on, a plain DETR all the same.
+    return deployed_args(args)
 
 
 def names_from_annotations(ann_file: Path) -> Dict[int, str]:
