@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .detr import DETR, MLP, SetCriterion
-from .two_stage import build_dense_heads, dense_losses, dense_predictions
+from .two_stage import DenseProposals, dense_losses
 
 DENSE_LAYERS = ("layer2", "layer3", "layer4", "encoder")
 PREFIX = "train_only."
@@ -109,7 +109,7 @@ def sine_box_code(boxes: Tensor, num_pos_feats: int, temperature: int = 10000) -
     return code.flatten(-2)
 
 
-class DenseHead(nn.Module):
+class DenseHead(nn.Module, DenseProposals):
     """--dense_aux: models/two_stage.py's proposal heads on a feature map, behind a 1x1 projection to hidden_dim
     where the map is a backbone stage's."""
 
@@ -117,12 +117,12 @@ class DenseHead(nn.Module):
         super().__init__()
         self.input_proj = nn.Conv2d(in_channels, hidden_dim, kernel_size=1) if in_channels != hidden_dim else None
         self.anchored = anchored
-        build_dense_heads(self, hidden_dim, num_classes)
+        self.build_dense_heads(hidden_dim, num_classes)
 
     def forward(self, feature_map: Tensor, mask: Tensor) -> Dict[str, Tensor]:
         if self.input_proj is not None:
             feature_map = self.input_proj(feature_map)
-        _, logits, boxes, anchors = dense_predictions(self, feature_map, mask, self.anchored)
+        _, logits, boxes, anchors = self.dense_predictions(feature_map, mask, self.anchored)
         return {"pred_logits": logits, "pred_boxes": boxes, "anchors": anchors}
 
 

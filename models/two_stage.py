@@ -19,7 +19,34 @@ from util import box_ops
 from .detr import DETR, MLP, SetCriterion
 
 
-class TwoStageDETR(DETR):
+class DenseProposals:
+    """The dense proposal heads, mixed into a module: every cell of a feature map proposes a class and a box.
+    TwoStageDETR's queries come from them; models/train_only.py's --dense_aux head is them alone. The names
+    (enc_output, a 3x3 convolution so that each cell also sees its neighbours, enc_output_norm, enc_class_embed,
+    enc_bbox_embed) are the --two_stage checkpoints' own."""
+
+    def build_dense_heads(self, hidden_dim: int, num_classes: int) -> None:
+        self.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
+        self.enc_output_norm = nn.LayerNorm(hidden_dim)
+        self.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+
+    def dense_predictions(
+        self, feature_map: Tensor, mask: Tensor, anchored: bool = True
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every cell of feature_map [B, d, H, W] (padding mask [B, H, W]) proposes a class and a box, the box as an
+        offset (in inverse-sigmoid space) from the cell's anchor (token_anchors), or with anchored=False as
+        absolute coordinates, which the cell's features must then know.
+        Returns (tokens [B, HW, d], logits [B, HW, C + 1], boxes [B, HW, 4], anchors [B, HW, 4])."""
+        tokens = self.enc_output_norm(self.enc_output(feature_map).flatten(2).transpose(1, 2))
+        logits = self.enc_class_embed(tokens)
+        anchors = token_anchors(mask)
+        offsets = self.enc_bbox_embed(tokens)
+        boxes = (offsets + inverse_sigmoid(anchors) if anchored else offsets).sigmoid()
+        return tokens, logits, boxes, anchors
+
+
+class TwoStageDETR(DETR, DenseProposals):
     """DETR with queries from the encoder: forward returns DETR's outputs plus
     enc_outputs: the encoder's proposals, pred_logits [B, HW, num_classes + 1], pred_boxes [B, HW, 4] and
     the tokens' anchors [B, HW, 4].
@@ -59,7 +86,7 @@ class TwoStageDETR(DETR):
     def _build_queries(self, hidden_dim: int, num_classes: int) -> None:
         # Every encoder token proposes a box and class (see forward_queries_from_encoder); these heads replace
         # the learned query embedding.
-        build_dense_heads(self, hidden_dim, num_classes)
+        self.build_dense_heads(hidden_dim, num_classes)
         # The decoder refines the proposals it starts from: its class logits and boxes are offsets from
         # theirs, zero at initialization, so that training starts from the proposals' own detections.
         for layer in (self.class_embed, self.bbox_embed.layers[-1]):
@@ -109,7 +136,7 @@ class TwoStageDETR(DETR):
         memory = self.transformer.encoder(src_seq, src_key_padding_mask=mask_seq, pos=pos_seq)  # [HW, B, d]
 
         memory_map = memory.permute(1, 2, 0).reshape(bs, c, h, w)
-        tokens, enc_logits, enc_boxes, anchors = dense_predictions(self, memory_map, mask)
+        tokens, enc_logits, enc_boxes, anchors = self.dense_predictions(memory_map, mask)
 
         # Best object score per token (padding never proposes), then the top num_queries tokens.
         scores = enc_logits.softmax(-1)[..., :-1].max(-1)[0].masked_fill(mask_seq, -1.0)
@@ -173,31 +200,6 @@ class TwoStageCriterion(SetCriterion):
         num_boxes = self.num_boxes(targets, enc_outputs["pred_logits"].device)
         losses.update(dense_losses(self, enc_outputs, enc_targets, self.proposal_radius, num_boxes, "_enc")[0])
         return losses
-
-
-def build_dense_heads(module: nn.Module, hidden_dim: int, num_classes: int) -> None:
-    """Give `module` the dense proposal heads read by dense_predictions: enc_output (a 3x3 convolution, so that
-    each token's proposal also sees its neighbours), enc_output_norm, enc_class_embed and enc_bbox_embed. The
-    names are the --two_stage checkpoints' own; models/train_only.py's dense head has the same four."""
-    module.enc_output = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
-    module.enc_output_norm = nn.LayerNorm(hidden_dim)
-    module.enc_class_embed = nn.Linear(hidden_dim, num_classes + 1)
-    module.enc_bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-
-
-def dense_predictions(
-    module: nn.Module, feature_map: Tensor, mask: Tensor, anchored: bool = True
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every cell of feature_map [B, d, H, W] (padding mask [B, H, W]) proposes a class and a box through the heads
-    of build_dense_heads, the box as an offset (in inverse-sigmoid space) from the cell's anchor (token_anchors), or
-    with anchored=False as absolute coordinates, which the cell's features must then know.
-    Returns (tokens [B, HW, d], logits [B, HW, C + 1], boxes [B, HW, 4], anchors [B, HW, 4])."""
-    tokens = module.enc_output_norm(module.enc_output(feature_map).flatten(2).transpose(1, 2))
-    logits = module.enc_class_embed(tokens)
-    anchors = token_anchors(mask)
-    offsets = module.enc_bbox_embed(tokens)
-    boxes = (offsets + inverse_sigmoid(anchors) if anchored else offsets).sigmoid()
-    return tokens, logits, boxes, anchors
 
 
 def dense_losses(
