@@ -88,11 +88,12 @@ def check_train_only_args(args) -> None:
 
 def uses_train_only(args) -> bool:
     """Whether any training-only supervision flag is on."""
+    # getattr: a namespace built before these flags (an older checkpoint's 'args') trains none of them.
     return (
-        args.query_groups > 1
-        or args.hybrid_queries > 0
-        or args.dn_groups > 0
-        or args.dense_aux != "none"
+        getattr(args, "query_groups", 1) > 1
+        or getattr(args, "hybrid_queries", 0) > 0
+        or getattr(args, "dn_groups", 0) > 0
+        or getattr(args, "dense_aux", "none") != "none"
         or getattr(args, "query_init", "random") != "random"
     )
 
