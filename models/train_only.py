@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .detr import DETR, MLP, SetCriterion
-from .two_stage import DenseProposals, dense_losses
+from .two_stage import DenseProposals, add_nearby_tokens, dense_losses, match_to_nearest_anchor
 
 DENSE_LAYERS = ("layer2", "layer3", "layer4", "encoder")
 PREFIX = "train_only."
@@ -326,8 +326,6 @@ class TrainOnlyDETR(DETR):
         assignment gives an object, as TrainOnlyCriterion's dense loss assigns them), their predicted boxes and
         classes as queries, each trained towards its cell's object (Co-DETR). Returns boxes [B, P, 4], labels
         [B, P] and per image (query indices, target indices); free slots are padding ("no object")."""
-        from .two_stage import add_nearby_tokens, match_to_nearest_anchor
-
         p = self.dense_queries
         pred_boxes = dense["pred_boxes"].float()
         pred_labels = dense["pred_logits"][..., :-1].argmax(-1)
