@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from util.amp import autocast_enabled
 from util.misc import NestedTensor, to_nested_tensor
 from util.panoptic import id2rgb, rgb2id  # noqa: F401 (rgb2id is re-exported for users)
 
@@ -161,8 +162,18 @@ class MaskHeadSmallConv(nn.Module):
 
         x = _merge_fpn(self.adapter3(fpns[2]), x)
         x = F.relu(self.gn5(self.lay5(x)))
+        return self.mask_logits(x)
 
+    def mask_logits(self, x: Tensor) -> Tensor:
+        """The last convolution: in float32 under autocast, as DETR's output heads (one output channel: cheap)."""
+        if not torch.jit.is_scripting() and autocast_enabled(x.device.type):
+            return self._mask_logits_in_float32(x)
         return self.out_lay(x)
+
+    @torch.jit.unused
+    def _mask_logits_in_float32(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.mask_logits(x.float())
 
 
 class MHAttentionMap(nn.Module):

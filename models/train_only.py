@@ -267,8 +267,8 @@ class TrainOnlyDETR(DETR):
         hs = self.transformer.decoder(
             tgt, memory, tgt_mask=attn_mask, memory_key_padding_mask=mask_seq, pos=pos_seq, query_pos=query_pos
         ).transpose(1, 2)  # [layers, B, Q, d]
-        outputs_coord = self.bbox_embed(hs).sigmoid()
-        outputs_class = self.class_embed(hs)
+        outputs_class, box_logits = self.output_heads(hs)
+        outputs_coord = box_logits.sigmoid()
 
         start = 0
         out: Dict = {}

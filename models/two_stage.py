@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util import box_ops
+from util.amp import autocast_enabled
 
 from .detr import DETR, MLP, SetCriterion
 
@@ -39,11 +40,22 @@ class DenseProposals:
         absolute coordinates, which the cell's features must then know.
         Returns (tokens [B, HW, d], logits [B, HW, C + 1], boxes [B, HW, 4], anchors [B, HW, 4])."""
         tokens = self.enc_output_norm(self.enc_output(feature_map).flatten(2).transpose(1, 2))
-        logits = self.enc_class_embed(tokens)
+        logits, offsets = self.dense_output_heads(tokens)
         anchors = token_anchors(mask)
-        offsets = self.enc_bbox_embed(tokens)
         boxes = (offsets + inverse_sigmoid(anchors) if anchored else offsets).sigmoid()
         return tokens, logits, boxes, anchors
+
+    def dense_output_heads(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        """(class logits, box offsets) of every token [..., d]; in float32 under autocast, as DETR's output heads."""
+        if not torch.jit.is_scripting() and autocast_enabled(tokens.device.type):
+            return self._dense_output_heads_in_float32(tokens)
+        return self.enc_class_embed(tokens), self.enc_bbox_embed(tokens)
+
+    @torch.jit.unused
+    def _dense_output_heads_in_float32(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        # The proposals' boxes are the decoder's references: bfloat16 rounding would reach its boxes too.
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self.dense_output_heads(tokens.float())
 
 
 class TwoStageDETR(DETR, DenseProposals):
@@ -106,8 +118,9 @@ class TwoStageDETR(DETR, DenseProposals):
         if self.has_learned_queries:
             reference = F.pad(reference, (0, 0, 0, self.num_learned_queries))
             reference_logits = F.pad(reference_logits, (0, 0, 0, self.num_learned_queries))
-        outputs_coord = (self.bbox_embed(hs) + reference).sigmoid()
-        outputs_class = self.class_embed(hs) + reference_logits
+        logits, box_offsets = self.output_heads(hs)
+        outputs_coord = (box_offsets + reference).sigmoid()
+        outputs_class = logits + reference_logits
         out = self._outputs(outputs_class, outputs_coord)
         if not torch.jit.is_scripting():
             out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_boxes, "anchors": anchors}

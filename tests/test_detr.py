@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_args, tiny_model
+import util.misc as utils
+from helpers import MASK_HEAD_FLAGS, tiny_args, tiny_model
 from models.detr import DETR, MLP, PostProcess, SetCriterion
 from models.matcher import HungarianMatcher
 from util.misc import NestedTensor
@@ -109,6 +110,92 @@ def test_bad_inputs_raise_clear_errors(tiny, bad, error, message):
     model, _, _ = tiny
     with pytest.raises(error, match=message):
         model(bad)
+
+
+def on_bfloat16_grid(x):
+    return torch.equal(x, x.bfloat16().float())
+
+
+def within(actual, expected, rel=1e-6, floor=1e-6):
+    """Elementwise |actual - expected| <= rel * |expected| + floor."""
+    return bool(((actual - expected).abs() <= rel * expected.abs() + floor).all())
+
+
+def test_under_bfloat16_autocast_the_heads_compute_in_float32_from_the_decoder_states(tiny):
+    model, _, _ = tiny
+    model.eval()
+    images = rand_images((64, 64), (64, 96))
+    states = []
+    hook = model.transformer.decoder.register_forward_hook(lambda m, i, out: states.append(out.transpose(1, 2)))
+    try:
+        with torch.no_grad():
+            full = model(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                half = model(images)
+                rounded = {"pred_logits": model.class_embed(states[1]), "pred_boxes": model.bbox_embed(states[1])}
+            # The float32 heads on the decoder's own bfloat16 states: all the rounding the outputs may carry.
+            logits, boxes = model.output_heads(states[1].float())
+    finally:
+        hook.remove()
+    # The decoder ran under autocast: its states carry bfloat16 rounding (their residual sums stay float32 here).
+    assert not torch.equal(states[1], states[0])
+    expected = {"pred_logits": logits[-1], "pred_boxes": boxes[-1].sigmoid()}
+    for key, value in expected.items():
+        assert half[key].dtype == torch.float32, key
+        assert not on_bfloat16_grid(half[key]), key
+        assert on_bfloat16_grid(rounded[key].float()), key  # what the heads gave in bfloat16
+        assert within(half[key], value), key
+        assert within(half["aux_outputs"][0][key], (logits[0] if key == "pred_logits" else boxes[0].sigmoid())), key
+        # So the outputs differ from the fp32 model's by what the states' rounding makes of them, and no more.
+        assert (half[key] - full[key]).abs().max() <= (value - full[key]).abs().max() * (1 + 1e-5) + 1e-6, key
+    # Without autocast the heads are the plain modules, bit for bit.
+    with torch.no_grad():
+        plain_logits, plain_boxes = model.output_heads(states[0])
+    assert torch.equal(plain_logits[-1], full["pred_logits"]) and torch.equal(
+        plain_boxes[-1].sigmoid(), full["pred_boxes"]
+    )
+
+
+def predictions(outputs, path=""):
+    """{path: tensor} of every pred_logits, pred_boxes and pred_masks in a model's nested outputs."""
+    found = {}
+    items = outputs.items() if isinstance(outputs, dict) else enumerate(outputs)
+    for key, value in items:
+        if torch.is_tensor(value):
+            if key in ("pred_logits", "pred_boxes", "pred_masks"):
+                found[f"{path}{key}"] = value
+        elif isinstance(value, (dict, list)):
+            found.update(predictions(value, f"{path}{key}."))
+    return found
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--two_stage",),
+        ("--masks", *MASK_HEAD_FLAGS),
+        ("--dn_groups", "2", "--dense_aux", "layer3", "--num_classes", "5"),
+    ],
+    ids=["two_stage", "masks", "train_only"],
+)
+def test_every_head_gives_float32_off_the_bfloat16_grid_under_autocast(flags):
+    model, _, _ = tiny_model(*flags)
+    images = rand_images((64, 64), (64, 96))
+    targets = [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.4, 0.2]])}
+    ] * 2
+    model.train()  # the training-only query sets exist in training mode only
+    with torch.no_grad(), utils.training_targets(model, targets), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = predictions(model(images))
+    expected = {"pred_logits", "pred_boxes", "aux_outputs.0.pred_logits", "aux_outputs.0.pred_boxes"}
+    expected |= {
+        "--two_stage": {"enc_outputs.pred_logits", "enc_outputs.pred_boxes"},
+        "--masks": {"pred_masks"},
+        "--dn_groups": {"train_only.dn.pred_boxes", "train_only.dense.pred_boxes", "train_only.dense.pred_logits"},
+    }[flags[0]]
+    assert expected <= set(outputs)
+    for path, value in outputs.items():
+        assert value.dtype == torch.float32 and not on_bfloat16_grid(value), path
 
 
 # ---------------------------------------------------------------------------------------------- SetCriterion

@@ -124,6 +124,16 @@ def automatic_choice_is_reduced(device_flag: str) -> bool:
         return False
 
 
+@torch.jit.unused  # TorchScript never calls it (the models test torch.jit.is_scripting() first)
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` ('cpu', 'cuda') here: the models' output heads then compute in
+    float32 (DETR.output_heads)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch before 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def make_grad_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> Optional["torch.amp.GradScaler"]:
     """A GradScaler for float16 autocast (its gradients underflow without one), None for bfloat16 and fp32."""
     if dtype != torch.float16:
