@@ -78,7 +78,7 @@ class DETR(nn.Module):
 
     @torch.jit.unused
     def _output_heads_in_float32(self, hs: Tensor) -> Tuple[Tensor, Tensor]:
-        # A box computed in bfloat16 lies on its grid, off by up to 1/256 of the image side (2 px at 1066 px),
+        # A box computed in bfloat16 lies on its grid, up to 1/512 of the image side off (2 px at 1066 px),
         # which moves the matching, the box losses and AP75. The heads take the states as the decoder left them
         # and cost little next to the transformer, so they run in float32.
         with torch.autocast(hs.device.type, enabled=False):
