@@ -44,7 +44,7 @@ from util.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler
+from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler, set_numeric_policy
 from util.ema import ModelEMA
 from util.misc import SameSizeBatchSampler, choose_device
 from util.tensorboard import evaluation_scalars, open_writer, write_scalars
@@ -121,6 +121,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="run the model through torch.compile (eager mode, with a message, where it fails)",
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels on a GPU, for reruns equal to the last bit (slower; docs/flags.md)",
     )
 
     # Model parameters
@@ -777,10 +782,13 @@ def main(args):
     run_start = time.time()  # --time_budget counts what the run spends before its first epoch too
     check_args(args)
     planned = (args.epochs, args.lr_drop)  # what --time_budget fits, before a resumed checkpoint's cut
+    numeric_policy = set_numeric_policy(args.fast, args.deterministic)  # before any GPU work, cuBLAS's included
     utils.init_distributed_mode(args)
     print("git:\n  {}\n".format(utils.get_sha()))
     device = choose_device(args.device)
     args.device = str(device)
+    if device.type == "cuda":
+        print(numeric_policy)
     print(args)
     recipe = show_recipe(args)
     seed_everything(args.seed + utils.get_rank())

@@ -4,6 +4,7 @@ survives an exact resume."""
 
 import json
 import math
+import os
 from argparse import Namespace
 from contextlib import nullcontext
 
@@ -199,3 +200,77 @@ def test_the_synthetic_recipe_is_sized_by_the_automatic_choice(monkeypatch):
     assert main_py.parse_args(["--dataset_file", "synthetic"]).backbone_width == 1
     # This machine: the recipe follows what --amp would run here.
     assert amp.automatic_choice_is_reduced("cpu") == (amp.choose_amp_dtype(CPU)[0] is not None)
+
+
+def numeric_settings():
+    return {
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+    }
+
+
+@pytest.fixture
+def restored_numeric_settings(monkeypatch):
+    """The process-wide settings that set_numeric_policy changes, put back after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = numeric_settings()
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before["matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = before["cudnn_tf32"]
+    torch.backends.cudnn.deterministic = before["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = before["cudnn_benchmark"]
+    torch.use_deterministic_algorithms(before["deterministic"], warn_only=before["warn_only"])
+    assert numeric_settings() == before
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default_kernels", "deterministic"])
+def test_the_numeric_policy_sets_tf32_and_determinism_from_the_flags(restored_numeric_settings, fast, deterministic):
+    # Start from the opposite of what the flags ask, so that every setting must be made.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not fast
+    torch.backends.cudnn.deterministic = not deterministic
+    torch.backends.cudnn.benchmark = True
+    torch.use_deterministic_algorithms(not deterministic)
+    line = amp.set_numeric_policy(fast, deterministic)
+    settings = numeric_settings()
+    assert settings["matmul_tf32"] is fast and settings["cudnn_tf32"] is fast
+    assert settings["deterministic"] is deterministic and settings["cudnn_deterministic"] is deterministic
+    if deterministic:
+        # An operation without a deterministic kernel warns (naming it) instead of stopping the run.
+        assert settings["warn_only"] and not settings["cudnn_benchmark"]
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    else:
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert ("TF32 allowed (--fast)" if fast else "TF32 off (--exact)") in line
+    assert ("deterministic kernels" in line) is deterministic
+
+
+def test_the_deterministic_setting_keeps_a_cublas_workspace_the_user_chose(restored_numeric_settings, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    amp.set_numeric_policy(fast=False, deterministic=True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [([], (False, False)), (["--fast"], (True, False)), (["--fast", "--exact", "--deterministic"], (False, True))],
+)
+def test_main_sets_the_numeric_policy_of_its_flags_before_anything_else(monkeypatch, flags, expected):
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def record(fast, deterministic):
+        calls.append((fast, deterministic))
+        raise Stop
+
+    monkeypatch.setattr(main_py, "set_numeric_policy", record)
+    monkeypatch.setattr(main_py.utils, "init_distributed_mode", lambda args: pytest.fail("set after distributed"))
+    with pytest.raises(Stop):
+        main_py.main(main_py.parse_args(["--device", "cpu", *flags]))
+    assert calls == [expected]

@@ -5,6 +5,7 @@ capability 8.0 and up); elsewhere torch emulates it, many times slower than fp32
 accelerate float16, which needs loss scaling (torch.amp.GradScaler). docs/performance.md has the measurements.
 """
 
+import os
 import platform
 import warnings
 from typing import Dict, Optional, Tuple
@@ -122,6 +123,29 @@ def automatic_choice_is_reduced(device_flag: str) -> bool:
         return choose_amp_dtype(device)[0] is not None
     except (RuntimeError, AssertionError):  # a device this torch cannot query: size for the slow case
         return False
+
+
+def set_numeric_policy(fast: bool, deterministic: bool = False) -> str:
+    """The process-wide settings of fp32 arithmetic on a GPU, set explicitly whatever torch's defaults are; returns a
+    line saying what was set. None of them changes a CPU's results.
+
+    fast False (--exact): TF32 off for matrix products and cuDNN convolutions. cuDNN's default is on for
+    convolutions, which on GPUs of compute capability 8.0 and up rounds their inputs to 10 bits of mantissa.
+    fast True (--fast): TF32 allowed for both (within float rounding of the exact path's, as the fast path is).
+    deterministic (--deterministic): torch's deterministic kernels wherever it has one, cuDNN's deterministic
+    convolution algorithms, and a cuBLAS workspace that makes its products repeatable; an operation without a
+    deterministic kernel is named in a warning (once) rather than stopping the run."""
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+    if deterministic:
+        # cuBLAS reads it when it creates its handle, at the first product on a GPU: before any here.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    tf32 = "TF32 allowed (--fast)" if fast else "TF32 off (--exact)"
+    kernels = "deterministic kernels (--deterministic)" if deterministic else "torch's default kernels"
+    return f"fp32 on a GPU: {tf32}, {kernels}"
 
 
 @torch.jit.unused  # TorchScript never calls it (the models test torch.jit.is_scripting() first)
