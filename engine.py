@@ -1,11 +1,12 @@
 """The training and evaluation loops: one epoch of training, one pass of COCO-style evaluation."""
 
+import functools
 import math
 import os
 import shutil
 import sys
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -68,6 +69,73 @@ def _is_compile_error(error: Exception) -> bool:
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
 
 
+def compile_counts() -> Dict[str, int]:
+    """torch.compile's tallies in this process so far, from dynamo's own counters (internal, so read with care):
+    frames compiled, frames it gave up on (they run eagerly), recompilations (a frame's compilations after its
+    first: new shapes or modes its guards reject) and recompile-limit hits (the frame then runs eagerly for every
+    input its compiled graphs do not fit). {} where torch has no dynamo."""
+    try:
+        from torch._dynamo import convert_frame
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    per_frame = getattr(convert_frame, "FRAME_COMPILE_COUNTER", {})
+    return {
+        "frames_compiled": counters["frames"]["ok"],
+        "frames_failed": counters["frames"]["total"] - counters["frames"]["ok"],
+        "recompiles": sum(max(n - 1, 0) for n in per_frame.values()),
+        "recompile_limit_hits": sum(
+            # The reason's wording: torch 2.6 and later, and the older one.
+            n
+            for reason, n in counters["unimplemented"].items()
+            if "recompile limit" in reason or "cache_size_limit" in reason
+        ),
+    }
+
+
+def compile_record(model: torch.nn.Module) -> Dict[str, object]:
+    """What --compile did with `model` (or the module DistributedDataParallel wraps): 'fallback', why it runs
+    eagerly now (None while compiled), and 'recompile_limit_hits', the calls that hit dynamo's recompile limit."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if "compile_record" not in vars(inner):
+        inner.compile_record = {"fallback": None, "recompile_limit_hits": 0}
+    return inner.compile_record
+
+
+def stop_compiling(model: torch.nn.Module, error: Exception, where: str) -> bool:
+    """After `error` in the compiled twin's `where` pass ('forward' or 'backward'): when `model` runs compiled and
+    the error came from dynamo or inductor, run it eagerly from now on, saying so and recording why
+    (compile_record), and return True; False otherwise (the error is the model's own: raise it)."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not getattr(inner, "compile_forward", False) or not _is_compile_error(error):
+        return False
+    inner.compile_forward = False
+    why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}" if str(error).strip() else ""
+    compile_record(model)["fallback"] = f"torch.compile failed in the {where} pass ({why or type(error).__name__})"
+    print(f"--compile: {compile_record(model)['fallback']}; running without compiling")
+    return True
+
+
+def _note_recompile_limit(model: torch.nn.Module, hits_before: int) -> None:
+    """Record the calls that hit dynamo's recompile limit (they ran eagerly), and say so at the first one."""
+    new_hits = compile_counts().get("recompile_limit_hits", 0) - hits_before
+    if new_hits <= 0:
+        return
+    record = compile_record(model)
+    if not record["recompile_limit_hits"]:
+        print(
+            f"--compile: torch.compile reached its recompile limit ({_recompile_limit()} compilations of a "
+            "function); inputs its compiled graphs do not fit now run eagerly "
+            '(TORCH_LOGS="recompiles" shows why it recompiled)'
+        )
+    record["recompile_limit_hits"] += new_hits
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", None) or config.cache_size_limit  # the older name
+
+
 def autocast_dtype(amp) -> Optional[torch.dtype]:
     """The autocast type an `amp` argument asks for: a dtype as it is, True for bfloat16, False or None for none."""
     if amp is True:
@@ -79,8 +147,11 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp=False):
     """model(samples); with `amp` (an autocast dtype, as util.amp.choose_amp_dtype picks it; True: bfloat16), the
     forward runs under autocast and its outputs come back in float32, so the losses, the matching and the
     post-processing stay in full precision. A model marked by enable_compile runs compiled, and eagerly from
-    then on if compiling fails (with a message)."""
+    then on if compiling fails (with a message); a call that hits dynamo's recompile limit is said and recorded
+    (compile_record)."""
     forward = forward_function(model)
+    compiled = forward is not model
+    limit_hits = compile_counts().get("recompile_limit_hits", 0) if compiled else 0
     dtype = autocast_dtype(amp)
     try:
         if dtype is not None:
@@ -89,15 +160,11 @@ def run_model(model: torch.nn.Module, samples, device: torch.device, amp=False):
         else:
             outputs = forward(samples)
     except Exception as e:
-        if forward is model or not _is_compile_error(e):
+        if not compiled or not stop_compiling(model, e, "forward"):
             raise
-        inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        inner.compile_forward = False
-        print(
-            f"--compile: torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
-            "running without compiling"
-        )
         return run_model(model, samples, device, amp)
+    if compiled:
+        _note_recompile_limit(model, limit_hits)
     return to_float32(outputs) if dtype is not None else outputs
 
 
@@ -107,11 +174,24 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     max_norm: float = 0,
     scaler: Optional["torch.amp.GradScaler"] = None,
+    recompute: Optional[Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor]]] = None,
 ) -> bool:
     """Backward, gradient clipping at `max_norm` (0: none) and the optimizer's step; returns whether the step was
     taken. With a GradScaler (float16) the loss is scaled for the backward pass and the gradients unscaled before
-    clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered."""
-    optimizer.zero_grad()
+    clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered.
+    `recompute`: the step's (loss terms, weighted loss) computed again, as training_losses gives them, for a model
+    run by --compile whose compiled backward fails: the model then runs eagerly (stop_compiling), and the step is
+    taken from its eager forward pass."""
+    try:
+        return _optimizer_step(loss, model, optimizer, max_norm, scaler)
+    except Exception as e:
+        if recompute is None or not stop_compiling(model, e, "backward"):
+            raise
+    return _optimizer_step(recompute()[1], model, optimizer, max_norm, scaler)
+
+
+def _optimizer_step(loss, model, optimizer, max_norm, scaler) -> bool:
+    optimizer.zero_grad()  # also the gradients a failed backward pass may have left
     if scaler is None:
         loss.backward()
         if max_norm > 0:
@@ -127,6 +207,15 @@ def optimizer_step(
     scaler.update()
     # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
     return scaler.get_scale() >= scale
+
+
+def training_losses(model, criterion, samples, targets, device: torch.device, amp=False):
+    """(the criterion's loss terms, their weighted sum) for one training batch: the forward pass (run_model, the
+    batch's targets reaching a model that builds queries from them) and the criterion."""
+    with utils.training_targets(model, targets):
+        outputs = run_model(model, samples, device, amp)
+    loss_dict = criterion(outputs, targets)
+    return loss_dict, sum(loss_dict[k] * criterion.weight_dict[k] for k in loss_dict if k in criterion.weight_dict)
 
 
 def train_one_epoch(
@@ -162,11 +251,8 @@ def train_one_epoch(
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
-        with utils.training_targets(model, targets):
-            outputs = run_model(model, samples, device, amp)
-        loss_dict = criterion(outputs, targets)
+        loss_dict, losses = training_losses(model, criterion, samples, targets, device, amp)
         weight_dict = criterion.weight_dict
-        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
         # Logged values are averaged over processes; the gradient step uses this process's loss only.
         loss_dict_reduced = utils.reduce_dict(loss_dict)
@@ -191,7 +277,8 @@ def train_one_epoch(
                 )
             sys.exit(1)
 
-        skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler)
+        again = functools.partial(training_losses, model, criterion, samples, targets, device, amp)
+        skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler, recompute=again)
         if ema is not None:
             ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 

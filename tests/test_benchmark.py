@@ -94,6 +94,61 @@ def test_unavailable_optional_mode_is_a_note_not_a_failure(tool, tmp_path, monke
     assert results["modes"]["hf"]["note"] == "skipped: ModuleNotFoundError: No module named 'transformers'"
 
 
+class SimulatedDynamoError(RuntimeError):
+    pass
+
+
+SimulatedDynamoError.__module__ = "torch._dynamo.exc"
+
+
+@pytest.mark.parametrize("outcome", ["compiled", "recompile_limit", "compile_fails"])
+def test_the_compiled_rows_say_whether_the_compiled_graph_ran(tool, monkeypatch, capsys, outcome):
+    """torch.compile stood in for by a twin that counts as dynamo would (a real compilation takes minutes here)."""
+    import engine
+
+    counts = {"frames_compiled": 0, "frames_failed": 0, "recompiles": 0, "recompile_limit_hits": 0}
+
+    def stand_in_compile(model, **kwargs):
+        def call(samples):
+            if outcome == "compile_fails":
+                raise SimulatedDynamoError("simulated failure")
+            # A graph for the first call and each mode (eval, train): the second is a recompilation.
+            mode = "train" if model.training else "eval"
+            if mode not in compiled_for:
+                counts["frames_compiled"] += 1
+                counts["recompiles"] += len(compiled_for)
+                compiled_for.add(mode)
+            elif outcome == "recompile_limit" and mode == "train":
+                counts["recompile_limit_hits"] += 1
+            return model(samples)
+
+        compiled_for = set()
+        return call
+
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(engine.torch, "compile", stand_in_compile)
+    monkeypatch.setattr(tool, "compile_counts", lambda: dict(counts))
+    monkeypatch.setattr(engine, "compile_counts", lambda: dict(counts))
+    results = tool.main(["--tiny", "--device", "cpu", "--modes", "compiled", "--skip", "throughput,coco_eval,pipeline"])
+    inference, train = results["rows"]["inference"]["compiled"], results["rows"]["train"]["compiled"]
+    assert "compiled_graph_ran" not in results["rows"]["inference"]["exact"]
+    printed = capsys.readouterr().out
+    if outcome == "compiled":
+        assert inference["compiled_graph_ran"] and train["compiled_graph_ran"]
+        assert (inference["recompiles"], train["recompiles"]) == (0, 1)
+        assert "ran eagerly" not in results["table"]
+    elif outcome == "recompile_limit":
+        assert inference["compiled_graph_ran"] and not train["compiled_graph_ran"]
+        assert train["recompile_limit_hits"] == 1  # the timed call, after the warm-up call that compiled
+        assert train["eager_because"] == "1 call(s) hit the recompile limit"
+        assert "ran eagerly in part: 1 call(s) hit the recompile limit" in results["table"]
+        assert "--compile: torch.compile reached its recompile limit" in printed
+    else:
+        assert not inference["compiled_graph_ran"] and not train["compiled_graph_ran"]
+        assert inference["eager_because"].startswith("torch.compile failed in the forward pass (SimulatedDynamoError")
+        assert "EAGER: torch.compile failed in the forward pass" in printed
+
+
 def test_unknown_mode_is_refused(tool):
     with pytest.raises(SystemExit, match="--modes: unknown \\['fastest'\\]"):
         tool.main(["--tiny", "--modes", "exact,fastest"])

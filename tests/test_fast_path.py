@@ -12,7 +12,7 @@ import torch
 
 import engine
 import main as main_py
-from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_flags
+from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_detr_and_optimizer, tiny_flags
 from models import build_model
 from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
 from models import transformer
@@ -436,9 +436,120 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
         expected = model(x)
         assert engine.enable_compile(model, torch.device("cpu"))
         out = engine.run_model(model, x, torch.device("cpu"))
-    assert "torch.compile failed (InternalTorchDynamoError: simulated failure)" in capsys.readouterr().out
+    assert "torch.compile failed in the forward pass (InternalTorchDynamoError: simulated failure)" in (
+        capsys.readouterr().out
+    )
+    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the forward pass")
     assert torch.equal(out["pred_boxes"], expected["pred_boxes"])
     assert engine.forward_function(model) is model  # eager from now on
+
+
+class SimulatedInductorError(RuntimeError):
+    """An error as inductor raises it: its module is what tells a compile failure from the model's own."""
+
+
+SimulatedInductorError.__module__ = "torch._inductor.exc"
+
+
+def compile_with_failing_backward(error):
+    """A stand-in for torch.compile whose twin computes the model's outputs eagerly, and whose backward raises
+    `error` (as inductor's lazily compiled backward graph can), once."""
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise error
+
+    def compile(model, **kwargs):
+        def call(samples):
+            out = model(samples)
+            return dict(out, pred_boxes=FailingBackward.apply(out["pred_boxes"]))
+
+        return call
+
+    return compile
+
+
+def training_batch():
+    g = torch.Generator().manual_seed(0)
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 64, generator=g), torch.randn(3, 56, 64, generator=g)])
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.4, 0.2]])
+    return samples, [
+        {"labels": torch.tensor([1, 3]), "boxes": boxes},
+        {"labels": torch.tensor([2]), "boxes": boxes[:1]},
+    ]
+
+
+def test_a_compile_failure_in_backward_falls_back_and_takes_the_step_eagerly(monkeypatch, capsys):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    error = SimulatedInductorError("simulated backward failure")
+    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(error))
+    cpu = torch.device("cpu")
+    args = tiny_args()
+    model, criterion, _, optimizer = tiny_detr_and_optimizer(args)
+    eager, eager_criterion, _, eager_optimizer = tiny_detr_and_optimizer(args)
+    assert engine.enable_compile(model, cpu)
+    stats = engine.train_one_epoch(model, criterion, [training_batch()], optimizer, cpu, epoch=0, max_norm=0.1)
+    expected = engine.train_one_epoch(eager, eager_criterion, [training_batch()], eager_optimizer, cpu, 0, 0.1)
+    printed = capsys.readouterr().out
+    assert (
+        "--compile: torch.compile failed in the backward pass (SimulatedInductorError: simulated backward " in printed
+    )
+    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the backward pass")
+    assert engine.forward_function(model) is model  # eager from now on
+    # The step was taken from the eager forward pass: the weights are those of a run never compiled.
+    assert stats["loss"] == expected["loss"]
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_the_models_own_error_in_backward_is_raised(monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(ValueError("the model's own")))
+    model, criterion, _, optimizer = tiny_detr_and_optimizer(tiny_args())
+    assert engine.enable_compile(model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="the model's own"):
+        engine.train_one_epoch(model, criterion, [training_batch()], optimizer, torch.device("cpu"), 0, 0.1)
+    assert engine.compile_record(model)["fallback"] is None
+
+
+def test_hitting_the_recompile_limit_is_said_and_recorded(monkeypatch, capsys):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(engine.torch, "compile", lambda model, **kwargs: lambda samples: model(samples))
+    hits = iter([0, 1, 1, 1, 1, 3])  # dynamo's count before and after each call
+    monkeypatch.setattr(engine, "compile_counts", lambda: {"recompile_limit_hits": next(hits)})
+    model, _, _ = build_model(tiny_args())
+    model.eval()
+    cpu = torch.device("cpu")
+    assert engine.enable_compile(model, cpu)
+    with torch.no_grad():
+        for _ in range(3):
+            engine.run_model(model, torch.randn(1, 3, 64, 64), cpu)
+    printed = capsys.readouterr().out
+    assert printed.count("--compile: torch.compile reached its recompile limit") == 1  # said once
+    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 3}  # every hit recorded
+
+
+def test_compile_counts_reads_dynamos_tallies(monkeypatch):
+    from collections import Counter, defaultdict
+
+    from torch._dynamo import convert_frame, utils
+
+    counters = defaultdict(Counter)
+    counters["frames"].update(total=5, ok=4)
+    counters["unimplemented"].update({"Dynamo recompile limit exceeded ...": 2, "a graph break": 7})
+    monkeypatch.setattr(utils, "counters", counters)
+    monkeypatch.setattr(convert_frame, "FRAME_COMPILE_COUNTER", Counter({0: 4, 1: 1}))
+    assert engine.compile_counts() == {
+        "frames_compiled": 4,
+        "frames_failed": 1,
+        "recompiles": 3,
+        "recompile_limit_hits": 2,
+    }
 
 
 @pytest.mark.slow
@@ -466,5 +577,6 @@ def test_compiled_model_matches_eager_across_image_sizes():
             for key in ("pred_logits", "pred_boxes"):
                 torch.testing.assert_close(out[key], expected[key], rtol=1e-4, atol=1e-4)
     assert getattr(model, "compile_forward", False), "compile fell back to eager"
+    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 0}
     # The state_dict keys stay those of the plain model (no _orig_mod prefix).
     assert list(model.state_dict()) == list(eager.state_dict())

@@ -21,6 +21,7 @@ of load then slows every mode alike.
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -36,11 +37,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.coco_eval import CocoEvaluator, prepare_for_coco
-from engine import enable_compile, optimizer_step, run_model
+from engine import compile_counts, compile_record, enable_compile, optimizer_step, run_model, training_losses
 from main import get_args_parser as get_main_args_parser
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
-from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler
+from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler, set_numeric_policy
 from util.benchmark import ratio_table, synchronize, time_interleaved
 
 ALL_MODES = ("exact", "fast", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
@@ -152,7 +153,7 @@ class DetrMode:
     ):
         self.name, self.criterion, self.device = name, criterion, device
         self.model = copy.deepcopy(exact_model)
-        fast = name in ("fast", "amp+channels_last", "compiled")
+        fast = self.fast = name in ("fast", "amp+channels_last", "compiled")
         if fast:
             enable_fast_path(self.model)
         elif name == "channels_last":
@@ -175,18 +176,20 @@ class DetrMode:
 
     def infer(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Eval-mode outputs for a batch."""
+        set_numeric_policy(self.fast)  # TF32 on a GPU as main.py sets it for the mode (process-wide)
         self.model.eval()
         with torch.no_grad():
             out = run_model(self.model, images, self.device, self.amp)
         return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
 
     def train_step(self, images: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> float:
-        """One step as engine.train_one_epoch takes it: forward, weighted losses with aux, backward, clip, AdamW."""
+        """One step as engine.train_one_epoch takes it: forward, weighted losses with aux, backward, clip, AdamW
+        (eagerly again where the compiled backward fails)."""
+        set_numeric_policy(self.fast)
         self.model.train()
-        outputs = run_model(self.model, images, self.device, self.amp)
-        loss_dict = self.criterion(outputs, targets)
-        loss = sum(loss_dict[k] * self.criterion.weight_dict[k] for k in loss_dict if k in self.criterion.weight_dict)
-        optimizer_step(loss, self.model, self.optimizer, self.max_norm, self.scaler)
+        losses = functools.partial(training_losses, self.model, self.criterion, images, targets, self.device, self.amp)
+        _, loss = losses()
+        optimizer_step(loss, self.model, self.optimizer, self.max_norm, self.scaler, recompute=losses)
         return loss.item()
 
 
@@ -264,14 +267,54 @@ def max_output_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]
 
 
 def time_modes(
-    modes: Dict[str, Any], name: str, make_call: Callable[[Any], Callable[[], Any]], device: torch.device, repeats: int
+    modes: Dict[str, Any],
+    name: str,
+    make_call: Callable[[Any], Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    compile_counts_before: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Dict[str, Any]]:
-    """time_interleaved over the modes, with progress printed (a full run takes minutes)."""
+    """time_interleaved over the modes, with progress printed (a full run takes minutes). The compiled mode's
+    entry also says what it ran (compiled_run), counted from compile_counts_before (taken before the row's first
+    call; now if None)."""
+    before = compile_counts() if compile_counts_before is None else compile_counts_before
     print(f"[{name}] timing {', '.join(modes)} ({repeats} rounds after a warm-up call each)", flush=True)
     results = time_interleaved({m: make_call(mode) for m, mode in modes.items()}, device, repeats)
+    if "compiled" in modes:
+        results["compiled"].update(compiled_run(modes["compiled"].model, before))
     for m, r in results.items():
-        print(f"  {m:18s} best {r['best_s']:.3f} s  (first call {r['first_call_s']:.3f} s)", flush=True)
+        ran = "" if r.get("compiled_graph_ran", True) else f"  EAGER: {r['eager_because']}"
+        print(f"  {m:18s} best {r['best_s']:.3f} s  (first call {r['first_call_s']:.3f} s){ran}", flush=True)
     return results
+
+
+def compiled_run(model: torch.nn.Module, before: Dict[str, int]) -> Dict[str, Any]:
+    """Whether a row's calls of the compiled mode ran its compiled graphs, from dynamo's tallies before and after
+    them (engine.compile_counts; the other modes compile nothing) and engine.compile_record: compiled_graph_ran,
+    and if not, eager_because; recompiles (compilations after a frame's first: new shapes or modes), recompile-limit
+    hits and frames that failed to compile."""
+    after = compile_counts()
+    change = {k: v - before.get(k, 0) for k, v in after.items()}
+    record = compile_record(model)
+    reasons = [
+        record["fallback"],
+        "nothing was compiled" if after and not after["frames_compiled"] else None,
+        f"{change['recompile_limit_hits']} call(s) hit the recompile limit"
+        if change.get("recompile_limit_hits")
+        else None,
+        f"{change['frames_failed']} frame(s) failed to compile" if change.get("frames_failed") else None,
+        "torch has no dynamo counters" if not after else None,
+    ]
+    reasons = [r for r in reasons if r]
+    result = {
+        "compiled_graph_ran": not reasons,
+        "recompiles": change.get("recompiles"),
+        "recompile_limit_hits": change.get("recompile_limit_hits"),
+        "frames_failed": change.get("frames_failed"),
+    }
+    if reasons:
+        result["eager_because"] = "; ".join(reasons)
+    return result
 
 
 def benchmark_data_pipeline(num_images: int, seed: int) -> Dict[str, Any]:
@@ -515,11 +558,12 @@ def run(bargs: Namespace) -> Dict[str, Any]:
 
     if "inference" not in skip:
         images = torch.randn(1, 3, *bargs.inference_size, generator=generator).to(device)
+        before = compile_counts()  # the compiled mode's first call (its compilation) comes next
         reference = modes["exact"].infer(images)
         for name, mode in modes.items():
             if name != "hf":
                 results["modes"][name]["inference_max_abs_diff"] = max_output_difference(reference, mode.infer(images))
-        timed = time_modes(modes, "inference", lambda mode: lambda: mode.infer(images), device, bargs.repeats)
+        timed = time_modes(modes, "inference", lambda mode: lambda: mode.infer(images), device, bargs.repeats, before)
         results["rows"]["inference"] = {"batch": 1, "size": bargs.inference_size, **timed}
 
     if "throughput" not in skip and device.type == "cuda" and bargs.throughput_batch > 0:
@@ -562,6 +606,10 @@ def summary_table(results: Dict[str, Any], notes: Dict[str, str]) -> str:
         for c in present:
             row[columns[c]] = results["rows"][c].get(name, {}).get("best_s")
         rows.append(row)
+    notes = dict(notes)
+    for row in results["rows"].values():
+        if not row.get("compiled", {}).get("compiled_graph_ran", True):
+            notes["compiled"] = f"ran eagerly in part: {row['compiled']['eager_because']}"
     diff_notes = dict(notes)
     for name, mode in results["modes"].items():
         if "inference_max_abs_diff" in mode and name != "exact":
