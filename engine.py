@@ -40,16 +40,18 @@ def compile_unavailable_reason(device: torch.device) -> str:
     return ""
 
 
-def enable_compile(model: torch.nn.Module, device: torch.device) -> bool:
+def enable_compile(model: torch.nn.Module, device: torch.device, backend: str = "inductor") -> bool:
     """--compile: have run_model call `model` through torch.compile from now on, with dynamic shapes (DETR's
     batches change size at every step: one graph for all sizes instead of a recompilation per size). Returns
-    False, with a printed message, where compile is unavailable; the model then runs eagerly."""
+    False, with a printed message, where compile is unavailable; the model then runs eagerly. `backend`: torch.compile's
+    ('eager' captures the graphs without generating code: seconds instead of minutes, for checks of the plumbing)."""
     reason = compile_unavailable_reason(device)
     if reason:
         print(f"--compile: {reason}; running without compiling")
         return False
-    # A plain attribute: deep copies (the EMA) inherit it and are compiled on their own first call.
+    # Plain attributes: deep copies (the EMA) inherit them and are compiled on their own first call.
     model.compile_forward = True
+    model.compile_backend = backend
     return True
 
 
@@ -60,7 +62,7 @@ def forward_function(model: torch.nn.Module):
     if not getattr(inner, "compile_forward", False):
         return model
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, dynamic=True)
+        _COMPILED[model] = torch.compile(model, dynamic=True, backend=getattr(inner, "compile_backend", "inductor"))
     return _COMPILED[model]
 
 
