@@ -192,7 +192,13 @@ def optimizer_step(
     return _optimizer_step(recompute()[1], model, optimizer, max_norm, scaler)
 
 
-def _optimizer_step(loss, model, optimizer, max_norm, scaler) -> bool:
+def _optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    max_norm: float,
+    scaler: Optional["torch.amp.GradScaler"],
+) -> bool:
     optimizer.zero_grad()  # also the gradients a failed backward pass may have left
     if scaler is None:
         loss.backward()
@@ -211,7 +217,14 @@ def _optimizer_step(loss, model, optimizer, max_norm, scaler) -> bool:
     return scaler.get_scale() >= scale
 
 
-def training_losses(model, criterion, samples, targets, device: torch.device, amp=False):
+def training_losses(
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    samples,
+    targets: List[Dict[str, torch.Tensor]],
+    device: torch.device,
+    amp=False,
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
     """(the criterion's loss terms, their weighted sum) for one training batch: the forward pass (run_model, the
     batch's targets reaching a model that builds queries from them) and the criterion."""
     with utils.training_targets(model, targets):
