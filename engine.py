@@ -107,10 +107,11 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     max_norm: float = 0,
     scaler: Optional["torch.amp.GradScaler"] = None,
-) -> bool:
+):
     """Backward, gradient clipping at `max_norm` (0: none) and the optimizer's step; returns whether the step was
-    taken. With a GradScaler (float16) the loss is scaled for the backward pass and the gradients unscaled before
-    clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered."""
+    taken (True, or with a scaler a bool tensor on the device). With a GradScaler (float16) the loss is scaled for
+    the backward pass and the gradients unscaled before clipping, and a step whose gradients overflowed is skipped:
+    the weights stay, the scale is lowered."""
     optimizer.zero_grad()
     if scaler is None:
         loss.backward()
@@ -122,11 +123,12 @@ def optimizer_step(
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scale = scaler.get_scale()
+    # The scale as the device holds it: get_scale() would read it to the host, waiting for the GPU.
+    scale = scaler._get_scale_async().clone()
     scaler.step(optimizer)  # skipped when a gradient is inf or nan
     scaler.update()
     # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
-    return scaler.get_scale() >= scale
+    return scaler._get_scale_async() >= scale
 
 
 def train_one_epoch(
@@ -191,7 +193,9 @@ def train_one_epoch(
                 )
             sys.exit(1)
 
-        skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler)
+        taken = optimizer_step(losses, model, optimizer, max_norm, scaler)
+        if scaler is not None:
+            skipped_steps = skipped_steps + (~taken).int()  # counted on the device, read once at the end
         if ema is not None:
             ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 
@@ -199,12 +203,14 @@ def train_one_epoch(
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if log_step is not None and (i % print_freq == 0 or i == len(data_loader) - 1):  # the printed steps
+            metric_logger.flush()  # every meter read in one copy, which the printed line then uses too
             log_step(i, {k: meter.value for k, meter in metric_logger.meters.items()})
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     if scaler is not None:
+        skipped_steps = int(skipped_steps)
         stats["skipped_steps"] = skipped_steps
         stats["loss_scale"] = scaler.get_scale()
         if skipped_steps:

@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import math
 import os
+import statistics
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -211,39 +212,77 @@ def accuracy(output: Tensor, target: Tensor, topk=(1,)) -> List[Tensor]:
 # Logging
 
 
+def read_to_host(values: List[Any]) -> List[Any]:
+    """`values` with every tensor among them (one element each) read to the host as .item() reads it: one stacked
+    copy per (device, dtype) rather than one per tensor, since each copy from a GPU waits for all queued work."""
+    out = list(values)
+    groups: Dict[tuple, List[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            groups[(v.device, v.dtype)].append(i)
+    for indices in groups.values():
+        read = torch.stack([values[i].reshape(()) for i in indices]).tolist()
+        for i, v in zip(indices, read):
+            out[i] = v
+    return out
+
+
 class SmoothedValue:
-    """Tracks a series of values; reports the median/average over a window and the global average."""
+    """Tracks a series of values; reports the median/average over a window and the global average.
+
+    Tensors given to update() stay where they are until a statistic is asked for: reading a GPU tensor to the host
+    waits for the GPU, so a training step that is not printed never waits for its logged values."""
 
     def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
         self.deque = deque(maxlen=window_size)
-        self.total = 0.0
+        self._total = 0.0
         self.count = 0
         self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+        self.pending: List[tuple] = []  # (value, n) not yet in the window and the total, in the order given
 
-    def update(self, value: float, n: int = 1) -> None:
-        self.deque.append(value)
+    def update(self, value, n: int = 1) -> None:
+        self.pending.append((value.detach() if isinstance(value, Tensor) else value, n))
         self.count += n
-        self.total += value * n
+
+    def absorb(self, values: List[Any]) -> None:
+        """Add the pending values, read to the host (`values`, in the order of self.pending)."""
+        for value, (_, n) in zip(values, self.pending):
+            self.deque.append(value)
+            self._total += value * n
+        self.pending = []
+
+    def flush(self) -> None:
+        if self.pending:
+            self.absorb(read_to_host([v for v, _ in self.pending]))
+
+    @property
+    def total(self) -> float:
+        self.flush()
+        return self._total
 
     def synchronize_between_processes(self) -> None:
         """Sum count and total over processes (the window stays local)."""
+        self.flush()
         if not is_dist_avail_and_initialized():
             return
         t = torch.tensor(
-            [self.count, self.total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
+            [self.count, self._total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
         )
         dist.barrier()
         dist.all_reduce(t)
         self.count = int(t[0].item())
-        self.total = t[1].item()
+        self._total = t[1].item()
 
+    # The window's statistics in plain Python: the values are on the host already.
     @property
     def median(self) -> float:
-        return torch.tensor(list(self.deque)).median().item()
+        self.flush()
+        return statistics.median_low(self.deque)  # the lower middle value for an even count, as torch.median
 
     @property
     def avg(self) -> float:
-        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+        self.flush()
+        return sum(self.deque) / len(self.deque)
 
     @property
     def global_avg(self) -> float:
@@ -251,10 +290,12 @@ class SmoothedValue:
 
     @property
     def max(self) -> float:
+        self.flush()
         return max(self.deque)
 
     @property
     def value(self) -> float:
+        self.flush()
         return self.deque[-1]
 
     def __str__(self):
@@ -264,7 +305,8 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Keeps named SmoothedValues and prints progress lines with ETA while iterating."""
+    """Keeps named SmoothedValues and prints progress lines with ETA while iterating. Logged tensors are read to
+    the host together, in one copy, on the steps that print (see flush)."""
 
     def __init__(self, delimiter: str = "\t"):
         self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
@@ -272,11 +314,19 @@ class MetricLogger:
 
     def update(self, **kwargs) -> None:
         for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if not isinstance(v, (float, int)):
+            if isinstance(v, Tensor) and v.numel() != 1 or not isinstance(v, (Tensor, float, int)):
                 raise TypeError(f"MetricLogger.update: {k} must be a number or a one-element tensor, got {type(v)}")
             self.meters[k].update(v)
+
+    def flush(self) -> None:
+        """Read every meter's pending tensors to the host in one copy (per device and dtype)."""
+        meters = [m for m in self.meters.values() if m.pending]
+        values = read_to_host([v for m in meters for v, _ in m.pending])
+        start = 0
+        for m in meters:
+            count = len(m.pending)
+            m.absorb(values[start : start + count])
+            start += count
 
     def __getattr__(self, attr):
         if attr in self.__dict__.get("meters", {}):
@@ -284,9 +334,11 @@ class MetricLogger:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
 
     def __str__(self):
+        self.flush()
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self) -> None:
+        self.flush()
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
