@@ -255,8 +255,8 @@ def evaluate(
         )
 
     for samples, targets in metric_logger.log_every(data_loader, 10, header):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
         outputs = run_model(model, samples, device, amp)
         loss_dict = criterion(outputs, targets)

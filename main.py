@@ -491,7 +491,9 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device):
 
 
 def build_loaders(dataset_train, dataset_val, args):
-    """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order."""
+    """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order.
+    On a GPU the batches come in page-locked memory, so that their copies to it overlap with its work."""
+    pin_memory = str(args.device).startswith("cuda") and torch.cuda.is_available()
     if getattr(args, "eval_batching", "padded") == "size":
         try:
             sizes = datasets.transformed_image_sizes(dataset_val)
@@ -501,7 +503,11 @@ def build_loaders(dataset_train, dataset_val, args):
             ) from None
         batch_sampler_val = SameSizeBatchSampler(sizes, args.batch_size, utils.get_world_size(), utils.get_rank())
         data_loader_val = DataLoader(
-            dataset_val, batch_sampler=batch_sampler_val, collate_fn=utils.collate_fn, num_workers=args.num_workers
+            dataset_val,
+            batch_sampler=batch_sampler_val,
+            collate_fn=utils.collate_fn,
+            num_workers=args.num_workers,
+            pin_memory=pin_memory,
         )
     else:
         sampler_val = (
@@ -514,6 +520,7 @@ def build_loaders(dataset_train, dataset_val, args):
             drop_last=False,
             collate_fn=utils.collate_fn,
             num_workers=args.num_workers,
+            pin_memory=pin_memory,
         )
     if dataset_train is None:
         return None, None, data_loader_val
@@ -525,6 +532,7 @@ def build_loaders(dataset_train, dataset_val, args):
         batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
         collate_fn=utils.collate_fn,
         num_workers=args.num_workers,
+        pin_memory=pin_memory,
     )
     return data_loader_train, sampler_train, data_loader_val
 

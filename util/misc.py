@@ -29,6 +29,13 @@ class NestedTensor:
             mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
+    @torch.jit.unused
+    def pin_memory(self) -> "NestedTensor":
+        """The batch in page-locked memory, from which to(device, non_blocking=True) copies to a GPU without waiting
+        for it (a DataLoader with pin_memory=True calls this on every batch)."""
+        mask = self.mask.pin_memory() if self.mask is not None else None
+        return NestedTensor(self.tensors.pin_memory(), mask)
+
     def decompose(self):
         return self.tensors, self.mask
 
