@@ -4,12 +4,14 @@ import contextlib
 import datetime
 import math
 import os
+import random
 import statistics
 import subprocess
 import time
 from collections import defaultdict, deque
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -158,6 +160,59 @@ class SameSizeBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class EpochSeededBatches(torch.utils.data.Sampler):
+    """The batches of `batch_sampler`, each index paired with a seed drawn once per epoch from torch's global
+    generator, as a DataLoader draws its workers' base seed each time it starts them. With persistent workers
+    (started once, at the first epoch) EpochSeededDataset reseeds them from it: every epoch's augmentations, and
+    the draws the training process makes, are then those of workers started afresh for each epoch, so that a
+    seed gives the same run, and a resumed run the same as one never stopped."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        # Drawn before the batches' own sampler draws, in the order a DataLoader draws its base seed and then
+        # starts its sampler.
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        for batch in self.batch_sampler:
+            yield [(seed, index) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """`dataset` read with the (seed, index) pairs of EpochSeededBatches: a data-loader worker seeds Python's,
+    torch's and NumPy's generators as DataLoader seeds a worker it starts (base seed + worker id) whenever the
+    epoch's seed changes. Attributes of `dataset` (ann_file, coco, ...) are read through."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.seed: Optional[int] = None
+
+    def __getitem__(self, seeded_index: tuple):
+        seed, index = seeded_index
+        if seed != self.seed:
+            self.seed = seed
+            worker = torch.utils.data.get_worker_info()
+            worker_id = worker.id if worker is not None else 0
+            random.seed(seed + worker_id)
+            torch.manual_seed(seed + worker_id)
+            # DataLoader's own derivation of a worker's NumPy seed (private, unchanged since torch 1.9).
+            from torch.utils.data._utils.worker import _generate_state
+
+            np.random.seed(_generate_state(seed, worker_id))
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "dataset" not in self.__dict__:  # copying and pickling ask before __init__
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
 
 
 class EpochDecay(torch.optim.lr_scheduler.LRScheduler):
