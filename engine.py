@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -177,10 +177,11 @@ def optimizer_step(
     max_norm: float = 0,
     scaler: Optional["torch.amp.GradScaler"] = None,
     recompute: Optional[Callable[[], Tuple[Dict[str, torch.Tensor], torch.Tensor]]] = None,
-) -> bool:
+) -> Union[bool, torch.Tensor]:
     """Backward, gradient clipping at `max_norm` (0: none) and the optimizer's step; returns whether the step was
-    taken. With a GradScaler (float16) the loss is scaled for the backward pass and the gradients unscaled before
-    clipping, and a step whose gradients overflowed is skipped: the weights stay, the scale is lowered.
+    taken (True, or with a scaler a bool tensor on the device). With a GradScaler (float16) the loss is scaled
+    for the backward pass and the gradients unscaled before clipping, and a step whose gradients overflowed is
+    skipped: the weights stay, the scale is lowered.
     `recompute`: the step's (loss terms, weighted loss) computed again, as training_losses gives them, for a model
     run by --compile whose compiled backward fails: the model then runs eagerly (stop_compiling), and the step is
     taken from its eager forward pass."""
@@ -198,7 +199,7 @@ def _optimizer_step(
     optimizer: torch.optim.Optimizer,
     max_norm: float,
     scaler: Optional["torch.amp.GradScaler"],
-) -> bool:
+) -> Union[bool, torch.Tensor]:
     optimizer.zero_grad()  # also the gradients a failed backward pass may have left
     if scaler is None:
         loss.backward()
@@ -210,11 +211,12 @@ def _optimizer_step(
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    scale = scaler.get_scale()
+    # The scale as the device holds it: get_scale() would read it to the host, waiting for the GPU.
+    scale = scaler._get_scale_async().clone()
     scaler.step(optimizer)  # skipped when a gradient is inf or nan
     scaler.update()
     # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
-    return scaler.get_scale() >= scale
+    return scaler._get_scale_async() >= scale
 
 
 def training_losses(
@@ -293,7 +295,9 @@ def train_one_epoch(
             sys.exit(1)
 
         again = functools.partial(training_losses, model, criterion, samples, targets, device, amp)
-        skipped_steps += not optimizer_step(losses, model, optimizer, max_norm, scaler, recompute=again)
+        taken = optimizer_step(losses, model, optimizer, max_norm, scaler, recompute=again)
+        if scaler is not None:
+            skipped_steps = skipped_steps + (~taken).int()  # counted on the device, read once at the end
         if ema is not None:
             ema.update(model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model)
 
@@ -301,12 +305,14 @@ def train_one_epoch(
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if log_step is not None and (i % print_freq == 0 or i == len(data_loader) - 1):  # the printed steps
+            metric_logger.flush()  # every meter read in one copy, which the printed line then uses too
             log_step(i, {k: meter.value for k, meter in metric_logger.meters.items()})
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     if scaler is not None:
+        skipped_steps = int(skipped_steps)
         stats["skipped_steps"] = skipped_steps
         stats["loss_scale"] = scaler.get_scale()
         if skipped_steps:
@@ -351,8 +357,8 @@ def evaluate(
         )
 
     for samples, targets in metric_logger.log_every(data_loader, 10, header):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
         outputs = run_model(model, samples, device, amp)
         loss_dict = criterion(outputs, targets)

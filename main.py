@@ -496,7 +496,26 @@ def build_optimizer(model: torch.nn.Module, args, device: torch.device):
 
 
 def build_loaders(dataset_train, dataset_val, args):
-    """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order."""
+    """(train loader or None, its sampler, val loader): shuffled (per process when distributed) and in order.
+    On a GPU the batches come in page-locked memory, so that their copies to it overlap with its work."""
+    pin_memory = str(args.device).startswith("cuda") and torch.cuda.is_available()
+
+    def loader(dataset, batch_sampler) -> DataLoader:
+        if args.num_workers == 0:
+            return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=utils.collate_fn, pin_memory=pin_memory)
+        # Workers started once for the run instead of again every epoch, and reseeded every epoch as new ones would
+        # be seeded (utils.EpochSeededBatches); the loader's own base seed comes from a generator of its own, so that
+        # torch's global generator sees the draws of workers started every epoch.
+        return DataLoader(
+            utils.EpochSeededDataset(dataset),
+            batch_sampler=utils.EpochSeededBatches(batch_sampler),
+            collate_fn=utils.collate_fn,
+            num_workers=args.num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=True,
+            generator=torch.Generator(),
+        )
+
     if getattr(args, "eval_batching", "padded") == "size":
         try:
             sizes = datasets.transformed_image_sizes(dataset_val)
@@ -505,32 +524,18 @@ def build_loaders(dataset_train, dataset_val, args):
                 f"--eval_batching size: cannot tell the val images' sizes ({e}); use --eval_batching padded"
             ) from None
         batch_sampler_val = SameSizeBatchSampler(sizes, args.batch_size, utils.get_world_size(), utils.get_rank())
-        data_loader_val = DataLoader(
-            dataset_val, batch_sampler=batch_sampler_val, collate_fn=utils.collate_fn, num_workers=args.num_workers
-        )
     else:
         sampler_val = (
             DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
         )
-        data_loader_val = DataLoader(
-            dataset_val,
-            args.batch_size,
-            sampler=sampler_val,
-            drop_last=False,
-            collate_fn=utils.collate_fn,
-            num_workers=args.num_workers,
-        )
+        batch_sampler_val = BatchSampler(sampler_val, args.batch_size, drop_last=False)
+    data_loader_val = loader(dataset_val, batch_sampler_val)
     if dataset_train is None:
         return None, None, data_loader_val
     sampler_train = (
         DistributedSampler(dataset_train, seed=args.seed) if args.distributed else RandomSampler(dataset_train)
     )
-    data_loader_train = DataLoader(
-        dataset_train,
-        batch_sampler=BatchSampler(sampler_train, args.batch_size, drop_last=True),
-        collate_fn=utils.collate_fn,
-        num_workers=args.num_workers,
-    )
+    data_loader_train = loader(dataset_train, BatchSampler(sampler_train, args.batch_size, drop_last=True))
     return data_loader_train, sampler_train, data_loader_val
 
 

@@ -199,18 +199,20 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in l_dict.items()})
         return losses
 
-    def num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
+    def num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> Tensor:
         """The number of target boxes per process, at least 1: the box losses are averaged over the targets of
         the whole (distributed) batch, so every process divides by the same number."""
         return self.mean_count(sum(len(t["labels"]) for t in targets), device)
 
     @staticmethod
-    def mean_count(count: int, device: torch.device) -> float:
-        """count averaged over the processes of a distributed run (count itself in a single process), at least 1."""
-        total = torch.as_tensor([float(count)], device=device)
+    def mean_count(count: int, device: torch.device) -> Tensor:
+        """count averaged over the processes of a distributed run (count itself in a single process), at least 1:
+        a float32 scalar on `device`. It stays there, since reading it to the host would wait for the GPU; the
+        losses divided by it are bit for bit those divided by its value as a Python float, on the CPU."""
+        total = torch.full((), float(count), dtype=torch.float32, device=device)  # filled there: no copy
         if is_dist_avail_and_initialized():
             torch.distributed.all_reduce(total)
-        return torch.clamp(total / get_world_size(), min=1).item()
+        return torch.clamp(total / get_world_size(), min=1)
 
     def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """outputs: the model's dict; targets: per image, 'labels' [n] and 'boxes' [n, 4] normalized cxcywh

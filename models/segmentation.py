@@ -9,7 +9,7 @@ PostProcessPanoptic merges the queries into one panoptic id map in the COCO pano
 
 import io
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -212,7 +212,7 @@ class MHAttentionMap(nn.Module):
         return weights
 
 
-def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
+def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: Union[float, Tensor]) -> Tensor:
     """DICE loss (a soft IoU) of mask logits `inputs` against binary `targets` of the same numel per row.
 
     The +1 in numerator and denominator keeps empty masks at zero loss instead of 0/0.
@@ -227,7 +227,7 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
 
 
 def sigmoid_focal_loss(
-    inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2
+    inputs: Tensor, targets: Tensor, num_boxes: Union[float, Tensor], alpha: float = 0.25, gamma: float = 2
 ) -> Tensor:
     """Focal loss (Lin et al. 2017, RetinaNet) on logits `inputs` [N, P] against binary `targets` [N, P].
 

@@ -446,20 +446,20 @@ class TrainOnlyCriterion(SetCriterion):
         layers += [(aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))]
         return layers
 
-    def _matched_losses(self, outputs: Dict, targets, num_boxes: float, suffix: str) -> Dict[str, Tensor]:
+    def _matched_losses(self, outputs: Dict, targets, num_boxes: Tensor, suffix: str) -> Dict[str, Tensor]:
         losses: Dict[str, Tensor] = {}
         for layer, layer_suffix in self._all_layers(outputs):
             indices = self.matcher(layer, targets)
             losses.update(self._intermediate_losses(layer, targets, indices, num_boxes, suffix + layer_suffix))
         return losses
 
-    def _fixed_losses(self, outputs: Dict, targets, indices, num_boxes: float, suffix: str) -> Dict[str, Tensor]:
+    def _fixed_losses(self, outputs: Dict, targets, indices, num_boxes: Tensor, suffix: str) -> Dict[str, Tensor]:
         losses: Dict[str, Tensor] = {}
         for layer, layer_suffix in self._all_layers(outputs):
             losses.update(self._intermediate_losses(layer, targets, indices, num_boxes, suffix + layer_suffix))
         return losses
 
-    def _group_losses(self, outputs: Dict, targets, num_boxes: float) -> Dict[str, Tensor]:
+    def _group_losses(self, outputs: Dict, targets, num_boxes: Tensor) -> Dict[str, Tensor]:
         """The extra groups' terms: one Hungarian matching per group, all groups' pairs in one loss, divided by
         the number of groups times the boxes (so the terms are the groups' mean)."""
         n = self.num_queries

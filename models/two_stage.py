@@ -220,7 +220,7 @@ def dense_losses(
     outputs: Dict[str, Tensor],
     targets: List[Dict[str, Tensor]],
     radius: float,
-    num_boxes: float,
+    num_boxes: Tensor,
     suffix: str,
 ) -> Tuple[Dict[str, Tensor], List[Tuple[Tensor, Tensor]]]:
     """The loss terms (names suffixed) of dense proposals (pred_logits, pred_boxes, anchors of dense_predictions)
@@ -295,10 +295,13 @@ def match_to_nearest_anchor(anchors: Tensor, targets: List[Dict[str, Tensor]]) -
     # Imported here so that torch.hub, which installs only torch and torchvision, can build the models.
     from scipy.optimize import linear_sum_assignment
 
+    # Every image's tokens against all the batch's targets, read to the host in one copy (each copy from a GPU
+    # waits for it), then cut into each image's own block.
+    centres = torch.cat([t["boxes"][:, :2] for t in targets]).float()
+    costs = torch.cdist(anchors[..., :2].float(), centres.expand(len(anchors), -1, -1), p=1).cpu()
     indices = []
-    for image_anchors, t in zip(anchors, targets):
-        cost = torch.cdist(image_anchors[:, :2].float(), t["boxes"][:, :2].float(), p=1).cpu()
-        rows, cols = linear_sum_assignment(cost.numpy())
+    for i, cost in enumerate(costs.split([len(t["boxes"]) for t in targets], -1)):
+        rows, cols = linear_sum_assignment(cost[i].numpy())
         indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
     return indices
 
@@ -310,29 +313,39 @@ def add_nearby_tokens(
     """indices (from match_to_nearest_anchor) plus, per target, every token whose anchor centre lies inside its
     box and within `radius` cells of its centre on both axes. A token near two objects goes to the one whose
     centre is nearer (in cells); the tokens of the first assignment keep their object."""
-    out = []
-    for image_anchors, t, (rows, cols) in zip(anchors, targets, indices):
-        if len(t["boxes"]) == 0:
-            out.append((rows, cols))
-            continue
+    # Each image's nearest object per token is found on the device; all images' answers then come to the host in
+    # one copy, rather than a few per image (each copy from a GPU waits for it).
+    nearest = []
+    for image_anchors, t, (rows, _) in zip(anchors, targets, indices):
         centres = image_anchors[:, :2].float()  # [N, 2]
+        if len(t["boxes"]) == 0:
+            nearest.append(torch.full((2, len(centres)), -1, dtype=torch.int64, device=centres.device))
+            continue
         # The cell size along each axis: the step between neighbouring anchor centres.
         step = torch.stack([_grid_step(centres[:, 0]), _grid_step(centres[:, 1])])
         boxes = t["boxes"].float().to(centres.device)  # [K, 4] cxcywh
         offset = (centres[:, None, :] - boxes[None, :, :2]).abs()  # [N, K, 2]
         near = (offset <= radius * step + 1e-6).all(-1) & (offset <= boxes[None, :, 2:] / 2).all(-1)
         distance = (offset / step).sum(-1).masked_fill(~near, float("inf"))  # [N, K], in cells
-        distance[rows.to(centres.device)] = float("inf")  # the first assignment's tokens stay as they are
+        # The first assignment's tokens stay as they are (the indices go to the device without waiting for it).
+        distance[rows.to(centres.device, non_blocking=True)] = float("inf")
         best_distance, best = distance.min(1)
-        extra = torch.nonzero(best_distance.isfinite()).squeeze(1)
-        tokens = torch.cat([rows, extra.cpu()])
-        objects = torch.cat([cols, best[extra].cpu()])
+        nearest.append(torch.stack([best_distance.isfinite().long(), best]))
+    nearest = torch.stack(nearest).cpu() if nearest else torch.zeros(0, 2, 0, dtype=torch.int64)  # [B, 2, N]
+    out = []
+    for (rows, cols), (found, best) in zip(indices, nearest):
+        extra = torch.nonzero(found > 0).squeeze(1)
+        tokens = torch.cat([rows, extra])
+        objects = torch.cat([cols, best[extra]])
         order = tokens.argsort()
         out.append((tokens[order], objects[order]))
     return out
 
 
 def _grid_step(coordinates: Tensor) -> Tensor:
-    """The smallest gap between distinct values of coordinates (1 if there is only one)."""
-    values = coordinates.unique()
-    return (values[1:] - values[:-1]).min() if len(values) > 1 else coordinates.new_tensor(1.0)
+    """The smallest gap between distinct values of coordinates (1 if there is only one), computed where they are:
+    the gaps between neighbours in sorted order, those of equal values left out."""
+    ordered = coordinates.sort().values
+    gaps = ordered[1:] - ordered[:-1]
+    smallest = gaps.masked_fill(gaps <= 0, float("inf")).min() if len(gaps) else coordinates.new_tensor(float("inf"))
+    return torch.where(smallest.isfinite(), smallest, torch.ones_like(smallest))

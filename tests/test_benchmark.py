@@ -184,6 +184,46 @@ def test_synthetic_detections_and_the_coco_evaluation_timing(tool):
     assert 0.05 < timing["pycocotools_stats"][0] < 0.95 and len(timing["evaluator_stats"]) == 12
 
 
+def test_the_pipeline_row_compares_the_pil_path_with_torchvision_on_the_same_decisions(tool):
+    pipeline = tool.benchmark_data_pipeline(3, seed=0)
+    assert pipeline["image_sizes"] == ["480x640", "640x427", "640x480"] and pipeline["threads"] == 1
+    assert pipeline["train_images_per_s"] > 0 and pipeline["val_images_per_s"] > 0
+    decode, tensor = pipeline["decode"], pipeline["tensor_path"]
+    assert decode["pil_images_per_s"] > 0 and decode["decode_jpeg_images_per_s"] > 0
+    assert isinstance(decode["equal"], bool)
+    # The tensor path draws the same random numbers: every image comes out of the same size as through PIL.
+    assert tensor["same_sizes"]
+    # Its pixels differ only where the two resizes round apart: by a level or two of 255, after normalization.
+    assert 0 <= tensor["max_abs_diff"] <= 2.01 / 255 / min(0.229, 0.224, 0.225)
+    assert pipeline["train_images_per_cpu_s"] > 0 and tensor["tensor_val_images_per_cpu_s"] > 0
+    assert 0 <= tensor["differing_fraction"] < 0.05
+    assert tensor["equal"] == (tensor["max_abs_diff"] == 0)
+
+
+def test_tensor_transform_takes_the_pil_pipelines_decisions(tool):
+    import random
+
+    from PIL import Image
+
+    from datasets.coco import make_coco_transforms
+    from datasets.transforms import RandomPad
+
+    image = torch.randint(0, 256, (3, 427, 640), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    transforms = make_coco_transforms("train")
+    sizes = set()
+    for seed in range(8):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        expected = transforms(Image.fromarray(image.permute(1, 2, 0).numpy()), None)[0]
+        random.seed(seed)
+        torch.manual_seed(seed)
+        assert tool.tensor_transform(transforms, image).shape == expected.shape, seed
+        sizes.add(tuple(expected.shape))
+    assert len(sizes) > 3  # decisions that differ from seed to seed, crops among them
+    with pytest.raises(TypeError, match="no tensor form of RandomPad"):
+        tool.tensor_transform(RandomPad(4), image)
+
+
 def test_time_interleaved_runs_rounds_and_keeps_the_best(monkeypatch):
     import util.benchmark as timing
 

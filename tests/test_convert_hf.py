@@ -44,6 +44,19 @@ def test_hf_folder_to_checkpoint_and_check(tmp_path, image_path, capsys):
     )
 
 
+def test_two_label_folder_converts_both_ways(tmp_path, image_path):
+    # transformers writes no label count for its default of 2 labels; the class head's weights give it.
+    folder = hf_folder(tmp_path / "hf", num_labels=2)
+    differences = convert_hf.main([str(folder), str(tmp_path / "out.pth"), "--check", str(image_path), "--size", "64"])
+    assert all(value <= 1e-4 for value in differences.values())
+    assert load_checkpoint(str(tmp_path / "out.pth"))["args"].num_classes == 2
+    differences = convert_hf.main(
+        [str(tmp_path / "out.pth"), str(tmp_path / "back"), "--check", str(image_path), "--size", "64"]
+    )
+    assert all(value <= 1e-4 for value in differences.values())
+    assert len(json.loads((tmp_path / "back" / "config.json").read_text())["id2label"]) == 2
+
+
 def test_check_without_transformers_says_what_to_install(tmp_path, image_path, monkeypatch):
     # requirements.txt leaves transformers out (requirements-dev.txt has it): --check then stops with what to install,
     # after the conversion, which needs no transformers, has written its file.

@@ -3,6 +3,7 @@ non-finite loss stops before the step; evaluation scores predictions with COCO's
 
 import math
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import main as main_py
 import util.misc as utils
 from helpers import MASK_HEAD_SIZES, OracleDETR, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
-from engine import evaluate, per_class_table, run_model, train_one_epoch
+from engine import evaluate, optimizer_step, per_class_table, run_model, train_one_epoch
 from models import build_model
 
 
@@ -106,6 +107,77 @@ def test_log_step_gets_each_printed_step_with_its_own_values(args, batches):
         assert values["loss"] == pytest.approx(sum(values[k] for k in terms), rel=1e-5)
     # The last step's values, not an average: they differ from the epoch's means.
     assert calls[-1][1]["loss"] != pytest.approx(stats["loss"], rel=1e-6)
+
+
+# What reads a tensor to the host: on a GPU each such read waits for all the work queued before it.
+HOST_READS = ("item", "cpu", "tolist", "__bool__", "__float__", "__int__")
+
+
+def count_host_reads(monkeypatch, record: list) -> None:
+    """Append the name of every host read of a tensor to `record`, by wrapping the Tensor methods that do one."""
+
+    def counting(name, original):
+        def counted(self, *args, **kwargs):
+            record.append(name)
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+
+class MarkedSteps:
+    """The batches of an epoch, marking in `record` where each step begins."""
+
+    def __init__(self, batches, record: list):
+        self.batches, self.record = batches, record
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.record.append("step")
+            yield batch
+
+
+def test_a_training_step_reads_from_the_device_only_where_it_must(args, batches, monkeypatch):
+    model, criterion, optimizer = model_and_optimizer(args)
+    record = []
+    count_host_reads(monkeypatch, record)
+    # Three steps: 0 and the last, 2, are printed; 1 is not.
+    train_one_epoch(model, criterion, MarkedSteps(batches + batches[:1], record), optimizer, torch.device("cpu"), 0)
+    monkeypatch.undo()
+    per_step = [Counter(reads.split()) for reads in " ".join(record).split("step")[1:]]
+
+    layers = args.dec_layers  # 2; every layer is matched and supervised (aux_loss)
+    # Per step and decoder layer: the cost matrix to the host for scipy's Hungarian solver (one .cpu()), and the
+    # check for degenerate boxes of generalized_box_iou, in the matcher and in the GIoU loss (one bool each). Once per
+    # step: the total loss's finiteness (one .item()), so that a non-finite loss stops training before its step
+    # changes the weights. num_boxes, the logged values and the loss scale stay on the device.
+    not_printed = Counter({"cpu": layers, "__bool__": 2 * layers, "item": 1})
+    assert per_step[1] == not_printed
+    # A printed step adds one read: every logged value in one .tolist(). The last step was printed, so the epoch's
+    # averages need no more.
+    assert per_step[0] == per_step[2] == not_printed + Counter({"tolist": 1})
+
+
+def test_the_float16_step_leaves_the_loss_scale_on_the_device(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    record = []
+    count_host_reads(monkeypatch, record)
+    taken = optimizer_step(model(torch.ones(4, 3)).sum(), model, optimizer, 0.1, scaler)
+    monkeypatch.undo()
+    # One read, within GradScaler.step: whether a gradient overflowed, to skip the optimizer's step.
+    assert record == ["item"]
+    assert isinstance(taken, torch.Tensor) and bool(taken)
+    model.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    assert not bool(optimizer_step(model(torch.ones(4, 3)).sum(), model, optimizer, 0.1, scaler))
+    assert scaler.get_scale() == 4.0
 
 
 def test_max_norm_clips_the_gradient_and_zero_disables_it(args, batches):

@@ -159,6 +159,48 @@ def test_id2label_becomes_the_class_names(tmp_path):
     assert detector.names == names
 
 
+@pytest.mark.parametrize("layout", ["timm", "transformers"])
+def test_label_counts_both_ways(tmp_path, layout):
+    # transformers leaves id2label and num_labels out of config.json at its default of 2 labels: the count then
+    # comes from the class head's weights. Each folder converts to a checkpoint and back, and both directions give
+    # transformers' outputs.
+    backbone = (
+        dict(backbone="resnet18")
+        if layout == "timm"
+        else dict(use_timm_backbone=False, backbone=None, backbone_config=TRANSFORMERS_RESNET18)
+    )
+    for labels in (1, 2, 5, 91):
+        folder = hf_folder(tmp_path / f"hf{labels}", num_labels=labels, **backbone)
+        written = json.loads((folder / "config.json").read_text())
+        assert ("id2label" in written) == (labels != 2)  # what makes 2 labels the hard case
+        hf_model = transformers.DetrForObjectDetection.from_pretrained(str(folder)).eval()
+        checkpoint = read_hf_folder(folder)
+        assert checkpoint["args"].num_classes == labels and checkpoint["hf_backbone_layout"] == layout
+        project = project_model(checkpoint)
+        compare_outputs(project, hf_model)
+
+        config = write_hf_folder(checkpoint, tmp_path / f"back{labels}", layout=layout)
+        assert len(config["id2label"]) == labels
+        back, info = transformers.DetrForObjectDetection.from_pretrained(
+            str(tmp_path / f"back{labels}"), output_loading_info=True
+        )
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert back.config.num_labels == labels
+        compare_outputs(project, back.eval())
+
+
+def test_a_label_count_the_weights_contradict_is_refused(tmp_path):
+    folder = hf_folder(tmp_path / "hf", num_labels=2)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_labels": 7}))
+    with pytest.raises(
+        HFFolderError,
+        match=r"hf/config\.json gives 7 labels .*, but .*hf/model\.safetensors has 2 "
+        r"\(class_labels_classifier\.weight has 3 rows",
+    ):
+        read_hf_folder(folder)
+
+
 # 2. Project -> HF -> project -------------------------------------------------------------------------------------
 
 
@@ -419,7 +461,11 @@ BAD_FOLDERS = {
     "no weights": (lambda g: dict(drop=("model.safetensors",)), r"holds no weights: expected model\.safetensors"),
     "class head of another size": (
         lambda g: dict(state={**good_state(g), "class_labels_classifier.weight": torch.zeros(9, 32)}),
-        r"(?s)model\.safetensors does not fit .*class_labels_classifier\.weight: \[9, 32\], expected \[6, 32\]",
+        r"config\.json gives 5 labels .*, but .*model\.safetensors has 8 \(class_labels_classifier\.weight has 9 rows",
+    ),
+    "class bias of another size": (
+        lambda g: dict(state={**good_state(g), "class_labels_classifier.bias": torch.zeros(9)}),
+        r"(?s)model\.safetensors does not fit .*class_labels_classifier\.bias: \[9\], expected \[6\]",
     ),
     "a q projection of another size": (
         lambda g: dict(state={**good_state(g), "model.encoder.layers.0.self_attn.q_proj.weight": torch.zeros(8, 32)}),

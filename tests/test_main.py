@@ -379,6 +379,37 @@ def mixed_size_coco(tmp_path_factory):
     return CocoDetection(root / "val2017", ann_file, transforms, return_masks=False)
 
 
+def test_the_loaders_pin_their_batches_on_a_gpu(synthetic_root, monkeypatch):
+    args = main_py.parse_args(tiny_flags(synthetic_root))
+    args.distributed = False
+    train, val = (datasets.build_dataset(image_set, args) for image_set in ("train", "val"))
+    assert not any(loader.pin_memory for loader in main_py.build_loaders(train, val, args)[::2])  # on the CPU
+
+    # A CUDA device, as the loaders see it. Where this torch has none, pinning is recorded instead of done (it needs
+    # the CUDA driver) and the batch holds the stand-in's outputs.
+    args.device = "cuda"
+    pinned = []
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        if hasattr(torch, "accelerator"):  # what DataLoader asks
+            monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+            monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+
+        def pin_memory(self, *args, **kwargs):
+            pinned.append(self.clone())
+            return pinned[-1]
+
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, **k: any(self is p for p in pinned))
+    train_loader, _, val_loader = main_py.build_loaders(train, val, args)
+    for loader in (train_loader, val_loader):
+        assert loader.pin_memory
+        samples, targets = next(iter(loader))
+        assert samples.tensors.is_pinned() and samples.mask.is_pinned()
+        assert all(value.is_pinned() for target in targets for value in target.values())
+        assert samples.tensors.shape[0] == args.batch_size  # the batch itself
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [(), ("--dilation",)], ids=["R50", "DC5"])
 def test_eval_batching_size_gives_the_ap_of_batch_size_1_at_any_batch_size(layout, mixed_size_coco):

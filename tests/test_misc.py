@@ -251,3 +251,55 @@ def test_same_size_batch_sampler_batches_one_size_at_a_time():
     assert len(SameSizeBatchSampler(sizes, 8)) == 3
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         SameSizeBatchSampler(sizes, 0)
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Items that are the draws of Python's, torch's and NumPy's generators where they are read (as augmentations
+    draw), with the index and the reading process."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+
+        return (index, os.getpid(), random.random(), torch.rand(()).item(), float(np.random.rand()))
+
+
+def epochs_of(loader, epochs: int = 3):
+    """Each epoch's items, and a draw of torch's global generator after it (as the training steps draw)."""
+    out = []
+    for _ in range(epochs):
+        out.append(([item for batch in loader for item in batch], torch.rand(()).item()))
+    return out
+
+
+def test_persistent_workers_reseeded_every_epoch_draw_as_workers_started_every_epoch():
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    dataset = RandomDraws()
+    fresh = DataLoader(
+        dataset, batch_sampler=BatchSampler(RandomSampler(dataset), 2, False), num_workers=2, collate_fn=list
+    )
+    kept = DataLoader(
+        misc.EpochSeededDataset(dataset),
+        batch_sampler=misc.EpochSeededBatches(BatchSampler(RandomSampler(dataset), 2, False)),
+        num_workers=2,
+        collate_fn=list,
+        persistent_workers=True,
+        generator=torch.Generator(),
+    )
+    torch.manual_seed(0)
+    expected = epochs_of(fresh)
+    torch.manual_seed(0)
+    got = epochs_of(kept)
+    strip = [([item[:1] + item[2:] for item in items], after) for items, after in got]
+    assert strip == [([item[:1] + item[2:] for item in items], after) for items, after in expected]
+    # New processes every epoch, against the same two throughout.
+    assert len({item[1] for items, _ in expected for item in items}) == 6
+    assert len({item[1] for items, _ in got for item in items}) == 2
+    # Epochs that differ: every epoch has draws of its own.
+    assert len({tuple(items) for items, _ in strip}) == 3
+    assert misc.EpochSeededDataset(dataset).__len__() == 8 and len(kept) == 4

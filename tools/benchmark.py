@@ -317,44 +317,155 @@ def compiled_run(model: torch.nn.Module, before: Dict[str, int]) -> Dict[str, An
     return result
 
 
-def benchmark_data_pipeline(num_images: int, seed: int) -> Dict[str, Any]:
-    """Images per second through JPEG decoding and datasets/coco.py's COCO transforms ('train': flip and
-    multi-scale resize or crop; 'val': shorter side 800), in this one process: the rate of one data-loader
-    worker. The images are generated 640x480 JPEGs with 3 to 12 boxes each."""
-    from PIL import Image
+# Frequent COCO image sizes (width, height): most of train2017 is 640 pixels on its longer side.
+COCO_IMAGE_SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (640, 426), (500, 375), (640, 512), (612, 612))
 
-    from datasets.coco import make_coco_transforms
+
+def coco_size_jpegs(num_images: int, seed: int) -> List[tuple]:
+    """(JPEG bytes, COCO-style target with 3 to 12 boxes) of generated images of COCO_IMAGE_SIZES in turn: smooth
+    gradients plus noise, so that the files are the size of photographs', not of pure noise's."""
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     files = []
-    for _ in range(num_images):
-        # Smooth gradients plus noise: JPEG sizes like photographs', not like pure noise's.
-        ramp = np.linspace(0, 255, 640)[None, :, None] * rng.uniform(0.3, 1.0, (1, 1, 3))
-        pixels = np.clip(ramp + rng.normal(0, 20, (480, 640, 3)), 0, 255).astype(np.uint8)
+    for i in range(num_images):
+        width, height = COCO_IMAGE_SIZES[i % len(COCO_IMAGE_SIZES)]
+        ramp = np.linspace(0, 255, width)[None, :, None] * rng.uniform(0.3, 1.0, (1, 1, 3))
+        pixels = np.clip(ramp + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         n = int(rng.integers(3, 13))
-        xy = rng.uniform(0, 400, (n, 2))
+        xy = rng.uniform(0, 0.6, (n, 2)) * (width, height)
         boxes = torch.tensor(np.concatenate([xy, xy + rng.uniform(10, 200, (n, 2))], 1), dtype=torch.float32)
         target = {
             "boxes": boxes,
             "labels": torch.randint(1, 91, (n,)),
-            "image_id": torch.tensor(len(files)),
+            "image_id": torch.tensor(i),
             "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             "iscrowd": torch.zeros(n, dtype=torch.int64),
-            "orig_size": torch.tensor([480, 640]),
-            "size": torch.tensor([480, 640]),
+            "orig_size": torch.tensor([height, width]),
+            "size": torch.tensor([height, width]),
         }
         files.append((buffer.getvalue(), target))
-    result = {"num_images": num_images, "image_size": [480, 640]}
-    for image_set in ("train", "val"):
-        transforms = make_coco_transforms(image_set)
-        random.seed(seed)
-        start = time.perf_counter()
-        for data, target in files:
-            transforms(Image.open(io.BytesIO(data)).convert("RGB"), dict(target))
-        seconds = time.perf_counter() - start
-        result[f"{image_set}_images_per_s"] = num_images / seconds
+    return files
+
+
+def tensor_transform(transform, image: torch.Tensor) -> torch.Tensor:
+    """A datasets/transforms.py pipeline (as make_coco_transforms builds it) applied to a uint8 image [3, H, W] with
+    torchvision's tensor kernels (transforms v2) instead of PIL's, drawing the same random numbers in the same order:
+    seeded alike, it takes the same decisions as the PIL pipeline. The image only (no target)."""
+    import torchvision.transforms as tv_transforms
+    import torchvision.transforms.functional as F
+    import torchvision.transforms.v2.functional as F2
+
+    import datasets.transforms as T
+
+    height, width = image.shape[-2:]
+    if isinstance(transform, T.Compose):
+        for t in transform.transforms:
+            image = tensor_transform(t, image)
+        return image
+    if isinstance(transform, T.RandomHorizontalFlip):
+        return F2.horizontal_flip(image) if random.random() < transform.p else image
+    if isinstance(transform, T.RandomSelect):
+        chosen = transform.transforms1 if random.random() < transform.p else transform.transforms2
+        return tensor_transform(chosen, image)
+    if isinstance(transform, T.RandomResize):
+        size = T.get_size((width, height), random.choice(transform.sizes), transform.max_size)
+        return F2.resize(image, list(size), antialias=True)
+    if isinstance(transform, T.RandomSizeCrop):
+        crop_width = random.randint(min(transform.min_size, width), min(width, transform.max_size))
+        crop_height = random.randint(min(transform.min_size, height), min(height, transform.max_size))
+        return F2.crop(image, *tv_transforms.RandomCrop.get_params(image, [crop_height, crop_width]))
+    if isinstance(transform, T.ToTensor):
+        return image.float().div(255)  # as F.to_tensor: a division, where v2's to_dtype multiplies by 1/255
+    if isinstance(transform, T.Normalize):
+        return F.normalize(image, mean=transform.mean, std=transform.std)
+    raise TypeError(f"tensor_transform: no tensor form of {type(transform).__name__}")
+
+
+def benchmark_data_pipeline(num_images: int, seed: int) -> Dict[str, Any]:
+    """Images per second through JPEG decoding and datasets/coco.py's COCO transforms ('train': flip and
+    multi-scale resize or crop, shorter side 480 to 800, longer at most 1333; 'val': shorter side 800), with one
+    thread in this one process: the rate of one data-loader worker (which runs single-threaded). The images are
+    generated JPEGs of COCO's sizes with 3 to 12 boxes each. Each rate is given per second of wall time and per
+    second of this process's CPU time (`_per_cpu_s`): on a shared, loaded machine the latter is what a core of its
+    own would do.
+
+    Beside the project's path (PIL decoding and resizing), torchvision's: 'decode' compares decoding alone with
+    torchvision.io.decode_jpeg, 'tensor_path' the whole pipeline of images (no targets, on both sides) with
+    decode_jpeg and the tensor kernels of transforms v2, the same random decisions taken; each says whether its
+    outputs equal the PIL path's, and by how much they differ."""
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    from datasets.coco import make_coco_transforms
+
+    files = coco_size_jpegs(num_images, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+
+        def rate(run: Callable[[], Any]) -> tuple:
+            """(images per second of wall time, per second of CPU time, run's outputs)"""
+            start, start_cpu = time.perf_counter(), time.process_time()
+            outputs = run()
+            wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            return num_images / wall, num_images / max(cpu, 1e-9), outputs
+
+        def pil_image(data: bytes):
+            return Image.open(io.BytesIO(data)).convert("RGB")
+
+        def tensor_image(data: bytes) -> torch.Tensor:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+        sizes = sorted({f"{w}x{h}" for w, h in COCO_IMAGE_SIZES[:num_images]})
+        result: Dict[str, Any] = {"num_images": num_images, "image_sizes": sizes, "threads": 1}
+        pil_decode_rate, pil_decode_cpu_rate, pil_pixels = rate(lambda: [np.asarray(pil_image(d)) for d, _ in files])
+        tensor_decode_rate, tensor_decode_cpu_rate, tensor_pixels = rate(lambda: [tensor_image(d) for d, _ in files])
+        result["decode"] = {
+            "pil_images_per_s": pil_decode_rate,
+            "pil_images_per_cpu_s": pil_decode_cpu_rate,
+            "decode_jpeg_images_per_s": tensor_decode_rate,
+            "decode_jpeg_images_per_cpu_s": tensor_decode_cpu_rate,
+            "equal": all(np.array_equal(a, b.permute(1, 2, 0).numpy()) for a, b in zip(pil_pixels, tensor_pixels)),
+        }
+        comparison: Dict[str, Any] = {"max_abs_diff": 0.0, "differing_fraction": 0.0, "same_sizes": True}
+        for image_set in ("train", "val"):
+            transforms = make_coco_transforms(image_set)
+            random.seed(seed)
+            result[f"{image_set}_images_per_s"], result[f"{image_set}_images_per_cpu_s"], _ = rate(
+                lambda: [transforms(pil_image(d), dict(t)) for d, t in files]  # noqa: B023 (called at once)
+            )
+            # Images only, both ways, from the same random state.
+            random.seed(seed)
+            torch.manual_seed(seed)
+            pil_rate, pil_cpu_rate, pil_out = rate(
+                lambda: [transforms(pil_image(d), None)[0] for d, _ in files]  # noqa: B023
+            )
+            random.seed(seed)
+            torch.manual_seed(seed)
+            tensor_rate, tensor_cpu_rate, tensor_out = rate(
+                lambda: [tensor_transform(transforms, tensor_image(d)) for d, _ in files]  # noqa: B023
+            )
+            comparison[f"pil_{image_set}_images_per_s"] = pil_rate
+            comparison[f"pil_{image_set}_images_per_cpu_s"] = pil_cpu_rate
+            comparison[f"tensor_{image_set}_images_per_s"] = tensor_rate
+            comparison[f"tensor_{image_set}_images_per_cpu_s"] = tensor_cpu_rate
+            values = differing = 0
+            for a, b in zip(pil_out, tensor_out):
+                if a.shape != b.shape:
+                    comparison["same_sizes"] = False
+                    continue
+                difference = (a - b).abs()
+                comparison["max_abs_diff"] = max(comparison["max_abs_diff"], difference.max().item())
+                differing += int((difference > 0).sum())
+                values += a.numel()
+            comparison["differing_fraction"] = max(comparison["differing_fraction"], differing / max(values, 1))
+        comparison["equal"] = comparison["same_sizes"] and comparison["max_abs_diff"] == 0.0
+        result["tensor_path"] = comparison
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
@@ -626,9 +737,17 @@ def summary_table(results: Dict[str, Any], notes: Dict[str, str]) -> str:
         )
     pipeline = results["rows"].get("pipeline")
     if pipeline:
+        decode, tensor = pipeline["decode"], pipeline["tensor_path"]
+        decode_speed = decode["decode_jpeg_images_per_cpu_s"] / decode["pil_images_per_cpu_s"]
+        train_speed = tensor["tensor_train_images_per_cpu_s"] / tensor["pil_train_images_per_cpu_s"]
+        val_speed = tensor["tensor_val_images_per_cpu_s"] / tensor["pil_val_images_per_cpu_s"]
         lines.append(
-            f"Data pipeline (JPEG decode + COCO transforms, one worker): train "
-            f"{pipeline['train_images_per_s']:.1f} images/s, val {pipeline['val_images_per_s']:.1f} images/s"
+            f"Data pipeline (JPEG decode + COCO transforms, COCO's image sizes, one worker), per second of CPU time: "
+            f"train {pipeline['train_images_per_cpu_s']:.1f} images, val {pipeline['val_images_per_cpu_s']:.1f} "
+            f"(of wall time: {pipeline['train_images_per_s']:.1f} and {pipeline['val_images_per_s']:.1f}). "
+            f"torchvision instead of PIL: decode_jpeg {decode_speed:.2f}x PIL's decoding speed (equal pixels: "
+            f"{decode['equal']}); decode_jpeg + transforms v2 {train_speed:.2f}x (train) and {val_speed:.2f}x (val) "
+            f"the PIL path's, equal outputs: {tensor['equal']} (largest difference {tensor['max_abs_diff']:.2g})"
         )
     return "\n".join(lines)
 

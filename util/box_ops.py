@@ -43,20 +43,23 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor]:
     return inter / union, union
 
 
-def _check_not_degenerate(boxes: Tensor, name: str) -> None:
-    # A box with x1 < x0 has negative area, which would make GIoU silently wrong rather than fail.
-    if not bool((boxes[:, 2:] >= boxes[:, :2]).all()):
+def _check_not_degenerate(boxes1: Tensor, boxes2: Tensor) -> None:
+    # A box with x1 < x0 has negative area, which would make GIoU silently wrong rather than fail. Both sets are
+    # checked in one reading of a flag to the host, which waits for the GPU.
+    if bool((boxes1[:, 2:] >= boxes1[:, :2]).all() & (boxes2[:, 2:] >= boxes2[:, :2]).all()):
+        return
+    for boxes, name in ((boxes1, "boxes1"), (boxes2, "boxes2")):
         bad = (boxes[:, 2:] < boxes[:, :2]).any(-1).nonzero().flatten()[:5].tolist()
-        raise DegenerateBoxError(
-            f"generalized_box_iou: {name} holds degenerate boxes (x1 < x0 or y1 < y0) at rows {bad}; "
-            "boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0"
-        )
+        if bad:
+            raise DegenerateBoxError(
+                f"generalized_box_iou: {name} holds degenerate boxes (x1 < x0 or y1 < y0) at rows {bad}; "
+                "boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0"
+            )
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalized IoU [N, M] of xyxy boxes (https://giou.stanford.edu/)."""
-    _check_not_degenerate(boxes1, "boxes1")
-    _check_not_degenerate(boxes2, "boxes2")
+    _check_not_degenerate(boxes1, boxes2)
     iou, union = box_iou(boxes1, boxes2)
     top_left = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])

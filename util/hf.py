@@ -166,7 +166,8 @@ def _resnet_from_depths(backbone_config: dict, source: str) -> str:
 
 def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str, Dict[int, str]]:
     """(main.py's args, the backbone layout 'timm' or 'transformers', id2label) of a DetrConfig dict; what the
-    project's DETR cannot be is refused, naming `source` (the config file) and the key."""
+    project's DETR cannot be is refused, naming `source` (the config file) and the key. args.num_classes is None
+    where the config gives no label count (neither 'id2label' nor 'num_labels')."""
     if not isinstance(config, dict):
         raise HFFolderError(f"{source}: expected a JSON object, got {type(config).__name__}")
     model_type = _get(config, "model_type", str, source, "detr")
@@ -207,7 +208,10 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
             raise HFFolderError(f"{source}: 'id2label' must number its labels 0..N-1, got {sorted(id2label)[:10]}")
         num_labels = len(id2label)
     else:
-        num_labels = _positive(config, "num_labels", source, 91)
+        # transformers writes neither key when the count is its default (2): the weights then tell (hf_to_checkpoint).
+        num_labels = _get(config, "num_labels", int, source, required=False)
+        if num_labels is not None and num_labels < 1:
+            raise HFFolderError(f"{source}: the key 'num_labels' must be a positive integer, got {num_labels!r}")
         id2label = {}
     dilation = _get(config, "dilation", bool, source, False)
 
@@ -669,11 +673,31 @@ def checkpoint_to_hf(
     return config, project_state_to_hf(state, args, layout, source)
 
 
+def num_classes_of(
+    configured: Optional[int], hf_state: Dict[str, Tensor], masks: bool, source: str, weights_source: str
+) -> int:
+    """The label count: the config's where it gives one, else the rows of the class head less "no object" (COCO's 91
+    where there is no class head, which check_shapes then reports). A config that the weights contradict is refused,
+    naming both files."""
+    key = ("detr." if masks else "") + "class_labels_classifier.weight"
+    classifier = hf_state.get(key)
+    if classifier is None or classifier.dim() != 2 or classifier.shape[0] < 2:
+        return 91 if configured is None else configured  # check_shapes names the missing or misshapen key
+    found = classifier.shape[0] - 1
+    if configured is not None and configured != found:
+        raise HFFolderError(
+            f"{source} gives {configured} labels ('id2label' or 'num_labels'), but {weights_source} has "
+            f"{found} ({key} has {classifier.shape[0]} rows, one of them 'no object'); the two must agree"
+        )
+    return found
+
+
 def hf_to_checkpoint(config: dict, hf_state: Dict[str, Tensor], source: str, weights_source: str) -> dict:
     """A checkpoint in the original's layout ({'model', 'args', 'class_names'}) from config.json's dict and the
     HF state_dict; `source` and `weights_source` name the two files in errors."""
     args, layout, id2label = args_from_config(config, source)
     args.masks = any(k.startswith("mask_head.") for k in hf_state)
+    args.num_classes = num_classes_of(args.num_classes, hf_state, args.masks, source, weights_source)
     if args.masks and (args.hidden_dim + args.nheads) % 8 or args.masks and (args.hidden_dim // 16) % 8:
         raise HFFolderError(
             f"{source}: the project's mask head needs d_model + heads and d_model / 16 to be "

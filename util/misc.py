@@ -4,11 +4,14 @@ import contextlib
 import datetime
 import math
 import os
+import random
+import statistics
 import subprocess
 import time
 from collections import defaultdict, deque
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +30,13 @@ class NestedTensor:
         if mask is not None:
             mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    @torch.jit.unused
+    def pin_memory(self) -> "NestedTensor":
+        """The batch in page-locked memory, from which to(device, non_blocking=True) copies to a GPU without waiting
+        for it (a DataLoader with pin_memory=True calls this on every batch)."""
+        mask = self.mask.pin_memory() if self.mask is not None else None
+        return NestedTensor(self.tensors.pin_memory(), mask)
 
     def decompose(self):
         return self.tensors, self.mask
@@ -152,6 +162,59 @@ class SameSizeBatchSampler(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+class EpochSeededBatches(torch.utils.data.Sampler):
+    """The batches of `batch_sampler`, each index paired with a seed drawn once per epoch from torch's global
+    generator, as a DataLoader draws its workers' base seed each time it starts them. With persistent workers
+    (started once, at the first epoch) EpochSeededDataset reseeds them from it: every epoch's augmentations, and
+    the draws the training process makes, are then those of workers started afresh for each epoch, so that a
+    seed gives the same run, and a resumed run the same as one never stopped."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        # Drawn before the batches' own sampler draws, in the order a DataLoader draws its base seed and then
+        # starts its sampler.
+        seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        for batch in self.batch_sampler:
+            yield [(seed, index) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """`dataset` read with the (seed, index) pairs of EpochSeededBatches: a data-loader worker seeds Python's,
+    torch's and NumPy's generators as DataLoader seeds a worker it starts (base seed + worker id) whenever the
+    epoch's seed changes. Attributes of `dataset` (ann_file, coco, ...) are read through."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.seed: Optional[int] = None
+
+    def __getitem__(self, seeded_index: tuple):
+        seed, index = seeded_index
+        if seed != self.seed:
+            self.seed = seed
+            worker = torch.utils.data.get_worker_info()
+            worker_id = worker.id if worker is not None else 0
+            random.seed(seed + worker_id)
+            torch.manual_seed(seed + worker_id)
+            # DataLoader's own derivation of a worker's NumPy seed (private, unchanged since torch 1.9).
+            from torch.utils.data._utils.worker import _generate_state
+
+            np.random.seed(_generate_state(seed, worker_id))
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or "dataset" not in self.__dict__:  # copying and pickling ask before __init__
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+
 class EpochDecay(torch.optim.lr_scheduler.LRScheduler):
     """--lr_schedule linear or cosine: the learning rate of epoch e (from 0) is the base rate times 1 - e / E
     (linear) or (1 + cos(pi e / E)) / 2 (cosine), E being `total_epochs`; stepped once per epoch, as StepLR is.
@@ -211,39 +274,77 @@ def accuracy(output: Tensor, target: Tensor, topk=(1,)) -> List[Tensor]:
 # Logging
 
 
+def read_to_host(values: List[Any]) -> List[Any]:
+    """`values` with every tensor among them (one element each) read to the host as .item() reads it: one stacked
+    copy per (device, dtype) rather than one per tensor, since each copy from a GPU waits for all queued work."""
+    out = list(values)
+    groups: Dict[tuple, List[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            groups[(v.device, v.dtype)].append(i)
+    for indices in groups.values():
+        read = torch.stack([values[i].reshape(()) for i in indices]).tolist()
+        for i, v in zip(indices, read):
+            out[i] = v
+    return out
+
+
 class SmoothedValue:
-    """Tracks a series of values; reports the median/average over a window and the global average."""
+    """Tracks a series of values; reports the median/average over a window and the global average.
+
+    Tensors given to update() stay where they are until a statistic is asked for: reading a GPU tensor to the host
+    waits for the GPU, so a training step that is not printed never waits for its logged values."""
 
     def __init__(self, window_size: int = 20, fmt: Optional[str] = None):
         self.deque = deque(maxlen=window_size)
-        self.total = 0.0
+        self._total = 0.0
         self.count = 0
         self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+        self.pending: List[tuple] = []  # (value, n) not yet in the window and the total, in the order given
 
-    def update(self, value: float, n: int = 1) -> None:
-        self.deque.append(value)
+    def update(self, value, n: int = 1) -> None:
+        self.pending.append((value.detach() if isinstance(value, Tensor) else value, n))
         self.count += n
-        self.total += value * n
+
+    def absorb(self, values: List[Any]) -> None:
+        """Add the pending values, read to the host (`values`, in the order of self.pending)."""
+        for value, (_, n) in zip(values, self.pending):
+            self.deque.append(value)
+            self._total += value * n
+        self.pending = []
+
+    def flush(self) -> None:
+        if self.pending:
+            self.absorb(read_to_host([v for v, _ in self.pending]))
+
+    @property
+    def total(self) -> float:
+        self.flush()
+        return self._total
 
     def synchronize_between_processes(self) -> None:
         """Sum count and total over processes (the window stays local)."""
+        self.flush()
         if not is_dist_avail_and_initialized():
             return
         t = torch.tensor(
-            [self.count, self.total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
+            [self.count, self._total], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu"
         )
         dist.barrier()
         dist.all_reduce(t)
         self.count = int(t[0].item())
-        self.total = t[1].item()
+        self._total = t[1].item()
 
+    # The window's statistics in plain Python: the values are on the host already.
     @property
     def median(self) -> float:
-        return torch.tensor(list(self.deque)).median().item()
+        self.flush()
+        return statistics.median_low(self.deque)  # the lower middle value for an even count, as torch.median
 
     @property
     def avg(self) -> float:
-        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+        self.flush()
+        return sum(self.deque) / len(self.deque)
 
     @property
     def global_avg(self) -> float:
@@ -251,10 +352,12 @@ class SmoothedValue:
 
     @property
     def max(self) -> float:
+        self.flush()
         return max(self.deque)
 
     @property
     def value(self) -> float:
+        self.flush()
         return self.deque[-1]
 
     def __str__(self):
@@ -264,7 +367,8 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Keeps named SmoothedValues and prints progress lines with ETA while iterating."""
+    """Keeps named SmoothedValues and prints progress lines with ETA while iterating. Logged tensors are read to
+    the host together, in one copy, on the steps that print (see flush)."""
 
     def __init__(self, delimiter: str = "\t"):
         self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
@@ -272,11 +376,19 @@ class MetricLogger:
 
     def update(self, **kwargs) -> None:
         for k, v in kwargs.items():
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if not isinstance(v, (float, int)):
+            if isinstance(v, Tensor) and v.numel() != 1 or not isinstance(v, (Tensor, float, int)):
                 raise TypeError(f"MetricLogger.update: {k} must be a number or a one-element tensor, got {type(v)}")
             self.meters[k].update(v)
+
+    def flush(self) -> None:
+        """Read every meter's pending tensors to the host in one copy (per device and dtype)."""
+        meters = [m for m in self.meters.values() if m.pending]
+        values = read_to_host([v for m in meters for v, _ in m.pending])
+        start = 0
+        for m in meters:
+            count = len(m.pending)
+            m.absorb(values[start : start + count])
+            start += count
 
     def __getattr__(self, attr):
         if attr in self.__dict__.get("meters", {}):
@@ -284,9 +396,11 @@ class MetricLogger:
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
 
     def __str__(self):
+        self.flush()
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self) -> None:
+        self.flush()
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
