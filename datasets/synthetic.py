@@ -683,7 +683,7 @@ def add_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=None,
         type=int,
         help="processes that draw the synthetic dataset when it is generated (default: one per CPU, at most 8, "
-        "for sets larger than 400 images of 128x128; smaller ones in the main process); the same files for any number",
+        "for 400 images of 128x128 or more); the same files for any number",
     )
     return parser
 
