@@ -6,7 +6,6 @@ import json
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -229,12 +228,14 @@ def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- distributed runs
 
 
-def slow_drawing(monkeypatch, seconds: float, fail_after: int = -1):
-    """Make every image take `seconds` to draw, and image `fail_after` raise OSError (a full disk)."""
+def slow_drawing(monkeypatch, seconds: float, fail_when: Path = None):
+    """Make every image take `seconds` to draw, and the sixth raise OSError (a full disk) once `fail_when` exists."""
     real_write_image = synthetic.write_image
 
     def write_image(root, split, seed, image_size, index):
-        if index == fail_after:
+        if fail_when is not None and index == 5:
+            while not fail_when.exists():
+                time.sleep(0.05)
             raise OSError(28, "No space left on device")
         time.sleep(seconds)
         return real_write_image(root, split, seed, image_size, index)
@@ -242,17 +243,35 @@ def slow_drawing(monkeypatch, seconds: float, fail_after: int = -1):
     monkeypatch.setattr(synthetic, "write_image", write_image)
 
 
-def start_drawing(root: Path, params) -> multiprocessing.Process:
-    """The first process of a distributed run, drawing `root` (forked: it draws with the patched write_image),
-    returned once it reports its first image."""
-    drawer = multiprocessing.get_context("fork").Process(
-        target=synthetic.prepare_root, args=(args_for(root, **params, distributed=True, gpu=0),)
-    )
-    drawer.start()
+def when_seen_drawing(monkeypatch, action):
+    """Do `action()` once the waiting process has seen the drawing process hold the lock."""
+    real_lock_is_held = synthetic.lock_is_held
+    done = []
+
+    def lock_is_held(path):
+        held = real_lock_is_held(path)
+        if held and not done:
+            done.append(action())
+        return held
+
+    monkeypatch.setattr(synthetic, "lock_is_held", lock_is_held)
+
+
+def kill_once_drawing(drawer: multiprocessing.Process, root: Path) -> None:
+    """Kill the drawing process once it has reported an image."""
     deadline = time.monotonic() + 60
     while (synthetic.read_status(root) or {}).get("drawn", 0) < 1:
         assert drawer.is_alive() and time.monotonic() < deadline, "the drawing process did not start"
         time.sleep(0.05)
+    os.kill(drawer.pid, signal.SIGKILL)
+
+
+def start_drawing(root: Path, params) -> multiprocessing.Process:
+    """The first process of a distributed run, drawing `root` (forked: it draws with the patched write_image)."""
+    drawer = multiprocessing.get_context("fork").Process(
+        target=synthetic.prepare_root, args=(args_for(root, **params, distributed=True, gpu=0),)
+    )
+    drawer.start()
     return drawer
 
 
@@ -267,15 +286,14 @@ SMALL = dict(synthetic_train_size=20, synthetic_val_size=2, synthetic_image_size
 
 
 def test_the_other_ranks_stop_when_rank_0_dies_or_fails_while_drawing(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic, "WAIT_START_S", 20.0)
-    slow_drawing(monkeypatch, seconds=0.2)
-    # Killed during the drawing: rank 1 notices that the lock is free and the dataset not there.
+    monkeypatch.setattr(synthetic, "WAIT_START_S", 60.0)  # the drawing process starts well within it
+    slow_drawing(monkeypatch, seconds=0.1)
+    # Killed while drawing: rank 1 notices that the lock is free and the dataset not there.
     root = tmp_path / "killed"
     drawer = start_drawing(root, SMALL)
-    killer = threading.Timer(1.0, os.kill, (drawer.pid, signal.SIGKILL))
-    killer.start()
-    message = waiting_rank(root, SMALL)
-    killer.join()
+    with monkeypatch.context() as patch:
+        when_seen_drawing(patch, lambda: kill_once_drawing(drawer, root))
+        message = waiting_rank(root, SMALL)
     drawer.join()
     assert drawer.exitcode == -signal.SIGKILL
     assert f"the synthetic dataset in {root} is not there" in message
@@ -283,22 +301,21 @@ def test_the_other_ranks_stop_when_rank_0_dies_or_fails_while_drawing(tmp_path, 
     assert not root.exists()
 
     # A failure: rank 1 gives rank 0's error.
-    slow_drawing(monkeypatch, seconds=0.2, fail_after=5)
+    slow_drawing(monkeypatch, seconds=0.1, fail_when=tmp_path / "fail")
     root = tmp_path / "failed"
     drawer = start_drawing(root, SMALL)
-    message = waiting_rank(root, SMALL)
+    with monkeypatch.context() as patch:
+        when_seen_drawing(patch, (tmp_path / "fail").touch)
+        message = waiting_rank(root, SMALL)
     drawer.join()
     assert f"the synthetic dataset in {root} is not there" in message
     assert "stopped before finishing it (OSError: [Errno 28] No space left on device)" in message
 
     # Stuck: no progress for WAIT_STALL_S.
     monkeypatch.setattr(synthetic, "WAIT_STALL_S", 1.0)
-    slow_drawing(monkeypatch, seconds=30)
+    slow_drawing(monkeypatch, seconds=60)
     root = tmp_path / "stuck"
-    drawer = multiprocessing.get_context("fork").Process(
-        target=synthetic.prepare_root, args=(args_for(root, **SMALL, distributed=True, gpu=0),)
-    )
-    drawer.start()
+    drawer = start_drawing(root, SMALL)
     try:
         message = waiting_rank(root, SMALL)
     finally:
@@ -317,7 +334,10 @@ def test_the_other_ranks_wait_for_the_data_and_draw_nothing(tmp_path, monkeypatc
     slow_drawing(monkeypatch, seconds=0.05)
     root = tmp_path / "data"
     drawer = start_drawing(root, SMALL)
+    seen = []
+    when_seen_drawing(monkeypatch, lambda: seen.append(True))
     waited = synthetic.prepare_root(args_for(root, **SMALL, distributed=True, gpu=1))
+    assert seen  # it waited while rank 0 drew
     drawer.join()
     assert drawer.exitcode == 0 and waited == root
     assert synthetic.read_marker(root)["num_train"] == SMALL["synthetic_train_size"]
