@@ -346,11 +346,11 @@ def write_json(path: Path, data: Any) -> None:
 def draw_all(draw, num_images: int, workers: int):
     """draw(index) for every index, in order, computed by `workers` processes (here where workers is 1).
 
-    The processes are forked from a forkserver: a fresh single-threaded Python, started for the purpose. Forking
-    this process instead would copy the locks its threads hold at that moment (submitit's, torch.distributed's,
-    a data loader's), and a child needing one would wait forever; the children would also inherit its signal
-    handlers (submitit ignores SIGTERM), so that the pool could not stop them. The server imports this module once
-    (torch with it: about 2 s of CPU), the processes forked from it not again."""
+    The processes are forked from a forkserver: a fresh Python started for the purpose, which runs nothing but its
+    imports and the forks. Forking this process instead would copy the locks its threads hold at that moment
+    (submitit's, torch.distributed's, a data loader's), and a child needing one would wait forever; the children
+    would also inherit its signal handlers (submitit ignores SIGTERM), so that the pool could not stop them. The
+    server imports this module once (torch with it: about 2 s of CPU), the processes forked from it not again."""
     if workers <= 1:
         yield from map(draw, range(num_images))
         return
