@@ -6,6 +6,7 @@ top to bottom as the run goes: data, model, optimizer, what to start from, then 
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import random
@@ -465,16 +466,47 @@ def build_datasets(args):
 
 def prepare_model(model: torch.nn.Module, args, device: torch.device):
     """(the model to run, the model itself): on `device`, on the fast path with --fast, compiled with
-    --compile, wrapped in DistributedDataParallel when distributed."""
+    --compile, wrapped in DistributedDataParallel when distributed (its batch norms synchronized on CUDA)."""
     model.to(device)
+    if args.distributed:
+        model = synchronize_batch_norms(model, device)
     if args.fast:
         enable_fast_path(model)
     if args.compile:
         enable_compile(model, device)
     if not args.distributed:
         return model, model
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.gpu] if device.type == "cuda" else None, **buffer_broadcast(model)
+    )
     return ddp, model
+
+
+def synchronize_batch_norms(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` for a distributed run: on CUDA its trainable batch norms (--backbone_norm batch) become SyncBatchNorm,
+    which normalizes by the statistics of the whole global batch, as one GPU given that batch would. On the CPU they
+    stay: SyncBatchNorm runs on GPUs only (gloo has no kernel for it), so each process normalizes by its own share.
+    Frozen batch norms hold fixed statistics and stay as they are."""
+    trainable = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not trainable:
+        return model
+    if device.type != "cuda":
+        print(f"{trainable} trainable batch norms: each process normalizes by its own batch (no SyncBatchNorm on CPUs)")
+        return model
+    print(f"{trainable} trainable batch norms synchronized across the processes (SyncBatchNorm)")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def buffer_broadcast(model: torch.nn.Module) -> Dict[str, bool]:
+    """DistributedDataParallel's option that copies rank 0's buffers to every process before each forward: on only
+    for trainable batch norms, whose running statistics each process would otherwise update from its own share of
+    the batch (SyncBatchNorm's agree already; the copy, some kB, keeps them equal to the bit). Without them the
+    model's buffers are those of frozen batch norms: constants that every process builds or loads alike, which the
+    copy would write over themselves at every step."""
+    trainable = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    # torch 2.13 renamed the option (the old name warns there); the new one still syncs buffers once, at the start.
+    ddp_options = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers": trainable}
 
 
 def build_optimizer(model: torch.nn.Module, args, device: torch.device):

@@ -260,24 +260,37 @@ class Normalize:
         return image, target
 
 
+# The transforms that never change the image size.
+SIZE_PRESERVING = (RandomHorizontalFlip, ToTensor, Normalize, RandomErasing)
+
+
 def output_image_size(transforms, image_size: Tuple[int, int]) -> Tuple[int, int]:
-    """(w, h) of an image of `image_size` (w, h) after `transforms` (a Compose), computed without the image; raises
-    ValueError naming the transform when the output size is not determined (a random scale or crop)."""
-    steps = transforms.transforms if isinstance(transforms, Compose) else [transforms]
-    for transform in steps:
-        if isinstance(transform, RandomResize):
-            if len(transform.sizes) != 1:
-                raise ValueError(
-                    f"{transform.__class__.__name__} with {len(transform.sizes)} sizes picks one at "
-                    "random: the output size is not determined"
-                )
-            height, width = get_size(image_size, transform.sizes[0], transform.max_size)
-            image_size = (width, height)
-        elif not isinstance(transform, (RandomHorizontalFlip, Normalize, ToTensor)):
-            raise ValueError(
-                f"{transform.__class__.__name__} may change the image size: the output size is not determined"
-            )
-    return image_size
+    """(w, h) of an image of `image_size` (w, h) after `transforms` (a Compose, nested ones too, or one transform),
+    computed without the image; raises ValueError naming the transform when the output size is not determined (a
+    random scale, crop size or padding)."""
+    if isinstance(transforms, Compose):
+        for transform in transforms.transforms:
+            image_size = output_image_size(transform, image_size)
+        return image_size
+    if isinstance(transforms, SIZE_PRESERVING) or (isinstance(transforms, RandomPad) and transforms.max_pad == 0):
+        return image_size
+    if isinstance(transforms, (CenterCrop, RandomCrop)):  # a region of that size, wherever it is
+        height, width = transforms.size
+        return width, height
+    if isinstance(transforms, RandomResize):
+        outcomes = {get_size(image_size, size, transforms.max_size)[::-1] for size in transforms.sizes}
+        if len(outcomes) == 1:
+            return outcomes.pop()
+        raise ValueError(
+            f"RandomResize with {len(transforms.sizes)} sizes picks one at random: the output size is not determined"
+        )
+    if isinstance(transforms, RandomSelect):
+        chances = ((transforms.transforms1, transforms.p), (transforms.transforms2, 1 - transforms.p))
+        outcomes = {output_image_size(branch, image_size) for branch, chance in chances if chance > 0}
+        if len(outcomes) == 1:
+            return outcomes.pop()
+        raise ValueError(f"RandomSelect's two branches give {sorted(outcomes)}: the output size is not determined")
+    raise ValueError(f"{type(transforms).__name__} may change the image size: the output size is not determined")
 
 
 class Compose:

@@ -173,14 +173,54 @@ def test_a_split_evaluation_gives_the_stats_of_one_process(two_processes, synthe
     assert len(merged_ids) == (8 if subset == "all" else 7)
 
 
+def test_trainable_batch_norms_are_synchronized_on_cuda(synthetic_root):
+    args = main_py.parse_args(tiny_flags(synthetic_root, "", "--backbone_norm", "batch"))
+    args.num_classes = 6
+    model, _, _, _ = tiny_detr_and_optimizer(args)
+    norms = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(norms) == 20  # ResNet-18's
+    weights = dict(model.state_dict())
+    # The conversion needs no GPU: a device object of type cuda says where the model will run.
+    synced = main_py.synchronize_batch_norms(model, torch.device("cuda"))
+    assert {n: type(m) for n, m in synced.named_modules() if n in norms} == dict.fromkeys(norms, torch.nn.SyncBatchNorm)
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    # The same weights and statistics under the same names: checkpoints load either way.
+    assert synced.state_dict().keys() == weights.keys()
+    assert all(torch.equal(synced.state_dict()[k], v) for k, v in weights.items())
+    assert main_py.buffer_broadcast(synced) in ({"forward_sync_buffers": True}, {"broadcast_buffers": True})
+
+    # On the CPU (gloo) they stay batch norms; frozen ones stay frozen anywhere, and skip the buffer broadcast.
+    model, _, _, _ = tiny_detr_and_optimizer(args)
+    assert main_py.synchronize_batch_norms(model, CPU) is model
+    assert {n: type(m) for n, m in model.named_modules() if n in norms} == norms
+    frozen, _, _, _ = tiny_detr_and_optimizer(ddp_args(synthetic_root))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
+    assert main_py.synchronize_batch_norms(frozen, torch.device("cuda")) is frozen
+    assert main_py.buffer_broadcast(frozen) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+
+
+def test_ddp_broadcasts_buffers_only_for_trainable_batch_norms(synthetic_root, tmp_path):
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        for norm, broadcast in (("frozen", False), ("batch", True)):
+            args = main_py.parse_args(tiny_flags(synthetic_root, "", "--backbone_norm", norm))
+            args.num_classes, args.distributed, args.gpu = 6, True, 0
+            model, _, _, _ = tiny_detr_and_optimizer(args)
+            ddp, inner = main_py.prepare_model(model, args, CPU)
+            assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel) and ddp.module is inner is model
+            assert ddp.broadcast_buffers is broadcast, norm
+    finally:
+        dist.destroy_process_group()
+
+
 # The training-only supervision (models/train_only.py): every extra part's weights get a gradient at every step,
 # as DistributedDataParallel requires, and the dense and denoising counts are averaged over the processes.
 TRAIN_ONLY_FLAGS = ("--query_groups", "2", "--hybrid_queries", "6", "--dn_groups", "1", "--dense_aux", "layer2",
-                    "--dense_queries", "4")  # fmt: skip
+                    "--dense_queries", "4", "--dense_boxes", "absolute")  # fmt: skip
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), TRAIN_ONLY_FLAGS], ids=["detr", "train_only"])
+@pytest.mark.parametrize("extra", [(), TRAIN_ONLY_FLAGS, ("--two_stage",)], ids=["detr", "train_only", "two_stage"])
 def test_main_runs_under_torchrun(synthetic_root, tmp_path, extra):
     out = tmp_path / "out"
     command = [
@@ -205,7 +245,8 @@ def test_main_runs_under_torchrun(synthetic_root, tmp_path, extra):
     assert len(log[0]["test_coco_eval_bbox"]) == 12
     checkpoint = load_checkpoint_safely(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 0 and checkpoint["args"].world_size == WORLD_SIZE
-    assert ("model_train_only" in checkpoint) == bool(extra)
+    assert ("model_train_only" in checkpoint) == (extra == TRAIN_ONLY_FLAGS)
+    assert checkpoint["args"].two_stage == ("--two_stage" in extra)
     # Each process's generators are kept, for an exact resume: they were seeded differently (seed + rank).
     rng = checkpoint["rng"]
     assert len(rng) == WORLD_SIZE and not torch.equal(rng[0]["torch"], rng[1]["torch"])

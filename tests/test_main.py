@@ -437,6 +437,87 @@ def test_eval_batching_size_gives_the_ap_of_batch_size_1_at_any_batch_size(layou
     assert any(max(abs(a - b) for a, b in zip(ap, alone)) > 1e-3 for ap in padded), padded
 
 
+# (width, height) of the val images of `mixed_aspect_synthetic`: the 48x48 synthetic images, stretched.
+STRETCHED = [(72, 48), (48, 72), (48, 48), (72, 48), (60, 48), (48, 72)]
+
+
+@pytest.fixture(scope="module")
+def mixed_aspect_synthetic(tmp_path_factory):
+    """A synthetic dataset (COCO layout, instances and panoptic) whose val images are stretched to STRETCHED, their
+    annotations with them: data that every --dataset_file of datasets.DATASETS reads, in mixed aspect ratios."""
+    from PIL import Image
+
+    from datasets import synthetic
+
+    root = synthetic.generate(tmp_path_factory.mktemp("mixed_aspect") / "data", num_train=2, num_val=6, image_size=48)
+
+    def stretch(values, sx, sy):  # x, y, x, y, ...
+        return [v * (sy if i % 2 else sx) for i, v in enumerate(values)]
+
+    for kind in ("instances", "panoptic"):
+        ann_file = root / "annotations" / f"{kind}_val2017.json"
+        data = json.loads(ann_file.read_text())
+        scales = {}
+        for record, (width, height) in zip(data["images"], STRETCHED):
+            scales[record["id"]] = (width / record["width"], height / record["height"])
+            record["width"], record["height"] = width, height
+            if kind == "instances":  # each image once
+                stem = record["file_name"][: -len(".jpg")]
+                for path, resample in ((root / "val2017" / f"{stem}.jpg", Image.BILINEAR),
+                                       (root / "panoptic_val2017" / f"{stem}.png", Image.NEAREST)):  # fmt: skip
+                    Image.open(path).resize((width, height), resample).save(path)
+        if kind == "instances":
+            objects = [(ann, scales[ann["image_id"]]) for ann in data["annotations"]]
+        else:
+            objects = [(seg, scales[ann["image_id"]]) for ann in data["annotations"] for seg in ann["segments_info"]]
+        for obj, (sx, sy) in objects:
+            obj["bbox"], obj["area"] = stretch(obj["bbox"], sx, sy), obj["area"] * sx * sy
+            if "segmentation" in obj:
+                obj["segmentation"] = [stretch(polygon, sx, sy) for polygon in obj["segmentation"]]
+        if kind == "instances":  # and one large central box per image, which a random DETR's boxes sometimes hit
+            for k, record in enumerate(data["images"]):
+                w, h = record["width"], record["height"]
+                x0, y0, x1, y1 = 0.2 * w, 0.25 * h, 0.85 * w, 0.8 * h
+                data["annotations"].append(
+                    {"id": 1000 + k, "image_id": record["id"], "category_id": 1 + k % 5, "iscrowd": 0,
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                     "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]}
+                )  # fmt: skip
+        ann_file.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize("dataset_file", datasets.DATASET_FILES)
+def test_eval_batching_size_gives_the_stats_of_batch_size_1_on_every_dataset(
+    dataset_file, mixed_aspect_synthetic, tmp_path
+):
+    root = str(mixed_aspect_synthetic)
+    flags = tiny_flags(mixed_aspect_synthetic, tmp_path, "--coco_path", root, "--coco_panoptic_path", root)
+    flags[flags.index("--dataset_file") + 1] = dataset_file
+    # A quarter-width ResNet: COCO's val transform scales these images up to a shorter side of 800. 100 queries: some
+    # of a random model's boxes hit the large central ones.
+    model_flags = ["--backbone", "resnet18", "--backbone_weights", "none", "--backbone_width", "0.25"]
+    model_flags += ["--num_queries", "100", "--num_classes", "9"]
+    args = main_py.parse_args(flags + model_flags + ["--eval", "--eval_batching", "size"])
+    args.distributed = False
+    _, dataset_val, base_ds = main_py.build_datasets(args)
+    sizes = datasets.transformed_image_sizes(dataset_val)
+    assert len(set(sizes)) == 4  # mixed aspect ratios, after the dataset's own val transform
+    torch.manual_seed(0)
+    model, criterion, postprocessors = build_model(args)
+    stats = {}
+    for batch_size in (1, 4):
+        args.batch_size = batch_size
+        _, _, loader = main_py.build_loaders(None, dataset_val, args)
+        batches = list(loader.batch_sampler)
+        assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
+        assert max(len(batch) for batch in batches) == (2 if batch_size == 4 else 1)  # same-size images batched
+        result, _ = engine.evaluate(model, criterion, postprocessors, loader, base_ds, torch.device("cpu"), "")
+        stats[batch_size] = result["coco_eval_bbox"]
+    assert len(stats[1]) == 12 and stats[1][1] > 0  # AP50: the boxes found move with the features, padding would show
+    assert stats[4] == pytest.approx(stats[1], rel=1e-3, abs=1e-6)
+
+
 def test_eval_batching_size_needs_a_fixed_val_size(synthetic_root, tmp_path, monkeypatch):
     from datasets import transforms as T
 

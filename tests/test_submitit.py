@@ -235,13 +235,20 @@ def job_output(job_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_local_executor_trains_exactly_like_torchrun(synthetic_root, tmp_path_factory, tmp_path):
+def test_local_executor_generates_its_data_and_trains_exactly_like_torchrun(synthetic_root, tmp_path_factory, tmp_path):
     reference = torchrun_reference(synthetic_root, tmp_path_factory)
-    output = run(local_job(synthetic_root, tmp_path / "jobs"))
+    # The job draws the data itself, as a first run does: rank 0 in a pool of 2 processes (where a pool forked from
+    # the threaded task could hang), rank 1 waiting for it. The same flags give the same files as synthetic_root.
+    root = tmp_path / "data"
+    output = run(local_job(root, tmp_path / "jobs", "--synthetic_workers", "2"))
     out = job_output(tmp_path / "jobs")
     assert f"training output in {out}" in output
-    task_log = (out / f"{out.name}_0_log.out").read_text()
-    assert "rank 0 of 2, backend gloo" in task_log
+    task_logs = [(out / f"{out.name}_{rank}_log.out").read_text() for rank in (0, 1)]
+    assert "rank 0 of 2, backend gloo" in task_logs[0]
+    generating = f"Generating the synthetic dataset in {root} (16 train, 8 val images of 64x64, seed 0; 2 drawing"
+    assert generating in task_logs[0]
+    assert "Generating" not in task_logs[1]
+    assert sorted(p.name for p in root.parent.iterdir() if p.name.startswith(".data")) == [".data.lock"]
     assert_same_training(reference, out)
 
 

@@ -1,7 +1,12 @@
 """datasets/synthetic.py: deterministic, self-consistent instances and panoptic annotations, built like COCO."""
 
 import argparse
+import hashlib
 import json
+import multiprocessing
+import os
+import signal
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -56,6 +61,20 @@ def test_same_seed_same_bytes_other_seed_differs(root, tmp_path):
     other = synthetic.generate(tmp_path / "other", **dict(PARAMS, seed=4, num_train=4, num_val=1))
     assert load(other, "instances")["annotations"] != load(root, "instances")["annotations"][:4]
     assert (other / first).read_bytes() != (root / first).read_bytes()
+
+
+# SHA-256 of the annotation files and the panoptic PNGs' pixels of the PARAMS set, as the generator drew it when its
+# pool still forked this process: drawing in a forkserver's processes changed no byte. (The JPEGs are left out: their
+# bytes depend on Pillow's libjpeg; test_same_seed_same_bytes_other_seed_differs compares them across pools.)
+PARAMS_DIGEST = "3f3abc03b321617b4147e389fb3dbe05c8b1db8aef4ab79d9eca0d5aed6460ce"
+
+
+def test_the_pool_draws_what_the_generator_always_drew(root):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".json", ".png")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes() if path.suffix == ".json" else np.asarray(Image.open(path)).tobytes())
+    assert digest.hexdigest() == PARAMS_DIGEST
 
 
 def test_instances_are_self_consistent(root):
@@ -196,10 +215,133 @@ def test_interrupted_generation_is_redone(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate(tmp_path / "d", **params)
-    assert list(tmp_path.iterdir()) == [tmp_path / ".d.lock"]  # nothing half-written is left
+    # Nothing half-written is left, and the status tells processes waiting for the data what happened.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", ".d.status"]
+    status = synthetic.read_status(tmp_path / "d")
+    assert (status["state"], status["error"], status["pid"]) == ("failed", "KeyboardInterrupt: ", os.getpid())
     monkeypatch.setattr(synthetic, "write_split", real_write_split)
     synthetic.generate(tmp_path / "d", **params)
     assert synthetic.read_marker(tmp_path / "d")["num_train"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d"]
+
+
+# ---------------------------------------------------------------------------------------------- distributed runs
+
+
+def slow_drawing(monkeypatch, seconds: float, fail_when: Path = None):
+    """Make every image take `seconds` to draw, and the sixth raise OSError (a full disk) once `fail_when` exists."""
+    real_write_image = synthetic.write_image
+
+    def write_image(root, split, seed, image_size, index):
+        if fail_when is not None and index == 5:
+            while not fail_when.exists():
+                time.sleep(0.05)
+            raise OSError(28, "No space left on device")
+        time.sleep(seconds)
+        return real_write_image(root, split, seed, image_size, index)
+
+    monkeypatch.setattr(synthetic, "write_image", write_image)
+
+
+def when_seen_drawing(monkeypatch, action):
+    """Do `action()` once the waiting process has seen the drawing process hold the lock."""
+    real_lock_is_held = synthetic.lock_is_held
+    done = []
+
+    def lock_is_held(path):
+        held = real_lock_is_held(path)
+        if held and not done:
+            done.append(action())
+        return held
+
+    monkeypatch.setattr(synthetic, "lock_is_held", lock_is_held)
+
+
+def kill_once_drawing(drawer: multiprocessing.Process, root: Path) -> None:
+    """Kill the drawing process once it has reported an image."""
+    deadline = time.monotonic() + 60
+    while (synthetic.read_status(root) or {}).get("drawn", 0) < 1:
+        assert drawer.is_alive() and time.monotonic() < deadline, "the drawing process did not start"
+        time.sleep(0.05)
+    os.kill(drawer.pid, signal.SIGKILL)
+
+
+def start_drawing(root: Path, params) -> multiprocessing.Process:
+    """The first process of a distributed run, drawing `root` (forked: it draws with the patched write_image)."""
+    drawer = multiprocessing.get_context("fork").Process(
+        target=synthetic.prepare_root, args=(args_for(root, **params, distributed=True, gpu=0),)
+    )
+    drawer.start()
+    return drawer
+
+
+def waiting_rank(root: Path, params):
+    """What the second process of the run (local rank 1) gets from prepare_root: the error it stops with."""
+    with pytest.raises(RuntimeError) as error:
+        synthetic.prepare_root(args_for(root, **params, distributed=True, gpu=1))
+    return str(error.value)
+
+
+SMALL = dict(synthetic_train_size=20, synthetic_val_size=2, synthetic_image_size=32)
+
+
+def test_the_other_ranks_stop_when_rank_0_dies_or_fails_while_drawing(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "WAIT_START_S", 60.0)  # the drawing process starts well within it
+    slow_drawing(monkeypatch, seconds=0.1)
+    # Killed while drawing: rank 1 notices that the lock is free and the dataset not there.
+    root = tmp_path / "killed"
+    drawer = start_drawing(root, SMALL)
+    with monkeypatch.context() as patch:
+        when_seen_drawing(patch, lambda: kill_once_drawing(drawer, root))
+        message = waiting_rank(root, SMALL)
+    drawer.join()
+    assert drawer.exitcode == -signal.SIGKILL
+    assert f"the synthetic dataset in {root} is not there" in message
+    assert f"(pid {drawer.pid} on " in message and "stopped before finishing it (killed?)" in message
+    assert not root.exists()
+
+    # A failure: rank 1 gives rank 0's error.
+    slow_drawing(monkeypatch, seconds=0.1, fail_when=tmp_path / "fail")
+    root = tmp_path / "failed"
+    drawer = start_drawing(root, SMALL)
+    with monkeypatch.context() as patch:
+        when_seen_drawing(patch, (tmp_path / "fail").touch)
+        message = waiting_rank(root, SMALL)
+    drawer.join()
+    assert f"the synthetic dataset in {root} is not there" in message
+    assert "stopped before finishing it (OSError: [Errno 28] No space left on device)" in message
+
+    # Stuck: no progress for WAIT_STALL_S.
+    monkeypatch.setattr(synthetic, "WAIT_STALL_S", 1.0)
+    slow_drawing(monkeypatch, seconds=60)
+    root = tmp_path / "stuck"
+    drawer = start_drawing(root, SMALL)
+    try:
+        message = waiting_rank(root, SMALL)
+    finally:
+        drawer.kill()
+        drawer.join()
+    assert f"the process drawing the synthetic dataset in {root} (pid {drawer.pid} on " in message
+    assert "has shown no progress for 1 s" in message
+
+    # Nobody draws (the first process never got there, or does not see this folder).
+    monkeypatch.setattr(synthetic, "WAIT_START_S", 0.5)
+    message = waiting_rank(tmp_path / "nobody", SMALL)
+    assert "(no status written, the first process of its machine) was not seen drawing it within 0.5 s" in message
+
+
+def test_the_other_ranks_wait_for_the_data_and_draw_nothing(tmp_path, monkeypatch):
+    slow_drawing(monkeypatch, seconds=0.05)
+    root = tmp_path / "data"
+    drawer = start_drawing(root, SMALL)
+    seen = []
+    when_seen_drawing(monkeypatch, lambda: seen.append(True))
+    waited = synthetic.prepare_root(args_for(root, **SMALL, distributed=True, gpu=1))
+    assert seen  # it waited while rank 0 drew
+    drawer.join()
+    assert drawer.exitcode == 0 and waited == root
+    assert synthetic.read_marker(root)["num_train"] == SMALL["synthetic_train_size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "data"]  # no status left behind
 
 
 def test_build_gives_normalized_targets(root):

@@ -217,3 +217,28 @@ def test_output_image_size_refuses_a_random_scale_or_crop():
         T.output_image_size(T.Compose([T.RandomResize([480, 512])]), (64, 64))
     with pytest.raises(ValueError, match="RandomSizeCrop may change the image size"):
         T.output_image_size(T.Compose([T.RandomSizeCrop(10, 20)]), (64, 64))
+    with pytest.raises(ValueError, match="RandomPad may change the image size"):
+        T.output_image_size(T.Compose([T.Compose([T.RandomPad(3)])]), (64, 64))  # found inside a nested Compose
+    select = T.RandomSelect(T.RandomResize([32]), T.CenterCrop((40, 50)))
+    with pytest.raises(ValueError, match=r"RandomSelect's two branches give \[\(32, 32\), \(50, 40\)\]"):
+        T.output_image_size(select, (64, 64))
+
+
+def test_output_image_size_sees_through_nested_composes_and_every_fixed_size_transform():
+    normalize = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.2] * 3)])
+    cases = [
+        T.Compose([T.RandomResize([48]), normalize]),  # the synthetic val transform
+        T.Compose([T.RandomHorizontalFlip(), T.Compose([T.RandomResize([60], max_size=70), normalize])]),
+        T.Compose([T.CenterCrop((30, 40)), normalize, T.RandomErasing(p=1.0)]),
+        T.Compose([T.RandomCrop((20, 24)), T.RandomPad(0), normalize]),
+        # Either branch gives the same size; p = 1 and 0 take one branch only.
+        T.Compose([T.RandomSelect(T.RandomResize([(50, 30)]), T.CenterCrop((30, 50))), normalize]),
+        T.Compose([T.RandomSelect(T.RandomResize([40]), T.RandomSizeCrop(5, 9), p=1.0), normalize]),
+        T.Compose([T.RandomSelect(T.RandomSizeCrop(5, 9), T.RandomResize([(36, 24)]), p=0.0), normalize]),
+    ]
+    random.seed(0)
+    for transforms in cases:
+        for size in [(64, 48), (48, 80), (56, 56)]:
+            for _ in range(3):  # the random choices vary, the size does not
+                image, _ = transforms(Image.new("RGB", size), {})
+                assert T.output_image_size(transforms, size) == (image.shape[2], image.shape[1]), (transforms, size)
