@@ -12,10 +12,12 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import pytest
 import torch
 from torch import nn
 
 import main as main_py
+from util.checkpoint import safe_globals
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The spec data the parity and state-dict layout tests read: the published state_dict layouts and the parity case
@@ -118,7 +120,7 @@ def run_main(argv: Sequence[str]):
 def load_checkpoint_safely(path):
     """A checkpoint as a careful user loads it: torch.load(weights_only=True), no code from the file, only
     the argparse.Namespace of 'args' allowed beyond tensors and containers."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -240,6 +242,20 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 tensor.add_(0.02 * noise)
     return model
+
+
+def import_transformers():
+    """transformers and timm for the tests that compare with them; the calling module skips where they are missing,
+    or where this transformers cannot run with this torch (transformers 5 needs torch 2.6; torch 2.4 and 2.5 take
+    transformers 4)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    if not transformers.is_torch_available():
+        pytest.skip(
+            f"transformers {transformers.__version__} does not run with torch {torch.__version__}",
+            allow_module_level=True,
+        )
+    return transformers
 
 
 def hf_folder(path: Path, segmentation: bool = False, seed: int = 0, **config) -> Path:

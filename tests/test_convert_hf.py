@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO_ROOT, hf_folder, randomize, tiny_args, tiny_model
+from helpers import REPO_ROOT, hf_folder, import_transformers, randomize, tiny_args, tiny_model
 from tool_checkpoints import demo_checkpoint
 from tools import convert_hf, predict
 from tools.detector import load_detector
 from util.checkpoint import load_checkpoint
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("timm")
+transformers = import_transformers()
 
 
 @pytest.fixture

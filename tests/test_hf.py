@@ -15,7 +15,7 @@ from PIL import Image
 import datasets
 import hubconf
 import main as main_py
-from helpers import SPEC_DIR, hf_folder, randomize, run_main, tiny_args, tiny_flags, tiny_model
+from helpers import SPEC_DIR, hf_folder, import_transformers, randomize, run_main, tiny_args, tiny_flags, tiny_model
 from models import build_model
 from models.detr import PostProcess
 from tools.detector import checkpoint_args, load_detector
@@ -23,8 +23,7 @@ from util.checkpoint import load_checkpoint
 from util.hf import HFFolderError, read_hf_folder, write_hf_folder
 from util.misc import NestedTensor
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("timm")
+transformers = import_transformers()
 
 TRANSFORMERS_RESNET50 = {
     "model_type": "resnet",
@@ -209,7 +208,14 @@ def test_a_label_count_the_weights_contradict_is_refused(tmp_path):
     [
         ("timm", ()),
         ("transformers", ()),
-        ("timm", ("--position_embedding", "learned")),
+        pytest.param(
+            "timm",
+            ("--position_embedding", "learned"),
+            marks=pytest.mark.skipif(
+                int(transformers.__version__.split(".")[0]) < 5,
+                reason="learned position embeddings are written under transformers 5's name, which 4 does not read",
+            ),
+        ),
         ("timm", ("--masks", "--hidden_dim", "128", "--nheads", "8")),
         # Trained batch norms: in eval mode frozen ones with their running statistics, as transformers' are.
         ("transformers", ("--backbone_norm", "batch")),
@@ -443,7 +449,12 @@ BAD_FOLDERS = {
         lambda g: dict(
             config={
                 **good_config(g),
-                "backbone_config": {**good_config(g)["backbone_config"], "backbone": "efficientnet_b0"},
+                # transformers 4 writes a timm backbone in the flat form (backbone_config null), 5 as a backbone_config.
+                "backbone_config": {
+                    "model_type": "timm_backbone",
+                    **(good_config(g)["backbone_config"] or {}),
+                    "backbone": "efficientnet_b0",
+                },
             }
         ),
         r"config\.json \(backbone_config\): the key 'backbone' is 'efficientnet_b0'",

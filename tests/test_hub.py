@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import pickle
 import urllib.error
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import hubconf
 from helpers import REPO_ROOT, SPEC_DIR, block_network, tiny_model
 from models.detr import DETR, PostProcess
-from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
+from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from, safe_globals
 
 # The published files, as listed in the original README (spec/HUB.md).
 PUBLISHED = {
@@ -233,6 +234,19 @@ def test_load_checkpoint_is_weights_only(tmp_path):
         load_checkpoint(str(path))
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_safe_globals_without_the_context_manager_of_newer_torch(tmp_path, monkeypatch):
+    # torch 2.4 has add_safe_globals only: the allowance holds inside the block and is taken back on leaving it.
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"args": argparse.Namespace(lr=1e-4)}, path)
+    before = set(torch.serialization.get_safe_globals())
+    monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)
+    with safe_globals([argparse.Namespace]):
+        assert torch.load(path, weights_only=True)["args"] == argparse.Namespace(lr=1e-4)
+    assert set(torch.serialization.get_safe_globals()) == before
+    with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+        torch.load(path, weights_only=True)
 
 
 def test_model_state_from_accepts_bare_state_dicts_and_rejects_others():

@@ -24,6 +24,7 @@ from models.segmentation import (
     sigmoid_focal_loss,
 )
 from models.transformer import Transformer
+from util.checkpoint import safe_globals
 from util.misc import nested_tensor_from_tensor_list
 
 LN3 = math.log(3.0)  # sigmoid(LN3) = 0.75
@@ -251,7 +252,7 @@ def test_published_checkpoint_round_trip(r50_panoptic, tmp_path):
     sd = r50_panoptic.state_dict()
     args = argparse.Namespace(masks=True, dataset_file="coco_panoptic", backbone="resnet50", lr=1e-4)
     torch.save({"model": sd, "args": args}, path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with safe_globals([argparse.Namespace]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["args"] == args
     torch.manual_seed(1)

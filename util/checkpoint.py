@@ -55,6 +55,26 @@ def check_checkpoint_file(path) -> None:
         )
 
 
+@contextlib.contextmanager
+def safe_globals(allowed: list):
+    """torch.serialization.safe_globals: within it, weights_only loads may also rebuild the objects `allowed`. An
+    entry may be an (object, 'module.name') pair, for an object saved under another name; torch reads such pairs
+    from 2.6 on, and older ones leave them out. torch 2.4 has no context manager: add_safe_globals, undone on exit."""
+    if torch.__version__ < (2, 6):
+        allowed = [entry for entry in allowed if not isinstance(entry, tuple)]
+    if hasattr(torch.serialization, "safe_globals"):
+        with torch.serialization.safe_globals(allowed):
+            yield
+        return
+    before = list(torch.serialization.get_safe_globals())
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = False) -> dict:
     """torch.load with weights_only=True (no arbitrary code from the file), allowing the argparse.Namespace
     that DETR checkpoints carry under 'args'. A URL is fetched through torch.hub's cache. A local file is
@@ -62,7 +82,7 @@ def load_checkpoint(path_or_url: str, map_location="cpu", check_hash: bool = Fal
     as a Hugging Face DETR model folder (config.json + model.safetensors), converted in memory (util/hf.py)."""
     if not str(path_or_url).startswith(("http://", "https://")) and os.path.isdir(path_or_url):
         return read_hf_folder(path_or_url)
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with safe_globals([argparse.Namespace]):
         if str(path_or_url).startswith(("http://", "https://")):
             try:
                 return torch.hub.load_state_dict_from_url(

@@ -10,6 +10,7 @@ Both return the matplotlib figure and its axes and leave the figure open (a note
 `save_path=` to also write a PNG. `python tools/plot_logs.py OUTPUT_DIR ...` draws both into files.
 """
 
+import codecs
 from pathlib import Path, PurePath
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from util.checkpoint import safe_globals
 from util.visualize import read_log
 
 PathLike = Union[str, PurePath]
@@ -149,7 +151,9 @@ def load_coco_eval(path: PathLike) -> Dict:
         (multiarray.scalar, "numpy._core.multiarray.scalar"),
     ]
     allowed += [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
-    with torch.serialization.safe_globals(allowed):
+    # The byte strings inside the arrays are pickled through codecs.encode; torch allows it by itself from 2.6 on.
+    allowed.append(codecs.encode)
+    with safe_globals(allowed):
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
