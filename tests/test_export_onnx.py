@@ -15,7 +15,13 @@ from tool_checkpoints import demo_checkpoint, run_tool, tiny_checkpoint
 from tools import export_onnx
 from tools.detector import load_detector
 
-pytestmark = pytest.mark.slow  # the dynamo exporter takes ~20 s even for the tiny model
+pytestmark = [
+    pytest.mark.slow,  # the dynamo exporter takes ~20 s even for the tiny model
+    pytest.mark.skipif(
+        not export_onnx.torch_exports_onnx(),
+        reason=f"ONNX export needs torch 2.10 or newer, this is {torch.__version__}",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,11 @@ def test_bad_inputs(tmp_path):
         export_onnx.main(["--hub", "detr_r50", "--output", str(tmp_path / "x.onnx")])
     with pytest.raises(SystemExit, match="does not exist"):
         export_onnx.main(["--resume", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x.onnx")])
+
+
+def test_torch_versions_the_exporter_needs():
+    assert export_onnx.torch_exports_onnx("2.10.0")
+    assert export_onnx.torch_exports_onnx("2.14.1+cu130")
+    assert export_onnx.torch_exports_onnx("3.0.0")
+    assert not export_onnx.torch_exports_onnx("2.9.1+cpu")
+    assert not export_onnx.torch_exports_onnx("2.4.1")

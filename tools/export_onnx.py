@@ -51,8 +51,21 @@ def detection_module(model: nn.Module) -> DetectionOutputs:
     return DetectionOutputs(detr).eval()
 
 
+# Older torch.export refuses the model's dynamic height and width, or has no dynamic_shapes (docs/versions.md).
+ONNX_MIN_TORCH = (2, 10)
+
+
+def torch_exports_onnx(version: str = torch.__version__) -> bool:
+    """Whether this torch (a version string like '2.14.1+cpu') is one whose exporter handles DETR's dynamic sizes."""
+    major, minor = (int(part) for part in version.split("+")[0].split(".")[:2])
+    return (major, minor) >= ONNX_MIN_TORCH
+
+
 def export(module: DetectionOutputs, path, example_size: Sequence[int] = EXAMPLE_SIZE) -> None:
     """Write `module` to the ONNX file `path`, batch, height and width left dynamic."""
+    if not torch_exports_onnx():
+        need = ".".join(map(str, ONNX_MIN_TORCH))
+        raise RuntimeError(f"ONNX export needs torch {need} or newer (this is torch {torch.__version__})")
     position = module.detr.backbone[1]
     # Learned position embeddings have a fixed number of rows and columns (one per feature cell, stride 32).
     max_side = 32 * position.row_embed.num_embeddings if isinstance(position, PositionEmbeddingLearned) else 4096
@@ -136,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise SystemExit(f"{PROG}: error: {e}") from None
     module = detection_module(detector.model)
+    if not torch_exports_onnx():
+        need = ".".join(map(str, ONNX_MIN_TORCH))
+        raise SystemExit(f"{PROG}: error: ONNX export needs torch {need} or newer (this is torch {torch.__version__})")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     export(module, output)
