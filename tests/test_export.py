@@ -7,6 +7,7 @@ from helpers import tiny_model
 from models.backbone import Backbone
 from models.position_encoding import PositionEmbeddingLearned, PositionEmbeddingSine
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
+from tools.export_onnx import torch_exports_onnx
 
 OUTPUTS = ("pred_logits", "pred_boxes")
 
@@ -72,6 +73,11 @@ def test_script_position_embeddings(make):
 # ---------------------------------------------------------------------------------------------- ONNX
 
 
+needs_onnx_exporter = pytest.mark.skipif(
+    not torch_exports_onnx(), reason=f"ONNX export needs torch 2.10 or newer, this is {torch.__version__}"
+)
+
+
 def assert_onnx_export_matches_eager(model, path, extra_outputs: int = 0):
     """Export `model` (eval mode) to ONNX at `path` with dynamic batch, height and width, run it in onnxruntime
     at the exported size and at other ones, and compare OUTPUTS with eager PyTorch (within 1e-4). The graph's
@@ -107,11 +113,13 @@ def assert_onnx_export_matches_eager(model, path, extra_outputs: int = 0):
 
 
 @pytest.mark.slow
+@needs_onnx_exporter
 def test_onnx_export_runs_in_onnxruntime_at_other_sizes(detection_model, tmp_path):
     assert_onnx_export_matches_eager(detection_model, tmp_path / "detr.onnx")
 
 
 @pytest.mark.slow
+@needs_onnx_exporter
 def test_two_stage_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
     """The synthetic detection defaults' query selection (the best distinct proposals, gathers) exports too."""
     model, _, _ = tiny_model(
