@@ -2,6 +2,7 @@
 source (lazy imports inside functions included), has no cycle, and each layer imports only the ones below it."""
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Set
 
@@ -110,7 +111,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 
 def is_script(path: Path) -> bool:
     """A file run as a program (main.py, run_with_submitit.py, the tools, d2/train_net.py)."""
-    return "__main__" in path.read_text()
+    return re.search(r"^if __name__ == [\"']__main__[\"']:", path.read_text(), re.MULTILINE) is not None
 
 
 def top(name: str) -> str:

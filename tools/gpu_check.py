@@ -88,9 +88,9 @@ def sizes(args: Namespace) -> Dict[str, Any]:
 def model_args(args: Namespace) -> Namespace:
     """main.py's flags at their defaults (DETR-R50), random backbone weights (nothing downloaded), on the device;
     with --tiny the tiny sizes."""
-    import main as main_py
+    from main import get_args_parser
 
-    values = dict(vars(main_py.get_args_parser().parse_args([])), backbone_weights="none", device=args.device)
+    values = dict(vars(get_args_parser().parse_args([])), backbone_weights="none", device=args.device)
     if args.tiny:
         values.update(TINY_MODEL)
     return Namespace(**values)
@@ -243,7 +243,7 @@ def train_steps(args: Namespace, dtype_name: str) -> Dict[str, Any]:
     import torch
 
     from engine import optimizer_step, training_losses
-    from main import build_optimizer
+    from models.fast import adamw_options
     from util.amp import AMP_DTYPES, autocast_error, make_grad_scaler, set_numeric_policy
 
     device = torch.device(args.device)
@@ -253,7 +253,17 @@ def train_steps(args: Namespace, dtype_name: str) -> Dict[str, Any]:
         raise RuntimeError(f"{dtype_name} autocast cannot run on {device}: {error}")
     set_numeric_policy(fast=False)
     model, criterion, margs = build_detr(args)
-    optimizer, _ = build_optimizer(model, margs, device)
+    # main.py's optimizer: the backbone at its own learning rate (tools read nothing of main.py but its flags).
+    params = [
+        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {
+            "params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
+            "lr": margs.lr_backbone,
+        },
+    ]
+    optimizer = torch.optim.AdamW(
+        params, lr=margs.lr, weight_decay=margs.weight_decay, **adamw_options(device, exact=not margs.fast)
+    )
     scaler = make_grad_scaler(device, dtype)
     batches = [
         (samples.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets])
