@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
@@ -217,6 +217,15 @@ def _optimizer_step(
     scaler.update()
     # update() lowers the scale exactly when this step found a non-finite gradient and was skipped.
     return scaler._get_scale_async() >= scale
+
+
+def param_groups(model: torch.nn.Module, lr_backbone: float) -> List[Dict[str, Any]]:
+    """DETR's two AdamW parameter groups, as the original builds them: the trainable parameters outside the
+    backbone (at the optimizer's lr), and the backbone's at `lr_backbone`."""
+    return [
+        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad], "lr": lr_backbone},
+    ]
 
 
 def training_losses(

@@ -23,7 +23,7 @@ import datasets
 import util.misc as utils
 from datasets import build_dataset
 from datasets.synthetic import add_synthetic_args
-from engine import enable_compile, evaluate, per_class_table, train_one_epoch
+from engine import enable_compile, evaluate, param_groups, per_class_table, train_one_epoch
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
 from models.train_only import add_train_only_args, check_train_only_args, find_train_only_model
@@ -512,15 +512,11 @@ def buffer_broadcast(model: torch.nn.Module) -> Dict[str, bool]:
 def build_optimizer(model: torch.nn.Module, args, device: torch.device):
     """AdamW with the backbone at its own learning rate, and the --lr_schedule: the step schedule (x0.1 after
     --lr_drop epochs) or a decay over --epochs (util.misc.EpochDecay)."""
-    param_dicts = [
-        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {
-            "params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-            "lr": args.lr_backbone,
-        },
-    ]
     optimizer = torch.optim.AdamW(
-        param_dicts, lr=args.lr, weight_decay=args.weight_decay, **adamw_options(device, exact=not args.fast)
+        param_groups(model, args.lr_backbone),
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        **adamw_options(device, exact=not args.fast),
     )
     if getattr(args, "lr_schedule", "step") != "step":
         return optimizer, utils.EpochDecay(optimizer, args.lr_schedule, args.epochs)

@@ -37,7 +37,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.coco_eval import CocoEvaluator, prepare_for_coco
-from engine import compile_counts, compile_record, enable_compile, optimizer_step, run_model, training_losses
+from engine import (
+    compile_counts,
+    compile_record,
+    enable_compile,
+    optimizer_step,
+    param_groups,
+    run_model,
+    training_losses,
+)
 from main import get_args_parser as get_main_args_parser
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
@@ -162,15 +170,11 @@ class DetrMode:
         self.scaler = make_grad_scaler(device, self.amp)
         if name == "compiled" and not enable_compile(self.model, device):
             raise RuntimeError("torch.compile is unavailable here (see the message above)")
-        params = [
-            {"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
-            {
-                "params": [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad],
-                "lr": args.lr_backbone,
-            },
-        ]
         self.optimizer = torch.optim.AdamW(
-            params, lr=args.lr, weight_decay=args.weight_decay, **adamw_options(device, exact=not fast)
+            param_groups(self.model, args.lr_backbone),
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            **adamw_options(device, exact=not fast),
         )
         self.max_norm = args.clip_max_norm
 

@@ -242,7 +242,7 @@ def train_steps(args: Namespace, dtype_name: str) -> Dict[str, Any]:
 
     import torch
 
-    from engine import optimizer_step, training_losses
+    from engine import optimizer_step, param_groups, training_losses
     from models.fast import adamw_options
     from util.amp import AMP_DTYPES, autocast_error, make_grad_scaler, set_numeric_policy
 
@@ -253,16 +253,11 @@ def train_steps(args: Namespace, dtype_name: str) -> Dict[str, Any]:
         raise RuntimeError(f"{dtype_name} autocast cannot run on {device}: {error}")
     set_numeric_policy(fast=False)
     model, criterion, margs = build_detr(args)
-    # main.py's optimizer: the backbone at its own learning rate (tools read nothing of main.py but its flags).
-    params = [
-        {"params": [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]},
-        {
-            "params": [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad],
-            "lr": margs.lr_backbone,
-        },
-    ]
-    optimizer = torch.optim.AdamW(
-        params, lr=margs.lr, weight_decay=margs.weight_decay, **adamw_options(device, exact=not margs.fast)
+    optimizer = torch.optim.AdamW(  # main.py's optimizer
+        param_groups(model, margs.lr_backbone),
+        lr=margs.lr,
+        weight_decay=margs.weight_decay,
+        **adamw_options(device, exact=not margs.fast),
     )
     scaler = make_grad_scaler(device, dtype)
     batches = [
