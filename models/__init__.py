@@ -85,6 +85,7 @@ def build_model(args):
             dense_queries=args.dense_queries,
             query_init=args.query_init,
             dense_boxes=args.dense_boxes,
+            position_aux=args.position_aux > 0,
             # A stage's channels: each stage doubles them, up to the body's last.
             dense_channels=body.num_channels >> (body.last_layer - int(args.dense_aux[-1]))
             if args.dense_aux.startswith("layer")

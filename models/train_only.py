@@ -15,6 +15,8 @@ here add supervision during training and leave the model that is evaluated, save
                        --dense_boxes absolute makes its boxes absolute rather than offsets from the cell:
                        DETR's decoder reads an object's position from the content of the encoder memory (its
                        attention values carry no position encoding), so the features must know where they are;
+  --position_aux W     every encoder memory cell learns its own position in the image (a linear read-out, L1,
+                       weight W): the same reason, for every cell rather than the cells near objects;
   --query_init grid    the learned queries start as the keys' position code on a grid (an initialization only).
 
 Every extra query set sits in the same decoder pass as the main queries, behind a self-attention mask that keeps
@@ -65,19 +67,23 @@ def check_train_only_args(args) -> None:
         raise ValueError(f"--dense_aux must be none or one of {', '.join(DENSE_LAYERS)}, got {args.dense_aux!r}")
     if args.dense_queries and args.dense_aux == "none":
         raise ValueError("--dense_queries takes the dense head's positives: it needs --dense_aux")
+    if args.position_aux < 0:
+        raise ValueError(f"--position_aux is a loss weight, 0 (off) or more, got {args.position_aux}")
     if args.train_only_epochs < 0:
         raise ValueError(f"--train_only_epochs must be 0 (always on) or more, got {args.train_only_epochs}")
     if not uses_train_only(args):
         return
     if args.two_stage:
         raise ValueError(
-            "--query_groups, --hybrid_queries, --dn_groups and --dense_aux train DETR's learned queries: "
+            "--query_groups, --hybrid_queries, --dn_groups, --dense_aux and --position_aux train DETR's "
+            "learned queries and its encoder: "
             "drop them or --two_stage"
         )
     if args.frozen_weights is not None:
         raise ValueError(
             "--frozen_weights trains the mask head alone; the training-only supervision "
-            "(--query_groups, --hybrid_queries, --dn_groups, --dense_aux) trains the box model: drop one"
+            "(--query_groups, --hybrid_queries, --dn_groups, --dense_aux, --position_aux) trains the box model: "
+            "drop one"
         )
     if args.dense_aux.startswith("layer"):
         stage = int(args.dense_aux[-1])
@@ -94,6 +100,7 @@ def uses_train_only(args) -> bool:
         or getattr(args, "hybrid_queries", 0) > 0
         or getattr(args, "dn_groups", 0) > 0
         or getattr(args, "dense_aux", "none") != "none"
+        or getattr(args, "position_aux", 0.0) > 0
         or getattr(args, "query_init", "random") != "random"
     )
 
@@ -151,6 +158,7 @@ class TrainOnlyDETR(DETR):
         dense_channels: int = 0,
         query_init: str = "random",
         dense_boxes: str = "anchored",
+        position_aux: bool = False,
     ):
         super().__init__(backbone, transformer, num_classes, num_queries, aux_loss)
         d = transformer.d_model
@@ -162,6 +170,7 @@ class TrainOnlyDETR(DETR):
         self.dn_box_noise = dn_box_noise
         self.dense_aux = dense_aux
         self.dense_queries = dense_queries
+        self.position_aux = position_aux
         self.training_targets: Optional[List[Dict[str, Tensor]]] = None
         self._tapped: Dict[str, Tensor] = {}
 
@@ -185,6 +194,8 @@ class TrainOnlyDETR(DETR):
                 body = backbone[0].body
                 getattr(body, dense_aux).register_forward_hook(self._tap_feature)
                 backbone[0].register_forward_pre_hook(self._tap_mask)
+        if position_aux:
+            self.train_only.position_head = nn.Conv2d(d, 2, kernel_size=1)
         if query_init == "grid":
             with torch.no_grad():
                 self.query_embed.weight.copy_(grid_position_codes(num_queries, d))
@@ -250,6 +261,12 @@ class TrainOnlyDETR(DETR):
                 feature_mask = F.interpolate(self._tapped.pop("mask")[None].float(), size=feature.shape[-2:])
                 feature_mask = feature_mask.to(torch.bool)[0]
             extra["dense"] = self.train_only.dense_head(feature, feature_mask)
+        if self.position_aux:
+            extra["position"] = {
+                "pred": self.train_only.position_head(memory_map).float().sigmoid(),
+                "target": cell_centres(mask),
+                "valid": ~mask,
+            }
         if self.dn_groups > 0:
             boxes, labels, known = self._noised_targets(targets)
             content, position = self._box_queries(boxes, labels)
@@ -357,6 +374,17 @@ def grid_position_codes(num: int, d: int, seed: int = 0) -> Tensor:
     return sine_box_code(boxes, d // 2)[:, :d]
 
 
+def cell_centres(mask: Tensor) -> Tensor:
+    """[B, 2, h, w]: each cell's centre (x, y) in the coordinates of DETR's boxes, which are normalized by the
+    image's unpadded size; mask [B, h, w] is True on padding (which lies right and below)."""
+    width = (~mask[:, 0, :]).sum(-1).clamp(min=1).float()
+    height = (~mask[:, :, 0]).sum(-1).clamp(min=1).float()
+    h, w = mask.shape[-2:]
+    xs = (torch.arange(w, device=mask.device, dtype=torch.float32) + 0.5)[None, None, :] / width[:, None, None]
+    ys = (torch.arange(h, device=mask.device, dtype=torch.float32) + 0.5)[None, :, None] / height[:, None, None]
+    return torch.stack([xs.expand(-1, h, -1), ys.expand(-1, -1, w)], dim=1)
+
+
 def block_diagonal_mask(sizes: List[int], device: torch.device) -> Tensor:
     """A boolean self-attention mask [Q, Q] (True: blocked) that lets each of the consecutive blocks of `sizes`
     queries attend within itself only."""
@@ -436,6 +464,11 @@ class TrainOnlyCriterion(SetCriterion):
                 known = extra[name + "_known"]
                 count = self.mean_count(sum(len(q) for q, _ in known), device)
                 losses.update(self._fixed_losses(extra[name], targets, known, count, "_" + name))
+        if "position" in extra:
+            position = extra["position"]
+            error = (position["pred"] - position["target"]).abs().sum(1)  # [B, h, w]
+            valid = position["valid"]
+            losses["loss_position"] = (error * valid).sum() / valid.sum().clamp(min=1)
         if "dense" in extra:
             losses.update(dense_losses(self, extra["dense"], targets, self.dense_radius, num_boxes, "_dense")[0])
         return losses
@@ -488,7 +521,7 @@ def group_matching(
     return indices
 
 
-TRAIN_ONLY_SUFFIXES = ("_groups", "_hybrid", "_dn", "_dense_queries", "_dense")
+TRAIN_ONLY_SUFFIXES = ("_groups", "_hybrid", "_dn", "_dense_queries", "_dense", "_position")
 
 
 def is_train_only_term(key: str) -> bool:
@@ -517,6 +550,8 @@ def train_only_weight_dict(weight_dict: Dict[str, float], args) -> Dict[str, flo
                 out[term + part + key[len(term) :]] = value
     if args.dense_aux != "none":
         out.update({k + "_dense": v for k, v in base.items()})
+    if args.position_aux > 0:
+        out["loss_position"] = args.position_aux
     return out
 
 
@@ -579,6 +614,13 @@ def add_train_only_args(parser) -> None:
         type=int,
         help="P > 0, with --dense_aux: up to P of the dense head's "
         "positive proposals per image enter the decoder as queries in training (Co-DETR)",
+    )
+    group.add_argument(
+        "--position_aux",
+        default=0.0,
+        type=float,
+        help="W > 0: every cell of the encoder memory learns its own position in the image through a linear "
+        "read-out (L1 loss of weight W), so that the attention values the decoder reads tell where they are",
     )
     group.add_argument(
         "--query_init",

@@ -17,6 +17,7 @@ from models.train_only import (
     block_diagonal_mask,
     check_train_only_args,
     group_matching,
+    cell_centres,
     sine_box_code,
 )
 
@@ -27,8 +28,9 @@ METHODS = {
     "denoising": ["--dn_groups", "2"],
     "dense_layer2": ["--dense_aux", "layer2"],
     "dense_encoder_queries": ["--dense_aux", "encoder", "--dense_queries", "6"],
+    "position": ["--position_aux", "1"],
     "all": ["--query_groups", "2", "--hybrid_queries", "5", "--dn_groups", "2", "--dense_aux", "layer3",
-            "--dense_queries", "4"],
+            "--dense_queries", "4", "--position_aux", "0.5"],
 }  # fmt: skip
 NUM_CLASSES = ["--num_classes", "5"]
 
@@ -83,7 +85,7 @@ def test_after_training_eval_outputs_and_state_dict_are_a_plain_detrs(method):
     # The training-only weights are there, and trained.
     train_only = model.train_only_state_dict()
     assert train_only and all(k.split(".")[0] in {"group_embed", "hybrid_embed", "label_embed", "box_embed",
-                                                  "dense_head"} for k in train_only)  # fmt: skip
+                                                  "dense_head", "position_head"} for k in train_only)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,6 +114,38 @@ def test_in_training_the_main_queries_compute_what_they_compute_without_the_extr
             assert outputs["pred_logits"].shape[1] != ours["pred_logits"].shape[1] or not torch.equal(
                 outputs["pred_logits"], ours["pred_logits"]
             )
+
+
+def test_cell_centres_are_in_the_unpadded_images_box_coordinates():
+    mask = torch.zeros(2, 2, 4, dtype=torch.bool)
+    mask[1, :, 3] = True  # the second image is 3 cells wide, the rest padding
+    mask[1, 1, :] = True  # and 1 cell high
+    centres = cell_centres(mask)
+    assert centres.shape == (2, 2, 2, 4)
+    assert torch.allclose(centres[0, 0, 0], torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    assert torch.allclose(centres[0, 1, :, 0], torch.tensor([0.25, 0.75]))
+    assert torch.allclose(centres[1, 0, 0, :3], torch.tensor([1 / 6, 0.5, 5 / 6]))
+    assert torch.allclose(centres[1, 1, 0, 0], torch.tensor(0.5))
+
+
+def test_the_position_loss_is_the_mean_l1_over_unpadded_cells():
+    model, criterion, _ = tiny_model("--position_aux", "2", *NUM_CLASSES)
+    assert criterion.weight_dict["loss_position"] == 2.0
+    model.train()
+    _, targets = batch(4)
+    images = [torch.randn(3, 64, 64), torch.randn(3, 64, 24)]  # the narrow one's second column is padding
+    with utils.training_targets(model, targets):
+        outputs = model(images)
+    position = outputs["train_only"]["position"]
+    valid = position["valid"]
+    assert valid[0].all() and valid[1, :, 0].all() and not valid[1, :, 1].any()
+    errors = (position["pred"] - position["target"]).abs().sum(1)[valid]
+    losses = criterion(outputs, targets)
+    assert torch.allclose(losses["loss_position"], errors.mean())
+    # Its gradient reaches the encoder (the memory the decoder reads), not only the read-out.
+    losses["loss_position"].backward()
+    encoder_grad = model.transformer.encoder.layers[0].linear1.weight.grad
+    assert encoder_grad is not None and encoder_grad.abs().sum() > 0
 
 
 def test_the_attention_mask_keeps_each_block_to_itself():
@@ -231,6 +265,8 @@ def test_the_sine_box_code_is_the_keys_position_code_at_the_box_centre():
         (["--dn_groups", "1", "--dn_label_noise", "2"], "--dn_label_noise"),
         (["--dense_aux", "layer4", "--feature_stride", "16"], "--feature_stride"),
         (["--hybrid_queries", "4", "--masks", "--frozen_weights", "x.pth"], "--frozen_weights"),
+        (["--position_aux", "-1"], "--position_aux"),
+        (["--position_aux", "1", "--two_stage"], "--two_stage"),
     ],
 )
 def test_a_combination_that_cannot_work_stops_before_training_naming_the_flags(flags, named):
