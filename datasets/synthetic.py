@@ -592,9 +592,10 @@ RECIPE = dict(
 )
 # Detection: queries from the proposals of a stride-8 map, no encoder layers, one decoder layer, query NMS; each
 # object supervises the proposals of the cells within one of its centre (up to 9), not only the nearest one.
-# --time_budget: the schedule shrinks where epochs run slower than planned, so that the README's main command
-# ends within 15 minutes on any machine: 12.5 minutes from main.py's start (data generation included; the last
-# epoch may end a few seconds past it), plus the install, 1.5 to 2 minutes (docs/flags.md).
+# --time_budget: a newcomer's first run should end in a known time whatever the CPU's speed, so the schedule
+# shrinks where epochs run slower than planned. 12.5 minutes from main.py's start (data generation included; the
+# last epoch may end a few seconds past it) leave room for installing the requirements, 1.5 to 2 minutes, within a
+# quarter of an hour (docs/flags.md).
 DETECTION_RECIPE = dict(
     RECIPE,
     two_stage=True,

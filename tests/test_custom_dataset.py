@@ -1,4 +1,4 @@
-"""The README's "Train on your own COCO-format dataset", step by step, on the synthetic shapes written as a
+"""The README's "Train or fine-tune on your own data", step by step, on the synthetic shapes written as a
 custom COCO folder: train with --dataset_file coco --coco_path --num_classes, fine-tune with another class
 count, evaluate, predict, plot."""
 

@@ -1,6 +1,6 @@
 """The fault matrix: a run killed anywhere, damaged and hostile checkpoints, a lost process of a distributed run.
 Whatever happens, the run can continue and nothing already saved is lost. (A full disk, a non-finite loss and bad
-annotations are in test_main.py; bad images and boxes in test_coco.py. The README's table lists every case.)"""
+annotations are in test_main.py; bad images and boxes in test_coco.py. docs/checkpoints.md lists every case.)"""
 
 import os
 import re
