@@ -1,5 +1,5 @@
-"""Tests of models/fast.py (the fast path), the folded ResNet blocks of models/backbone.py, the fused attention
-switch of models/transformer.py, --exact and --compile (engine.enable_compile).
+"""Tests of models/fast.py (the fast path: folded ResNet blocks, fused attention, fast dropout), --exact and
+--compile (engine.enable_compile).
 
 The fast path must stay within float rounding of the exact one: outputs and losses within 1e-4, gradients within
 1e-3 relative, on the parity case's configuration and its neighbours (R50, masks, two-stage, pre-norm)."""
@@ -14,9 +14,19 @@ import engine
 import main as main_py
 from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_detr_and_optimizer, tiny_flags
 from models import build_model
-from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
-from models import transformer
-from models.fast import ContiguousWeightGradConv2d, adamw_options, contiguous_weight_grad_convs, enable_fast_path
+from models import fast as fast_path
+from models.backbone import FrozenBatchNorm2d
+from models.fast import (
+    ContiguousWeightGradConv2d,
+    FoldedBasicBlock,
+    FoldedBottleneck,
+    FoldedLayerGetter,
+    FusedMultiheadAttention,
+    adamw_options,
+    contiguous_weight_grad_convs,
+    enable_fast_path,
+    fold_norm_into_conv,
+)
 from util.misc import nested_tensor_from_tensor_list
 
 # The parity case's flags (tests/data/spec/parity/case.json), without the ImageNet weights the default asks for.
@@ -258,7 +268,7 @@ def test_fold_equals_convolution_then_frozen_norm():
         norm.running_mean.copy_(torch.randn(6, generator=g))
         norm.running_var.copy_(torch.rand(6, generator=g) + 0.1)
     x = torch.randn(2, 4, 9, 7, generator=g)
-    weight, bias = norm.fold(conv.weight, conv.bias)
+    weight, bias = fold_norm_into_conv(norm.scale_and_shift(), conv.weight, conv.bias)
     torch.testing.assert_close(conv._conv_forward(x, weight, bias), norm(conv(x)), rtol=1e-5, atol=1e-5)
 
 
@@ -285,7 +295,7 @@ def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
     n = 1_000_003  # not a multiple of 4: the last 64-bit draw is used in part
     x = torch.ones(n, requires_grad=True)
     torch.manual_seed(0)
-    y = transformer.fast_dropout(x, p, True)
+    y = fast_path.fast_dropout(x, p, True)
     dropped = (y == 0).double().mean().item()
     quantized = round(p * 65536) / 65536
     assert abs(dropped - quantized) < 5 * math.sqrt(p * (1 - p) / n), dropped
@@ -293,15 +303,35 @@ def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, scaled
     torch.manual_seed(0)
-    assert torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
-    assert not torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)
+    assert torch.equal(fast_path.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
+    assert not torch.equal(fast_path.fast_dropout(torch.ones(n), p, True), y)
     # Halves of the mask are independent (no period within a tensor).
     first, second = (y[: n // 2] == 0).double(), (y[n // 2 : 2 * (n // 2)] == 0).double()
     assert abs((first * second).mean().item() - dropped**2) < 0.01
-    half = transformer.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
+    half = fast_path.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
     assert half.dtype == torch.bfloat16
     same = torch.randn(5)
-    assert transformer.fast_dropout(same, p, False) is same and transformer.fast_dropout(same, 0.0, True) is same
+    assert fast_path.fast_dropout(same, p, False) is same and fast_path.fast_dropout(same, 0.0, True) is same
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_attention_is_multihead_attention_without_weights(training):
+    """Without dropout, the fast path's attention computes what nn.MultiheadAttention computes when asked for no
+    weights, bit for bit, from the same state_dict."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(32, 4, dropout=0.0)
+    fused = copy.deepcopy(attention)
+    fused.__class__ = FusedMultiheadAttention
+    assert list(fused.state_dict()) == list(attention.state_dict())
+    query, key, value = torch.randn(7, 2, 32), torch.randn(9, 2, 32), torch.randn(9, 2, 32)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    attention.train(training), fused.train(training)
+    expected, _ = attention(query, key, value, key_padding_mask=padding, need_weights=False)
+    got, weights = fused(query, key, value=value, key_padding_mask=padding)  # as the layers call it
+    assert weights is None
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, attention(query, key, value, key_padding_mask=padding)[0])  # the explicit path
 
 
 def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropout_masks(monkeypatch):
@@ -314,8 +344,8 @@ def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropo
     padding[1, 6:] = True
     attention.eval()
     expected = attention(query, key, value, key_padding_mask=padding)[0]
-    monkeypatch.setattr(transformer, "fast_dropout", lambda x, p, training: x)
-    got = transformer.explicit_attention_fast_dropout(
+    monkeypatch.setattr(fast_path, "fast_dropout", lambda x, p, training: x)
+    got = fast_path.explicit_attention_fast_dropout(
         query,
         key,
         value,
@@ -338,10 +368,10 @@ def test_fast_path_trains_with_fast_dropout_in_the_transformer(monkeypatch):
     enable_fast_path(model)
     layers = [*model.transformer.encoder.layers, *model.transformer.decoder.layers]
     assert not any(type(m) is torch.nn.Dropout for layer in layers for m in layer.modules())
-    assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, transformer.FastDropout))
+    assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, fast_path.FastDropout))
     calls = []
-    original = transformer.explicit_attention_fast_dropout
-    monkeypatch.setattr(transformer, "explicit_attention_fast_dropout", lambda *a: calls.append(a[-1]) or original(*a))
+    original = fast_path.explicit_attention_fast_dropout
+    monkeypatch.setattr(fast_path, "explicit_attention_fast_dropout", lambda *a: calls.append(a[-1]) or original(*a))
     images, targets = inputs()
     model.train()
     losses = criterion(model(images), [{k: v for k, v in t.items() if k != "masks"} for t in targets])
@@ -405,7 +435,10 @@ def test_main_runs_the_fast_path_with_fast(monkeypatch, synthetic_root):
     used, _ = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--eval", "--fast", *FROZEN_NORMS))
     assert type(used.backbone[0].body) is FoldedLayerGetter
     assert used.backbone[0].channels_last
-    assert all(layer.fused_attention for layer in used.transformer.encoder.layers)
+    assert all(type(layer.self_attn) is FusedMultiheadAttention for layer in used.transformer.encoder.layers)
+    decoder = used.transformer.decoder.layers
+    assert all(type(layer.multihead_attn) is FusedMultiheadAttention for layer in decoder)
+    assert all(type(layer.self_attn) is torch.nn.MultiheadAttention for layer in decoder)
 
 
 # ------------------------------------------------------------------------------------------------------ --compile
