@@ -1,5 +1,5 @@
 """Tests of models/fast.py (the fast path: folded ResNet blocks, fused attention, fast dropout), --exact and
---compile (engine.enable_compile).
+--compile (util/compile.py).
 
 The fast path must stay within float rounding of the exact one: outputs and losses within 1e-4, gradients within
 1e-3 relative, on the parity case's configuration and its neighbours (R50, masks, two-stage, pre-norm)."""
@@ -12,6 +12,7 @@ import torch
 
 import engine
 import main as main_py
+import util.compile
 from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_detr_and_optimizer, tiny_flags
 from models import build_model
 from models import fast as fast_path
@@ -445,11 +446,11 @@ def test_main_runs_the_fast_path_with_fast(monkeypatch, synthetic_root):
 
 
 def test_compile_unavailable_falls_back_with_a_message(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: None)
     model, _, _ = build_model(tiny_args())
-    assert engine.enable_compile(model, torch.device("cpu")) is False
+    assert util.compile.enable_compile(model, torch.device("cpu")) is False
     assert "no C++ compiler" in capsys.readouterr().out
-    assert engine.forward_function(model) is model
+    assert util.compile.forward_function(model) is model
 
 
 def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys):
@@ -459,22 +460,22 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
 
         return call
 
-    monkeypatch.setattr(engine.torch, "compile", failing_compile)
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", failing_compile)
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
     torch.manual_seed(0)
     model, _, _ = build_model(tiny_args())
     model.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        assert engine.enable_compile(model, torch.device("cpu"))
+        assert util.compile.enable_compile(model, torch.device("cpu"))
         out = engine.run_model(model, x, torch.device("cpu"))
     assert "torch.compile failed in the forward pass (InternalTorchDynamoError: simulated failure)" in (
         capsys.readouterr().out
     )
-    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the forward pass")
+    assert util.compile.compile_record(model)["fallback"].startswith("torch.compile failed in the forward pass")
     assert torch.equal(out["pred_boxes"], expected["pred_boxes"])
-    assert engine.forward_function(model) is model  # eager from now on
+    assert util.compile.forward_function(model) is model  # eager from now on
 
 
 class SimulatedInductorError(RuntimeError):
@@ -518,22 +519,22 @@ def training_batch():
 
 
 def test_a_compile_failure_in_backward_falls_back_and_takes_the_step_eagerly(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
     error = SimulatedInductorError("simulated backward failure")
-    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(error))
+    monkeypatch.setattr(util.compile.torch, "compile", compile_with_failing_backward(error))
     cpu = torch.device("cpu")
     args = tiny_args()
     model, criterion, _, optimizer = tiny_detr_and_optimizer(args)
     eager, eager_criterion, _, eager_optimizer = tiny_detr_and_optimizer(args)
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     stats = engine.train_one_epoch(model, criterion, [training_batch()], optimizer, cpu, epoch=0, max_norm=0.1)
     expected = engine.train_one_epoch(eager, eager_criterion, [training_batch()], eager_optimizer, cpu, 0, 0.1)
     printed = capsys.readouterr().out
     assert (
         "--compile: torch.compile failed in the backward pass (SimulatedInductorError: simulated backward " in printed
     )
-    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the backward pass")
-    assert engine.forward_function(model) is model  # eager from now on
+    assert util.compile.compile_record(model)["fallback"].startswith("torch.compile failed in the backward pass")
+    assert util.compile.forward_function(model) is model  # eager from now on
     # The step was taken from the eager forward pass: the weights are those of a run never compiled.
     assert stats["loss"] == expected["loss"]
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
@@ -541,30 +542,30 @@ def test_a_compile_failure_in_backward_falls_back_and_takes_the_step_eagerly(mon
 
 
 def test_the_models_own_error_in_backward_is_raised(monkeypatch):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(ValueError("the model's own")))
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", compile_with_failing_backward(ValueError("the model's own")))
     model, criterion, _, optimizer = tiny_detr_and_optimizer(tiny_args())
-    assert engine.enable_compile(model, torch.device("cpu"))
+    assert util.compile.enable_compile(model, torch.device("cpu"))
     with pytest.raises(ValueError, match="the model's own"):
         engine.train_one_epoch(model, criterion, [training_batch()], optimizer, torch.device("cpu"), 0, 0.1)
-    assert engine.compile_record(model)["fallback"] is None
+    assert util.compile.compile_record(model)["fallback"] is None
 
 
 def test_hitting_the_recompile_limit_is_said_and_recorded(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(engine.torch, "compile", lambda model, **kwargs: lambda samples: model(samples))
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", lambda model, **kwargs: lambda samples: model(samples))
     hits = iter([0, 1, 1, 1, 1, 3])  # dynamo's count before and after each call
-    monkeypatch.setattr(engine, "compile_counts", lambda: {"recompile_limit_hits": next(hits)})
+    monkeypatch.setattr(util.compile, "compile_counts", lambda: {"recompile_limit_hits": next(hits)})
     model, _, _ = build_model(tiny_args())
     model.eval()
     cpu = torch.device("cpu")
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     with torch.no_grad():
         for _ in range(3):
             engine.run_model(model, torch.randn(1, 3, 64, 64), cpu)
     printed = capsys.readouterr().out
     assert printed.count("--compile: torch.compile reached its recompile limit") == 1  # said once
-    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 3}  # every hit recorded
+    assert util.compile.compile_record(model) == {"fallback": None, "recompile_limit_hits": 3}  # every hit recorded
 
 
 def test_compile_counts_reads_dynamos_tallies(monkeypatch):
@@ -577,7 +578,7 @@ def test_compile_counts_reads_dynamos_tallies(monkeypatch):
     counters["unimplemented"].update({"Dynamo recompile limit exceeded ...": 2, "a graph break": 7})
     monkeypatch.setattr(utils, "counters", counters)
     monkeypatch.setattr(convert_frame, "FRAME_COMPILE_COUNTER", Counter({0: 4, 1: 1}))
-    assert engine.compile_counts() == {
+    assert util.compile.compile_counts() == {
         "frames_compiled": 4,
         "frames_failed": 1,
         "recompiles": 3,
@@ -587,8 +588,8 @@ def test_compile_counts_reads_dynamos_tallies(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    engine.compile_unavailable_reason(torch.device("cpu")) != "",
-    reason=f"torch.compile cannot run here: {engine.compile_unavailable_reason(torch.device('cpu'))}",
+    util.compile.compile_unavailable_reason(torch.device("cpu")) != "",
+    reason=f"torch.compile cannot run here: {util.compile.compile_unavailable_reason(torch.device('cpu'))}",
 )
 def test_compiled_model_matches_eager_across_image_sizes():
     torch.manual_seed(0)
@@ -597,7 +598,7 @@ def test_compiled_model_matches_eager_across_image_sizes():
     enable_fast_path(model).eval()
     eager = copy.deepcopy(model)
     cpu = torch.device("cpu")
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     with torch.no_grad():
         # Two sizes, one compilation (dynamic shapes), and a padded batch. All of 2 images: a batch of 1 would be
         # specialized and compiled again for the batch of 2.
@@ -610,6 +611,6 @@ def test_compiled_model_matches_eager_across_image_sizes():
             for key in ("pred_logits", "pred_boxes"):
                 torch.testing.assert_close(out[key], expected[key], rtol=1e-4, atol=1e-4)
     assert getattr(model, "compile_forward", False), "compile fell back to eager"
-    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 0}
+    assert util.compile.compile_record(model) == {"fallback": None, "recompile_limit_hits": 0}
     # The state_dict keys stay those of the plain model (no _orig_mod prefix).
     assert list(model.state_dict()) == list(eager.state_dict())
