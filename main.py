@@ -23,7 +23,7 @@ import datasets
 import util.misc as utils
 from datasets import build_dataset
 from datasets.synthetic import add_synthetic_args
-from engine import enable_compile, evaluate, param_groups, per_class_table, train_one_epoch
+from engine import evaluate, param_groups, per_class_table, train_one_epoch
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
 from models.train_only import add_train_only_args, check_train_only_args, find_train_only_model
@@ -46,6 +46,7 @@ from util.checkpoint import (
     save_checkpoint,
 )
 from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler, set_numeric_policy
+from util.compile import enable_compile
 from util.ema import ModelEMA
 from util.misc import SameSizeBatchSampler, choose_device
 from util.tensorboard import evaluation_scalars, open_writer, write_scalars

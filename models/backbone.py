@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import Bottleneck
 
 from util.misc import NestedTensor, is_main_process
 
@@ -49,83 +49,6 @@ class FrozenBatchNorm2d(nn.Module):
         # Fold into one scale and shift: fewer ops, and the reshapes keep it fuser-friendly.
         scale, shift = self.scale_and_shift()
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-
-    def fold(self, conv_weight: Tensor, conv_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """The weight and bias of one convolution doing what the convolution of conv_weight (and conv_bias)
-        followed by this norm does. Computed at every call from the conv's live weight, so gradients still
-        reach it and the state_dict keeps its two modules (see fold_frozen_batch_norms)."""
-        scale, shift = self.scale_and_shift()
-        weight = conv_weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv_bias is None else conv_bias * scale + shift
-        return weight, bias
-
-
-# The folded blocks below spell out each (conv, norm) pair: TorchScript cannot pass modules to a helper.
-
-
-class FoldedBasicBlock(BasicBlock):
-    """torchvision's BasicBlock (resnet18/34) with each FrozenBatchNorm2d folded into the convolution before it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.bn1.fold(self.conv1.weight, self.conv1.bias)
-        out = self.relu(self.conv1._conv_forward(x, weight, bias))
-        weight, bias = self.bn2.fold(self.conv2.weight, self.conv2.bias)
-        out = self.conv2._conv_forward(out, weight, bias)
-        if self.downsample is not None:
-            conv, bn = self.downsample[0], self.downsample[1]
-            weight, bias = bn.fold(conv.weight, conv.bias)
-            x = conv._conv_forward(x, weight, bias)
-        out += x  # in place, as torchvision's blocks add (the convolution's output is saved by no backward)
-        return self.relu(out)
-
-
-class FoldedBottleneck(Bottleneck):
-    """torchvision's Bottleneck (resnet50 and up) with each FrozenBatchNorm2d folded into the convolution before
-    it."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.bn1.fold(self.conv1.weight, self.conv1.bias)
-        out = self.relu(self.conv1._conv_forward(x, weight, bias))
-        weight, bias = self.bn2.fold(self.conv2.weight, self.conv2.bias)
-        out = self.relu(self.conv2._conv_forward(out, weight, bias))
-        weight, bias = self.bn3.fold(self.conv3.weight, self.conv3.bias)
-        out = self.conv3._conv_forward(out, weight, bias)
-        if self.downsample is not None:
-            conv, bn = self.downsample[0], self.downsample[1]
-            weight, bias = bn.fold(conv.weight, conv.bias)
-            x = conv._conv_forward(x, weight, bias)
-        out += x
-        return self.relu(out)
-
-
-class FoldedLayerGetter(IntermediateLayerGetter):
-    """IntermediateLayerGetter whose stem runs conv1 and its FrozenBatchNorm2d bn1 as one convolution."""
-
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        out: Dict[str, Tensor] = {}
-        for name, module in self.items():
-            if name == "conv1":
-                weight, bias = self.bn1.fold(self.conv1.weight, self.conv1.bias)
-                x = self.conv1._conv_forward(x, weight, bias)
-            elif name != "bn1":
-                x = module(x)
-            if name in self.return_layers:
-                out[self.return_layers[name]] = x
-        return out
-
-
-def fold_frozen_batch_norms(body: IntermediateLayerGetter) -> None:
-    """Run every (convolution, FrozenBatchNorm2d) pair of a ResNet body as one convolution, in place.
-
-    Only the modules' classes change: weights, buffers and state_dict keys stay as they are, and the folded
-    weight is recomputed at every forward, so training, loading and saving work as before. Results equal the
-    unfolded ones up to float rounding (about 1e-6 relative)."""
-    if not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules()):
-        return  # --backbone_norm batch: trainable norms use batch statistics in training and cannot fold
-    folded = {BasicBlock: FoldedBasicBlock, Bottleneck: FoldedBottleneck, IntermediateLayerGetter: FoldedLayerGetter}
-    for module in body.modules():
-        if type(module) in folded:
-            module.__class__ = folded[type(module)]
 
 
 class BackboneBase(nn.Module):

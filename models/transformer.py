@@ -13,84 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-# The attention layers keep nn.MultiheadAttention's default need_weights=True path (explicit bmm + softmax)
-# rather than the fused kernel: it reproduces the original's numbers bit for bit, including the gradients of
-# the first decoder self-attention, which are pure rounding noise (its values are all zero).
-# The fast path (models.fast.enable_fast_path) sets `fused_attention` on the layers: the encoder's
-# self-attention and the decoder's cross-attention, where nearly all of the attention's time goes, then run
-# through scaled_dot_product_attention (need_weights=False), or in training on the CPU through
-# explicit_attention_fast_dropout. The decoder's self-attention keeps the explicit path: over
-# num_queries tokens it costs nothing, and its noise gradients then stay the original's.
-
-
-def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Dropout for the fast path on the CPU, where torch's bernoulli_ draws one double per element on one
-    thread (about 8 ms per million elements on the project's CPU; this takes about 1.5 ms): every 64-bit draw
-    of the default generator gives four 16-bit numbers, each element kept when its number is at or above the
-    drop threshold. Elements are dropped with probability round(p * 65536) / 65536 (0.100006 for p = 0.1), the
-    kept ones scaled by 1 / (1 - p) as F.dropout scales them. Elsewhere (a GPU, TorchScript) it is F.dropout."""
-    if not training or p == 0.0:
-        return x
-    if torch.jit.is_scripting() or x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training)
-    return x * _keep_mask(x, p)
-
-
-@torch.jit.unused
-def _keep_mask(x: Tensor, p: float) -> Tensor:
-    """fast_dropout's mask: 1 / (1 - p) where an element is kept, 0 where dropped, in x's dtype."""
-    n = x.numel()
-    # random_ from -(2 ** 63) with no upper bound draws all 64 bits.
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    uniform = bits.view(torch.int16)[:n].reshape(x.shape).to(torch.float32)  # integers in [-32768, 32767]
-    threshold = float(round(p * 65536) - 32768)
-    # Integers: (u - threshold + 1) clamped to [0, 1] is 1 where u >= threshold and 0 below it.
-    return uniform.sub_(threshold - 1.0).clamp_(0.0, 1.0).mul_(1.0 / (1.0 - p)).to(x.dtype)
-
-
-class FastDropout(nn.Dropout):
-    """nn.Dropout through fast_dropout (the fast path swaps it in)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training)
-
-
-def explicit_attention_fast_dropout(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_padding_mask: Optional[Tensor],
-    in_proj_weight: Tensor,
-    in_proj_bias: Tensor,
-    out_proj_weight: Tensor,
-    out_proj_bias: Tensor,
-    num_heads: int,
-    dropout: float,
-) -> Tensor:
-    """nn.MultiheadAttention's explicit path (sequence-first, no attention mask) in training, with fast_dropout
-    on the attention weights. On the CPU, scaled_dot_product_attention with dropout falls back to this same
-    explicit attention, with bernoulli_ dropout."""
-    tgt_len, batch, embed = query.shape
-    head_dim = embed // num_heads
-    q = F.linear(query, in_proj_weight[:embed], in_proj_bias[:embed])
-    k = F.linear(key, in_proj_weight[embed : 2 * embed], in_proj_bias[embed : 2 * embed])
-    v = F.linear(value, in_proj_weight[2 * embed :], in_proj_bias[2 * embed :])
-    q = q.reshape(tgt_len, batch * num_heads, head_dim).transpose(0, 1) * (float(head_dim) ** -0.5)
-    k = k.reshape(k.shape[0], batch * num_heads, head_dim).transpose(0, 1)
-    v = v.reshape(v.shape[0], batch * num_heads, head_dim).transpose(0, 1)
-    scores = torch.bmm(q, k.transpose(1, 2))
-    if key_padding_mask is not None:
-        padding = key_padding_mask.view(batch, 1, 1, -1).expand(-1, num_heads, -1, -1)
-        scores = scores.masked_fill(padding.reshape(batch * num_heads, 1, -1), float("-inf"))
-    weights = fast_dropout(torch.softmax(scores, dim=-1), dropout, True)
-    out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len, batch, embed)
-    return F.linear(out, out_proj_weight, out_proj_bias)
-
-
-def fast_dropout_applies(training: bool, p: float, x: Tensor) -> bool:
-    """Whether a fused attention layer takes explicit_attention_fast_dropout: training with dropout on the CPU
-    (never under TorchScript)."""
-    return training and p > 0.0 and x.device.type == "cpu" and not torch.jit.is_scripting()
+# The attention layers call nn.MultiheadAttention with its default need_weights=True (explicit bmm + softmax)
+# rather than the fused kernel: it reproduces the original's numbers bit for bit, including the gradients of the
+# first decoder self-attention, which are pure rounding noise (its values are all zero). models/fast.py swaps in
+# the fused kernel (--fast).
 
 
 def with_pos_embed(tensor: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -241,30 +167,6 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
-        self.fused_attention = False  # see the note at the top
-
-    # The same dispatch as TransformerDecoderLayer.cross_attention: TorchScript cannot pass modules to a helper.
-    def self_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]
-    ) -> Tensor:
-        attn = self.self_attn
-        if self.fused_attention and src_mask is None:
-            if fast_dropout_applies(attn.training, attn.dropout, q):
-                assert attn.in_proj_weight is not None and attn.in_proj_bias is not None
-                return explicit_attention_fast_dropout(
-                    q,
-                    k,
-                    v,
-                    src_key_padding_mask,
-                    attn.in_proj_weight,
-                    attn.in_proj_bias,
-                    attn.out_proj.weight,
-                    attn.out_proj.bias,
-                    attn.num_heads,
-                    attn.dropout,
-                )
-            return attn(q, k, value=v, key_padding_mask=src_key_padding_mask, need_weights=False)[0]
-        return attn(q, k, value=v, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
 
     def forward_post(
         self,
@@ -274,7 +176,7 @@ class TransformerEncoderLayer(nn.Module):
         pos: Optional[Tensor] = None,
     ) -> Tensor:
         q = k = with_pos_embed(src, pos)
-        src2 = self.self_attention(q, k, src, src_mask, src_key_padding_mask)
+        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
         src = self.norm1(src + self.dropout1(src2))
         src2 = self.linear2(self.dropout(self.activation(self.linear1(src))))
         return self.norm2(src + self.dropout2(src2))
@@ -288,7 +190,7 @@ class TransformerEncoderLayer(nn.Module):
     ) -> Tensor:
         src2 = self.norm1(src)
         q = k = with_pos_embed(src2, pos)
-        src2 = self.self_attention(q, k, src2, src_mask, src_key_padding_mask)
+        src2 = self.self_attn(q, k, value=src2, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
         src = src + self.dropout1(src2)
         src2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm2(src)))))
         return src + self.dropout2(src2)
@@ -331,29 +233,6 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
-        self.fused_attention = False  # the cross-attention's; see the note at the top
-
-    def cross_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, memory_mask: Optional[Tensor], memory_key_padding_mask: Optional[Tensor]
-    ) -> Tensor:
-        attn = self.multihead_attn
-        if self.fused_attention and memory_mask is None:
-            if fast_dropout_applies(attn.training, attn.dropout, q):
-                assert attn.in_proj_weight is not None and attn.in_proj_bias is not None
-                return explicit_attention_fast_dropout(
-                    q,
-                    k,
-                    v,
-                    memory_key_padding_mask,
-                    attn.in_proj_weight,
-                    attn.in_proj_bias,
-                    attn.out_proj.weight,
-                    attn.out_proj.bias,
-                    attn.num_heads,
-                    attn.dropout,
-                )
-            return attn(q, k, value=v, key_padding_mask=memory_key_padding_mask, need_weights=False)[0]
-        return attn(q, k, value=v, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask)[0]
 
     def forward_post(
         self,
@@ -369,9 +248,13 @@ class TransformerDecoderLayer(nn.Module):
         q = k = with_pos_embed(tgt, query_pos)
         tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.cross_attention(
-            with_pos_embed(tgt, query_pos), with_pos_embed(memory, pos), memory, memory_mask, memory_key_padding_mask
-        )
+        tgt2 = self.multihead_attn(
+            with_pos_embed(tgt, query_pos),
+            with_pos_embed(memory, pos),
+            value=memory,
+            attn_mask=memory_mask,
+            key_padding_mask=memory_key_padding_mask,
+        )[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(tgt2))
@@ -392,9 +275,13 @@ class TransformerDecoderLayer(nn.Module):
         tgt2 = self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
         tgt = tgt + self.dropout1(tgt2)
         tgt2 = self.norm2(tgt)
-        tgt2 = self.cross_attention(
-            with_pos_embed(tgt2, query_pos), with_pos_embed(memory, pos), memory, memory_mask, memory_key_padding_mask
-        )
+        tgt2 = self.multihead_attn(
+            with_pos_embed(tgt2, query_pos),
+            with_pos_embed(memory, pos),
+            value=memory,
+            attn_mask=memory_mask,
+            key_padding_mask=memory_key_padding_mask,
+        )[0]
         tgt = tgt + self.dropout2(tgt2)
         tgt2 = self.linear2(self.dropout(self.activation(self.linear1(self.norm3(tgt)))))
         return tgt + self.dropout3(tgt2)

@@ -104,7 +104,7 @@ SimulatedDynamoError.__module__ = "torch._dynamo.exc"
 @pytest.mark.parametrize("outcome", ["compiled", "recompile_limit", "compile_fails"])
 def test_the_compiled_rows_say_whether_the_compiled_graph_ran(tool, monkeypatch, capsys, outcome):
     """torch.compile stood in for by a twin that counts as dynamo would (a real compilation takes minutes here)."""
-    import engine
+    import util.compile
 
     counts = {"frames_compiled": 0, "frames_failed": 0, "recompiles": 0, "recompile_limit_hits": 0}
 
@@ -125,10 +125,10 @@ def test_the_compiled_rows_say_whether_the_compiled_graph_ran(tool, monkeypatch,
         compiled_for = set()
         return call
 
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(engine.torch, "compile", stand_in_compile)
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", stand_in_compile)
     monkeypatch.setattr(tool, "compile_counts", lambda: dict(counts))
-    monkeypatch.setattr(engine, "compile_counts", lambda: dict(counts))
+    monkeypatch.setattr(util.compile, "compile_counts", lambda: dict(counts))
     results = tool.main(["--tiny", "--device", "cpu", "--modes", "compiled", "--skip", "throughput,coco_eval,pipeline"])
     inference, train = results["rows"]["inference"]["compiled"], results["rows"]["train"]["compiled"]
     assert "compiled_graph_ran" not in results["rows"]["inference"]["exact"]

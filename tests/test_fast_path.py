@@ -1,5 +1,5 @@
-"""Tests of models/fast.py (the fast path), the folded ResNet blocks of models/backbone.py, the fused attention
-switch of models/transformer.py, --exact and --compile (engine.enable_compile).
+"""Tests of models/fast.py (the fast path: folded ResNet blocks, fused attention, fast dropout), --exact and
+--compile (util/compile.py).
 
 The fast path must stay within float rounding of the exact one: outputs and losses within 1e-4, gradients within
 1e-3 relative, on the parity case's configuration and its neighbours (R50, masks, two-stage, pre-norm)."""
@@ -12,11 +12,22 @@ import torch
 
 import engine
 import main as main_py
+import util.compile
 from helpers import MASK_HEAD_FLAGS, run_main, tiny_args, tiny_detr_and_optimizer, tiny_flags
 from models import build_model
-from models.backbone import FoldedBasicBlock, FoldedBottleneck, FoldedLayerGetter, FrozenBatchNorm2d
-from models import transformer
-from models.fast import ContiguousWeightGradConv2d, adamw_options, contiguous_weight_grad_convs, enable_fast_path
+from models import fast as fast_path
+from models.backbone import FrozenBatchNorm2d
+from models.fast import (
+    ContiguousWeightGradConv2d,
+    FoldedBasicBlock,
+    FoldedBottleneck,
+    FoldedLayerGetter,
+    FusedMultiheadAttention,
+    adamw_options,
+    contiguous_weight_grad_convs,
+    enable_fast_path,
+    fold_norm_into_conv,
+)
 from util.misc import nested_tensor_from_tensor_list
 
 # The parity case's flags (tests/data/spec/parity/case.json), without the ImageNet weights the default asks for.
@@ -258,7 +269,7 @@ def test_fold_equals_convolution_then_frozen_norm():
         norm.running_mean.copy_(torch.randn(6, generator=g))
         norm.running_var.copy_(torch.rand(6, generator=g) + 0.1)
     x = torch.randn(2, 4, 9, 7, generator=g)
-    weight, bias = norm.fold(conv.weight, conv.bias)
+    weight, bias = fold_norm_into_conv(norm.scale_and_shift(), conv.weight, conv.bias)
     torch.testing.assert_close(conv._conv_forward(x, weight, bias), norm(conv(x)), rtol=1e-5, atol=1e-5)
 
 
@@ -285,7 +296,7 @@ def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
     n = 1_000_003  # not a multiple of 4: the last 64-bit draw is used in part
     x = torch.ones(n, requires_grad=True)
     torch.manual_seed(0)
-    y = transformer.fast_dropout(x, p, True)
+    y = fast_path.fast_dropout(x, p, True)
     dropped = (y == 0).double().mean().item()
     quantized = round(p * 65536) / 65536
     assert abs(dropped - quantized) < 5 * math.sqrt(p * (1 - p) / n), dropped
@@ -293,15 +304,35 @@ def test_fast_dropout_drops_at_rate_p_and_scales_the_kept_elements(p):
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient is the same mask, scaled
     torch.manual_seed(0)
-    assert torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
-    assert not torch.equal(transformer.fast_dropout(torch.ones(n), p, True), y)
+    assert torch.equal(fast_path.fast_dropout(torch.ones(n), p, True), y)  # the default generator decides
+    assert not torch.equal(fast_path.fast_dropout(torch.ones(n), p, True), y)
     # Halves of the mask are independent (no period within a tensor).
     first, second = (y[: n // 2] == 0).double(), (y[n // 2 : 2 * (n // 2)] == 0).double()
     assert abs((first * second).mean().item() - dropped**2) < 0.01
-    half = transformer.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
+    half = fast_path.fast_dropout(torch.ones(8, dtype=torch.bfloat16), p, True)
     assert half.dtype == torch.bfloat16
     same = torch.randn(5)
-    assert transformer.fast_dropout(same, p, False) is same and transformer.fast_dropout(same, 0.0, True) is same
+    assert fast_path.fast_dropout(same, p, False) is same and fast_path.fast_dropout(same, 0.0, True) is same
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_attention_is_multihead_attention_without_weights(training):
+    """Without dropout, the fast path's attention computes what nn.MultiheadAttention computes when asked for no
+    weights, bit for bit, from the same state_dict."""
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(32, 4, dropout=0.0)
+    fused = copy.deepcopy(attention)
+    fused.__class__ = FusedMultiheadAttention
+    assert list(fused.state_dict()) == list(attention.state_dict())
+    query, key, value = torch.randn(7, 2, 32), torch.randn(9, 2, 32), torch.randn(9, 2, 32)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    attention.train(training), fused.train(training)
+    expected, _ = attention(query, key, value, key_padding_mask=padding, need_weights=False)
+    got, weights = fused(query, key, value=value, key_padding_mask=padding)  # as the layers call it
+    assert weights is None
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, attention(query, key, value, key_padding_mask=padding)[0])  # the explicit path
 
 
 def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropout_masks(monkeypatch):
@@ -314,8 +345,8 @@ def test_explicit_attention_fast_dropout_is_multihead_attention_with_other_dropo
     padding[1, 6:] = True
     attention.eval()
     expected = attention(query, key, value, key_padding_mask=padding)[0]
-    monkeypatch.setattr(transformer, "fast_dropout", lambda x, p, training: x)
-    got = transformer.explicit_attention_fast_dropout(
+    monkeypatch.setattr(fast_path, "fast_dropout", lambda x, p, training: x)
+    got = fast_path.explicit_attention_fast_dropout(
         query,
         key,
         value,
@@ -338,10 +369,10 @@ def test_fast_path_trains_with_fast_dropout_in_the_transformer(monkeypatch):
     enable_fast_path(model)
     layers = [*model.transformer.encoder.layers, *model.transformer.decoder.layers]
     assert not any(type(m) is torch.nn.Dropout for layer in layers for m in layer.modules())
-    assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, transformer.FastDropout))
+    assert all(m.p == 0.1 for layer in layers for m in layer.modules() if isinstance(m, fast_path.FastDropout))
     calls = []
-    original = transformer.explicit_attention_fast_dropout
-    monkeypatch.setattr(transformer, "explicit_attention_fast_dropout", lambda *a: calls.append(a[-1]) or original(*a))
+    original = fast_path.explicit_attention_fast_dropout
+    monkeypatch.setattr(fast_path, "explicit_attention_fast_dropout", lambda *a: calls.append(a[-1]) or original(*a))
     images, targets = inputs()
     model.train()
     losses = criterion(model(images), [{k: v for k, v in t.items() if k != "masks"} for t in targets])
@@ -405,18 +436,21 @@ def test_main_runs_the_fast_path_with_fast(monkeypatch, synthetic_root):
     used, _ = used_model(monkeypatch, tiny_flags(synthetic_root, "", "--eval", "--fast", *FROZEN_NORMS))
     assert type(used.backbone[0].body) is FoldedLayerGetter
     assert used.backbone[0].channels_last
-    assert all(layer.fused_attention for layer in used.transformer.encoder.layers)
+    assert all(type(layer.self_attn) is FusedMultiheadAttention for layer in used.transformer.encoder.layers)
+    decoder = used.transformer.decoder.layers
+    assert all(type(layer.multihead_attn) is FusedMultiheadAttention for layer in decoder)
+    assert all(type(layer.self_attn) is torch.nn.MultiheadAttention for layer in decoder)
 
 
 # ------------------------------------------------------------------------------------------------------ --compile
 
 
 def test_compile_unavailable_falls_back_with_a_message(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: None)
     model, _, _ = build_model(tiny_args())
-    assert engine.enable_compile(model, torch.device("cpu")) is False
+    assert util.compile.enable_compile(model, torch.device("cpu")) is False
     assert "no C++ compiler" in capsys.readouterr().out
-    assert engine.forward_function(model) is model
+    assert util.compile.forward_function(model) is model
 
 
 def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys):
@@ -426,22 +460,22 @@ def test_compile_failure_falls_back_to_eager_with_a_message(monkeypatch, capsys)
 
         return call
 
-    monkeypatch.setattr(engine.torch, "compile", failing_compile)
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", failing_compile)
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
     torch.manual_seed(0)
     model, _, _ = build_model(tiny_args())
     model.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
-        assert engine.enable_compile(model, torch.device("cpu"))
+        assert util.compile.enable_compile(model, torch.device("cpu"))
         out = engine.run_model(model, x, torch.device("cpu"))
     assert "torch.compile failed in the forward pass (InternalTorchDynamoError: simulated failure)" in (
         capsys.readouterr().out
     )
-    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the forward pass")
+    assert util.compile.compile_record(model)["fallback"].startswith("torch.compile failed in the forward pass")
     assert torch.equal(out["pred_boxes"], expected["pred_boxes"])
-    assert engine.forward_function(model) is model  # eager from now on
+    assert util.compile.forward_function(model) is model  # eager from now on
 
 
 class SimulatedInductorError(RuntimeError):
@@ -485,22 +519,22 @@ def training_batch():
 
 
 def test_a_compile_failure_in_backward_falls_back_and_takes_the_step_eagerly(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
     error = SimulatedInductorError("simulated backward failure")
-    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(error))
+    monkeypatch.setattr(util.compile.torch, "compile", compile_with_failing_backward(error))
     cpu = torch.device("cpu")
     args = tiny_args()
     model, criterion, _, optimizer = tiny_detr_and_optimizer(args)
     eager, eager_criterion, _, eager_optimizer = tiny_detr_and_optimizer(args)
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     stats = engine.train_one_epoch(model, criterion, [training_batch()], optimizer, cpu, epoch=0, max_norm=0.1)
     expected = engine.train_one_epoch(eager, eager_criterion, [training_batch()], eager_optimizer, cpu, 0, 0.1)
     printed = capsys.readouterr().out
     assert (
         "--compile: torch.compile failed in the backward pass (SimulatedInductorError: simulated backward " in printed
     )
-    assert engine.compile_record(model)["fallback"].startswith("torch.compile failed in the backward pass")
-    assert engine.forward_function(model) is model  # eager from now on
+    assert util.compile.compile_record(model)["fallback"].startswith("torch.compile failed in the backward pass")
+    assert util.compile.forward_function(model) is model  # eager from now on
     # The step was taken from the eager forward pass: the weights are those of a run never compiled.
     assert stats["loss"] == expected["loss"]
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
@@ -508,30 +542,30 @@ def test_a_compile_failure_in_backward_falls_back_and_takes_the_step_eagerly(mon
 
 
 def test_the_models_own_error_in_backward_is_raised(monkeypatch):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(engine.torch, "compile", compile_with_failing_backward(ValueError("the model's own")))
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", compile_with_failing_backward(ValueError("the model's own")))
     model, criterion, _, optimizer = tiny_detr_and_optimizer(tiny_args())
-    assert engine.enable_compile(model, torch.device("cpu"))
+    assert util.compile.enable_compile(model, torch.device("cpu"))
     with pytest.raises(ValueError, match="the model's own"):
         engine.train_one_epoch(model, criterion, [training_batch()], optimizer, torch.device("cpu"), 0, 0.1)
-    assert engine.compile_record(model)["fallback"] is None
+    assert util.compile.compile_record(model)["fallback"] is None
 
 
 def test_hitting_the_recompile_limit_is_said_and_recorded(monkeypatch, capsys):
-    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++")
-    monkeypatch.setattr(engine.torch, "compile", lambda model, **kwargs: lambda samples: model(samples))
+    monkeypatch.setattr(util.compile.shutil, "which", lambda name: "/usr/bin/g++")
+    monkeypatch.setattr(util.compile.torch, "compile", lambda model, **kwargs: lambda samples: model(samples))
     hits = iter([0, 1, 1, 1, 1, 3])  # dynamo's count before and after each call
-    monkeypatch.setattr(engine, "compile_counts", lambda: {"recompile_limit_hits": next(hits)})
+    monkeypatch.setattr(util.compile, "compile_counts", lambda: {"recompile_limit_hits": next(hits)})
     model, _, _ = build_model(tiny_args())
     model.eval()
     cpu = torch.device("cpu")
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     with torch.no_grad():
         for _ in range(3):
             engine.run_model(model, torch.randn(1, 3, 64, 64), cpu)
     printed = capsys.readouterr().out
     assert printed.count("--compile: torch.compile reached its recompile limit") == 1  # said once
-    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 3}  # every hit recorded
+    assert util.compile.compile_record(model) == {"fallback": None, "recompile_limit_hits": 3}  # every hit recorded
 
 
 def test_compile_counts_reads_dynamos_tallies(monkeypatch):
@@ -544,7 +578,7 @@ def test_compile_counts_reads_dynamos_tallies(monkeypatch):
     counters["unimplemented"].update({"Dynamo recompile limit exceeded ...": 2, "a graph break": 7})
     monkeypatch.setattr(utils, "counters", counters)
     monkeypatch.setattr(convert_frame, "FRAME_COMPILE_COUNTER", Counter({0: 4, 1: 1}))
-    assert engine.compile_counts() == {
+    assert util.compile.compile_counts() == {
         "frames_compiled": 4,
         "frames_failed": 1,
         "recompiles": 3,
@@ -554,8 +588,8 @@ def test_compile_counts_reads_dynamos_tallies(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    engine.compile_unavailable_reason(torch.device("cpu")) != "",
-    reason=f"torch.compile cannot run here: {engine.compile_unavailable_reason(torch.device('cpu'))}",
+    util.compile.compile_unavailable_reason(torch.device("cpu")) != "",
+    reason=f"torch.compile cannot run here: {util.compile.compile_unavailable_reason(torch.device('cpu'))}",
 )
 def test_compiled_model_matches_eager_across_image_sizes():
     torch.manual_seed(0)
@@ -564,7 +598,7 @@ def test_compiled_model_matches_eager_across_image_sizes():
     enable_fast_path(model).eval()
     eager = copy.deepcopy(model)
     cpu = torch.device("cpu")
-    assert engine.enable_compile(model, cpu)
+    assert util.compile.enable_compile(model, cpu)
     with torch.no_grad():
         # Two sizes, one compilation (dynamic shapes), and a padded batch. All of 2 images: a batch of 1 would be
         # specialized and compiled again for the batch of 2.
@@ -577,6 +611,6 @@ def test_compiled_model_matches_eager_across_image_sizes():
             for key in ("pred_logits", "pred_boxes"):
                 torch.testing.assert_close(out[key], expected[key], rtol=1e-4, atol=1e-4)
     assert getattr(model, "compile_forward", False), "compile fell back to eager"
-    assert engine.compile_record(model) == {"fallback": None, "recompile_limit_hits": 0}
+    assert util.compile.compile_record(model) == {"fallback": None, "recompile_limit_hits": 0}
     # The state_dict keys stay those of the plain model (no _orig_mod prefix).
     assert list(model.state_dict()) == list(eager.state_dict())

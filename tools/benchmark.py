@@ -37,20 +37,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.coco_eval import CocoEvaluator, prepare_for_coco
-from engine import (
-    compile_counts,
-    compile_record,
-    enable_compile,
-    optimizer_step,
-    param_groups,
-    run_model,
-    training_losses,
-)
+from engine import optimizer_step, param_groups, run_model, training_losses
 from main import get_args_parser as get_main_args_parser
 from models import build_model
 from models.fast import adamw_options, enable_fast_path
 from util.amp import AMP_CHOICES, choose_amp_dtype, hardware, make_grad_scaler, set_numeric_policy
 from util.benchmark import ratio_table, synchronize, time_interleaved
+from util.compile import compile_counts, compile_record, enable_compile
 
 ALL_MODES = ("exact", "fast", "channels_last", "amp", "amp+channels_last", "compiled", "hf")
 MAIN_FLAGS = {
@@ -294,9 +287,9 @@ def time_modes(
 
 def compiled_run(model: torch.nn.Module, before: Dict[str, int]) -> Dict[str, Any]:
     """Whether a row's calls of the compiled mode ran its compiled graphs, from dynamo's tallies before and after
-    them (engine.compile_counts; the other modes compile nothing) and engine.compile_record: compiled_graph_ran,
-    and if not, eager_because; recompiles (compilations after a frame's first: new shapes or modes), recompile-limit
-    hits and frames that failed to compile."""
+    them (util.compile.compile_counts; the other modes compile nothing) and util.compile.compile_record:
+    compiled_graph_ran, and if not, eager_because; recompiles (compilations after a frame's first: new shapes or
+    modes), recompile-limit hits and frames that failed to compile."""
     after = compile_counts()
     change = {k: v - before.get(k, 0) for k, v in after.items()}
     record = compile_record(model)

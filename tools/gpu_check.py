@@ -16,7 +16,7 @@ others:
   torchrun        main.py under a one-rank torchrun (NCCL on CUDA, gloo on the CPU) on a small synthetic set: an
                   epoch, then a second run with --auto_resume that must continue from the first one's checkpoint
   compiled        --fast --compile under the automatic autocast type, ms per image at batch 1 and 8, the
-                  compilation timed apart; it fails where the compiled graphs did not run (engine.compile_record)
+                  compilation timed apart; it fails where the compiled graphs did not run (util.compile.compile_record)
 Each stage reports its peak memory; `memory` gathers them. OUTPUT_DIR/gpu_check.json holds one entry per stage
 ({ok, seconds, figures, error}); OUTPUT_DIR/<stage>.log what each printed. --tiny: the benchmark's tiny model at
 64x64, 30 training steps, and the compiled stage on dynamo's eager backend (graph capture without code generation,
@@ -342,7 +342,8 @@ def stage_torchrun(args: Namespace) -> Dict[str, Any]:
 def stage_compiled(args: Namespace) -> Dict[str, Any]:
     import torch
 
-    from engine import compile_counts, compile_record, enable_compile, run_model
+    from engine import run_model
+    from util.compile import compile_counts, compile_record, enable_compile
     from models.fast import enable_fast_path
     from util.amp import choose_amp_dtype, set_numeric_policy
 
