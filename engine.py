@@ -11,6 +11,7 @@ import torch
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator, per_category_ap
 from util.compile import call_model, stop_compiling
+from util.console import Console
 
 
 def to_float32(value):
@@ -130,6 +131,7 @@ def train_one_epoch(
     ema=None,
     scaler: Optional["torch.amp.GradScaler"] = None,
     log_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    console: Optional[Console] = None,
 ) -> Dict[str, float]:
     """Train for one pass over data_loader; returns the epoch averages of every logged value.
     `amp`: the autocast type of the forward pass (see run_model); off, the steps are plain fp32.
@@ -137,17 +139,18 @@ def train_one_epoch(
     `scaler`: a GradScaler (float16 autocast): the loss is scaled for the backward pass, and a step whose gradients
     overflowed is skipped (the weights untouched, the scale lowered); the count is returned as 'skipped_steps'.
     `log_step(i, values)`: called at every step that is printed (every 10th and the last) with the step's index in
-    the epoch and its own values (losses, class_error, lr), e.g. to write them to TensorBoard."""
+    the epoch and its own values (losses, class_error, lr), e.g. to write them to TensorBoard.
+    `console`: what is printed (util.console; the original's MetricLogger lines by default)."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    header = f"Epoch: [{epoch}]"
+    console = console or Console()
     print_freq = 10
     skipped_steps = 0
 
-    for i, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    for i, (samples, targets) in enumerate(console.training_steps(metric_logger, data_loader, print_freq, epoch)):
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
@@ -192,7 +195,7 @@ def train_one_epoch(
             log_step(i, {k: meter.value for k, meter in metric_logger.meters.items()})
 
     metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
+    console.averaged(metric_logger, epoch)
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     if scaler is not None:
         skipped_steps = int(skipped_steps)
@@ -213,18 +216,20 @@ def evaluate(
     device: torch.device,
     output_dir: Optional[str],
     amp=False,
+    console: Optional[Console] = None,
 ):
     """Losses and COCO metrics (bbox, segm, PQ as the postprocessors allow) over data_loader.
 
     Returns (stats, coco_evaluator): stats holds the averaged losses plus coco_eval_bbox / coco_eval_masks
     (the 12 COCOeval stats) and PQ_all / PQ_th / PQ_st where they apply; coco_evaluator.per_class holds the
-    results per category (see per_class_results).
+    results per category (see per_class_results). `console`: what is printed (util.console; the original's lines
+    by default).
     """
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    header = "Test:"
+    console = console or Console()
 
     iou_types = tuple(k for k in ("segm", "bbox") if k in postprocessors)
     coco_evaluator = CocoEvaluator(base_ds, iou_types)
@@ -239,7 +244,7 @@ def evaluate(
             output_dir=os.path.join(output_dir or "", "panoptic_eval"),
         )
 
-    for samples, targets in metric_logger.log_every(data_loader, 10, header):
+    for samples, targets in console.evaluation_steps(metric_logger, data_loader, 10):
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
@@ -272,7 +277,7 @@ def evaluate(
             panoptic_evaluator.update(res_pano)
 
     metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
+    console.averaged(metric_logger)
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()

@@ -5,7 +5,6 @@ top to bottom as the run goes: data, model, optimizer, what to start from, then 
 """
 
 import argparse
-import datetime
 import inspect
 import json
 import os
@@ -47,6 +46,7 @@ from util.checkpoint import (
 )
 from util.amp import AMP_CHOICES, automatic_choice_is_reduced, choose_amp_dtype, make_grad_scaler, set_numeric_policy
 from util.compile import enable_compile
+from util.console import CONSOLE_STYLES, make_console
 from util.ema import ModelEMA
 from util.misc import SameSizeBatchSampler, choose_device
 from util.tensorboard import evaluation_scalars, open_writer, write_scalars
@@ -342,6 +342,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "stats and PQ)",
     )
     parser.add_argument(
+        "--console",
+        default="short",
+        choices=CONSOLE_STYLES,
+        help="short: a banner, one short line per printed step and a summary at the end; original: the original's "
+        "namespace and every meter (log.txt and TensorBoard get every meter either way)",
+    )
+    parser.add_argument(
         "--best_metric",
         default="auto",
         help="log.txt stat whose best epoch checkpoint_best.pth keeps (KEY, KEY[I], KEY.FIELD); "
@@ -402,7 +409,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def show_recipe(args) -> Optional[Dict[str, Any]]:
+def show_recipe(args, printed: bool = True) -> Optional[Dict[str, Any]]:
     """Print on one line the flags the dataset's recipe sets, with the values this run uses (and the recipe's
     where a flag given replaced it), so that what a demo runs is seen without reading code; returns the same as
     written to output_dir/recipe.json, None for a dataset without a recipe (COCO)."""
@@ -415,7 +422,8 @@ def show_recipe(args) -> Optional[Dict[str, Any]]:
     listing = " ".join(
         f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "") for name, value in used.items()
     )
-    print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
+    if printed:
+        print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
     return {
         "dataset_file": args.dataset_file,
         "defined_in": source,
@@ -823,8 +831,9 @@ def main(args):
     args.device = str(device)
     if device.type == "cuda":
         print(numeric_policy)
-    print(args)
-    recipe = show_recipe(args)
+    console = make_console(args, get_args_parser())  # what the run prints as it goes: util/console.py
+    console.show_args(args)
+    recipe = show_recipe(args, printed=not console.short)  # the short console's banner lists what differs
     seed_everything(args.seed + utils.get_rank())
     amp_dtype, scaler = choose_precision(args, device)
 
@@ -852,7 +861,7 @@ def main(args):
 
     if args.eval:
         test_stats, coco_evaluator = evaluate(
-            model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp=amp_dtype
+            model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp_dtype, console
         )
         if output_dir is not None:
             utils.save_on_master(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
@@ -865,7 +874,7 @@ def main(args):
         print(per_class_table(coco_evaluator.per_class))
         return test_stats
 
-    print("Start training")
+    console.start_training(args, recipe, n_parameters, data_loader_train, data_loader_val)
     start_time = time.time()
     # Data generation, model building, loading a checkpoint: the slowest process's, so that all cut the run alike.
     setup_s = max(utils.all_gather(start_time - run_start)) if args.time_budget > 0 else 0.0
@@ -907,12 +916,13 @@ def main(args):
             ema=ema,
             scaler=scaler,
             log_step=log_step,
+            console=console,
         )
         lr_scheduler.step()
         # Evaluation draws from the global generators (the val loader's base seed, the val transforms), and the
         # next epoch starts from where it leaves them, as in the original: the same seed gives the same run.
         test_stats, coco_evaluator = evaluate(
-            eval_model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp=amp_dtype
+            eval_model, criterion, postprocessors, data_loader_val, base_ds, device, args.output_dir, amp_dtype, console
         )
         if writer is not None:
             # At the epoch's last step; on disk before the checkpoint marks the epoch as done.
@@ -957,12 +967,7 @@ def main(args):
         writer.close()
     if coco_evaluator is not None:
         print("Per class, last epoch:\n" + per_class_table(coco_evaluator.per_class))
-    if best is not None:
-        print(
-            f"Best epoch: {best['epoch']} ({best['metric']} {best['value']:.4f}): {output_dir / 'checkpoint_best.pth'}"
-        )
-    total_time = time.time() - start_time
-    print(f"Training time {datetime.timedelta(seconds=int(total_time))}")
+    console.summary(args, test_stats, best, output_dir, time.time() - start_time)
     return test_stats
 
 

@@ -936,11 +936,19 @@ def test_the_local_rank_of_torch_distributed_launch_is_accepted(flags, local_ran
 def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, tmp_path):
     stats, printed = run_main(
         tiny_flags(
-            synthetic_root, tmp_path, "--eval", "--device", "cuda", "--resume", str(straight_run / "checkpoint.pth")
+            synthetic_root,
+            tmp_path,
+            "--eval",
+            "--device",
+            "cuda",
+            "--resume",
+            str(straight_run / "checkpoint.pth"),
+            "--console",
+            "original",
         )
     )
     assert "--device cuda: no CUDA device is available here, using the CPU instead" in printed
-    assert "device='cpu'" in printed  # the args as printed
+    assert "device='cpu'" in printed  # the args as printed (--console original)
     assert stats["coco_eval_bbox"] == pytest.approx(read_log(straight_run / "log.txt")[-1]["test_coco_eval_bbox"])
 
 

@@ -277,7 +277,7 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_r
     # preempts a job (SIGTERM, which submitit ignores, then its USR2): the epoch is cut in the middle.
     deadline = time.monotonic() + 240
     task_log = None
-    while task_log is None or "Epoch: [1]  [0/2]" not in task_log.read_text():
+    while task_log is None or "epoch 1/2  step 0/2" not in task_log.read_text():
         assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-5000:]
         assert time.monotonic() < deadline, "the job did not reach its second epoch"
         time.sleep(0.05)
@@ -296,7 +296,7 @@ def test_a_preempted_job_requeues_and_ends_like_an_uninterrupted_run(synthetic_r
     # Requeued once; the second run resumed from the checkpoint of epoch 0 and redid epoch 1.
     assert log.count(f"Requeuing: the job will resume from {out}/checkpoint.pth") == 1
     assert log.count(f"--auto_resume: resuming from {out}/checkpoint.pth") == 1
-    assert log.count("Epoch: [0]  [0/2]") == 1 and log.count("Epoch: [1]  [0/2]") == 2
+    assert log.count("epoch 0/2  step 0/2") == 1 and log.count("epoch 1/2  step 0/2") == 2
     assert [row["epoch"] for row in read_log(out / "log.txt")] == [0, 1]
     assert_same_training(reference, out)
 
