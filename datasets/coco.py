@@ -286,8 +286,8 @@ def build_from_folder(root, image_set: str, transforms, args, flag: str = "--coc
     """CocoDetection over the COCO-layout folder `root` (named by `flag` in errors), with masks when
     `args.masks`, its category ids checked against `args.num_classes` when that is set."""
     img_folder, ann_file = coco_paths(root, image_set, flag)
-    dataset = CocoDetection(img_folder, ann_file, transforms=transforms, return_masks=getattr(args, "masks", False))
-    check_category_ids(dataset.coco.dataset, ann_file, getattr(args, "num_classes", None))
+    dataset = CocoDetection(img_folder, ann_file, transforms=transforms, return_masks=args.masks)
+    check_category_ids(dataset.coco.dataset, ann_file, args.num_classes)
     return dataset
 
 

@@ -127,7 +127,7 @@ def build(image_set: str, args) -> CocoPanoptic:
         "expected --coco_path/{train2017,val2017}/ with the images and --coco_panoptic_path/ with "
         "annotations/panoptic_{train,val}2017.json and panoptic_{train,val}2017/ (the PNGs)"
     )
-    if getattr(args, "coco_path", None) is None or getattr(args, "coco_panoptic_path", None) is None:
+    if args.coco_path is None or args.coco_panoptic_path is None:
         raise ValueError(f"--dataset_file coco_panoptic needs both --coco_path and --coco_panoptic_path; {layout}")
     img_root, ann_root = Path(args.coco_path), Path(args.coco_panoptic_path)
     splits = {"train": "train2017", "val": "val2017"}
@@ -153,6 +153,6 @@ def build(image_set: str, args) -> CocoPanoptic:
     check_category_ids(
         {"categories": dataset.coco.get("categories", []), "annotations": segments},
         ann_file,
-        getattr(args, "num_classes", None),
+        args.num_classes,
     )
     return dataset

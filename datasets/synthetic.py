@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
 
+from util.misc import local_rank
 from util.panoptic import id2rgb
 
 from . import transforms as T
@@ -697,26 +698,26 @@ def prepare_root(args) -> Path:
     and generated again whenever they differ from what it was made with.
     """
     params = dict(
-        seed=getattr(args, "synthetic_seed", DEFAULT_SEED),
-        num_train=getattr(args, "synthetic_train_size", DEFAULT_TRAIN_SIZE),
-        num_val=getattr(args, "synthetic_val_size", DEFAULT_VAL_SIZE),
-        image_size=getattr(args, "synthetic_image_size", DEFAULT_IMAGE_SIZE),
+        seed=args.synthetic_seed,
+        num_train=args.synthetic_train_size,
+        num_val=args.synthetic_val_size,
+        image_size=args.synthetic_image_size,
     )
     # In a distributed run the first process of each machine draws (in turn where machines share the folder), and the
     # others wait for it: should it fail, they stop with an error rather than each draw in turn and fail again.
-    draws = not getattr(args, "distributed", False) or getattr(args, "gpu", 0) == 0  # gpu: the local rank
-    params.update(workers=getattr(args, "synthetic_workers", None), wait=not draws)
-    coco_path = getattr(args, "coco_path", None)
+    draws = local_rank() == 0
+    params.update(workers=args.synthetic_workers, wait=not draws)
+    coco_path = args.coco_path
     if coco_path:
         if not Path(coco_path).exists():
             generate(coco_path, **params)
         return Path(coco_path)
-    return generate(getattr(args, "synthetic_path", None) or DEFAULT_ROOT, **params)
+    return generate(args.synthetic_path or DEFAULT_ROOT, **params)
 
 
 def root_flag(args) -> str:
     """The flag that chose the dataset folder, for error messages."""
-    return "--coco_path" if getattr(args, "coco_path", None) else "--synthetic_path"
+    return "--coco_path" if args.coco_path else "--synthetic_path"
 
 
 def read_categories(args, panoptic: bool = False) -> Dict[int, bool]:
@@ -745,7 +746,7 @@ def native_image_size(root: Path, args) -> int:
     marker = read_marker(root)
     if marker is not None:
         return int(marker["image_size"])
-    return int(getattr(args, "synthetic_image_size", DEFAULT_IMAGE_SIZE))
+    return int(args.synthetic_image_size)
 
 
 def make_synthetic_transforms(image_set: str, image_size: int) -> T.Compose:
@@ -784,7 +785,7 @@ def build_panoptic(image_set: str, args):
         root / f"panoptic_{image_set}2017",
         ann_file,
         transforms=make_synthetic_transforms(image_set, native_image_size(root, args)),
-        return_masks=getattr(args, "masks", False),
+        return_masks=args.masks,
     )
     dataset.validate()
     # Panoptic files list the category ids of every image's segments; those ids are the classifier targets.
@@ -792,6 +793,6 @@ def build_panoptic(image_set: str, args):
     check_category_ids(
         {"categories": dataset.coco["categories"], "annotations": segments},
         ann_file,
-        getattr(args, "num_classes", None),
+        args.num_classes,
     )
     return dataset

@@ -36,7 +36,7 @@ def build_model(args):
     losses = ["labels", "boxes", "cardinality"]
     if args.masks:
         losses += ["masks"]
-    # Set by main.py for panoptic data (datasets.thing_classes); not a command-line flag.
+    # Set by main.py for panoptic data (datasets.thing_classes); not a command-line flag (util.config.RUN_DEFAULTS).
     thing_classes = getattr(args, "thing_classes", None)
 
     # The one place the --two_stage extension (models/two_stage.py) plugs in: its model and its loss.
@@ -51,7 +51,7 @@ def build_model(args):
             learned_queries=args.learned_queries,
             # With --proposal_radius, neighbouring tokens learn to propose the same object: without the NMS in
             # training, the decoder would train on clusters of duplicates and meet distinct queries at evaluation.
-            query_nms_in_training=getattr(args, "proposal_radius", 0.0) > 0,
+            query_nms_in_training=args.proposal_radius > 0,
         )
         weight_dict.update(
             {"loss_ce_enc": 1, "loss_bbox_enc": args.bbox_loss_coef, "loss_giou_enc": args.giou_loss_coef}
@@ -64,7 +64,7 @@ def build_model(args):
             eos_coef=args.eos_coef,
             losses=losses,
             proposal_classes=thing_classes if args.learned_queries else None,
-            proposal_radius=getattr(args, "proposal_radius", 0.0),
+            proposal_radius=args.proposal_radius,
         )
     elif uses_train_only(args):
         # The one place the training-only supervision (models/train_only.py) plugs in: in eval mode the model is

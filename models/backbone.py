@@ -286,7 +286,7 @@ def build_backbone(args) -> Joiner:
         weights=args.backbone_weights,
         norm=args.backbone_norm,
         stride=args.feature_stride,
-        width=getattr(args, "backbone_width", 1.0),
+        width=args.backbone_width,
     )
     if args.channels_last:
         backbone.use_channels_last()

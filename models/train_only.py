@@ -94,14 +94,13 @@ def check_train_only_args(args) -> None:
 
 def uses_train_only(args) -> bool:
     """Whether any training-only supervision flag is on."""
-    # getattr: a namespace built before these flags (an older checkpoint's 'args') trains none of them.
     return (
-        getattr(args, "query_groups", 1) > 1
-        or getattr(args, "hybrid_queries", 0) > 0
-        or getattr(args, "dn_groups", 0) > 0
-        or getattr(args, "dense_aux", "none") != "none"
-        or getattr(args, "position_aux", 0.0) > 0
-        or getattr(args, "query_init", "random") != "random"
+        args.query_groups > 1
+        or args.hybrid_queries > 0
+        or args.dn_groups > 0
+        or args.dense_aux != "none"
+        or args.position_aux > 0
+        or args.query_init != "random"
     )
 
 

@@ -34,6 +34,52 @@ TINY_SIZE_FLAGS = [str(flag) for name, value in TINY_SIZES.items() for flag in (
 MASK_HEAD_SIZES = dict(hidden_dim=128, nheads=8)
 MASK_HEAD_FLAGS = [str(flag) for name, value in MASK_HEAD_SIZES.items() for flag in (f"--{name}", value)]
 
+# The flags of the original DETR's main.py (spec/CLI.md): all a checkpoint of it carries in 'args'.
+ORIGINAL_FLAGS = (
+    "lr",
+    "lr_backbone",
+    "batch_size",
+    "weight_decay",
+    "epochs",
+    "lr_drop",
+    "clip_max_norm",
+    "frozen_weights",
+    "backbone",
+    "dilation",
+    "position_embedding",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "dropout",
+    "nheads",
+    "num_queries",
+    "pre_norm",
+    "masks",
+    "aux_loss",
+    "set_cost_class",
+    "set_cost_bbox",
+    "set_cost_giou",
+    "mask_loss_coef",
+    "dice_loss_coef",
+    "bbox_loss_coef",
+    "giou_loss_coef",
+    "eos_coef",
+    "dataset_file",
+    "coco_path",
+    "coco_panoptic_path",
+    "remove_difficult",
+    "output_dir",
+    "device",
+    "seed",
+    "resume",
+    "start_epoch",
+    "eval",
+    "num_workers",
+    "world_size",
+    "dist_url",
+)
+
 # main.py's flags of the tiny model on its own: ResNet-18 without weights, 5 queries, on the CPU.
 TINY_FLAGS = [
     "--device",

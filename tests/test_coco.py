@@ -10,6 +10,7 @@ from PIL import Image
 
 from datasets import build_dataset, coco, get_coco_api_from_dataset
 from datasets.coco import ConvertCocoPolysToMask, convert_coco_poly_to_mask
+from util.config import complete_args
 
 
 def square(x, y, side):
@@ -74,8 +75,8 @@ def write_coco(root, images=None, annotations=None, categories=None, split="trai
 
 
 def args_for(root, **overrides):
-    return Namespace(
-        **{"dataset_file": "coco", "coco_path": str(root), "masks": False, "num_classes": None, **overrides}
+    return complete_args(
+        Namespace(**{"dataset_file": "coco", "coco_path": str(root), "masks": False, "num_classes": None, **overrides})
     )
 
 

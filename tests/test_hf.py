@@ -19,7 +19,8 @@ from helpers import SPEC_DIR, hf_folder, import_transformers, randomize, run_mai
 from models import build_model
 from models.detr import PostProcess
 from tools.detector import checkpoint_args, load_detector
-from util.checkpoint import load_checkpoint
+from util.checkpoint import architecture_differences, load_checkpoint
+from util.config import complete_args
 from util.hf import HFFolderError, read_hf_folder, write_hf_folder
 from util.misc import NestedTensor
 
@@ -533,11 +534,21 @@ def test_pytorch_model_bin_of_tensors_is_read(tmp_path, good_folder):
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
 
-def test_the_original_defaults_a_converted_checkpoint_carries_are_main_py_defaults():
-    # util/ cannot import main.py, so util.hf keeps the original's 42 flags as a table of its own; this pins it to
-    # the parser, the one source of the defaults.
-    from util.hf import ORIGINAL_DEFAULTS
-
-    parsed = vars(main_py.get_args_parser().parse_args([]))
-    differ = {k: (v, parsed.get(k, "absent")) for k, v in ORIGINAL_DEFAULTS.items() if parsed.get(k, "absent") != v}
-    assert differ == {}
+def test_a_folders_args_hold_what_config_json_says_and_main_py_defaults_stand_for_the_rest(good_folder):
+    args = read_hf_folder(good_folder)["args"]
+    config = json.loads((good_folder / "config.json").read_text())
+    assert (args.backbone, args.hidden_dim, args.nheads) == (
+        "resnet18",
+        config["d_model"],
+        config["encoder_attention_heads"],
+    )
+    assert not {"two_stage", "feature_stride", "backbone_norm", "lr", "epochs"} & set(
+        vars(args)
+    )  # config.json has no key
+    # Resumed with a flag the folder does not hold at another value: refused, the folder's network being the default.
+    run = complete_args(args)
+    run.two_stage, run.backbone_norm = True, "batch"
+    assert architecture_differences(args, run) == [
+        "--backbone_norm: checkpoint 'frozen', this run 'batch'",
+        "--two_stage: checkpoint False, this run True",
+    ]

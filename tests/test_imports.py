@@ -18,9 +18,10 @@ ALLOWED = {
     "engine": {"util", "datasets"},
     "hubconf": {"models", "util"},
 }
-# main.py's flags are the one source of their defaults: the tools' shared module reads them (`from main import
-# get_args_parser` and nothing else of main.py, which tests/test_predict.py checks).
-FLAG_READERS = {("tools.detector", "main")}
+# main.py's flags are the one source of their defaults: util.config reads them, lazily, to complete a namespace
+# that comes from elsewhere (a checkpoint's, a Hugging Face config's); `from main import get_args_parser` and
+# nothing else of main.py (tests/test_config.py checks it).
+FLAG_READERS = {("util.config", "main")}
 
 
 def module_name(path: Path) -> str:
@@ -126,7 +127,9 @@ def test_the_graph_sees_the_project():
 
 
 def test_no_import_cycle():
-    assert find_cycle(import_graph()) == []
+    # A flag reader imports main.py inside the function that reads the parser, never when it is imported itself.
+    graph = {name: {t for t in targets if (name, t) not in FLAG_READERS} for name, targets in import_graph().items()}
+    assert find_cycle(graph) == []
 
 
 def test_find_cycle_finds_one():
@@ -140,7 +143,7 @@ def test_layers_import_only_the_ones_below():
         for name, targets in import_graph().items()
         if top(name) in ALLOWED
         for target in sorted(targets)
-        if top(target) != top(name) and top(target) not in ALLOWED[top(name)]
+        if top(target) != top(name) and top(target) not in ALLOWED[top(name)] and (name, target) not in FLAG_READERS
     ]
     assert wrong == []
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from util import misc
+from util.config import complete_args
 from util.misc import (
     MetricLogger,
     NestedTensor,
@@ -208,10 +209,20 @@ def test_single_process_distributed_helpers():
 def test_init_distributed_mode_without_launcher_is_single_process(monkeypatch, capsys):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(var, raising=False)
-    args = argparse.Namespace(dist_url="env://", device="cpu")
+    args = complete_args(argparse.Namespace(dist_url="env://", device="cpu"))
     misc.init_distributed_mode(args)
     assert args.distributed is False and args.rank == 0 and args.world_size == 1
     assert "Not using distributed mode" in capsys.readouterr().out
+
+
+def test_local_rank_is_the_launchers_in_a_distributed_run_and_0_outside(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    assert misc.local_rank() == 0  # no process group: a single process
+    monkeypatch.setattr(misc, "is_dist_avail_and_initialized", lambda: True)
+    assert misc.local_rank() == 3  # torchrun's, as init_distributed_mode reads it first
+    monkeypatch.delenv("LOCAL_RANK")
+    assert misc.local_rank() == 2  # Slurm's
 
 
 def test_setup_for_distributed_silences_non_master(monkeypatch, capsys):

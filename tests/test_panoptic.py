@@ -13,6 +13,7 @@ from datasets.coco_panoptic import CocoPanoptic, build
 from datasets.panoptic_eval import PanopticEvaluator
 from models.segmentation import PostProcessPanoptic
 from util.panoptic import rgb2id
+from util.config import complete_args
 
 H, W = 6, 8
 CATEGORIES = [
@@ -107,8 +108,10 @@ def test_coco_panoptic_targets(panoptic_root):
 
 
 def test_build_with_val_transforms(panoptic_root):
-    args = argparse.Namespace(
-        coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+    args = complete_args(
+        argparse.Namespace(
+            coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+        )
     )
     ds = build("val", args)
     img, t = ds[1]
@@ -121,7 +124,7 @@ def test_build_with_val_transforms(panoptic_root):
 
 
 def test_build_names_the_missing_flag_and_layout(panoptic_root):
-    args = argparse.Namespace(coco_path=str(panoptic_root / "coco"), coco_panoptic_path=None, masks=True)
+    args = complete_args(argparse.Namespace(coco_path=str(panoptic_root / "coco"), coco_panoptic_path=None, masks=True))
     with pytest.raises(ValueError, match="--coco_panoptic_path"):
         build("val", args)
     args.coco_panoptic_path = str(panoptic_root / "nowhere")
@@ -134,8 +137,10 @@ def test_build_names_the_missing_flag_and_layout(panoptic_root):
 
 def test_missing_png_fails_before_training(panoptic_root):
     os.remove(panoptic_root / "panoptic" / "panoptic_val2017" / "000000000005.png")
-    args = argparse.Namespace(
-        coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+    args = complete_args(
+        argparse.Namespace(
+            coco_path=str(panoptic_root / "coco"), coco_panoptic_path=str(panoptic_root / "panoptic"), masks=True
+        )
     )
     with pytest.raises(FileNotFoundError, match="000000000005.png"):
         build("val", args)

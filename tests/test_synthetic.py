@@ -18,6 +18,7 @@ from pycocotools import mask as coco_mask
 
 import datasets
 from datasets import synthetic
+from util.config import complete_args
 
 PARAMS = dict(seed=3, num_train=40, num_val=8, image_size=128)
 
@@ -32,19 +33,22 @@ def load(root, kind, split="train"):
 
 
 def args_for(root, **overrides):
-    return Namespace(
-        **{
-            "dataset_file": "synthetic",
-            "coco_path": None,
-            "synthetic_path": str(root),
-            "synthetic_seed": PARAMS["seed"],
-            "synthetic_train_size": PARAMS["num_train"],
-            "synthetic_val_size": PARAMS["num_val"],
-            "synthetic_image_size": PARAMS["image_size"],
-            "masks": False,
-            "num_classes": None,
-            **overrides,
-        }
+    """The synthetic flags of a small dataset at root; every other flag at main.py's default."""
+    return complete_args(
+        Namespace(
+            **{
+                "dataset_file": "synthetic",
+                "coco_path": None,
+                "synthetic_path": str(root),
+                "synthetic_seed": PARAMS["seed"],
+                "synthetic_train_size": PARAMS["num_train"],
+                "synthetic_val_size": PARAMS["num_val"],
+                "synthetic_image_size": PARAMS["image_size"],
+                "masks": False,
+                "num_classes": None,
+                **overrides,
+            }
+        )
     )
 
 
@@ -267,9 +271,10 @@ def kill_once_drawing(drawer: multiprocessing.Process, root: Path) -> None:
 
 
 def start_drawing(root: Path, params) -> multiprocessing.Process:
-    """The first process of a distributed run, drawing `root` (forked: it draws with the patched write_image)."""
+    """The first process of a distributed run, drawing `root` as a single process does (forked: it draws with the
+    patched write_image)."""
     drawer = multiprocessing.get_context("fork").Process(
-        target=synthetic.prepare_root, args=(args_for(root, **params, distributed=True, gpu=0),)
+        target=synthetic.prepare_root, args=(args_for(root, **params),)
     )
     drawer.start()
     return drawer
@@ -277,8 +282,9 @@ def start_drawing(root: Path, params) -> multiprocessing.Process:
 
 def waiting_rank(root: Path, params):
     """What the second process of the run (local rank 1) gets from prepare_root: the error it stops with."""
-    with pytest.raises(RuntimeError) as error:
-        synthetic.prepare_root(args_for(root, **params, distributed=True, gpu=1))
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError) as error:
+        patch.setattr(synthetic, "local_rank", lambda: 1)
+        synthetic.prepare_root(args_for(root, **params))
     return str(error.value)
 
 
@@ -336,7 +342,8 @@ def test_the_other_ranks_wait_for_the_data_and_draw_nothing(tmp_path, monkeypatc
     drawer = start_drawing(root, SMALL)
     seen = []
     when_seen_drawing(monkeypatch, lambda: seen.append(True))
-    waited = synthetic.prepare_root(args_for(root, **SMALL, distributed=True, gpu=1))
+    monkeypatch.setattr(synthetic, "local_rank", lambda: 1)  # after the fork: the drawing process is rank 0
+    waited = synthetic.prepare_root(args_for(root, **SMALL))
     assert seen  # it waited while rank 0 drew
     drawer.join()
     assert drawer.exitcode == 0 and waited == root

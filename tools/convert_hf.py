@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 from models import build_model
 from tools.detector import checkpoint_args, dataset_names, read_image, resize_transform
 from util.checkpoint import CheckpointError, load_checkpoint, model_state_from
+from util.config import complete_args
 from util.hf import CONFIG_NAME, HFFolderError, args_of_checkpoint, is_hf_folder, read_hf_folder, write_hf_folder
 from util.misc import NestedTensor
 
@@ -153,6 +154,8 @@ def main(argv=None) -> dict:
                 )
             checkpoint = read_hf_folder(args.source)
             checkpoint.pop("hf_backbone_layout", None)
+            # config.json's flags with main.py's defaults for the rest, as a checkpoint main.py writes carries them.
+            checkpoint["args"] = complete_args(checkpoint["args"])
             hf_folder, source = Path(args.source), args.source
             save_checkpoint_file(checkpoint, destination)
             print(f"wrote {destination} ({len(checkpoint['model'])} tensors)")

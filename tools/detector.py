@@ -5,8 +5,8 @@ hubconf.py, and the images to run it on.
     images = [read_image(path) for path in list_images(["photo.jpg", "folder/"])]
 
 A module of the tools package, not a script: tools/predict.py, tools/attention.py and tools/export_onnx.py
-import it, and it imports none of them; of main.py, only its flags (get_args_parser, the one source of their
-defaults).
+import it, and it imports none of them, nor main.py: a checkpoint's flags are completed with main.py's defaults by
+util.config.complete_args.
 """
 
 import argparse
@@ -22,11 +22,11 @@ import hubconf
 from datasets import transforms as T
 from datasets.coco import IMAGENET_MEAN, IMAGENET_STD, make_coco_transforms
 from datasets.synthetic import STUFF_IDS, THING_IDS, make_synthetic_transforms
-from main import get_args_parser
 from models import build_model
 from models.train_only import deployed_args
 from models.detr import PostProcess
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
+from util.config import complete_args
 from util.visualize import COCO_NAMES, COCO_PANOPTIC_STUFF_NAMES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -72,10 +72,8 @@ def checkpoint_args(checkpoint, state: Dict[str, torch.Tensor], source: str) -> 
             f"published DETR checkpoint use --hub NAME --pretrained {source}"
         )
     # A checkpoint's 'args' lack the flags added after it was written (one of the original DETR, all of this
-    # project's): main.py's defaults build what it was trained with, the original's model. thing_classes is no flag
-    # (main.py sets it for panoptic data); None leaves the thing map to the model builder.
-    defaults = vars(get_args_parser().parse_args([]))
-    args = argparse.Namespace(**{**defaults, "thing_classes": None, **vars(checkpoint["args"])})
+    # project's): main.py's defaults build what it was trained with, the original's model.
+    args = complete_args(checkpoint["args"])
     if args.num_classes is None:
         for key in ("class_embed.bias", "detr.class_embed.bias"):
             if key in state:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from util import misc as utils
+from util.config import ARCHITECTURE_FLAGS, complete_args
 from util.hf import HFFolderError, read_hf_folder
 
 
@@ -252,39 +253,19 @@ def auto_resume_checkpoint(output_dir: Path) -> str:
     return str(latest)
 
 
-# The flags that define the network. A checkpoint trained with other values is refused when resumed: some of
-# them change no weight's shape or name (--dilation, --nheads, --backbone_norm), so its weights would load and
-# silently mean something else.
-ARCHITECTURE_FLAGS = (
-    "backbone",
-    "backbone_norm",
-    "dilation",
-    "position_embedding",
-    "hidden_dim",
-    "nheads",
-    "enc_layers",
-    "dec_layers",
-    "dim_feedforward",
-    "num_queries",
-    "pre_norm",
-    "num_classes",
-    "masks",
-    "feature_stride",
-    "backbone_width",
-    "two_stage",
-    "learned_queries",
-)
-
-
 def architecture_differences(saved_args, args) -> List[str]:
     """'--flag: checkpoint X, this run Y' for every ARCHITECTURE_FLAGS value that differs between the args a
-    checkpoint was trained with and this run's (flags the checkpoint does not record are not compared)."""
+    checkpoint was trained with and this run's. A flag the checkpoint predates is at its default, the network it
+    was trained with; one it leaves open (None, as --num_classes without a value) is not compared."""
+    if not isinstance(saved_args, argparse.Namespace):
+        return []  # a plain state_dict records no flags: its weights are checked when they load
+    saved_args = complete_args(saved_args)
     aliases = {"v2": "sine", "v3": "learned"}  # the original's old names of the position encodings
     differences = []
     for name in ARCHITECTURE_FLAGS:
-        if saved_args is None or not hasattr(saved_args, name) or getattr(saved_args, name) is None:
+        saved, current = getattr(saved_args, name), getattr(args, name)
+        if saved is None:
             continue
-        saved, current = getattr(saved_args, name), getattr(args, name, None)
         if aliases.get(saved, saved) != aliases.get(current, current):
             differences.append(f"--{name}: checkpoint {saved!r}, this run {current!r}")
     return differences

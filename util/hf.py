@@ -27,6 +27,8 @@ import torch
 import torchvision
 from torch import Tensor
 
+from util.config import ARCHITECTURE_FLAGS, complete_args, parser_defaults
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
@@ -58,53 +60,6 @@ RESNET_DEPTHS = {
     "resnet101": ("bottleneck", [3, 4, 23, 3]),
     "resnet152": ("bottleneck", [3, 8, 36, 3]),
 }
-
-# The flags of the original DETR's main.py, at its defaults: the 'args' a converted folder's checkpoint carries
-# (with the architecture read from config.json), as a published checkpoint carries them.
-ORIGINAL_DEFAULTS = dict(
-    lr=1e-4,
-    lr_backbone=1e-5,
-    batch_size=2,
-    weight_decay=1e-4,
-    epochs=300,
-    lr_drop=200,
-    clip_max_norm=0.1,
-    frozen_weights=None,
-    backbone="resnet50",
-    dilation=False,
-    position_embedding="sine",
-    enc_layers=6,
-    dec_layers=6,
-    dim_feedforward=2048,
-    hidden_dim=256,
-    dropout=0.1,
-    nheads=8,
-    num_queries=100,
-    pre_norm=False,
-    masks=False,
-    aux_loss=True,
-    set_cost_class=1.0,
-    set_cost_bbox=5.0,
-    set_cost_giou=2.0,
-    mask_loss_coef=1.0,
-    dice_loss_coef=1.0,
-    bbox_loss_coef=5.0,
-    giou_loss_coef=2.0,
-    eos_coef=0.1,
-    dataset_file="coco",
-    coco_path=None,
-    coco_panoptic_path=None,
-    remove_difficult=False,
-    output_dir="",
-    device="cuda",
-    seed=42,
-    resume="",
-    start_epoch=0,
-    eval=False,
-    num_workers=2,
-    world_size=1,
-    dist_url="env://",
-)
 
 # main.py flags <-> DetrConfig keys that mean the same number (the matcher's costs and the loss weights).
 LOSS_KEYS = {
@@ -270,8 +225,9 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
     if dilation and RESNET_DEPTHS[name][0] == "basic":
         raise HFFolderError(f"{source}: 'dilation' needs a bottleneck ResNet; {name} has basic blocks")
 
-    args = argparse.Namespace(**ORIGINAL_DEFAULTS)
-    args.backbone, args.dilation, args.position_embedding = name, dilation, position
+    # What config.json says, and no more: the flags it does not hold are at main.py's defaults, the original DETR's
+    # network, which a reader of the checkpoint fills in (util.config.complete_args).
+    args = argparse.Namespace(backbone=name, dilation=dilation, position_embedding=position)
     args.hidden_dim, args.nheads = d_model, heads
     args.enc_layers = _positive(config, "encoder_layers", source, 6)
     args.dec_layers = _positive(config, "decoder_layers", source, 6)
@@ -280,11 +236,10 @@ def args_from_config(config: dict, source: str) -> Tuple[argparse.Namespace, str
     args.dropout = float(_get(config, "dropout", (int, float), source, 0.1))
     args.num_classes = num_labels
     for flag, key in LOSS_KEYS.items():
-        setattr(args, flag, float(_get(config, key, (int, float), source, getattr(args, flag))))
+        value = _get(config, key, (int, float), source, required=False)
+        if value is not None:
+            setattr(args, flag, float(value))
     args.aux_loss = True  # DetrConfig's auxiliary_loss defaults off; the project trains with it, as the original
-    # The project's own architecture flags at the values this layout holds, so that --resume names any difference.
-    args.backbone_norm, args.feature_stride, args.two_stage, args.learned_queries = "frozen", 32, False, 0
-    args.backbone_width = 1.0
     return args, layout, id2label
 
 
@@ -321,7 +276,7 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
     }
     config["label2id"] = {name: int(i) for i, name in config["id2label"].items()}
     for flag, key in LOSS_KEYS.items():
-        value = float(getattr(args, flag, ORIGINAL_DEFAULTS[flag]))
+        value = float(getattr(args, flag))
         if key == "eos_coefficient":
             config[key] = value
         elif value.is_integer():
@@ -352,34 +307,52 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
     return config
 
 
-# Refused when a checkpoint goes to the HF layout: (flag, the value that the layout holds, why, the flag a model that
-# converts is trained with).
-UNSUPPORTED_FLAGS = (
-    ("pre_norm", False, "pre-norm transformer layers (DetrConfig has post-norm layers only)", "no --pre_norm"),
-    ("two_stage", False, "two-stage queries (DETR in transformers has learned queries only)", "--no_two_stage"),
-    ("learned_queries", 0, "learned-query extensions of two-stage DETR", "--no_two_stage"),
-    (
-        "feature_stride",
-        32,
+# The architecture flags (util.config.ARCHITECTURE_FLAGS) that args_from_config and config_from_args carry over.
+# Every other one is refused at any value but its default (the original DETR's network), which the layout holds.
+HF_ARCHITECTURE_FLAGS = (
+    "backbone",
+    # --backbone_norm batch too: an eval-mode BatchNorm2d normalizes with its running statistics, as transformers'
+    # frozen batch norm does with the same weight, bias, running_mean and running_var (and the same eps, 1e-5); the
+    # one key it has beyond them, num_batches_tracked, counts training steps and is left out.
+    "backbone_norm",
+    "dilation",
+    "position_embedding",
+    "hidden_dim",
+    "nheads",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "num_queries",
+    "num_classes",
+    "masks",
+)
+# Why the layout cannot hold a refused flag, and the flag a model that converts is trained with.
+HF_REFUSALS = {
+    "pre_norm": ("pre-norm transformer layers (DetrConfig has post-norm layers only)", "no --pre_norm"),
+    "two_stage": ("two-stage queries (DETR in transformers has learned queries only)", "--no_two_stage"),
+    "learned_queries": ("learned-query extensions of two-stage DETR", "--no_two_stage"),
+    "feature_stride": (
         "a feature map of another stride than 32 (transformers' DETR reads layer4)",
         "--feature_stride 32",
     ),
-    ("backbone_width", 1.0, "a ResNet of other widths than torchvision's", "--backbone_width 1"),
-)
-# --backbone_norm batch is not among them: an eval-mode BatchNorm2d normalizes with its running statistics, as
-# transformers' frozen batch norm does with the same weight, bias, running_mean and running_var (and the same eps,
-# 1e-5); the one key it has beyond them, num_batches_tracked, counts training steps and is left out.
+    "backbone_width": ("a ResNet of other widths than torchvision's", "--backbone_width 1"),
+}
 
 
 def check_args_fit(args: argparse.Namespace, source: str) -> None:
-    """Refuse, naming the flag, a checkpoint whose architecture the HF layout cannot hold."""
-    for flag, allowed, what, remedy in UNSUPPORTED_FLAGS:
-        value = getattr(args, flag, allowed)
-        if value not in (allowed, None):
-            raise HFFolderError(
-                f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR layout cannot hold "
-                f"it. Only a model trained with {remedy} converts"
-            )
+    """Refuse, naming the flag, a checkpoint whose architecture the HF layout cannot hold (args: a full namespace,
+    util.config.complete_args)."""
+    defaults = parser_defaults()
+    for flag in ARCHITECTURE_FLAGS:
+        value = getattr(args, flag)
+        if flag in HF_ARCHITECTURE_FLAGS or value in (defaults[flag], None):
+            continue
+        generic = (f"a --{flag} that DetrConfig has no key for", f"--{flag} {defaults[flag]}")
+        what, remedy = HF_REFUSALS.get(flag, generic)
+        raise HFFolderError(
+            f"{source} was trained with --{flag} {value!r}: {what}; the Hugging Face DETR layout cannot hold "
+            f"it. Only a model trained with {remedy} converts"
+        )
     if args.backbone not in RESNET_DEPTHS:
         raise HFFolderError(
             f"{source}: --backbone {args.backbone!r} is not a ResNet the HF layout names ({', '.join(RESNET_DEPTHS)})"
@@ -612,10 +585,10 @@ def project_state_to_hf(
 
 def args_of_checkpoint(checkpoint: dict, state: Dict[str, Tensor], source: str) -> argparse.Namespace:
     """The architecture of a checkpoint: its 'args' where it has them (a published or main.py checkpoint), the
-    sizes its weights show (they win: a plain state_dict has no args), the original's defaults for what neither
-    tells (nheads, dilation). Flags the HF layout cannot hold are refused (check_args_fit)."""
+    sizes its weights show (they win: a plain state_dict has no args), main.py's defaults (the original's) for what
+    neither tells (nheads, dilation). Flags the HF layout cannot hold are refused (check_args_fit)."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    args = argparse.Namespace(**{**ORIGINAL_DEFAULTS, **(vars(saved) if isinstance(saved, argparse.Namespace) else {})})
+    args = complete_args(saved if isinstance(saved, argparse.Namespace) else argparse.Namespace())
     check_args_fit(args, source)
     masks = any(k.startswith("mask_head.") for k in state)
     prefix = "detr." if masks else ""

@@ -460,6 +460,14 @@ def is_dist_avail_and_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def local_rank() -> int:
+    """This process's rank among those of its machine: 0 outside a distributed run. init_distributed_mode reads it
+    from the same variables (torchrun's first, then Slurm's)."""
+    if not is_dist_avail_and_initialized():
+        return 0
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
 def get_world_size() -> int:
     return dist.get_world_size() if is_dist_avail_and_initialized() else 1
 
@@ -580,7 +588,7 @@ def init_distributed_mode(args) -> None:
         args.rank, args.world_size, args.gpu = 0, 1, 0
         return
     args.distributed = True
-    use_cuda = torch.cuda.is_available() and str(getattr(args, "device", "cuda")).startswith("cuda")
+    use_cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
     args.dist_backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(args.gpu)
@@ -591,7 +599,7 @@ def init_distributed_mode(args) -> None:
         f"backend {args.dist_backend}): {args.dist_url}",
         flush=True,
     )
-    timeout_s = int(getattr(args, "dist_timeout", 1800))
+    timeout_s = int(args.dist_timeout)
     try:
         # The timeout bounds the rendezvous too (TCPStore connection and join, file store), not only collectives.
         dist.init_process_group(

@@ -23,6 +23,7 @@ from models.segmentation import DETRsegm, PostProcessSegm
 from models.transformer import Transformer
 from util.box_ops import box_xyxy_to_cxcywh
 from util.checkpoint import load_checkpoint, load_state_dict_checked, model_state_from
+from util.config import complete_args
 from util.misc import NestedTensor
 
 
@@ -59,7 +60,10 @@ def build_detr(cfg) -> nn.Module:
     """This project's DETR (DETRsegm with MODEL.MASK_ON) from the MODEL.DETR keys, on a MaskedBackbone."""
     c = cfg.MODEL.DETR
     backbone = MaskedBackbone(cfg)
-    position = build_position_encoding(Namespace(hidden_dim=c.HIDDEN_DIM, position_embedding=c.POSITION_EMBEDDING))
+    # The encoding's flags from the config, the others of its builder at main.py's defaults.
+    position = build_position_encoding(
+        complete_args(Namespace(hidden_dim=c.HIDDEN_DIM, position_embedding=c.POSITION_EMBEDDING))
+    )
     joiner = Joiner(backbone, position)
     joiner.num_channels = backbone.num_channels
     # The decoder always returns every layer (as main.py builds it); only the loss decides whether to use them.
