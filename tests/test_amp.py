@@ -66,8 +66,8 @@ def test_a_type_the_device_cannot_run_stops_naming_the_flag():
     with pytest.raises(ValueError, match="--amp_dtype float16: .*cannot run float16 autocast"):
         amp.choose_amp_dtype(torch.device("meta"), "float16")
     with pytest.raises(SystemExit, match="--amp_dtype float16"):
-        main_py.choose_precision(Namespace(amp=True, amp_dtype="float16"), torch.device("meta"))
-    assert main_py.choose_precision(Namespace(amp=False, amp_dtype="float16"), torch.device("meta")) == (None, None)
+        amp.choose_precision(Namespace(amp=True, amp_dtype="float16"), torch.device("meta"))
+    assert amp.choose_precision(Namespace(amp=False, amp_dtype="float16"), torch.device("meta")) == (None, None)
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         main_py.parse_args(["--amp_dtype", "float8"])
 
