@@ -31,7 +31,14 @@ from util.amp import add_speed_args, choose_precision, set_numeric_policy
 from util.checkpoint import LOGGED_STAT
 from util.distributed import add_distributed_args, distributed_data_parallel, synchronize_batch_norms
 from util.ema import add_ema_args, build_ema
-from util.epoch_outputs import add_run_management_args, best_so_far, chosen_best_metric, end_of_epoch, write_per_class
+from util.epoch_outputs import (
+    add_run_management_args,
+    best_so_far,
+    chosen_best_metric,
+    end_of_epoch,
+    training_state,
+    write_per_class,
+)
 from util.lost_process import explain_lost_process, lost_a_peer
 from util.misc import choose_device
 from util.resume import load_starting_weights, prepare_output_dir, resume_training_state
@@ -242,12 +249,6 @@ def check_args(args) -> None:
         raise SystemExit(str(e)) from None
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def build_datasets(args, device: torch.device):
     """(train dataset or None with --eval, val dataset, the COCO ground truth of the val images, the namespace the
     model is built from: the flags with the device chosen and the classes the data decides, num_classes and, for
@@ -305,7 +306,10 @@ def main(args):
     # What the run prints of its flags before it starts.
     print(args)
     recipe = show_recipe(args, str(device))
-    seed_everything(args.seed + utils.get_rank())
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     amp_dtype, scaler = choose_precision(args, device)
 
     dataset_train, dataset_val, base_ds, model_args = build_datasets(args, device)
@@ -391,37 +395,18 @@ def main(args):
             writer.flush()
         spent = budget.after_epoch(lr_scheduler, epoch)
         if output_dir is not None:
-            training_state = {
-                "model": saved_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "time_spent_s": spent,
-            }
-            if scaler is not None:
-                training_state["scaler"] = scaler.state_dict()
-            if ema is not None:
-                training_state.update(train_model=model_without_ddp.state_dict(), ema_updates=ema.updates)
-            if train_only is not None:  # beside 'model', which holds exactly DETR's keys
-                training_state["model_train_only"] = train_only.train_only_state_dict()
+            state = training_state(
+                saved_model, optimizer, lr_scheduler, spent, scaler, ema, model_without_ddp, train_only
+            )
             # The checkpoint's 'args': the flags, with what this run decided from them.
             decided = dict(best_metric=best_metric, resume=resume, start_epoch=start_epoch, epochs=budget.epochs)
             recorded_args = argparse.Namespace(**{**vars(model_args), **decided, "lr_drop": budget.lr_drop})
             # Keep a copy before each learning-rate drop and every 100 epochs.
             drops = args.lr_schedule == "step" and (epoch + 1) % budget.lr_drop == 0
             keep_copy = drops or (epoch + 1) % 100 == 0
+            stats = {"train": train_stats, "test": test_stats, "n_parameters": n_parameters}
             best = end_of_epoch(
-                epoch,
-                train_stats,
-                test_stats,
-                coco_evaluator,
-                n_parameters,
-                output_dir,
-                training_state,
-                recorded_args,
-                best_metric,
-                best,
-                keep_copy,
-                pictures,
+                epoch, stats, coco_evaluator, output_dir, state, recorded_args, best_metric, best, keep_copy, pictures
             )
         if epoch + 1 >= budget.epochs:  # --time_budget may have shortened the run
             break

@@ -111,7 +111,7 @@ class Trainer(submitit.helpers.Checkpointable):
         self.args = args
 
     def __call__(self):
-        args = copy.deepcopy(self.args)  # main.main fills in args; the requeued job must start from the flags
+        args = copy.deepcopy(self.args)  # main.main adds the rank to args; a requeued job starts from the flags
         job_env = submitit.JobEnvironment()
         args.output_dir = args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.num_tasks > 1:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from util import box_ops
 from util.amp import autocast_enabled
-from util.config import add_switch
+from util.flags import add_switch
 
 from .detr import DETR, MLP, SetCriterion
 

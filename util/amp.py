@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from util.config import add_switch
+from util.flags import add_switch
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)

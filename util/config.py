@@ -19,10 +19,3 @@ def complete_args(args, parser: Optional[argparse.ArgumentParser] = None) -> arg
     """A copy of args in which every flag of the parser (main.py's by default) that args lacks is at its default;
     values args holds, and entries the parser does not know, are kept."""
     return argparse.Namespace(**{**parser_defaults(parser), **vars(args)})
-
-
-def add_switch(parser, name: str, help_on: str, help_off: str) -> None:
-    """--NAME (off unless given) and --no_NAME, which undoes it (and a dataset default that turns it on). `parser`:
-    an ArgumentParser or one of its argument groups."""
-    parser.add_argument(f"--{name}", action="store_true", help=help_on)
-    parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"{help_off} (undoes --{name})")

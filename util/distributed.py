@@ -10,7 +10,7 @@ import torch
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """The flags of launchers and of waiting for the other processes."""
-    group = parser.add_argument_group("Distributed processes (util/distributed.py)")
+    group = parser.add_argument_group("Distributed training: launchers and timeouts (util/distributed.py)")
     # python -m torch.distributed.launch without --use_env passes --local-rank=N (--local_rank before torch 2.0).
     # The ranks are read from LOCAL_RANK, RANK and WORLD_SIZE, which the launcher sets either way.
     group.add_argument(

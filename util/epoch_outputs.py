@@ -84,12 +84,29 @@ def write_per_class(per_class: dict, epoch: Optional[int], output_dir: Path) -> 
     return path
 
 
+def training_state(model, optimizer, lr_scheduler, time_spent_s: float, scaler, ema, raw_model, train_only) -> dict:
+    """What a checkpoint holds to continue the run: `model`'s weights (the moving average with --ema_decay, whose
+    `raw_model` weights are then saved too), the optimizer, the schedule, the time spent, the float16 loss scale
+    (`scaler`, or None) and the training-only weights (`train_only`: models.train_only, or None)."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "time_spent_s": time_spent_s,
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if ema is not None:
+        state.update(train_model=raw_model.state_dict(), ema_updates=ema.updates)
+    if train_only is not None:  # beside 'model', which holds exactly DETR's keys
+        state["model_train_only"] = train_only.train_only_state_dict()
+    return state
+
+
 def end_of_epoch(
     epoch: int,
-    train_stats: dict,
-    test_stats: dict,
+    stats: dict,
     coco_evaluator,
-    n_parameters: int,
     output_dir: Path,
     training_state: dict,
     recorded_args: argparse.Namespace,
@@ -98,19 +115,20 @@ def end_of_epoch(
     keep_copy: bool = False,
     pictures: Optional[Callable[[], None]] = None,
 ) -> Optional[dict]:
-    """Write the epoch's line of log.txt, its evaluation, per-class file and `pictures` (None: none), then the
-    checkpoint (`training_state`, with `recorded_args` as its 'args') as checkpoint.pth, also as
-    checkpoint{epoch:04}.pth with `keep_copy`, and as checkpoint_best.pth when the epoch beats `best` at
-    `best_metric`; returns the best epoch's record. The checkpoint comes last: it marks the epoch as done. A run
-    stopped before it (a preempted job) redoes the epoch when resumed, and drop_log_lines_from removes the line
-    written before the stop, so that log.txt holds each epoch once."""
+    """Write the epoch's line of log.txt (from `stats`: {'train': ..., 'test': ..., 'n_parameters': ...}), its
+    evaluation, per-class file and `pictures` (None: none), then the checkpoint (`training_state`, with
+    `recorded_args` as its 'args') as checkpoint.pth, also as checkpoint{epoch:04}.pth with `keep_copy`, and as
+    checkpoint_best.pth when the epoch beats `best` at `best_metric`; returns the best epoch's record. The
+    checkpoint comes last: it marks the epoch as done. A run stopped before it (a preempted job) redoes the epoch
+    when resumed, and drop_log_lines_from removes the line written before the stop, so that log.txt holds each
+    epoch once."""
     improved = False
     if utils.is_main_process():
         log_stats = {
-            **{f"train_{k}": v for k, v in train_stats.items()},
-            **{f"test_{k}": v for k, v in test_stats.items()},
+            **{f"train_{k}": v for k, v in stats["train"].items()},
+            **{f"test_{k}": v for k, v in stats["test"].items()},
             "epoch": epoch,
-            "n_parameters": n_parameters,
+            "n_parameters": stats["n_parameters"],
         }
         with (output_dir / "log.txt").open("a") as f:
             f.write(json.dumps(log_stats) + "\n")
