@@ -18,6 +18,7 @@ import submitit
 import torch
 
 import main as detr_main
+from datasets import parse_args_with_recipe
 
 CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,12 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     absolute (the tasks start in the same directory, but a file:// URL has to be absolute)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = get_args_parser()
-    detr_main.set_dataset_defaults(parser, argv)
     # The job folder is also where the output and the rendezvous file go, unless those flags are given.
     known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
     job_dir = os.path.abspath(os.path.expanduser(known.job_dir))
-    parser.set_defaults(output_dir=job_dir, dist_url=new_dist_url(job_dir))
-    args = parser.parse_args(argv)
+    args = parse_args_with_recipe(parser, argv, defaults=dict(output_dir=job_dir, dist_url=new_dist_url(job_dir)))
     args.job_dir = job_dir
     if args.cluster != "slurm" and args.nodes != 1:
         parser.error(f"--cluster {args.cluster} runs on this machine only: pass --nodes 1")
@@ -112,7 +111,7 @@ class Trainer(submitit.helpers.Checkpointable):
         self.args = args
 
     def __call__(self):
-        args = copy.deepcopy(self.args)  # main.main fills in args; the requeued job must start from the flags
+        args = copy.deepcopy(self.args)  # main.main adds the rank to args; a requeued job starts from the flags
         job_env = submitit.JobEnvironment()
         args.output_dir = args.output_dir.replace("%j", str(job_env.job_id))
         if job_env.num_tasks > 1:

@@ -1,12 +1,15 @@
 """Datasets: what each --dataset_file brings, in one table (DATASETS), and the functions main.py asks of it:
-build_dataset, num_classes, thing_classes, box_ground_truth and recipe. A new dataset is one more entry."""
+build_dataset, num_classes, thing_classes, box_ground_truth, and the flags' defaults it brings (its recipe:
+parse_args_with_recipe, show_recipe). A new dataset is one more entry."""
 
+import argparse
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.utils.data
 import torchvision
 
+from util.amp import automatic_choice_is_reduced
 from util.misc import COCO_NUM_CLASSES, coco_panoptic_is_thing_map
 
 from . import coco, synthetic
@@ -131,3 +134,60 @@ def recipe(name: str, masks: bool = False, two_stage: bool = True, reduced_preci
     bits on this machine (`reduced_precision`); none for COCO, which keeps the original's."""
     make = dataset_file(name).recipe
     return {} if make is None else make(masks, two_stage, reduced_precision)
+
+
+def recipe_for_device(name: str, masks: bool, two_stage: bool, device: str) -> Dict[str, Any]:
+    """recipe(), sized by what --amp computes in on `device` (a --device flag)."""
+    # The device is asked only for a dataset with a recipe: a COCO run starts no CUDA while parsing its flags.
+    reduced = automatic_choice_is_reduced(device) if has_recipe(name) else True
+    return recipe(name, masks, two_stage, reduced)
+
+
+def parse_args_with_recipe(
+    parser: argparse.ArgumentParser, argv: Sequence[str], defaults: Optional[Dict[str, Any]] = None
+) -> argparse.Namespace:
+    """Parse argv with the recipe of the dataset it names as the parser's defaults, so that every flag given still
+    wins, abbreviated or not, and --help shows the defaults in effect; `defaults` (a launcher's) win over the
+    recipe's. The recipe depends on --dataset_file, --masks, --two_stage and --device and may itself turn
+    --two_stage on, so argv is read for them (without --help) until the recipe they give stays the same."""
+    probe = [a for a in argv if a not in ("-h", "--help")]
+    own = {}  # the parser's own defaults of the flags a recipe set, restored where the next recipe has none
+    applied = None
+    for _ in range(3):
+        known, _ = parser.parse_known_args(probe)
+        flags = recipe_for_device(known.dataset_file, known.masks, known.two_stage, known.device)
+        if flags == applied:
+            break
+        own.update({name: parser.get_default(name) for name in flags if name not in own})
+        parser.set_defaults(**{**own, **flags})
+        applied = flags
+    if applied:
+        listing = " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in applied.items())
+        parser.epilog = (
+            f"--dataset_file {known.dataset_file} sets these defaults (shown above; flags given win): {listing}"
+        )
+    parser.set_defaults(**(defaults or {}))
+    return parser.parse_args(argv)
+
+
+def show_recipe(args, device: str, printed: bool = True) -> Optional[Dict[str, Any]]:
+    """Print on one line the flags the dataset's recipe sets, with the values this run uses (and the recipe's
+    where a flag given replaced it), so that what a demo runs is seen without reading code; returns the same as
+    written to output_dir/recipe.json, None for a dataset without a recipe (COCO)."""
+    flags = recipe_for_device(args.dataset_file, args.masks, args.two_stage, device)
+    if not flags:
+        return None
+    source = dataset_file(args.dataset_file).recipe.__module__.replace(".", "/") + ".py"
+    used = {name: getattr(args, name) for name in flags}
+    replaced = {name: value for name, value in flags.items() if used[name] != value}
+    listing = " ".join(
+        f"{name}={value}" + (f" (recipe {replaced[name]})" if name in replaced else "") for name, value in used.items()
+    )
+    if printed:
+        print(f"Recipe of --dataset_file {args.dataset_file} ({source}; flags given win): {listing}")
+    return {
+        "dataset_file": args.dataset_file,
+        "defined_in": source,
+        "flags": used,
+        "recipe_values_replaced_by_flags_given": replaced,
+    }

@@ -655,32 +655,34 @@ def panoptic_recipe(masks: bool = False, two_stage: bool = True, reduced_precisi
 
 
 def add_synthetic_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the --synthetic_* flags (used by --dataset_file synthetic and synthetic_panoptic) to `parser`."""
-    parser.add_argument(
+    """Add the --synthetic_* flags (used by --dataset_file synthetic and synthetic_panoptic) to `parser`, in one
+    argument group."""
+    group = parser.add_argument_group("Synthetic data (datasets/synthetic.py)")
+    group.add_argument(
         "--synthetic_path",
         default=DEFAULT_ROOT,
         help="where the synthetic dataset is generated (on first use, or again when a "
         "--synthetic_* flag changes) when --coco_path is not given",
     )
-    parser.add_argument(
+    group.add_argument(
         "--synthetic_seed",
         default=DEFAULT_SEED,
         type=int,
         help="seed of the synthetic dataset: the same seed gives identical files",
     )
-    parser.add_argument(
+    group.add_argument(
         "--synthetic_train_size", default=DEFAULT_TRAIN_SIZE, type=int, help="number of synthetic training images"
     )
-    parser.add_argument(
+    group.add_argument(
         "--synthetic_val_size", default=DEFAULT_VAL_SIZE, type=int, help="number of synthetic validation images"
     )
-    parser.add_argument(
+    group.add_argument(
         "--synthetic_image_size",
         default=DEFAULT_IMAGE_SIZE,
         type=int,
         help="side in pixels of the (square) synthetic images",
     )
-    parser.add_argument(
+    group.add_argument(
         "--synthetic_workers",
         default=None,
         type=int,

@@ -36,8 +36,7 @@ def build_model(args):
     losses = ["labels", "boxes", "cardinality"]
     if args.masks:
         losses += ["masks"]
-    # Set by main.py for panoptic data (datasets.thing_classes); not a command-line flag (util.config.RUN_DEFAULTS).
-    thing_classes = getattr(args, "thing_classes", None)
+    thing_classes = args.thing_classes  # set by main.py from panoptic data; None elsewhere
 
     # The one place the --two_stage extension (models/two_stage.py) plugs in: its model and its loss.
     if args.two_stage:

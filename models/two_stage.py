@@ -16,8 +16,41 @@ from torch import Tensor, nn
 
 from util import box_ops
 from util.amp import autocast_enabled
+from util.flags import add_switch
 
 from .detr import DETR, MLP, SetCriterion
+
+
+def add_two_stage_args(parser) -> None:
+    """The --two_stage flags, in one argument group; the default is the original's learned queries."""
+    group = parser.add_argument_group("Two-stage queries (models/two_stage.py)")
+    add_switch(
+        group,
+        "two_stage",
+        "queries from the encoder: its best class-and-box proposals (loss terms _enc) seed the decoder (docs/flags.md)",
+        "the original's learned queries",
+    )
+    group.add_argument(
+        "--learned_queries",
+        default=0,
+        type=int,
+        help="with --two_stage: this many queries are learned embeddings, the others proposals (on "
+        "panoptic data: the stuff regions' queries)",
+    )
+    group.add_argument(
+        "--query_nms",
+        default=1.0,
+        type=float,
+        help="with --two_stage, at evaluation (and in training with --proposal_radius): skip proposals that "
+        "overlap a better one by more than this IoU (1.0: never)",
+    )
+    group.add_argument(
+        "--proposal_radius",
+        default=0.0,
+        type=float,
+        help="with --two_stage: the tokens within this many cells of an object's centre (and inside its box) "
+        "learn to propose it (0: the nearest only); --query_nms then applies in training too",
+    )
 
 
 class DenseProposals:

@@ -66,8 +66,8 @@ def test_a_type_the_device_cannot_run_stops_naming_the_flag():
     with pytest.raises(ValueError, match="--amp_dtype float16: .*cannot run float16 autocast"):
         amp.choose_amp_dtype(torch.device("meta"), "float16")
     with pytest.raises(SystemExit, match="--amp_dtype float16"):
-        main_py.choose_precision(Namespace(amp=True, amp_dtype="float16"), torch.device("meta"))
-    assert main_py.choose_precision(Namespace(amp=False, amp_dtype="float16"), torch.device("meta")) == (None, None)
+        amp.choose_precision(Namespace(amp=True, amp_dtype="float16"), torch.device("meta"))
+    assert amp.choose_precision(Namespace(amp=False, amp_dtype="float16"), torch.device("meta")) == (None, None)
     with pytest.raises(SystemExit):  # argparse names the flag and its choices
         main_py.parse_args(["--amp_dtype", "float8"])
 
@@ -192,11 +192,11 @@ def test_the_synthetic_recipe_is_sized_by_the_automatic_choice(monkeypatch):
     assert (full["epochs"], full["batch_size"], full.get("backbone_width", 1.0)) == (15, 8, 1.0)
     assert (fp32["epochs"], fp32["batch_size"], fp32["backbone_width"]) == (15, 8, 0.5)
     assert fp32["amp"] is True  # --amp stays on: its automatic choice is fp32 there, and bfloat16 where it is fast
-    monkeypatch.setattr(main_py, "automatic_choice_is_reduced", lambda device: False)
+    monkeypatch.setattr(datasets, "automatic_choice_is_reduced", lambda device: False)
     args = main_py.parse_args(["--dataset_file", "synthetic"])
     assert (args.backbone_width, args.epochs, args.batch_size, args.amp_dtype) == (0.5, 15, 8, "auto")
     assert main_py.parse_args(["--dataset_file", "synthetic", "--backbone_width", "1"]).backbone_width == 1  # flags win
-    monkeypatch.setattr(main_py, "automatic_choice_is_reduced", lambda device: True)
+    monkeypatch.setattr(datasets, "automatic_choice_is_reduced", lambda device: True)
     assert main_py.parse_args(["--dataset_file", "synthetic"]).backbone_width == 1
     # This machine: the recipe follows what --amp would run here.
     assert amp.automatic_choice_is_reduced("cpu") == (amp.choose_amp_dtype(CPU)[0] is not None)

@@ -360,9 +360,9 @@ def test_backbone_width_bad_values_are_clear_errors():
 
 
 def test_a_narrow_model_trains_runs_the_fast_path_and_refuses_another_width_on_resume():
-    import main as main_py
     from helpers import MASK_HEAD_FLAGS, tiny_model
     from models.fast import enable_fast_path
+    from util.checkpoint import architecture_differences
 
     model, criterion, _ = tiny_model("--backbone_width", "0.5", "--masks", *MASK_HEAD_FLAGS)
     assert model.detr.input_proj.in_channels == 256
@@ -381,4 +381,4 @@ def test_a_narrow_model_trains_runs_the_fast_path_and_refuses_another_width_on_r
     losses = criterion(model.train()(images), targets)
     assert all(torch.isfinite(v) for v in losses.values())
     saved = tiny_args("--backbone_width", "0.5")
-    assert main_py.architecture_differences(saved, tiny_args()) == ["--backbone_width: checkpoint 0.5, this run 1.0"]
+    assert architecture_differences(saved, tiny_args()) == ["--backbone_width: checkpoint 0.5, this run 1.0"]

@@ -21,6 +21,7 @@ import util.misc as utils
 from helpers import REPO_ROOT, OracleDETR, free_port, load_checkpoint_safely, tiny_detr_and_optimizer, tiny_flags
 from datasets import get_coco_api_from_dataset, synthetic
 from engine import evaluate, train_one_epoch
+from util.distributed import buffer_broadcast, synchronize_batch_norms
 
 WORLD_SIZE = 2
 CPU = torch.device("cpu")
@@ -181,22 +182,22 @@ def test_trainable_batch_norms_are_synchronized_on_cuda(synthetic_root):
     assert len(norms) == 20  # ResNet-18's
     weights = dict(model.state_dict())
     # The conversion needs no GPU: a device object of type cuda says where the model will run.
-    synced = main_py.synchronize_batch_norms(model, torch.device("cuda"))
+    synced = synchronize_batch_norms(model, torch.device("cuda"))
     assert {n: type(m) for n, m in synced.named_modules() if n in norms} == dict.fromkeys(norms, torch.nn.SyncBatchNorm)
     assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
     # The same weights and statistics under the same names: checkpoints load either way.
     assert synced.state_dict().keys() == weights.keys()
     assert all(torch.equal(synced.state_dict()[k], v) for k, v in weights.items())
-    assert main_py.buffer_broadcast(synced) in ({"forward_sync_buffers": True}, {"broadcast_buffers": True})
+    assert buffer_broadcast(synced) in ({"forward_sync_buffers": True}, {"broadcast_buffers": True})
 
     # On the CPU (gloo) they stay batch norms; frozen ones stay frozen anywhere, and skip the buffer broadcast.
     model, _, _, _ = tiny_detr_and_optimizer(args)
-    assert main_py.synchronize_batch_norms(model, CPU) is model
+    assert synchronize_batch_norms(model, CPU) is model
     assert {n: type(m) for n, m in model.named_modules() if n in norms} == norms
     frozen, _, _, _ = tiny_detr_and_optimizer(ddp_args(synthetic_root))
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
-    assert main_py.synchronize_batch_norms(frozen, torch.device("cuda")) is frozen
-    assert main_py.buffer_broadcast(frozen) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    assert synchronize_batch_norms(frozen, torch.device("cuda")) is frozen
+    assert buffer_broadcast(frozen) in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
 
 
 def test_ddp_broadcasts_buffers_only_for_trainable_batch_norms(synthetic_root, tmp_path):

@@ -2,6 +2,8 @@
 atomic checkpoints, refusing bad input before training, the CPU fallback, and fine-tuning."""
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +19,9 @@ import util.misc as utils
 import hubconf
 from helpers import file_digest, load_checkpoint_safely, run_main, tensorboard_scalars, tiny_flags
 from models import build_model
+from datasets.loaders import build_loaders
+from util.amp import automatic_choice_is_reduced
+from util.checkpoint import architecture_differences, restore_rng_states, rng_state
 from util.visualize import read_log
 
 # Dropout on, so that a resumed run also needs the model's own draws from torch's generator to continue.
@@ -383,7 +388,7 @@ def test_the_loaders_pin_their_batches_on_a_gpu(synthetic_root, monkeypatch):
     args = main_py.parse_args(tiny_flags(synthetic_root))
     args.distributed = False
     train, val = (datasets.build_dataset(image_set, args) for image_set in ("train", "val"))
-    assert not any(loader.pin_memory for loader in main_py.build_loaders(train, val, args)[::2])  # on the CPU
+    assert not any(loader.pin_memory for loader in build_loaders(train, val, args)[::2])  # on the CPU
 
     # A CUDA device, as the loaders see it. Where this torch has none, pinning is recorded instead of done (it needs
     # the CUDA driver) and the batch holds the stand-in's outputs.
@@ -401,7 +406,7 @@ def test_the_loaders_pin_their_batches_on_a_gpu(synthetic_root, monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
         monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a, **k: any(self is p for p in pinned))
-    train_loader, _, val_loader = main_py.build_loaders(train, val, args)
+    train_loader, _, val_loader = build_loaders(train, val, args)
     for loader in (train_loader, val_loader):
         assert loader.pin_memory
         samples, targets = next(iter(loader))
@@ -423,7 +428,7 @@ def test_eval_batching_size_gives_the_ap_of_batch_size_1_at_any_batch_size(layou
 
     def box_ap(eval_batching, batch_size):
         args.eval_batching, args.batch_size = eval_batching, batch_size
-        _, _, loader = main_py.build_loaders(None, mixed_size_coco, args)
+        _, _, loader = build_loaders(None, mixed_size_coco, args)
         if eval_batching == "size":  # no batch holds two sizes, so nothing is padded
             assert all(len({tuple(mixed_size_coco[i][0].shape) for i in batch}) == 1 for batch in loader.batch_sampler)
         stats, _ = engine.evaluate(model, criterion, postprocessors, loader, ground_truth, torch.device("cpu"), "")
@@ -500,7 +505,7 @@ def test_eval_batching_size_gives_the_stats_of_batch_size_1_on_every_dataset(
     model_flags += ["--num_queries", "100", "--num_classes", "9"]
     args = main_py.parse_args(flags + model_flags + ["--eval", "--eval_batching", "size"])
     args.distributed = False
-    _, dataset_val, base_ds = main_py.build_datasets(args)
+    _, dataset_val, base_ds, args = main_py.build_datasets(args, torch.device("cpu"))
     sizes = datasets.transformed_image_sizes(dataset_val)
     assert len(set(sizes)) == 4  # mixed aspect ratios, after the dataset's own val transform
     torch.manual_seed(0)
@@ -508,7 +513,7 @@ def test_eval_batching_size_gives_the_stats_of_batch_size_1_on_every_dataset(
     stats = {}
     for batch_size in (1, 4):
         args.batch_size = batch_size
-        _, _, loader = main_py.build_loaders(None, dataset_val, args)
+        _, _, loader = build_loaders(None, dataset_val, args)
         batches = list(loader.batch_sampler)
         assert all(len({sizes[i] for i in batch}) == 1 for batch in batches)
         assert max(len(batch) for batch in batches) == (2 if batch_size == 4 else 1)  # same-size images batched
@@ -596,14 +601,14 @@ def test_each_epoch_starts_where_the_previous_evaluation_left_the_generators(syn
         states = []
 
         def train(*args, states=states, **kwargs):
-            states.append(("train starts", main_py.rng_state()))
+            states.append(("train starts", rng_state()))
             result = real_train(*args, **kwargs)
-            states.append(("train ends", main_py.rng_state()))
+            states.append(("train ends", rng_state()))
             return result
 
         def evaluate(*args, states=states, **kwargs):
             result = real_evaluate(*args, **kwargs)
-            states.append(("evaluation ends", main_py.rng_state()))
+            states.append(("evaluation ends", rng_state()))
             return result
 
         monkeypatch.setattr(main_py, "train_one_epoch", train)
@@ -639,20 +644,20 @@ def test_checkpoints_hold_the_random_state_of_every_process(resumed_run):
 
 
 def test_checkpoints_of_another_process_count_resume_with_fresh_generators(capsys, monkeypatch):
-    state = main_py.rng_state()
+    state = rng_state()
     import util.checkpoint
 
     monkeypatch.setattr(util.checkpoint, "set_rng_state", lambda s: pytest.fail("restored another process's state"))
-    main_py.restore_rng_states([state, state])
+    restore_rng_states([state, state])
     assert "random states of 2 process(es) but this run has 1" in capsys.readouterr().out
 
 
 def test_single_dict_rng_of_older_checkpoints_is_restored():
     import random
 
-    state = main_py.rng_state()
+    state = rng_state()
     expected = (torch.rand(3), random.random())
-    main_py.restore_rng_states(state)
+    restore_rng_states(state)
     assert (torch.rand(3), random.random()) == (pytest.approx(expected[0]), expected[1])
 
 
@@ -933,6 +938,22 @@ def test_the_local_rank_of_torch_distributed_launch_is_accepted(flags, local_ran
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_main_leaves_the_flags_as_parsed_and_its_checkpoints_record_what_it_decided(synthetic_root, tmp_path):
+    flags = tiny_flags(synthetic_root, tmp_path, "--epochs", "1", "--time_budget", "30", "--auto_resume", "--no_plots")
+    args = main_py.parse_args(flags)
+    parsed = dict(vars(args))
+    with contextlib.redirect_stdout(io.StringIO()):
+        main_py.main(args)
+    # Only the process's place in its group is added (util.misc.init_distributed_mode, as in the original).
+    assert {k: v for k, v in vars(args).items() if k in parsed} == parsed
+    assert set(vars(args)) - set(parsed) <= {"distributed", "rank", "gpu", "dist_backend"}
+    recorded = vars(load_checkpoint_safely(tmp_path / "checkpoint.pth")["args"])
+    decided = {
+        k: v for k, v in recorded.items() if parsed.get(k, "absent") != v and k not in ("distributed", "rank", "gpu")
+    }
+    assert decided == {"num_classes": 6, "best_metric": "test_coco_eval_bbox[0]"}  # the data's classes; box AP
+
+
 def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, tmp_path):
     stats, printed = run_main(
         tiny_flags(
@@ -948,7 +969,6 @@ def test_device_cuda_without_cuda_runs_on_the_cpu(straight_run, synthetic_root, 
         )
     )
     assert "--device cuda: no CUDA device is available here, using the CPU instead" in printed
-    assert "device='cpu'" in printed  # the args as printed (--console original)
     assert stats["coco_eval_bbox"] == pytest.approx(read_log(straight_run / "log.txt")[-1]["test_coco_eval_bbox"])
 
 
@@ -1007,7 +1027,7 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
     masks = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--masks", "--lr", "1e-4"])
     assert (masks.mask_attention_gain, masks.panoptic_threshold, masks.epochs, masks.lr) == (100.0, 0.5, 2, 1e-4)
     assert masks.learned_queries == 5 and masks.output_dir == "outputs/panoptic/masks"
-    assert main_py.architecture_differences(panoptic, masks) == ["--masks: checkpoint False, this run True"]
+    assert architecture_differences(panoptic, masks) == ["--masks: checkpoint False, this run True"]
     # The original's queries on request: no learned-query split then.
     original = main_py.parse_args(["--dataset_file", "synthetic_panoptic", "--no_two_stage"])
     assert not original.two_stage and original.learned_queries == 0
@@ -1016,7 +1036,7 @@ def test_flags_given_win_over_the_synthetic_defaults_even_abbreviated():
 
 def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(straight_run, synthetic_root, capsys):
     args = main_py.parse_args(tiny_flags(synthetic_root, straight_run, "--epochs", "4", *RESUME_FLAGS))
-    recipe = datasets.recipe("synthetic", reduced_precision=main_py.automatic_choice_is_reduced("cpu"))
+    recipe = datasets.recipe("synthetic", reduced_precision=automatic_choice_is_reduced("cpu"))
     written = json.loads((straight_run / "recipe.json").read_text())
     assert (written["dataset_file"], written["defined_in"]) == ("synthetic", "datasets/synthetic.py")
     assert list(written["flags"]) == list(recipe)  # the recipe's flags only, with this run's values
@@ -1025,12 +1045,12 @@ def test_the_recipe_of_the_dataset_is_printed_and_written_to_the_output_folder(s
     replaced = written["recipe_values_replaced_by_flags_given"]
     assert replaced == {name: value for name, value in recipe.items() if getattr(args, name) != value}
     assert replaced["hidden_dim"] == 128 and "backbone" not in replaced
-    assert main_py.show_recipe(args) == written
+    assert datasets.show_recipe(args, "cpu") == written
     printed = capsys.readouterr().out
     assert printed.startswith("Recipe of --dataset_file synthetic (datasets/synthetic.py; flags given win): ")
     assert " backbone=resnet18 " in printed and " hidden_dim=32 (recipe 128) " in printed
     assert f" epochs=4 (recipe {recipe['epochs']}) " in printed
-    assert main_py.show_recipe(main_py.parse_args(["--device", "cpu"])) is None  # COCO: the original's defaults
+    assert datasets.show_recipe(main_py.parse_args(["--device", "cpu"]), "cpu") is None  # COCO: the original's defaults
     assert capsys.readouterr().out == ""
 
 
@@ -1066,54 +1086,6 @@ def test_the_exact_path_is_the_default_and_fast_is_one_flag_away():
 
 
 # ---------------------------------------------------------------------------------------------- --time_budget
-
-
-def test_the_time_budget_fits_the_epochs_and_keeps_the_lr_drop_at_its_place():
-    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5)
-    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12)
-
-    def fit(epoch, spent_s):
-        main_py.fit_schedule_to_budget(args, scheduler, epoch, spent_s, planned=(15, 12))
-        return args.epochs, args.lr_drop, scheduler.step_size
-
-    assert fit(0, 30.0) == (15, 12, 12)  # 23 epochs would fit: nothing changes
-    assert fit(0, 61.0) == (11, 9, 9)  # 690 s / 61 s: 11 epochs, the drop at 12/15 of them
-    assert fit(3, 4 * 50.0) == (13, 10, 10)  # faster than the first epoch: back up to 13
-    assert fit(5, 6 * 40.0) == (15, 12, 12)  # fast enough for the planned run again
-    assert fit(12, 13 * 80.0) == (13, 12, 12)  # slower after the drop: shorter, never below the epochs done
-    assert fit(12, 13 * 40.0) == (13, 12, 12)  # and, after the drop, never longer again
-    args = argparse.Namespace(epochs=4, lr_drop=3, time_budget=1.0)
-    main_py.fit_schedule_to_budget(args, scheduler, 0, 100.0, planned=(4, 3))
-    assert (args.epochs, args.lr_drop) == (1, 3)  # no room for a drop inside the run: it is left alone
-
-
-def test_the_time_budget_leaves_out_what_the_run_spent_before_its_first_epoch():
-    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=12.5)
-    scheduler = torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), 12)
-    # 750 s less 50 s of data generation, at 60 s an epoch: 11 epochs (12 without the setup), the drop after 9.
-    main_py.fit_schedule_to_budget(args, scheduler, 0, 60.0, planned=(15, 12), setup_s=50.0)
-    assert (args.epochs, args.lr_drop, scheduler.step_size) == (11, 9, 9)
-    main_py.fit_schedule_to_budget(args, scheduler, 1, 120.0, planned=(15, 12))
-    assert (args.epochs, args.lr_drop) == (12, 10)
-    line = main_py.budget_line(args, 50.2, 60.4, 11, 15)
-    assert line == "--time_budget 12.5 min: 50 s before training, 60 s per epoch, so 11 of 15 epochs"
-    assert main_py.budget_line(args, 0.0, 60.4, 11, 15) == "--time_budget 12.5 min: 60 s per epoch, so 11 of 15 epochs"
-
-
-def test_the_time_budget_stretches_a_decaying_schedule_over_the_epochs_that_fit():
-    args = argparse.Namespace(epochs=15, lr_drop=12, time_budget=11.5, lr_schedule="linear")
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = utils.EpochDecay(optimizer, "linear", 15)
-    scheduler.step()  # after epoch 0, as main.py steps it
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 1 / 15)
-    main_py.fit_schedule_to_budget(args, scheduler, 0, 61.0, planned=(15, 12))
-    # 690 s / 61 s: 11 epochs, and epoch 1 already runs at the rate of a decay over 11.
-    assert args.epochs == 11 and scheduler.total_epochs == 11 and args.lr_drop == 12
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 1 / 11) == scheduler.get_last_lr()[0]
-    main_py.fit_schedule_to_budget(args, scheduler, 3, 4 * 40.0, planned=(15, 12))
-    assert args.epochs == 15 and scheduler.total_epochs == 15  # fast again: back to the planned run
-    main_py.fit_schedule_to_budget(args, scheduler, 3, 4 * 400.0, planned=(15, 12))
-    assert args.epochs == 4  # never below the epochs done
 
 
 def test_linear_and_cosine_schedules_decay_to_the_end_and_resume_where_they_were():

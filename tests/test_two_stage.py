@@ -20,6 +20,7 @@ from models.two_stage import (
     token_anchors,
 )
 from util.box_ops import box_cxcywh_to_xyxy, box_iou
+from util.checkpoint import architecture_differences
 from util.misc import nested_tensor_from_tensor_list
 
 
@@ -320,7 +321,7 @@ def test_mask_head_on_a_stride_8_backbone():
 
 def test_resuming_with_another_query_scheme_is_refused():
     saved = tiny_args("--two_stage", "--feature_stride", "8")
-    differences = main_py.architecture_differences(saved, tiny_args())
+    differences = architecture_differences(saved, tiny_args())
     assert differences == [
         "--feature_stride: checkpoint 8, this run 32",
         "--two_stage: checkpoint True, this run False",
@@ -418,9 +419,7 @@ def test_learned_queries_bad_values_are_clear_errors():
     with pytest.raises(ValueError, match="needs --two_stage"):
         tiny_model("--learned_queries", "1")  # build_model refuses it too
     saved = tiny_args("--two_stage", "--learned_queries", "2")
-    assert main_py.architecture_differences(saved, tiny_args("--two_stage")) == [
-        "--learned_queries: checkpoint 2, this run 0"
-    ]
+    assert architecture_differences(saved, tiny_args("--two_stage")) == ["--learned_queries: checkpoint 2, this run 0"]
 
 
 def test_mask_attention_of_proposals_sees_their_states_and_positions():

@@ -32,7 +32,7 @@ def tiny_checkpoint(
     With `box` (normalized cx, cy, w, h) and `label`, the heads are fixed: every query predicts that box and
     that class with a score of about 0.98, whatever the image."""
     args = main_py.parse_args(tiny_flags(synthetic_root, "", *extra))
-    args.num_classes = num_classes  # what main.main sets before building the model
+    args.num_classes = num_classes  # what main.main builds the model with (the data decides it)
     if thing_classes is not None:
         args.thing_classes = list(thing_classes)
     torch.manual_seed(seed)
@@ -88,7 +88,7 @@ def demo_checkpoint(path, synthetic_path, *extra: str, steps: int = 2, seed: int
     then hold what training left there, not their initial values. `synthetic_path` goes into the args (where the
     tools look for the class names)."""
     args = main_py.get_args_parser().parse_args(DEMO_FLAGS + ["--synthetic_path", str(synthetic_path), *extra])
-    args.num_classes = 6  # what main.main sets from the synthetic dataset
+    args.num_classes = 6  # what main.main builds the model with, from the synthetic dataset
     torch.manual_seed(seed)
     model, criterion, _ = build_model(args)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)

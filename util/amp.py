@@ -5,12 +5,15 @@ capability 8.0 and up); elsewhere torch emulates it, many times slower than fp32
 accelerate float16, which needs loss scaling (torch.amp.GradScaler). docs/performance.md has the measurements.
 """
 
+import argparse
 import os
 import platform
 import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
+
+from util.flags import add_switch
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 AMP_CHOICES = ("auto", *AMP_DTYPES)
@@ -194,3 +197,62 @@ def hardware(device: torch.device) -> Dict[str, object]:
         "native_bfloat16": torch.bfloat16 in native_dtypes(device),
         "threads": torch.get_num_threads(),
     }
+
+
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """The speed and precision flags, in one argument group; every default keeps the original's numbers."""
+    group = parser.add_argument_group("Speed and precision (util/amp.py, models/fast.py)")
+    add_switch(
+        group,
+        "amp",
+        "run the forward pass under autocast in the type --amp_dtype picks (losses stay in fp32)",
+        "fp32 forward pass",
+    )
+    group.add_argument(
+        "--amp_dtype",
+        default="auto",
+        choices=AMP_CHOICES,
+        help="with --amp: 'auto' takes what the device computes natively (docs/flags.md)",
+    )
+    add_switch(
+        group,
+        "channels_last",
+        "run the ResNet in the channels-last memory layout (same weights and checkpoints)",
+        "the ResNet in the default layout",
+    )
+    # Measured in docs/performance.md (tools/benchmark.py).
+    group.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast path: folded batch norms, channels-last, fused attention and AdamW; each "
+        "step within float rounding of the original's (docs/flags.md)",
+    )
+    group.add_argument(
+        "--exact",
+        dest="fast",
+        action="store_false",
+        help="the bit-exact path: the original DETR's numbers to the last bit (undoes --fast)",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile (eager mode, with a message, where it fails)",
+    )
+    group.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels on a GPU, for reruns equal to the last bit (slower; docs/flags.md)",
+    )
+
+
+def choose_precision(args, device: torch.device):
+    """(the autocast type of the forward pass, None for fp32; the float16 loss scaler or None), from --amp and
+    --amp_dtype, with a line saying what was chosen and why."""
+    if not args.amp:
+        return None, None
+    try:
+        dtype, why = choose_amp_dtype(device, args.amp_dtype)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(why)
+    return dtype, make_grad_scaler(device, dtype)

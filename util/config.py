@@ -35,10 +35,6 @@ ARCHITECTURE_FLAGS = (
     "learned_queries",
 )
 
-# What main.py sets beside the flags, at the value a namespace from elsewhere gets: the thing classes of panoptic
-# data (None leaves the thing map to the model builder).
-RUN_DEFAULTS = dict(thing_classes=None)
-
 
 def parser_defaults(parser: Optional[argparse.ArgumentParser] = None) -> dict:
     """Every flag's default, by its dest: of parser, or of main.py's."""
@@ -52,7 +48,7 @@ def parser_defaults(parser: Optional[argparse.ArgumentParser] = None) -> dict:
 
 
 def complete_args(args, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """A copy of args in which every flag of the parser (main.py's by default) that args lacks is at its default,
-    and what main.py sets beside them (RUN_DEFAULTS) at theirs; values args holds, and entries the parser does not
+    """A copy of args in which every flag of the parser (main.py's by default) that args lacks is at its default
+    (thing_classes, which main.py sets from panoptic data, included); values args holds, and entries the parser does not
     know, are kept."""
-    return argparse.Namespace(**{**RUN_DEFAULTS, **parser_defaults(parser), **vars(args)})
+    return argparse.Namespace(**{**parser_defaults(parser), **vars(args)})

@@ -10,7 +10,7 @@ import shlex
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -77,7 +77,11 @@ class Console:
     def show_args(self, args) -> None:
         print(args)
 
-    def start_training(self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val) -> None:
+    def start_training(
+        self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val, device: str,
+        start_epoch: int, epochs: Callable[[], int],
+    ) -> None:  # fmt: skip
+        """device: the one the run uses; epochs: the run's epoch count as it stands (--time_budget may cut it)."""
         print("Start training")
 
     def training_steps(self, metric_logger: MetricLogger, data_loader, print_freq: int, epoch: int) -> Iterator:
@@ -106,12 +110,13 @@ class ShortConsole(Console):
     """A banner of what is trained on what (and the flags that differ from the defaults), one line of at most
     LINE_LIMIT characters per printed step (epoch, step, the whole run's ETA, the loss and its parts, lr, time per
     step), one line per epoch and evaluation, and a summary naming the results, pictures and best checkpoint.
-    args.epochs is read at every line: --time_budget may shorten the run while it goes."""
+    The run's epoch count is read at every line: --time_budget may shorten the run while it goes."""
 
     short = True
 
     def __init__(self, args, parser: argparse.ArgumentParser):
         self.args, self.parser = args, parser
+        self.epochs: Callable[[], int] = lambda: args.epochs
         self.epoch_starts: List[Tuple[int, float]] = []  # (epoch, time) of each training epoch this process began
         self.phase_start = time.time()
         self.step_time = SmoothedValue(fmt="{avg:.4f}")
@@ -119,8 +124,13 @@ class ShortConsole(Console):
     def show_args(self, args) -> None:
         pass  # the banner, printed once the data and the model are built, says what matters of them
 
-    def start_training(self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val) -> None:
-        for line in banner_lines(args, self.parser, recipe, n_parameters, data_loader, data_loader_val):
+    def start_training(
+        self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val, device: str,
+        start_epoch: int, epochs: Callable[[], int],
+    ) -> None:  # fmt: skip
+        self.epochs = epochs
+        run = (device, start_epoch, epochs())
+        for line in banner_lines(args, self.parser, recipe, n_parameters, data_loader, data_loader_val, *run):
             print(line)
 
     def _steps(self, iterable, print_freq: int, line) -> Iterator:
@@ -141,7 +151,7 @@ class ShortConsole(Console):
         def line(i: int, n: int) -> str:
             metric_logger.flush()  # every pending value read to the host in one copy, as MetricLogger prints
             meters = metric_logger.meters
-            epochs = self.args.epochs
+            epochs = self.epochs()
             head = f"epoch {epoch}/{epochs}  step {i:{len(str(n))}d}/{n}  run eta {duration(self.run_eta(epoch, i, n))}"
             tail = f"lr {meters['lr'].value:.2e}  {self.step_time.avg:.3f} s/step" + memory_text()
             room = LINE_LIMIT - 1 - len(head) - len(tail) - 4
@@ -157,7 +167,7 @@ class ShortConsole(Console):
         step_s = self.step_time.global_avg
         done = [t for e, t in self.epoch_starts if e < epoch]
         per_epoch = (self.epoch_starts[-1][1] - done[0]) / len(done) if done else step_s * n
-        return step_s * (n - i - 1) + max(self.args.epochs - epoch - 1, 0) * per_epoch
+        return step_s * (n - i - 1) + max(self.epochs() - epoch - 1, 0) * per_epoch
 
     def evaluation_steps(self, metric_logger: MetricLogger, data_loader, print_freq: int) -> Iterator:
         def line(i: int, n: int) -> str:
@@ -174,7 +184,7 @@ class ShortConsole(Console):
     def averaged(self, metric_logger: MetricLogger, epoch: Optional[int] = None) -> None:
         meters = metric_logger.meters
         steps, seconds = self.step_time.count, time.time() - self.phase_start
-        what = f"epoch {epoch}/{self.args.epochs} trained" if epoch is not None else "test"
+        what = f"epoch {epoch}/{self.epochs()} trained" if epoch is not None else "test"
         head = f"{what} in {duration(seconds)} ({steps} steps)"
         tail = f"class error {meters['class_error'].global_avg:.1f}" if "class_error" in meters else ""
         room = LINE_LIMIT - 1 - len(head) - len(tail) - 4
@@ -198,18 +208,19 @@ def memory_text() -> str:
 
 
 def banner_lines(
-    args, parser: argparse.ArgumentParser, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val
-) -> List[str]:
+    args, parser: argparse.ArgumentParser, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val,
+    device: str, start_epoch: int, epochs: int,
+) -> List[str]:  # fmt: skip
     """What is trained on what data, for how long and where it goes, and the flags that differ from the
     defaults in effect (the parser's, and the recipe of the dataset where it has one)."""
     model = f"DETR ({args.backbone}, {args.enc_layers}+{args.dec_layers} layers, {args.num_queries} queries"
     model += ", two-stage" if args.two_stage else ""
     model += ", mask head" if args.masks else ""
     lines = [
-        f"Training {model}; {n_parameters / 1e6:.1f}M trained parameters) on {args.device}",
+        f"Training {model}; {n_parameters / 1e6:.1f}M trained parameters) on {device}",
         f"Data: {args.dataset_file}, {len(data_loader.dataset)} training images in {len(data_loader)} steps of "
         f"{args.batch_size}, {len(data_loader_val.dataset)} validation images",
-        f"Epochs {args.start_epoch} to {args.epochs - 1}"
+        f"Epochs {start_epoch} to {epochs - 1}"
         + (f" (fewer if --time_budget {args.time_budget:g} min is short)" if args.time_budget > 0 else "")
         + "; output: "
         + (f"{args.output_dir} (log.txt, checkpoints, pictures)" if args.output_dir else "none (no --output_dir)"),

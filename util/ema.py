@@ -1,9 +1,25 @@
 """An exponential moving average of a model's weights (--ema_decay)."""
 
+import argparse
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
+
+from util.checkpoint import load_state_dict_checked
+
+
+def add_ema_args(parser: argparse.ArgumentParser) -> None:
+    """The weight-averaging flag, in its argument group; the default keeps the original's weights."""
+    group = parser.add_argument_group("Weight averaging (util/ema.py)")
+    group.add_argument(
+        "--ema_decay",
+        default=0.0,
+        type=float,
+        help="evaluate and save a moving average of the weights with this decay per step (e.g. "
+        "0.998); 0 keeps the original's weights (docs/flags.md)",
+    )
 
 
 class ModelEMA:
@@ -29,3 +45,14 @@ class ModelEMA:
                 averaged.lerp_(current.detach(), 1.0 - d)
             else:  # integer buffers (num_batches_tracked) are copied
                 averaged.copy_(current)
+
+
+def build_ema(model, resumed: Optional[dict], resume: str, args) -> Optional[ModelEMA]:
+    """The weights' moving average with --ema_decay (continued from a --resume checkpoint), else None."""
+    if args.ema_decay <= 0 or args.eval:
+        return None
+    ema = ModelEMA(model, args.ema_decay)
+    if resumed is not None and "train_model" in resumed:
+        load_state_dict_checked(ema.module, resumed["model"], f"--resume {resume}")
+        ema.updates = resumed["ema_updates"]
+    return ema

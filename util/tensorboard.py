@@ -54,3 +54,9 @@ def write_scalars(writer, scalars: Mapping[str, float], step: int) -> None:
     """Every (tag, value) of `scalars` at `step`."""
     for tag, value in scalars.items():
         writer.add_scalar(tag, value, step)
+
+
+def write_training_scalars(writer, first_step: int, i: int, values: Mapping[str, float]) -> None:
+    """The training losses and lr of the epoch's step `i` (engine.train_one_epoch's log_step), at the run's step
+    first_step + i."""
+    write_scalars(writer, {f"train/{k}": v for k, v in values.items()}, first_step + i)
