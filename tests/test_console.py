@@ -141,7 +141,7 @@ def test_a_step_line_stays_short_with_every_part_and_a_long_run(monkeypatch, cap
 def test_the_banner_lists_the_flags_that_differ_from_the_defaults_and_the_recipe(synthetic_root):
     argv = tiny_flags(synthetic_root, "", "--epochs", "2", "--exact", "--no_plots")
     args = main_py.parse_args(argv)
-    recipe = main_py.show_recipe(args, printed=False)
+    recipe = main_py.show_recipe(args, "cpu", printed=False)
     flags = changed_flags(args, main_py.get_args_parser(), recipe)
     # As they would be typed; the device the run uses and the dataset are said by the banner's first lines.
     assert "--epochs 2" in flags and "--exact" in flags and "--no_plots" in flags and "--no_two_stage" in flags
