@@ -272,15 +272,15 @@ def prepare_model(model: torch.nn.Module, args, device: torch.device):
     """(the model to run, the model itself): on `device`, on the fast path with --fast, compiled with
     --compile, wrapped in DistributedDataParallel when distributed (its batch norms synchronized on CUDA)."""
     model.to(device)
-    if args.distributed:
+    if utils.is_dist_avail_and_initialized():
         model = synchronize_batch_norms(model, device)
     if args.fast:
         enable_fast_path(model)
     if args.compile:
         enable_compile(model, device)
-    if not args.distributed:
+    if not utils.is_dist_avail_and_initialized():
         return model, model
-    return distributed_data_parallel(model, device, args.gpu), model
+    return distributed_data_parallel(model, device, utils.local_rank()), model
 
 
 def build_optimizer(model: torch.nn.Module, args, device: torch.device):
@@ -302,7 +302,7 @@ def main(args):
     check_args(args)
     budget = TimeBudget(args.time_budget, args.epochs, args.lr_drop, run_start)
     numeric_policy = set_numeric_policy(args.fast, args.deterministic)  # before any GPU work, cuBLAS's included
-    utils.init_distributed_mode(args)
+    process_group = utils.join_process_group(args)  # args stays as parsed
     print("git:\n  {}\n".format(utils.get_sha()))
     device = choose_device(args.device)
     if device.type == "cuda":
@@ -369,7 +369,7 @@ def main(args):
         writer = open_writer(output_dir / "tensorboard", purge_step=start_epoch * steps_per_epoch)
     test_stats, coco_evaluator = {}, None
     for epoch in range(start_epoch, budget.epochs):
-        if args.distributed:
+        if utils.is_dist_avail_and_initialized():
             sampler_train.set_epoch(epoch)
         first_step = epoch * steps_per_epoch
         log_step = None if writer is None else functools.partial(write_training_scalars, writer, first_step)
@@ -406,6 +406,7 @@ def main(args):
             )
             # The checkpoint's 'args': the flags, with what this run decided from them.
             decided = dict(best_metric=best_metric, resume=resume, start_epoch=start_epoch, epochs=budget.epochs)
+            decided.update(process_group.as_args())  # as the original's args hold them
             recorded_args = argparse.Namespace(**{**vars(model_args), **decided, "lr_drop": budget.lr_drop})
             # Keep a copy before each learning-rate drop and every 100 epochs.
             drops = args.lr_schedule == "step" and (epoch + 1) % budget.lr_drop == 0

@@ -40,14 +40,18 @@ def build_loaders(dataset_train, dataset_val, args):
         batch_sampler_val = SameSizeBatchSampler(sizes, args.batch_size, utils.get_world_size(), utils.get_rank())
     else:
         sampler_val = (
-            DistributedSampler(dataset_val, shuffle=False) if args.distributed else SequentialSampler(dataset_val)
+            DistributedSampler(dataset_val, shuffle=False)
+            if utils.is_dist_avail_and_initialized()
+            else SequentialSampler(dataset_val)
         )
         batch_sampler_val = BatchSampler(sampler_val, args.batch_size, drop_last=False)
     data_loader_val = loader(dataset_val, batch_sampler_val)
     if dataset_train is None:
         return None, None, data_loader_val
     sampler_train = (
-        DistributedSampler(dataset_train, seed=args.seed) if args.distributed else RandomSampler(dataset_train)
+        DistributedSampler(dataset_train, seed=args.seed)
+        if utils.is_dist_avail_and_initialized()
+        else RandomSampler(dataset_train)
     )
     data_loader_train = loader(dataset_train, BatchSampler(sampler_train, args.batch_size, drop_last=True))
     return data_loader_train, sampler_train, data_loader_val

@@ -270,7 +270,7 @@ def test_main_sets_the_numeric_policy_of_its_flags_before_anything_else(monkeypa
         raise Stop
 
     monkeypatch.setattr(main_py, "set_numeric_policy", record)
-    monkeypatch.setattr(main_py.utils, "init_distributed_mode", lambda args: pytest.fail("set after distributed"))
+    monkeypatch.setattr(main_py.utils, "join_process_group", lambda args: pytest.fail("set after distributed"))
     with pytest.raises(Stop):
         main_py.main(main_py.parse_args(["--device", "cpu", *flags]))
     assert calls == [expected]

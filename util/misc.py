@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Hashable, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -461,7 +461,7 @@ def is_dist_avail_and_initialized() -> bool:
 
 
 def local_rank() -> int:
-    """This process's rank among those of its machine: 0 outside a distributed run. init_distributed_mode reads it
+    """This process's rank among those of its machine: 0 outside a distributed run. join_process_group reads it
     from the same variables (torchrun's first, then Slurm's)."""
     if not is_dist_avail_and_initialized():
         return 0
@@ -566,59 +566,73 @@ def choose_device(requested: str, name: str = "--device") -> torch.device:
     return torch.device(requested)
 
 
-def init_distributed_mode(args) -> None:
-    """Set args.distributed, rank, world_size, gpu from torchrun/launch or Slurm variables, and join the group.
+class ProcessGroup(NamedTuple):
+    """This process's place among the run's, as torchrun/launch or Slurm told it."""
 
-    Falls back to a single process when neither is present. The backend is nccl on GPUs and gloo on CPUs.
-    """
+    distributed: bool
+    rank: int
+    world_size: int
+    gpu: int  # the local rank: the GPU this process drives
+    backend: Optional[str] = None
+
+    def as_args(self) -> Dict[str, Any]:
+        """The entries the original's init_distributed_mode writes into args (and checkpoints record)."""
+        entries = dict(distributed=self.distributed, rank=self.rank, world_size=self.world_size, gpu=self.gpu)
+        return entries if self.backend is None else {**entries, "dist_backend": self.backend}
+
+
+def join_process_group(args) -> ProcessGroup:
+    """Read the process's rank, world size and local rank from torchrun/launch or Slurm variables and join the
+    group (--dist_url, --dist_timeout); a single process when neither is present. The backend is nccl on GPUs and
+    gloo on CPUs. args is left as it is."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         source = "torchrun/torch.distributed.launch environment"
-        args.rank = int(env["RANK"])
-        args.world_size = int(env["WORLD_SIZE"])
-        args.gpu = int(env.get("LOCAL_RANK", 0))
+        rank, world_size, gpu = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         source = "Slurm environment"
-        args.rank = int(env["SLURM_PROCID"])
-        args.world_size = int(env["SLURM_NTASKS"])
-        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        gpu = int(env.get("SLURM_LOCALID", 0))
     else:
         print("Not using distributed mode (no RANK/WORLD_SIZE or multi-task SLURM_* variables)")
-        args.distributed = False
-        args.rank, args.world_size, args.gpu = 0, 1, 0
-        return
-    args.distributed = True
+        return ProcessGroup(False, 0, 1, 0)
     use_cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
-    args.dist_backend = "nccl" if use_cuda else "gloo"
+    group = ProcessGroup(True, rank, world_size, gpu, "nccl" if use_cuda else "gloo")
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-    if not 0 <= args.rank < args.world_size:
-        raise ValueError(f"rank {args.rank} is not below the world size {args.world_size} given by the {source}")
+        torch.cuda.set_device(gpu)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not below the world size {world_size} given by the {source}")
     print(
-        f"| distributed init from the {source} (rank {args.rank} of {args.world_size}, "
-        f"backend {args.dist_backend}): {args.dist_url}",
+        f"| distributed init from the {source} (rank {rank} of {world_size}, backend {group.backend}): {args.dist_url}",
         flush=True,
     )
     timeout_s = int(args.dist_timeout)
     try:
         # The timeout bounds the rendezvous too (TCPStore connection and join, file store), not only collectives.
         dist.init_process_group(
-            backend=args.dist_backend,
+            backend=group.backend,
             init_method=args.dist_url,
-            world_size=args.world_size,
-            rank=args.rank,
+            world_size=world_size,
+            rank=rank,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         dist.barrier()
     except (RuntimeError, ValueError, OSError) as e:  # DistStoreError, DistNetworkError, gloo's "Wait timeout"
-        raise RuntimeError(rendezvous_failure_message(args, timeout_s, e)) from e
-    setup_for_distributed(args.rank == 0)
+        raise RuntimeError(rendezvous_failure_message(args, group, timeout_s, e)) from e
+    setup_for_distributed(rank == 0)
+    return group
 
 
-def rendezvous_failure_message(args, timeout_s: int, error: BaseException) -> str:
+def init_distributed_mode(args) -> None:
+    """The original's: join_process_group, its findings written into args (distributed, rank, world_size, gpu and,
+    in a group, dist_backend), for code written against the original's util.misc."""
+    vars(args).update(join_process_group(args).as_args())
+
+
+def rendezvous_failure_message(args, group: "ProcessGroup", timeout_s: int, error: BaseException) -> str:
     """What went wrong when joining the process group, and what to check, by kind of --dist_url."""
     lines = [
-        f"rank {args.rank} of {args.world_size} could not join the other processes (within --dist_timeout "
+        f"rank {group.rank} of {group.world_size} could not join the other processes (within --dist_timeout "
         f"{timeout_s} s): {type(error).__name__}: {error}"
     ]
     url = str(args.dist_url)
@@ -627,18 +641,18 @@ def rendezvous_failure_message(args, timeout_s: int, error: BaseException) -> st
         lines.append(
             f"Check that MASTER_ADDR:MASTER_PORT = {address} is the rank-0 machine and reachable from here "
             "(name, firewall), that nothing else uses that port, that all WORLD_SIZE = "
-            f"{args.world_size} processes were started (torchrun: the same --nnodes and --nproc_per_node on "
+            f"{group.world_size} processes were started (torchrun: the same --nnodes and --nproc_per_node on "
             "every node) and that they all got the same address."
         )
     elif url.startswith("file://"):
         lines.append(
             f"Check that {url[len('file://') :]} is on a file system every node sees, that it is not left "
             "over from an earlier run (use a new name for each job), and that all "
-            f"{args.world_size} processes were started with this --dist_url."
+            f"{group.world_size} processes were started with this --dist_url."
         )
     else:
         lines.append(
-            f"Check that {url} is reachable from every process and that all {args.world_size} processes "
+            f"Check that {url} is reachable from every process and that all {group.world_size} processes "
             "were started with this --dist_url."
         )
     lines.append("--dist_timeout sets how many seconds to wait.")
