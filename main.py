@@ -358,7 +358,7 @@ def main(args):
             save_training_pictures, saved_model, postprocessors, dataset_val, output_dir, device
         )
     console.start_training(args, recipe, n_parameters, data_loader_train, data_loader_val, str(device), start_epoch,
-                           lambda: budget.epochs)  # fmt: skip
+                           budget)  # fmt: skip
     start_time = time.time()
     budget.start_training(lr_scheduler, start_epoch, start_time)
     # TensorBoard's axis is the training step; the run starts where its checkpoint ends, and what a stopped run

@@ -8,9 +8,11 @@ import pytest
 
 import main as main_py
 import util.console as console_module
+import util.time_budget as time_budget_module
 from helpers import run_main, tiny_flags
 from util.console import LINE_LIMIT, Console, ShortConsole, changed_flags, grouped_losses, loss_group, loss_text
 from util.misc import MetricLogger, SmoothedValue
+from util.time_budget import TimeBudget
 from util.visualize import read_log
 
 STEP_LINE = re.compile(
@@ -105,6 +107,23 @@ def test_the_eta_counts_the_rest_of_the_run_at_the_pace_of_the_finished_epochs(m
     assert first.group(1, 2, 3, 4) == ("1", "5", "0", "4")
     assert int(first.group(6)) * 60 + int(first.group(7)) == 3 * 1 + 3 * 20
     assert first.group(8, 9, 10, 11) == ("3.000", "ce 1.000 bbox 2.000", "1.00e-04", "1.000")
+
+
+def test_the_eta_ends_no_later_than_the_time_budget(monkeypatch, capsys):
+    clock = Clock()
+    monkeypatch.setattr(console_module.time, "time", clock)
+    monkeypatch.setattr(time_budget_module.time, "time", clock)
+    budget = TimeBudget(1.0, 100, 100, run_start=clock.now)  # 1 minute for 100 epochs of 4 steps of 2 s
+    console = ShortConsole(argparse.Namespace(epochs=100), main_py.get_args_parser())
+    console.budget = budget
+    clock.now += 10.0  # 10 s of setup before the first epoch
+    budget.start_training(None, 0, clock.now)
+    train_epoch(console, clock, epoch=0, steps=4, step_s=2.0)
+    lines = capsys.readouterr().out.splitlines()
+    etas = [int(m.group(6)) * 60 + int(m.group(7)) for m in map(STEP_LINE.match, lines)]
+    # Without the budget: 6 s and 99 epochs of 8 s; with it, what is left of its 60 s after each step.
+    assert etas == [60 - 10 - 2, 60 - 10 - 4, 60 - 10 - 6, 60 - 10 - 8]
+    assert TimeBudget(0, 100, 100).seconds_left() is None
 
 
 class LongEpoch:

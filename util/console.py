@@ -10,11 +10,12 @@ import shlex
 import textwrap
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from util.misc import MetricLogger, SmoothedValue
+from util.time_budget import TimeBudget
 
 CONSOLE_STYLES = ("short", "original")
 # Every line a short console prints while training stays below this many characters.
@@ -79,9 +80,9 @@ class Console:
 
     def start_training(
         self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val, device: str,
-        start_epoch: int, epochs: Callable[[], int],
+        start_epoch: int, budget: TimeBudget,
     ) -> None:  # fmt: skip
-        """device: the one the run uses; epochs: the run's epoch count as it stands (--time_budget may cut it)."""
+        """device: the one the run uses; budget: its epoch count as it stands (--time_budget may cut it)."""
         print("Start training")
 
     def training_steps(self, metric_logger: MetricLogger, data_loader, print_freq: int, epoch: int) -> Iterator:
@@ -116,7 +117,7 @@ class ShortConsole(Console):
 
     def __init__(self, args, parser: argparse.ArgumentParser):
         self.args, self.parser = args, parser
-        self.epochs: Callable[[], int] = lambda: args.epochs
+        self.budget: Optional[TimeBudget] = None  # the run's, once training starts
         self.epoch_starts: List[Tuple[int, float]] = []  # (epoch, time) of each training epoch this process began
         self.phase_start = time.time()
         self.step_time = SmoothedValue(fmt="{avg:.4f}")
@@ -126,10 +127,10 @@ class ShortConsole(Console):
 
     def start_training(
         self, args, recipe: Optional[dict], n_parameters: int, data_loader, data_loader_val, device: str,
-        start_epoch: int, epochs: Callable[[], int],
+        start_epoch: int, budget: TimeBudget,
     ) -> None:  # fmt: skip
-        self.epochs = epochs
-        run = (device, start_epoch, epochs())
+        self.budget = budget
+        run = (device, start_epoch, budget.epochs)
         for line in banner_lines(args, self.parser, recipe, n_parameters, data_loader, data_loader_val, *run):
             print(line)
 
@@ -160,14 +161,19 @@ class ShortConsole(Console):
 
         return self._steps(data_loader, print_freq, line)
 
+    def epochs(self) -> int:
+        return self.budget.epochs if self.budget is not None else self.args.epochs
+
     def run_eta(self, epoch: int, i: int, n: int) -> float:
         """Seconds to the end of the run: the rest of this epoch at its pace so far, and each epoch after it at
         the pace of the epochs this process has completed (their evaluation and saving included), or of this one's
-        steps while it is the first."""
+        steps while it is the first; no later than --time_budget's end."""
         step_s = self.step_time.global_avg
         done = [t for e, t in self.epoch_starts if e < epoch]
         per_epoch = (self.epoch_starts[-1][1] - done[0]) / len(done) if done else step_s * n
-        return step_s * (n - i - 1) + max(self.epochs() - epoch - 1, 0) * per_epoch
+        eta = step_s * (n - i - 1) + max(self.epochs() - epoch - 1, 0) * per_epoch
+        left = self.budget.seconds_left() if self.budget is not None else None
+        return eta if left is None else min(eta, left)  # --time_budget ends the run by then
 
     def evaluation_steps(self, metric_logger: MetricLogger, data_loader, print_freq: int) -> Iterator:
         def line(i: int, n: int) -> str:

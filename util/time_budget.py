@@ -63,6 +63,13 @@ class TimeBudget:
         if start_epoch > 0 and self.spent_before > 0:
             self.fit(lr_scheduler, start_epoch - 1, self.spent_before)
 
+    def seconds_left(self) -> Optional[float]:
+        """Seconds until the budget runs out (0 once it has), or None without a budget."""
+        if self.minutes <= 0:
+            return None
+        spent = self.setup_s + self.spent_before + time.time() - self.train_start
+        return max(self.minutes * 60 - spent, 0.0)
+
     def after_epoch(self, lr_scheduler, epoch: int) -> float:
         """The seconds spent on the epochs so far (those before a --resume included), the schedule fitted to them."""
         spent = self.spent_before + time.time() - self.train_start
