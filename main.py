@@ -30,6 +30,7 @@ from util.amp import add_speed_args, choose_precision, set_numeric_policy
 from util.checkpoint import LOGGED_STAT
 from util.distributed import add_distributed_args, distributed_data_parallel, synchronize_batch_norms
 from util.ema import add_ema_args, build_ema
+from util.flags import network_flags
 from util.epoch_outputs import (
     add_run_management_args,
     best_so_far,
@@ -69,8 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "mask head will be trained",
     )
     backbone = parser.add_argument_group("Backbone")
-    backbone.add_argument("--backbone", default="resnet50", type=str, help="Name of the convolutional backbone to use")
-    backbone.add_argument(
+    network = network_flags(backbone)  # its flags that define the network
+    network("--backbone", default="resnet50", type=str, help="Name of the convolutional backbone to use")
+    network(
         "--feature_stride",
         default=32,
         type=int,
@@ -78,19 +80,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="stride of the feature map the transformer reads: 32 (layer4) as in the original; 16 "
         "or 8 end the ResNet after layer3 or layer2",
     )
-    backbone.add_argument(
+    network(
         "--backbone_width",
         default=1.0,
         type=float,
         help="channels of every ResNet stage, as a fraction of torchvision's (1: the original; 0.5: a quarter "
         "of the convolutions' cost, trained from scratch)",
     )
-    backbone.add_argument(
+    network(
         "--dilation",
         action="store_true",
         help="If true, we replace stride with dilation in the last convolutional block (DC5)",
     )
-    backbone.add_argument(
+    network(
         "--position_embedding",
         default="sine",
         type=str,
@@ -105,7 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "downloaded), 'none' (from scratch), the path of a ResNet state_dict file or of a DETR checkpoint "
         "(its backbone)",
     )
-    backbone.add_argument(
+    network(
         "--backbone_norm",
         default="frozen",
         choices=("frozen", "batch"),
@@ -113,24 +115,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         "trained (for --backbone_weights none; docs/flags.md)",
     )
     transformer = parser.add_argument_group("Transformer")
-    transformer.add_argument("--enc_layers", default=6, type=int, help="Number of encoding layers in the transformer")
-    transformer.add_argument("--dec_layers", default=6, type=int, help="Number of decoding layers in the transformer")
-    transformer.add_argument(
+    network = network_flags(transformer)  # its flags that define the network
+    network("--enc_layers", default=6, type=int, help="Number of encoding layers in the transformer")
+    network("--dec_layers", default=6, type=int, help="Number of decoding layers in the transformer")
+    network(
         "--dim_feedforward",
         default=2048,
         type=int,
         help="Intermediate size of the feedforward layers in the transformer blocks",
     )
-    transformer.add_argument(
-        "--hidden_dim", default=256, type=int, help="Size of the embeddings (dimension of the transformer)"
-    )
+    network("--hidden_dim", default=256, type=int, help="Size of the embeddings (dimension of the transformer)")
     transformer.add_argument("--dropout", default=0.1, type=float, help="Dropout applied in the transformer")
-    transformer.add_argument(
-        "--nheads", default=8, type=int, help="Number of attention heads inside the transformer's attentions"
-    )
-    transformer.add_argument("--num_queries", default=100, type=int, help="Number of query slots")
-    transformer.add_argument("--pre_norm", action="store_true")
-    transformer.add_argument(
+    network("--nheads", default=8, type=int, help="Number of attention heads inside the transformer's attentions")
+    network("--num_queries", default=100, type=int, help="Number of query slots")
+    network("--pre_norm", action="store_true")
+    network(
         "--num_classes",
         default=None,
         type=int,
@@ -138,7 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "(91 for coco, 250 for coco_panoptic, from the annotations otherwise)",
     )
     segmentation = parser.add_argument_group("Segmentation")
-    segmentation.add_argument("--masks", action="store_true", help="Train segmentation head if the flag is provided")
+    network = network_flags(segmentation)  # its flags that define the network
+    network("--masks", action="store_true", help="Train segmentation head if the flag is provided")
     segmentation.add_argument(
         "--mask_attention_gain",
         default=1.0,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from util import box_ops
 from util.amp import autocast_enabled
-from util.flags import add_switch
+from util.flags import add_switch, defines_the_network, network_flags
 
 from .detr import DETR, MLP, SetCriterion
 
@@ -24,13 +24,14 @@ from .detr import DETR, MLP, SetCriterion
 def add_two_stage_args(parser) -> None:
     """The --two_stage flags, in one argument group; the default is the original's learned queries."""
     group = parser.add_argument_group("Two-stage queries (models/two_stage.py)")
-    add_switch(
+    two_stage = add_switch(
         group,
         "two_stage",
         "queries from the encoder: its best class-and-box proposals (loss terms _enc) seed the decoder (docs/flags.md)",
         "the original's learned queries",
     )
-    group.add_argument(
+    defines_the_network(two_stage)
+    network_flags(group)(
         "--learned_queries",
         default=0,
         type=int,

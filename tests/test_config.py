@@ -13,10 +13,10 @@ import torch
 import main as main_py
 from helpers import ORIGINAL_FLAGS, REPO_ROOT, tiny_args, tiny_model
 from tools.detector import checkpoint_args, load_detector
-from util import checkpoint as checkpoint_module
 from util import hf
 from util.checkpoint import architecture_differences
-from util.config import ARCHITECTURE_FLAGS, complete_args
+from util.config import architecture_flags, complete_args
+from util.flags import defines_the_network
 from util.hf import HFFolderError, write_hf_folder
 
 
@@ -32,26 +32,28 @@ def test_complete_args_fills_what_is_missing_and_keeps_the_rest():
     assert vars(given) == {"hidden_dim": 32, "lr": 5e-5, "not_a_flag": "kept"}  # a copy: the given one is untouched
 
 
-def test_every_architecture_flag_is_a_flag_of_main_py():
-    defaults = vars(main_py.get_args_parser().parse_args([]))
-    assert set(ARCHITECTURE_FLAGS) <= set(defaults)
-    assert set(hf.HF_ARCHITECTURE_FLAGS) <= set(ARCHITECTURE_FLAGS)
+def test_the_architecture_flags_are_those_main_py_marks():
+    flags = architecture_flags()
+    assert flags == (
+        "backbone", "feature_stride", "backbone_width", "dilation", "position_embedding", "backbone_norm",
+        "enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries", "pre_norm",
+        "num_classes", "masks", "two_stage", "learned_queries",
+    )  # fmt: skip
+    assert set(hf.HF_ARCHITECTURE_FLAGS) <= set(flags)
 
 
 def add_a_new_architecture_flag(monkeypatch):
-    """main.py's parser with one more architecture flag, --new_width (default 1), in the table too: what a change
-    of the model adds. Returns the new get_args_parser."""
+    """main.py's parser with one more flag that defines the network, --new_width (default 1): the one edit of
+    the flags a change of the model makes. Returns the new get_args_parser."""
 
     def get_args_parser():
         parser = original()
-        parser.add_argument("--new_width", default=1, type=int)
+        defines_the_network(parser.add_argument("--new_width", default=1, type=int))
         return parser
 
     original = main_py.get_args_parser
     monkeypatch.setattr(main_py, "get_args_parser", get_args_parser)
-    table = ARCHITECTURE_FLAGS + ("new_width",)
-    monkeypatch.setattr(checkpoint_module, "ARCHITECTURE_FLAGS", table)
-    monkeypatch.setattr(hf, "ARCHITECTURE_FLAGS", table)
+    assert architecture_flags()[-1] == "new_width"
     return get_args_parser
 
 
@@ -72,7 +74,7 @@ def test_a_checkpoint_saved_before_a_new_flag_loads_at_its_default(tmp_path, mon
     # --resume (main.py compares the checkpoint's flags with the run's): the checkpoint is a model at the default, so
     # the same run resumes, and one with another value is told what differs.
     run = get_args_parser().parse_args([])
-    for name in ARCHITECTURE_FLAGS:
+    for name in architecture_flags()[:-1]:  # all but the new flag, which the checkpoint predates
         setattr(run, name, getattr(saved, name))
     assert architecture_differences(saved, run) == []
     run.new_width = 2

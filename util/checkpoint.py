@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from util import misc as utils
-from util.config import ARCHITECTURE_FLAGS, complete_args
+from util.config import architecture_flags, complete_args
 from util.hf import HFFolderError, read_hf_folder
 
 
@@ -254,15 +254,16 @@ def auto_resume_checkpoint(output_dir: Path) -> str:
 
 
 def architecture_differences(saved_args, args) -> List[str]:
-    """'--flag: checkpoint X, this run Y' for every ARCHITECTURE_FLAGS value that differs between the args a
-    checkpoint was trained with and this run's. A flag the checkpoint predates is at its default, the network it
-    was trained with; one it leaves open (None, as --num_classes without a value) is not compared."""
+    """'--flag: checkpoint X, this run Y' for every flag that defines the network (util.config.architecture_flags)
+    whose value differs between the args a checkpoint was trained with and this run's. A flag the checkpoint
+    predates is at its default, the network it was trained with; one it leaves open (None, as --num_classes
+    without a value) is not compared."""
     if not isinstance(saved_args, argparse.Namespace):
         return []  # a plain state_dict records no flags: its weights are checked when they load
     saved_args = complete_args(saved_args)
     aliases = {"v2": "sine", "v3": "learned"}  # the original's old names of the position encodings
     differences = []
-    for name in ARCHITECTURE_FLAGS:
+    for name in architecture_flags():
         saved, current = getattr(saved_args, name), getattr(args, name)
         if saved is None:
             continue

@@ -27,7 +27,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from util.config import ARCHITECTURE_FLAGS, complete_args, parser_defaults
+from util.config import architecture_flags, complete_args, parser_defaults
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -307,7 +307,7 @@ def config_from_args(args: argparse.Namespace, layout: str, id2label: Dict[int, 
     return config
 
 
-# The architecture flags (util.config.ARCHITECTURE_FLAGS) that args_from_config and config_from_args carry over.
+# The architecture flags (util.config.architecture_flags) that args_from_config and config_from_args carry over.
 # Every other one is refused at any value but its default (the original DETR's network), which the layout holds.
 HF_ARCHITECTURE_FLAGS = (
     "backbone",
@@ -343,7 +343,7 @@ def check_args_fit(args: argparse.Namespace, source: str) -> None:
     """Refuse, naming the flag, a checkpoint whose architecture the HF layout cannot hold (args: a full namespace,
     util.config.complete_args)."""
     defaults = parser_defaults()
-    for flag in ARCHITECTURE_FLAGS:
+    for flag in architecture_flags():
         value = getattr(args, flag)
         if flag in HF_ARCHITECTURE_FLAGS or value in (defaults[flag], None):
             continue
