@@ -1,6 +1,5 @@
 """models/train_only.py: training-only supervision leaves DETR itself unchanged, and does what each method says."""
 
-import copy
 import json
 import math
 
@@ -16,6 +15,7 @@ from models.train_only import (
     TrainOnlyDETR,
     block_diagonal_mask,
     check_train_only_args,
+    deployed_args,
     group_matching,
     cell_centres,
     sine_box_code,
@@ -29,6 +29,8 @@ METHODS = {
     "dense_layer2": ["--dense_aux", "layer2"],
     "dense_encoder_queries": ["--dense_aux", "encoder", "--dense_queries", "6"],
     "position": ["--position_aux", "1"],
+    "absolute_hybrid": ["--dense_aux", "encoder", "--dense_boxes", "absolute", "--hybrid_queries", "7",
+                        "--hybrid_repeats", "3"],
     "all": ["--query_groups", "2", "--hybrid_queries", "5", "--dn_groups", "2", "--dense_aux", "layer3",
             "--dense_queries", "4", "--position_aux", "0.5"],
 }  # fmt: skip
@@ -309,16 +311,24 @@ def test_training_mode_without_the_targets_says_how_to_give_them():
         model(batch(0)[0])
 
 
-RESUME_FLAGS = ("--query_groups", "2", "--dn_groups", "1", "--dense_aux", "layer2", "--dense_queries", "4",
-                "--no_plots", "--no_tensorboard", "--lr_drop", "5")  # fmt: skip
+RESUME_METHODS = {
+    "groups_denoising_dense_queries": ("--query_groups", "2", "--dn_groups", "1", "--dense_aux", "layer2",
+                                       "--dense_queries", "4"),
+    # the combination docs/train_only.md recommends
+    "absolute_hybrid": ("--dense_aux", "encoder", "--dense_boxes", "absolute", "--hybrid_queries", "5",
+                        "--hybrid_repeats", "3"),
+}  # fmt: skip
+RUN_FLAGS = ("--no_plots", "--no_tensorboard", "--lr_drop", "5")
 
 
 @pytest.mark.slow
-def test_a_run_resumed_with_auto_resume_ends_as_one_never_interrupted(synthetic_root, tmp_path):
+@pytest.mark.parametrize("method", RESUME_METHODS)
+def test_a_run_resumed_with_auto_resume_ends_as_one_never_interrupted(synthetic_root, tmp_path, method):
+    flags = (*RESUME_METHODS[method], *RUN_FLAGS)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_main(tiny_flags(synthetic_root, whole, *RESUME_FLAGS, "--epochs", "2"))
-    run_main(tiny_flags(synthetic_root, parts, *RESUME_FLAGS, "--epochs", "1"))
-    run_main(tiny_flags(synthetic_root, parts, *RESUME_FLAGS, "--epochs", "2", "--auto_resume"))
+    run_main(tiny_flags(synthetic_root, whole, *flags, "--epochs", "2"))
+    run_main(tiny_flags(synthetic_root, parts, *flags, "--epochs", "1"))
+    run_main(tiny_flags(synthetic_root, parts, *flags, "--epochs", "2", "--auto_resume"))
     assert (whole / "log.txt").read_text() == (parts / "log.txt").read_text()
     a, b = load_checkpoint_safely(whole / "checkpoint.pth"), load_checkpoint_safely(parts / "checkpoint.pth")
     for part in ("model", "model_train_only"):
@@ -326,12 +336,12 @@ def test_a_run_resumed_with_auto_resume_ends_as_one_never_interrupted(synthetic_
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     # checkpoint['model'] is a plain DETR's, for the flags without the training-only ones.
-    args = copy.copy(a["args"])
-    args.query_groups, args.dn_groups, args.dense_aux, args.dense_queries = 1, 0, "none", 0
-    plain, _, _ = build_model(args)
+    plain, _, _ = build_model(deployed_args(a["args"]))
     assert type(plain) is DETR
     plain.load_state_dict(a["model"], strict=True)
-    assert "group_embed.weight" in a["model_train_only"] and not any("train_only" in k for k in a["model"])
+    assert a["model_train_only"] and not any("train_only" in k for k in a["model"])
+    embed = "group_embed.weight" if method == "groups_denoising_dense_queries" else "hybrid_embed.weight"
+    assert embed in a["model_train_only"]
 
 
 @pytest.mark.slow
