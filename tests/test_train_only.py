@@ -234,7 +234,7 @@ def test_noised_boxes_move_by_at_most_the_noise_times_their_size():
         assert (moved <= limit).all() and (moved > 0).any()
 
 
-@pytest.mark.parametrize("method", ["groups", "denoising", "all"])
+@pytest.mark.parametrize("method", ["groups", "denoising", "absolute_hybrid", "all"])
 def test_images_with_no_boxes_train(method):
     model, criterion, _ = tiny_model(*METHODS[method], *NUM_CLASSES)
     before = {k: v.clone() for k, v in model.state_dict().items()}
